@@ -1,0 +1,128 @@
+"""`BDHLitModule`: the BDH model, its loss, AdamW and the learning-rate schedule, for Lightning."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from .model import BDH, BDHConfig
+
+
+class BDHLitModule(L.LightningModule):
+    def __init__(
+        self,
+        n_layer: int = 6,
+        n_embd: int = 256,
+        dropout: float = 0.1,
+        n_head: int = 4,
+        mlp_internal_dim_multiplier: int = 128,
+        vocab_size: int = 256,
+        kernel: Literal["auto", "reference", "chunked", "fused"] = "auto",
+        chunk_size: int = 0,
+        compile: bool = False,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        decay_steps: int = 0,
+        min_learning_rate: float = 0.0,
+        block_size: int = 512,
+    ):
+        """BDH with AdamW.
+
+        Args:
+            n_layer: Layers L (one shared set of weights applied L times): compute and activation memory.
+            n_embd: Embedding width D.
+            dropout: Dropout on the sparse product a*b while training, in [0, 1).
+            n_head: Heads H; neurons per head N = mlp_internal_dim_multiplier * n_embd // n_head.
+            mlp_internal_dim_multiplier: Neuron multiplier m: the main lever on parameters, compute, memory.
+            vocab_size: 256 (bytes).
+            kernel: Layer implementation: auto, reference, chunked (recomputes N-wide activations in backward:
+                far less memory) or fused (CUDA). Checkpoints do not depend on it.
+            chunk_size: Neurons per chunk for chunked/fused (0 = automatic).
+            compile: Compile the model with torch.compile (checkpoint keys stay plain).
+            learning_rate: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay (applied to every parameter, as the reference does).
+            betas: AdamW betas.
+            warmup_steps: Linear warmup from 0 over this many optimizer steps (0 = none).
+            decay_steps: Cosine decay from learning_rate to min_learning_rate over this many steps after
+                warmup (0 = constant learning rate, the reference run).
+            min_learning_rate: Floor of the cosine decay.
+            block_size: Context length T of a training window; linked from data.block_size (set it there).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = BDHConfig(
+            n_layer=n_layer,
+            n_embd=n_embd,
+            dropout=dropout,
+            n_head=n_head,
+            mlp_internal_dim_multiplier=mlp_internal_dim_multiplier,
+            vocab_size=vocab_size,
+            kernel=kernel,
+            chunk_size=chunk_size,
+        )
+        self.model = BDH(self.config)
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        # Compile the forward only: parameters stay on `self.model`, so checkpoint keys stay plain.
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.forward = torch.compile(self.model.forward)
+            self._compiled = True
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        # A weighted mean over all windows, synced across devices by torchmetrics.
+        self.val_loss.update(loss, weight=batch[1].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/bpb", loss / math.log(2))
+
+    def learning_rate_at(self, step: int) -> float:
+        """Learning rate after `step` optimizer steps: linear warmup, then cosine decay or constant."""
+        hp = self.hparams
+        if hp.warmup_steps and step < hp.warmup_steps:
+            return hp.learning_rate * (step + 1) / hp.warmup_steps
+        if not hp.decay_steps:
+            return hp.learning_rate
+        progress = min(1.0, (step - hp.warmup_steps) / hp.decay_steps)
+        return hp.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (hp.learning_rate - hp.min_learning_rate)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.learning_rate_at(step) / hp.learning_rate)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def flops_per_batch(self, batch_size: int, block_size: int) -> int:
+        """Training FLOPs of one batch from the spec's cost formulas (forward + 2x backward)."""
+        c = self.config
+        H, D, N, T = c.n_head, c.n_embd, c.neurons_per_head, block_size
+        per_token_layer = 6 * H * D * N + 2 * H * N * T + 2 * H * D * T
+        forward = batch_size * T * (c.n_layer * per_token_layer + 2 * D * c.vocab_size)
+        return 3 * forward
