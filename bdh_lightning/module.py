@@ -68,7 +68,7 @@ class BDHLitModule(L.LightningModule):
             chunk_size=chunk_size,
         )
         self.model = BDH(self.config)
-        self.val_loss = MeanMetric()
+        self.eval_loss = MeanMetric()
 
     def configure_model(self) -> None:
         # Compile the forward only: parameters stay on `self.model`, so checkpoint keys stay plain.
@@ -91,15 +91,23 @@ class BDHLitModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss = self.loss(batch)
-        # A weighted mean over all windows, synced across devices by torchmetrics.
-        self.val_loss.update(loss, weight=batch[1].numel())
+        # A mean over all windows weighted by their bytes, synced across devices by torchmetrics.
+        self.eval_loss.update(self.loss(batch), weight=batch[1].numel())
+
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/bpb", loss / math.log(2))
+        self._log_eval_loss("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_loss("test")
+
+    def _log_eval_loss(self, split: str) -> None:
+        loss = self.eval_loss.compute()
+        self.eval_loss.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True)
+        self.log(f"{split}/bpb", loss / math.log(2))  # bits per byte
 
     def learning_rate_at(self, step: int) -> float:
         """Learning rate after `step` optimizer steps: linear warmup, then cosine decay or constant."""
@@ -119,7 +127,13 @@ class BDHLitModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.learning_rate_at(step) / hp.learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def flops_per_batch(self, batch_size: int, block_size: int) -> int:
+    def on_fit_start(self) -> None:
+        # ThroughputMonitor reads this attribute to report FLOP/s and MFU.
+        data = self.trainer.datamodule
+        if data is not None:
+            self.flops_per_batch = self.training_flops(data.batch_size, data.block_size)
+
+    def training_flops(self, batch_size: int, block_size: int) -> int:
         """Training FLOPs of one batch from the spec's cost formulas (forward + 2x backward)."""
         c = self.config
         H, D, N, T = c.n_head, c.n_embd, c.neurons_per_head, block_size

@@ -1,0 +1,129 @@
+"""The command line: LightningCLI wired for BDH, plus the `generate` and `estimate` commands.
+
+`python -m bdh_lightning fit --config configs/tiny.yaml` trains; `validate` and `test` evaluate;
+`generate` samples from a checkpoint (generate.py); `estimate` predicts memory (estimate.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.cli import LightningCLI
+
+from .data import ByteDataModule, DataError
+from .model import ConfigError
+from .module import BDHLitModule
+
+DESCRIPTION = (
+    "Train BDH (Baby Dragon Hatchling) with PyTorch Lightning. Subcommands: fit, validate, test (LightningCLI), "
+    "generate (sample from a checkpoint; see `generate --help`), estimate (predict memory; see `estimate --help`)."
+)
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+def default_precision() -> str:
+    """The BDH guide's choice: bf16-mixed where the GPU supports it, else 16-mixed on CUDA, else 32-true."""
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def newest_last_checkpoint(logs_dir: str | Path = "lightning_logs") -> Path:
+    """`last.ckpt` of the most recent run under `logs_dir` (what `--ckpt_path last` means here)."""
+    candidates = sorted(Path(logs_dir).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(
+            f"--ckpt_path last: no {logs_dir}/version_*/checkpoints/last.ckpt found; train first or give a checkpoint path"
+        )
+    return candidates[-1]
+
+
+def bytes_per_batch(batch) -> int:
+    return batch[0].numel()
+
+
+def windows_per_batch(batch) -> int:
+    return batch[0].shape[0]
+
+
+class BDHCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        super().__init__(
+            BDHLitModule,
+            ByteDataModule,
+            seed_everything_default=1337,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "max_steps": 3000,
+                "val_check_interval": 100,
+                "check_val_every_n_epoch": None,
+                "log_every_n_steps": 100,
+                "callbacks": [
+                    LearningRateMonitor(logging_interval="step"),
+                    ThroughputMonitor(batch_size_fn=windows_per_batch, length_fn=bytes_per_batch),
+                ],
+            },
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands.pop("predict")  # BDH has nothing to predict from a dataloader; use `generate`
+        return commands
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--tf32", type=bool, default=True, help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)"
+        )
+        parser.link_arguments("data.block_size", "model.block_size")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            config.trainer.precision = default_precision()
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = config.tf32
+            torch.backends.cudnn.allow_tf32 = config.tf32
+        if config.get("ckpt_path") == "last":
+            config.ckpt_path = str(newest_last_checkpoint())
+        elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
+            raise UserError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "generate":
+            from .generate import main as generate_main
+
+            return generate_main(argv[1:])
+        if argv and argv[0] == "estimate":
+            from .estimate import main as estimate_main
+
+            return estimate_main(argv[1:])
+        BDHCLI(args=argv)
+    except (UserError, ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
