@@ -1,0 +1,120 @@
+"""The command line end to end: real `fit` runs of a tiny model, TensorBoard read back, resume, configs, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bdh_lightning.cli import BDHCLI, main
+from bdh_lightning.model import BDH
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+TINY = [
+    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
+    "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "3e-3",
+    "--data.block_size", "32", "--data.batch_size", "8", "--data.val_windows", "8",
+    "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A 60 kB corpus with learnable structure (a repeated random phrase book), and cwd set to tmp_path."""
+    gen = torch.Generator().manual_seed(0)
+    words = [bytes(torch.randint(97, 123, (int(n),), generator=gen).tolist()) for n in torch.randint(2, 8, (40,), generator=gen)]
+    order = torch.randint(0, len(words), (12000,), generator=gen).tolist()
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b" ".join(words[i] for i in order)[:60000])
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir)).Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def fit(corpus, *extra):
+    return BDHCLI(args=["fit", "--data.path", str(corpus), *TINY, *extra])
+
+
+def test_fit_logs_to_tensorboard_and_saves_checkpoints(corpus):
+    cli = fit(corpus, "--trainer.max_steps", "20")
+    run = Path(cli.trainer.log_dir)
+    assert run == Path("lightning_logs/version_0").resolve() or run.name == "version_0"
+    logged = scalars(run)
+    for tag in ("train/loss", "val/loss", "val/bpb", "train/lr"):
+        assert tag in logged, f"{tag} missing from {sorted(logged)}"
+    losses = [v for _, v in logged["train/loss"]]
+    assert len(losses) == 20 and losses[-1] < losses[0] - 0.5
+    val_loss, val_bpb = logged["val/loss"][-1][1], logged["val/bpb"][-1][1]
+    assert val_bpb == pytest.approx(val_loss / torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+    assert (run / "config.yaml").is_file()
+    ckpts = {p.name for p in (run / "checkpoints").iterdir()}
+    assert "last.ckpt" in ckpts and any(name.startswith("best") for name in ckpts)
+
+
+def test_resume_continues_at_saved_step(corpus):
+    fit(corpus, "--trainer.max_steps", "10")
+    first = Path("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert torch.load(first, weights_only=True)["global_step"] == 10
+    cli = fit(corpus, "--trainer.max_steps", "15", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 15
+    steps = [s for s, _ in scalars(Path(cli.trainer.log_dir))["train/loss"]]
+    assert steps[0] >= 10 and len(steps) == 5  # only the 5 new steps ran
+    assert torch.load(Path(cli.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 15
+
+
+def test_learning_rate_schedule_is_stepped(corpus):
+    cli = fit(corpus, "--trainer.max_steps", "12", "--model.warmup_steps", "4", "--model.decay_steps", "8",
+              "--model.min_learning_rate", "1e-4")  # fmt: skip
+    lrs = dict(scalars(Path(cli.trainer.log_dir))["train/lr"])
+    assert lrs[0] == pytest.approx(3e-3 / 4)
+    assert max(lrs.values()) == pytest.approx(3e-3)
+    assert lrs[max(lrs)] < 3e-3 / 2 and lrs[max(lrs)] >= 1e-4
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_parses_and_instantiates(config, monkeypatch, tmp_path):
+    monkeypatch.setenv("BDH_LIGHTNING_CACHE", str(tmp_path))  # nothing is downloaded at instantiation
+    monkeypatch.chdir(REPO)
+    with torch.device("meta"):  # the 24gb model has 100M parameters: build it without allocating
+        cli = BDHCLI(args=["--config", str(config)], run=False)
+    assert isinstance(cli.model.model, BDH)
+    assert cli.model.hparams.block_size == cli.datamodule.block_size  # given once, reaches both
+
+
+def test_module_command_runs_end_to_end(corpus):
+    """The installed entry point: `python -m bdh_lightning fit` in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "bdh_lightning", "fit", "--data.path", str(corpus), *TINY, "--trainer.max_steps", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path("lightning_logs/version_0/checkpoints/last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model.n_embd", "0"], "model.n_embd must be a positive integer"),
+        (["--model.n_layer", "-1"], "model.n_layer must be a positive integer"),
+        (["--model.dropout", "1.0"], "model.dropout must be in [0, 1)"),
+        (["--model.vocab_size", "512"], "model.vocab_size must be 256"),
+        (["--model.n_embd", "30", "--model.n_head", "2", "--model.mlp_internal_dim_multiplier", "1"], "even"),
+        (["--data.path", "does/not/exist.txt"], "does/not/exist.txt"),
+        (["--data.block_size", "100000"], "block_size"),
+        (["--ckpt_path", "nope.ckpt"], "nope.ckpt"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(corpus, capsys, args, expected):
+    code = main(["fit", "--data.path", str(corpus), *TINY, "--trainer.max_steps", "1", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert expected in err and "\n" not in err, err
+    assert not Path("lightning_logs/version_0/checkpoints").exists()  # nothing trained, nothing written
