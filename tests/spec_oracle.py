@@ -85,6 +85,13 @@ def oracle_logits(idx, embed, encoder, encoder_v, decoder, lm_head, n_layer):
     return x @ lm_head
 
 
+def oracle_logits_of(model, idx):
+    """oracle_logits with the weights (and n_layer) of a `BDH` model."""
+    return oracle_logits(
+        idx, model.embed.weight, model.encoder, model.encoder_v, model.decoder, model.lm_head, model.config.n_layer
+    )
+
+
 def oracle_loss(logits, targets):
     """Mean cross-entropy of B x T x V logits against B x T target bytes, written out."""
     log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)

@@ -1,0 +1,293 @@
+"""BDH (bdh_lightning/model.py) against the independent spec oracle (tests/spec_oracle.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdh_lightning.model import BDH, BDHConfig, ConfigError, rope, rope_cos_sin, rope_frequencies
+from bdh_lightning.module import BDHLitModule
+from spec_oracle import (
+    oracle_layer,
+    oracle_logits,
+    oracle_logits_of,
+    oracle_loss,
+    oracle_rope,
+    oracle_rope_frequencies,
+    oracle_rope_phases,
+)
+
+
+def tiny_model(n_layer=2, n_embd=32, n_head=2, multiplier=8, dropout=0.1, weight_std=None, dtype=torch.float32):
+    """A small BDH; weight_std replaces the Normal(0, 0.02) init with larger random weights."""
+    config = BDHConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, mlp_internal_dim_multiplier=multiplier, dropout=dropout)
+    model = BDH(config).to(dtype)
+    if weight_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, weight_std)
+    return model
+
+
+def random_bytes(B, T, seed=0):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close_to_oracle(got, want, rtol):
+    # Norm-based: the largest error against the largest logit.
+    relative = ((got - want).abs().max() / want.abs().max()).item()
+    assert relative <= rtol, f"max|diff|/max|ref| = {relative:.3g} > {rtol}"
+    # Elementwise: a logit that nearly cancels to zero still carries float32 rounding of terms as
+    # large as the largest logits, so atol is 1e-6 of the largest logit (about 8 ulps of it).
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "n_layer, n_embd, n_head, multiplier, B, T, weight_std",
+    [
+        (2, 32, 2, 8, 2, 64, None),  # the model's own init, N = 128
+        (3, 24, 3, 5, 2, 50, None),  # odd H, N = 40
+        (1, 20, 3, 7, 2, 33, None),  # H does not divide m*D: N = 140 // 3 = 46
+        (2, 16, 4, 4, 3, 1, None),  # T = 1: no past, attention reads nothing
+        (2, 32, 4, 8, 2, 40, 1.0),  # large random weights: scores in the thousands
+        (2, 16, 2, 8, 1, 1024, None),  # long context, N = 64
+    ],
+)
+def test_logits_match_oracle_float32(n_layer, n_embd, n_head, multiplier, B, T, weight_std):
+    torch.manual_seed(n_layer * 1000 + n_embd)
+    model = tiny_model(n_layer, n_embd, n_head, multiplier, weight_std=weight_std).eval()
+    idx = random_bytes(B, T, seed=T)
+    with torch.no_grad():
+        logits = model(idx)
+        want = oracle_logits_of(model, idx)
+    assert logits.shape == (B, T, 256) and logits.dtype == torch.float32
+    assert_close_to_oracle(logits, want, rtol=1e-5)
+
+
+def test_logits_match_oracle_float64_tightly():
+    # In float64 only the (shared, float32) rope phases are not exact, so model and oracle must agree
+    # to float64 rounding: this catches any real formula difference that float32 noise could hide.
+    torch.manual_seed(1)
+    model = tiny_model(n_layer=3, n_embd=24, n_head=3, multiplier=5, weight_std=0.3, dtype=torch.float64).eval()
+    idx = random_bytes(2, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), oracle_logits_of(model, idx), rtol=1e-10, atol=1e-12)
+
+
+def test_loss_gradients_match_oracle_float64():
+    torch.manual_seed(2)
+    model = tiny_model(n_layer=2, n_embd=8, n_head=2, multiplier=4, weight_std=0.5, dtype=torch.float64).eval()
+    idx = random_bytes(2, 12, seed=3)
+    targets = random_bytes(2, 12, seed=4)
+
+    logits = model(idx)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+
+    weights = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
+    want_logits = oracle_logits(
+        idx, weights["embed.weight"], weights["encoder"], weights["encoder_v"], weights["decoder"], weights["lm_head"], 2
+    )
+    oracle_loss(want_logits, targets).backward()
+
+    assert set(weights) == {"embed.weight", "encoder", "encoder_v", "decoder", "lm_head"}
+    for name, p in model.named_parameters():
+        want = weights[name].grad
+        assert want.abs().max() > 0, f"oracle gradient of {name} is all zero: the test would be vacuous"
+        torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-12 * want.abs().max().item(), msg=name)
+
+
+def test_lit_module_loss_is_mean_next_byte_cross_entropy():
+    torch.manual_seed(3)
+    lit = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8).eval()
+    data = random_bytes(2, 41, seed=5)
+    x, y = data[:, :-1], data[:, 1:]
+    with torch.no_grad():
+        got = lit.loss((x, y))
+        want = oracle_loss(oracle_logits_of(lit.model, x), y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+
+
+def test_oracle_layer_is_what_the_model_applies_per_layer():
+    # One layer of the oracle composes to the oracle's logits; checks the per-layer function other
+    # tests use, against the model with n_layer = 1.
+    torch.manual_seed(4)
+    model = tiny_model(n_layer=1, n_embd=24, n_head=3, multiplier=5, weight_std=0.2, dtype=torch.float64).eval()
+    idx = random_bytes(2, 20)
+    x0 = F.layer_norm(model.embed.weight[idx], (24,), eps=1e-5)
+    with torch.no_grad():
+        x1 = oracle_layer(x0, model.encoder, model.encoder_v, model.decoder)
+        torch.testing.assert_close(model(idx), x1 @ model.lm_head, rtol=1e-10, atol=1e-12)
+
+
+def test_strictly_causal_and_positions_start_at_zero():
+    # Logits at position t depend on bytes up to t only, and a prefix is processed exactly as the
+    # start of the longer sequence (absolute positions from 0).
+    torch.manual_seed(5)
+    model = tiny_model(weight_std=0.3).eval()
+    idx = random_bytes(2, 48)
+    changed = idx.clone()
+    changed[:, 30:] = (changed[:, 30:] + 1) % 256
+    with torch.no_grad():
+        full = model(idx)
+        prefix = model(idx[:, :30])
+        other_future = model(changed)
+    torch.testing.assert_close(full[:, :30], prefix, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(other_future[:, :30], full[:, :30], rtol=1e-5, atol=1e-6)
+    assert (other_future[:, 30:] - full[:, 30:]).abs().max() > 1e-3
+
+
+def test_first_position_reads_nothing_not_even_itself():
+    # Strictly lower: position 0 has no past, so S = 0, y = ln(0) = 0, b = 0, z = 0, u = 0 and each
+    # layer maps x to ln(x + 0). Were the diagonal kept (s <= t), q_0 . q_0 > 0 would change this.
+    torch.manual_seed(6)
+    model = tiny_model(n_layer=2, weight_std=0.3).eval()
+    idx = random_bytes(3, 9)
+    x = F.layer_norm(model.embed.weight[idx[:, 0]], (model.config.n_embd,), eps=1e-5)
+    for _ in range(model.config.n_layer):
+        x = F.layer_norm(x, (model.config.n_embd,), eps=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[:, 0], x @ model.lm_head, rtol=1e-5, atol=1e-6)
+
+
+# The four configurations the spec names, with its counts.
+SPEC_PARAMETER_COUNTS = [
+    (dict(), 25_296_896),
+    (dict(n_layer=4, n_embd=192, n_head=4, mlp_internal_dim_multiplier=64), 7_176_192),
+    (dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=96), 19_005_440),
+    (dict(n_layer=8, n_embd=512, n_head=8, mlp_internal_dim_multiplier=128), 100_925_440),
+]
+
+
+@pytest.mark.parametrize("settings, count", SPEC_PARAMETER_COUNTS)
+def test_parameter_count_of_spec_configs(settings, count):
+    config = BDHConfig(**settings)
+    with torch.device("meta"):  # shapes only, no memory
+        model = BDH(config)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert config.num_parameters == count
+
+
+@pytest.mark.parametrize("n_layer, n_embd, n_head, multiplier", [(1, 32, 2, 8), (5, 24, 3, 5), (2, 20, 3, 7)])
+def test_parameter_count_formula_and_shared_layers(n_layer, n_embd, n_head, multiplier):
+    model = tiny_model(n_layer, n_embd, n_head, multiplier)
+    H, D, V = n_head, n_embd, 256
+    N = multiplier * D // H
+    assert model.config.neurons_per_head == N
+    assert sum(p.numel() for p in model.parameters()) == 3 * H * N * D + 2 * V * D
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == {
+        "embed.weight": (V, D),
+        "encoder": (H, D, N),
+        "encoder_v": (H, D, N),
+        "decoder": (H * N, D),
+        "lm_head": (D, V),
+    }
+    # Weights are shared by all layers: more layers, same count.
+    deeper = tiny_model(n_layer + 3, n_embd, n_head, multiplier)
+    assert sum(p.numel() for p in deeper.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_init_is_normal_002():
+    torch.manual_seed(7)
+    model = BDH(BDHConfig(n_layer=1, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16))
+    for name, p in model.named_parameters():
+        assert abs(p.mean().item()) < 0.001, name  # >= 16384 samples: 6 sigma
+        assert abs(p.std().item() - 0.02) < 0.001, name
+
+
+@pytest.mark.parametrize(
+    "settings, names",
+    [
+        (dict(n_layer=0), ["model.n_layer"]),
+        (dict(n_layer=-1), ["model.n_layer"]),
+        (dict(n_embd=0), ["model.n_embd"]),
+        (dict(n_embd=-256), ["model.n_embd"]),
+        (dict(n_head=0), ["model.n_head"]),
+        (dict(n_head=-4), ["model.n_head"]),
+        (dict(mlp_internal_dim_multiplier=0), ["model.mlp_internal_dim_multiplier"]),
+        (dict(mlp_internal_dim_multiplier=-2), ["model.mlp_internal_dim_multiplier"]),
+        (dict(n_embd=2.5), ["model.n_embd"]),
+        # N = m*D//H odd (3) or zero (2 // 4): the message must name a setting that makes N.
+        (dict(n_embd=3, n_head=1, mlp_internal_dim_multiplier=1), ["model.mlp_internal_dim_multiplier", "model.n_embd", "model.n_head"]),
+        (dict(n_embd=2, n_head=4, mlp_internal_dim_multiplier=1), ["model.mlp_internal_dim_multiplier", "model.n_embd", "model.n_head"]),
+        (dict(dropout=-0.1), ["model.dropout"]),
+        (dict(dropout=1.0), ["model.dropout"]),
+        (dict(dropout=1.5), ["model.dropout"]),
+        (dict(dropout=float("nan")), ["model.dropout"]),
+        (dict(vocab_size=255), ["model.vocab_size"]),
+        (dict(vocab_size=257), ["model.vocab_size"]),
+        (dict(vocab_size=0), ["model.vocab_size"]),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_setting(settings, names):
+    with pytest.raises(ConfigError) as error:
+        BDHConfig(**settings)
+    message = str(error.value)
+    assert "\n" not in message, message
+    assert any(name in message for name in names), message
+
+
+def test_valid_edge_configs_are_accepted():
+    BDHConfig(dropout=0.0, n_layer=1, n_embd=1, n_head=1, mlp_internal_dim_multiplier=2)  # N = 2
+    BDHConfig(dropout=0.999)
+
+
+# Positions where float32 phase arithmetic matters: 2^24 is where float32 stops holding every integer.
+LONG_POSITIONS = torch.tensor([0, 1, 2, 1023, 65_535, 65_536, 1_000_003, 2**24 + 5, 123_456_789])
+
+
+@pytest.mark.parametrize("N", [64, 46, 8192])
+def test_rope_phases_are_float32_at_absolute_positions(N):
+    # Bit-equal frequencies: the reference's order (1/theta^(k/N))/(2 pi), not the spec's formula.
+    assert torch.equal(rope_frequencies(N), oracle_rope_frequencies(N))
+    cos, sin = rope_cos_sin(LONG_POSITIONS, N)
+    assert cos.dtype == torch.float32 and sin.dtype == torch.float32
+    assert cos.shape == (len(LONG_POSITIONS), N)
+    phases = oracle_rope_phases(LONG_POSITIONS, N)
+    # Same float32 phases; cos/sin may round differently by an ulp between vectorized code paths.
+    torch.testing.assert_close(cos, torch.cos(phases), rtol=0, atol=2e-7)
+    torch.testing.assert_close(sin, torch.sin(phases), rtol=0, atol=2e-7)
+    if N == 8192:
+        # Guard that this test can fail: float64 phases differ visibly at large positions.
+        k = 2 * torch.div(torch.arange(N), 2, rounding_mode="floor").double()
+        turns = LONG_POSITIONS.double()[:, None] / (2**16) ** (k / N) / (2 * math.pi)
+        assert (torch.cos(2 * math.pi * (turns % 1)) - cos.double()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rope_rotation_matches_oracle(dtype):
+    torch.manual_seed(8)
+    N = 46
+    positions = torch.arange(5000, 5037)  # not starting at 0: the rotation uses the positions given
+    a = torch.relu(torch.randn(2, 3, len(positions), N, dtype=dtype))
+    cos, sin = rope_cos_sin(positions, N)
+    got = rope(a, cos, sin)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, oracle_rope(a, positions), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    # The rotation is orthogonal: pair norms are kept.
+    torch.testing.assert_close(got.square().sum(-1), a.square().sum(-1))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(9)
+    model = tiny_model(dropout=0.5, weight_std=0.3)
+    idx = random_bytes(2, 32)
+    with torch.no_grad():
+        model.train()
+        train_a, train_b = model(idx), model(idx)
+        model.eval()
+        eval_a, eval_b = model(idx), model(idx)
+        want = oracle_logits_of(model, idx)
+    assert (train_a - train_b).abs().max() > 1e-3, "dropout=0.5 in train mode must make two passes differ"
+    assert (train_a - want).abs().max() > 1e-3
+    torch.testing.assert_close(eval_a, eval_b, rtol=0, atol=0)
+    assert_close_to_oracle(eval_a, want, rtol=1e-5)
+
+
+def test_zero_dropout_training_equals_oracle():
+    torch.manual_seed(10)
+    model = tiny_model(dropout=0.0, weight_std=0.3).train()
+    idx = random_bytes(2, 32)
+    with torch.no_grad():
+        assert_close_to_oracle(model(idx), oracle_logits_of(model, idx), rtol=1e-5)
