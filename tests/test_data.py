@@ -60,6 +60,14 @@ def test_train_batches_have_shape_dtype_and_are_shifted_windows_of_the_train_spl
             assert bytes(yi.tolist()) == raw[offset + 1 : offset + T + 1]
 
 
+def test_train_offsets_cover_exactly_the_windows_inside_the_train_split(tmp_path):
+    raw = random_bytes(200)
+    (tmp_path / "small.bin").write_bytes(raw)
+    dm = ByteDataModule(str(tmp_path / "small.bin"), block_size=T, batch_size=8, val_fraction=0.5)
+    offsets = {offset_of(row, raw) for x, _ in take(dm.train_dataloader(), 200) for row in x}
+    assert offsets == set(range(100 - T))  # first window [0, T], last [100 - T - 1, 99]
+
+
 def test_val_windows_are_evenly_spaced_in_the_val_split_and_the_same_every_evaluation(corpus):
     path, raw = corpus
     dm = ByteDataModule(str(path), block_size=T, batch_size=B, val_fraction=0.25, val_windows=10)
@@ -173,12 +181,13 @@ def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_run(corpus, tmp_path
 
 def test_directory_input_concatenates_files_in_sorted_order(tmp_path):
     root = tmp_path / "corpus"
-    parts = {"b/2.txt": random_bytes(300, 1), "a.txt": random_bytes(200, 2), "b/1.txt": random_bytes(250, 3), "c.txt": b""}
+    parts = {"b/2.txt": random_bytes(300, 1), "c.txt": random_bytes(100, 4), "a.txt": random_bytes(200, 2),
+             "b/1.txt": random_bytes(250, 3), "b/0.txt": b""}  # fmt: skip
     for name, raw in parts.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(raw)
     (root / "link").symlink_to(root / "missing")  # a dangling link is not a file
-    expected = parts["a.txt"] + parts["b/1.txt"] + parts["b/2.txt"]
+    expected = parts["a.txt"] + parts["b/1.txt"] + parts["b/2.txt"] + parts["c.txt"]
     dm = ByteDataModule(str(root), block_size=T, batch_size=B)
     assert len(dm.corpus) == len(expected)
     assert dm.corpus.read(0, len(expected)).tobytes() == expected
