@@ -112,7 +112,8 @@ class BDHCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from_shell = argv is None  # LightningCLI warns when given args that duplicate sys.argv
+    argv = sys.argv[1:] if from_shell else list(argv)
     try:
         if argv and argv[0] == "generate":
             from .generate import main as generate_main
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             from .estimate import main as estimate_main
 
             return estimate_main(argv[1:])
-        BDHCLI(args=argv)
+        BDHCLI(args=None if from_shell else argv)
     except (UserError, ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

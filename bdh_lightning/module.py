@@ -82,7 +82,9 @@ class BDHLitModule(L.LightningModule):
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        if logits.dtype != torch.float64:  # the loss in float32 even under 16-bit autocast
+            logits = logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
