@@ -1,0 +1,258 @@
+"""Generation: the recurrent form against the parallel forward, sampling, checkpoints, the `generate` command."""
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from bdh_lightning.cli import BDHCLI
+from bdh_lightning.generate import (
+    Generator,
+    full_prefix_generate,
+    generate_text,
+    load_model_from_checkpoint,
+    main,
+    sample_next,
+)
+from bdh_lightning.model import BDH, BDHConfig
+from bdh_lightning.module import BDHLitModule
+
+TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead per byte (and a lot on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(seed=0, std=0.02, **sizes) -> BDH:
+    torch.manual_seed(seed)
+    model = BDH(BDHConfig(**{**TINY, "dropout": 0.0, **sizes})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
+
+
+def assert_logits_close(actual, expected):
+    """Equal to 1e-4 relative at every position: |diff| <= 1e-4 * max |logit| of that position."""
+    scale = expected.abs().amax(dim=-1, keepdim=True)
+    worst = ((actual - expected).abs() / scale).max().item()
+    assert worst <= 1e-4, f"recurrent logits differ from the parallel forward by {worst:.2e} relative"
+
+
+@pytest.mark.parametrize(
+    "sizes, std",
+    [
+        (dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8), 0.02),
+        (dict(n_layer=3, n_embd=64, n_head=4, mlp_internal_dim_multiplier=4), 0.02),
+        (dict(n_layer=1, n_embd=48, n_head=1, mlp_internal_dim_multiplier=4), 0.05),  # larger scores
+    ],
+)
+def test_recurrent_steps_equal_parallel_forward_at_every_position(sizes, std):
+    model = random_model(seed=1, std=std, **sizes)
+    idx = torch.randint(0, 256, (1, 2000), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = model(idx)
+        generator = Generator(model)
+        actual = torch.stack([generator.step(idx[:, t]) for t in range(idx.shape[1])], dim=1)
+    assert generator.position == 2000
+    assert_logits_close(actual, expected)
+
+
+def test_chunked_prompt_reading_equals_one_shot_and_steps():
+    model = random_model(seed=3)
+    idx = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = model(idx)
+        one_shot = Generator(model, batch_size=2)
+        assert_logits_close(one_shot.forward_chunk(idx), expected)
+        for chunk_size in (1, 7, 64, 299):
+            chunked = Generator(model, batch_size=2)
+            pieces = [chunked.forward_chunk(idx[:, s : s + chunk_size]) for s in range(0, 300, chunk_size)]
+            assert_logits_close(torch.cat(pieces, dim=1), expected)
+            for got, want in zip(chunked.states, one_shot.states):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            prefilled = Generator(model, batch_size=2)
+            assert_logits_close(prefilled.prefill(idx, chunk_size), expected[:, -1])
+        # Reading on after a chunked prompt continues at the right absolute positions.
+        assert_logits_close(chunked.step(idx[:, 0]), model(torch.cat((idx, idx[:, :1]), dim=1))[:, -1])
+
+
+def test_generated_bytes_are_what_full_prefix_recomputation_gives():
+    model = random_model(seed=5)
+    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(6))
+    recurrent = torch.stack(list(Generator(model).generate(prompt, 40, temperature=0.0)), dim=1)
+    full_prefix = full_prefix_generate(model, prompt, 40)
+    assert torch.equal(full_prefix[:, :20], prompt)
+    assert torch.equal(recurrent, full_prefix[:, 20:])
+
+
+def test_temperature_zero_and_top_k_one_are_argmax():
+    logits = torch.randn(4, 256, generator=torch.Generator().manual_seed(7))
+    argmax = logits.argmax(dim=-1)
+    assert torch.equal(sample_next(logits, temperature=0.0), argmax)
+    for seed in range(5):
+        gen = torch.Generator().manual_seed(seed)
+        assert torch.equal(sample_next(logits, temperature=1.5, top_k=1, generator=gen), argmax)
+        assert torch.equal(sample_next(logits, temperature=1.5, top_p=1e-6, generator=gen), argmax)
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    torch.manual_seed(8)
+    logits = torch.randn(1, 256).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(9)
+    top3 = set(logits[0].topk(3).indices.tolist())
+    drawn = set(sample_next(logits, top_k=3, generator=gen).tolist())
+    assert drawn == top3  # only those, and (2000 draws) all of them
+    probs = logits[0].softmax(-1)
+    order = probs.argsort(descending=True)
+    nucleus_size = int((probs[order].cumsum(0) < 0.5).sum()) + 1  # smallest prefix with mass >= 0.5
+    drawn = set(sample_next(logits, top_p=0.5, generator=gen).tolist())
+    assert drawn == set(order[:nucleus_size].tolist())
+
+
+def test_sampling_with_a_seed_is_reproducible():
+    model = random_model(seed=10)
+    first = generate_text(model, b"To be or ", 60, num_samples=3, temperature=1.0, top_k=50, seed=11)
+    again = generate_text(model, b"To be or ", 60, num_samples=3, temperature=1.0, top_k=50, seed=11)
+    other = generate_text(model, b"To be or ", 60, num_samples=3, temperature=1.0, top_k=50, seed=12)
+    assert first == again and first != other
+    assert len(first) == 3 and all(len(sample) == 60 for sample in first)
+
+
+def save_lightning_checkpoint(tmp_path: Path) -> tuple[Path, BDHLitModule]:
+    """A real checkpoint: a few training steps of a tiny BDHLitModule with a plain Lightning Trainer."""
+    L.seed_everything(0)
+    module = BDHLitModule(**TINY, block_size=16)
+    data = torch.randint(0, 256, (32, 17))
+    loader = torch.utils.data.DataLoader(list(zip(data[:, :-1], data[:, 1:])), batch_size=8)
+    trainer = L.Trainer(
+        max_steps=3, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    path = tmp_path / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def test_load_model_from_lightning_checkpoint(tmp_path):
+    path, module = save_lightning_checkpoint(tmp_path)
+    model = load_model_from_checkpoint(path, "cpu")
+    assert not model.training
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    idx = torch.randint(0, 256, (1, 50))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx), module.model.eval()(idx))
+
+
+def test_generate_command_streams_the_prompt_and_continuation(tmp_path, capsys):
+    path, module = save_lightning_checkpoint(tmp_path)
+    args = ["--ckpt_path", str(path), "--prompt", "To be or ", "--max_new_tokens", "80", "--temperature", "1.0", "--seed", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # Random-ish weights give bytes >= 128 that are not valid UTF-8: they must show, not crash.
+    (new,) = generate_text(load_model_from_checkpoint(path), b"To be or ", 80, temperature=1.0, seed=1)
+    assert out == (b"To be or " + new).decode("utf-8", errors="backslashreplace") + "\n"
+    assert main(args) == 0 and capsys.readouterr().out == out  # same seed, same text
+
+
+def test_generate_command_batch_greedy_and_prompt_file(tmp_path, capsys):
+    path, _ = save_lightning_checkpoint(tmp_path)
+    prompt_file = tmp_path / "prompt.bin"
+    prompt_file.write_bytes(b"\xffabc")  # not valid UTF-8 itself
+    args = ["--ckpt_path", str(path), "--prompt_file", str(prompt_file), "--max_new_tokens", "30", "--num_samples", "3"]
+    assert main([*args, "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    samples = out.split("--- sample ")[1:]
+    assert len(samples) == 3 and all(s.split("\n", 1)[1].startswith("\\xffabc") for s in samples)
+    assert len(set(s.split("\n", 1)[1] for s in samples)) == 1  # greedy: all samples equal
+    assert main([*args, "--top_p", "0.9", "--seed", "3"]) == 0
+
+
+def test_generate_from_a_checkpoint_of_a_real_fit(tmp_path, monkeypatch, capsys):
+    """`fit` through the CLI, then `generate --ckpt_path last` from the run it wrote."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.txt").write_bytes(b"to be or not to be, that is the question. " * 200)
+    BDHCLI(args=[
+        "fit", "--data.path", "corpus.txt", "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
+        "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "1e-2", "--data.block_size", "32",
+        "--data.batch_size", "8", "--data.val_windows", "4", "--trainer.max_steps", "30",
+        "--trainer.val_check_interval", "30", "--trainer.enable_progress_bar", "false",
+    ])  # fmt: skip
+    assert Path("lightning_logs/version_0/checkpoints/last.ckpt").is_file()
+    capsys.readouterr()
+    assert main(["--ckpt_path", "last", "--prompt", "to be or ", "--max_new_tokens", "40", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    model = load_model_from_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")
+    greedy = full_prefix_generate(model, torch.tensor([list(b"to be or ")]), 40)
+    assert out == bytes(greedy[0].tolist()).decode("utf-8", errors="backslashreplace") + "\n"
+
+
+def test_ckpt_path_last_picks_the_newest_run(tmp_path, capsys):
+    path, _ = save_lightning_checkpoint(tmp_path)
+    logs = tmp_path / "logs"
+    for version, age in (("version_0", 100), ("version_1", 0), ("version_2", 200)):
+        target = logs / version / "checkpoints" / "last.ckpt"
+        target.parent.mkdir(parents=True)
+        target.write_bytes(path.read_bytes() if version == "version_1" else b"not a checkpoint")
+        os.utime(target, (time.time() - age, time.time() - age))
+    assert main(["--ckpt_path", "last", "--logs_dir", str(logs), "--max_new_tokens", "5"]) == 0
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be a positive integer"),
+        (["--max_new_tokens", "-3"], "--max_new_tokens must be a positive integer"),
+        (["--num_samples", "0"], "--num_samples must be a positive integer"),
+        (["--chunk_size", "0"], "--chunk_size must be a positive integer"),
+        (["--top_k", "0"], "--top_k must be in 1..256"),
+        (["--top_k", "257"], "--top_k must be in 1..256"),
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (["--temperature", "-0.1"], "--temperature must be >= 0"),
+        (["--temperature", "hot"], "invalid float value"),
+        (["--prompt", "a", "--prompt_file", "p.txt"], "not both"),
+        (["--prompt_file", "no_such_prompt.txt"], "cannot read it"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code = main(["--ckpt_path", str(tmp_path / "never_read.ckpt"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "pickle_payload", "not_bdh", "no_logs"])
+def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
+    path = tmp_path / "model.ckpt"
+    if kind == "corrupt":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif kind == "truncated":
+        good, _ = save_lightning_checkpoint(tmp_path)
+        path.write_bytes(good.read_bytes()[:5000])
+    elif kind == "pickle_payload":
+        torch.save({"state_dict": {}, "hyper_parameters": Payload()}, path)
+    elif kind == "not_bdh":
+        torch.save({"state_dict": {"model.something": torch.zeros(3)}, "hyper_parameters": TINY}, path)
+    ckpt = "last" if kind == "no_logs" else str(path)
+    code = main(["--ckpt_path", ckpt, "--logs_dir", str(tmp_path / "logs"), "--max_new_tokens", "5"])
+    captured = capfd.readouterr()  # file descriptors: os.system would write there
+    assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "must never run" not in captured.out
