@@ -1,0 +1,95 @@
+"""Seeing inside: the FLOPs count, the sparsity counts, and what a tiny run writes to TensorBoard."""
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.flop_counter import FlopCounterMode
+
+from bdh_lightning.model import ConfigError, layer_norm, reference_layer, rope, rope_cos_sin
+from bdh_lightning.monitor import SparsityMonitor, TextSample, count_active
+from bdh_lightning.module import BDHLitModule
+
+TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+
+
+@pytest.mark.parametrize("batch_size, block_size", [(2, 16), (3, 40)])
+def test_training_flops_match_a_measured_count(batch_size, block_size):
+    """`training_flops` against torch's FlopCounterMode on one forward + backward of the reference kernel.
+
+    Both count 2 FLOPs per multiply-add of the matrix products only: x @ encoder, y @ encoder_v, @ decoder
+    (2·H·D·N per token and layer each), the full T x T product q @ qᵀ (2·H·N·T per token: the formula
+    counts the whole product the kernel computes, not only its useful lower half), S @ x (2·H·D·T) and
+    lm_head (2·D·V per token). Backward is exactly twice: every product needs the gradients of both inputs
+    (the embedding output requires grad too). Neither counts layer norms, rope, relu, dropout, the
+    embedding lookup or the loss: elementwise work, small next to the products.
+    """
+    module = BDHLitModule(**TINY, kernel="reference", dropout=0.0, block_size=block_size)
+    x = torch.randint(0, 256, (batch_size, block_size))
+    y = torch.randint(0, 256, (batch_size, block_size))
+    with FlopCounterMode(display=False) as counter:
+        module.loss((x, y)).backward()
+    assert counter.get_total_flops() == module.training_flops(batch_size, block_size)
+
+
+def plain_active_counts(model, idx):
+    """The counts written plainly: a and b of all heads at once, x carried on by `reference_layer`."""
+    N = model.config.neurons_per_head
+    cos, sin = rope_cos_sin(torch.arange(idx.shape[1]), N)
+    x = model.embed_bytes(idx)
+    counts = []
+    for _ in range(model.config.n_layer):
+        a = F.relu(x @ model.encoder)
+        q = rope(a, cos, sin)
+        b = F.relu(layer_norm((q @ q.transpose(-1, -2)).tril(diagonal=-1) @ x) @ model.encoder_v)
+        counts.append([(a > 0).sum().item(), (b > 0).sum().item(), ((a > 0) & (b > 0)).sum().item()])
+        x = reference_layer(x, model.encoder, model.encoder_v, model.decoder, cos, sin, 0.0, False)
+    return torch.tensor(counts)
+
+
+def test_count_active_matches_the_plain_computation():
+    torch.manual_seed(0)
+    module = BDHLitModule(**{**TINY, "n_layer": 3}, dropout=0.0)
+    idx = torch.randint(0, 256, (3, 48))
+    with torch.no_grad():
+        counts = count_active(module.model, idx)
+        expected = plain_active_counts(module.model, idx)
+    entries = idx.numel() * module.config.n_head * module.config.neurons_per_head
+    assert counts.shape == (3, 3)
+    assert (counts > 0).all() and (counts < entries).all()  # a real fraction, neither 0 nor 1
+    # Heads one at a time vs all at once round differently: allow a value at zero to flip, rarely.
+    assert (counts - expected).abs().max().item() <= entries * 1e-4, (counts, expected)
+
+
+def test_callbacks_reject_bad_settings():
+    for make in (lambda: TextSample(prompt=""), lambda: TextSample(length=-1), lambda: TextSample(top_k=0),
+                 lambda: TextSample(temperature=-1.0), lambda: SparsityMonitor(max_batches=0)):  # fmt: skip
+        with pytest.raises(ConfigError):
+            make()
+
+
+def test_tiny_run_writes_sparsity_and_text_samples_to_tensorboard(tmp_path, capsys):
+    L.seed_everything(0)
+    module = BDHLitModule(**TINY, block_size=16)
+    data = torch.randint(0, 256, (40, 17))
+    pairs = list(zip(data[:, :-1], data[:, 1:]))
+    train = torch.utils.data.DataLoader(pairs[:32], batch_size=8)
+    val = torch.utils.data.DataLoader(pairs[32:], batch_size=4)
+    trainer = L.Trainer(
+        max_steps=4, val_check_interval=2, default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path),
+        callbacks=[TextSample(prompt="To be", length=30), SparsityMonitor()], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(module, train, val)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0}).Reload()
+    for layer in range(TINY["n_layer"]):
+        for name in ("a", "b", "ab"):
+            values = [e.value for e in events.Scalars(f"sparsity/layer{layer}/{name}")]
+            assert len(values) == 2 and all(0.0 < v < 1.0 for v in values), (layer, name, values)
+    samples = events.Tensors("sample/text_summary")
+    assert [e.step for e in samples] == [2, 4]
+    assert all(e.tensor_proto.string_val[0].decode().startswith("    To be") for e in samples)
+    printed = capsys.readouterr().out
+    assert "--- sample after 4 steps ---\nTo be" in printed
