@@ -28,7 +28,8 @@ class Generator:
     """Generates from a `BDH` with a fixed-size state per layer: `states[l]` is (B, H, N, D), float32.
 
     `position` is the absolute position of the next byte. Call under torch.no_grad/inference_mode (the
-    `generate` method does); wrap in torch.autocast to compute in lower precision (the state stays float32).
+    `generate` method does); wrap in torch.autocast to compute the N-wide products in lower precision (the
+    state and the attention read stay float32).
     """
 
     def __init__(self, model: BDH, batch_size: int = 1):
@@ -49,15 +50,17 @@ class Generator:
         for state in self.states:
             a = F.relu(x @ m.encoder)  # B, H, C, N
             q = rope(a, cos, sin)
-            y = q @ state.to(q.dtype)  # what the earlier chunks contribute
-            if C > 1:
-                y = y + (q @ q.transpose(-1, -2)).tril(diagonal=-1) @ x  # within the chunk, strictly causal
+            # The attention read and write in float32 whatever the autocast: sums of scores in the hundreds
+            # overflow float16, and the state accumulates every position.
+            with torch.autocast(idx.device.type, enabled=False):
+                q32, x32 = q.float(), x.float()
+                y = q32 @ state  # what the earlier chunks contribute
+                if C > 1:
+                    y = y + (q32 @ q32.transpose(-1, -2)).tril(diagonal=-1) @ x32  # within the chunk, strictly causal
+                # M += qᵀ x in place (one (N x C) @ (C x D) per batch row and head).
+                state.view(B * H, N, D).baddbmm_(q32.transpose(-1, -2).reshape(B * H, N, C), x32.expand(B, H, C, D).reshape(B * H, C, D))
             b = F.relu(layer_norm(y) @ m.encoder_v)
             u = (a * b).transpose(1, 2).reshape(B, 1, C, H * N) @ m.decoder  # heads major
-            # M += qᵀ x in place, in float32 (one (N x C) @ (C x D) per batch row and head).
-            keys = q.transpose(-1, -2).reshape(B * H, N, C).float()
-            values = x.expand(B, H, C, D).reshape(B * H, C, D).float()
-            state.view(B * H, N, D).baddbmm_(keys, values)
             x = layer_norm(x + layer_norm(u))
         self.position += C
         return x.squeeze(1) @ m.lm_head

@@ -16,6 +16,7 @@ For each size (configs/tiny.yaml, configs/reference.yaml; random weights, float3
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -125,6 +126,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, float32 CPU")
+    print(f"load average at start (other processes share the CPU): {os.getloadavg()}")
     totals, contexts = [], []
     requested = args.baseline_points
     for name in args.sizes:
@@ -136,6 +138,7 @@ def main() -> None:
     print("\n".join(totals))
     print("\n| size | context (bytes) | recurrent bytes/s | full-prefix bytes/s | speed-up |\n| --- | --- | --- | --- | --- |")
     print("\n".join(contexts))
+    print(f"load average at end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":
