@@ -247,7 +247,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--prompt", default=None, help='Text to continue (UTF-8). Default: a newline. Not with --prompt_file.')
     parser.add_argument("--prompt_file", default=None, help="Read the prompt's raw bytes from this file instead.")
     parser.add_argument("--max_new_tokens", type=int, default=500, help="Bytes to generate after the prompt (> 0).")
-    parser.add_argument("--num_samples", type=int, default=1, help="Continuations generated together as one batch (> 0); printed one after another. Only one sample is streamed.")
+    parser.add_argument("--num_samples", type=int, default=1, help="Continuations generated together as one batch (> 0). One sample is streamed as it is produced; several are printed one after another once done.")
     parser.add_argument("--temperature", type=float, default=1.0, help="Divide logits by this before sampling; 0 = greedy (always the most likely byte).")
     parser.add_argument("--top_k", type=int, default=None, help="Sample only among the k most likely bytes, 1..256 (default: all).")
     parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling: only the most likely bytes whose mass reaches top_p, in (0, 1] (1 = off).")
@@ -347,17 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
 
     start = time.perf_counter()
-    with torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        new_bytes = Generator(model, args.num_samples).generate(
-            prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator, args.chunk_size
-        )
-        for byte in new_bytes:
-            for i, value in enumerate(byte.tolist()):
-                piece = decoders[i].decode(bytes([value]))
-                texts[i] += piece
-                if streamed and piece:
-                    out.write(piece)
-                    out.flush()
+    try:
+        with torch.autocast(args.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            new_bytes = Generator(model, args.num_samples).generate(
+                prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator, args.chunk_size
+            )
+            for byte in new_bytes:
+                for i, value in enumerate(byte.tolist()):
+                    piece = decoders[i].decode(bytes([value]))
+                    texts[i] += piece
+                    if streamed and piece:
+                        out.write(piece)
+                        out.flush()
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - start
     tails = [decoder.decode(b"", final=True) for decoder in decoders]  # an unfinished UTF-8 sequence, shown
     texts = [text + tail for text, tail in zip(texts, tails)]
