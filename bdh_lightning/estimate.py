@@ -20,6 +20,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -251,8 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_settings(config_path: str) -> tuple[dict, int, int, object]:
     """(model kwargs, batch size, block size, precision or None) from a fit config."""
-    from .cli import parse_settings
+    if not Path(config_path).is_file():
+        raise EstimateError(f"--config {config_path}: no such file")
+    try:
+        from .cli import parse_settings
+    except ImportError:  # a CLI without parse_settings: read the YAML over BDHLitModule's defaults
+        import yaml
 
+        from .module import BDHLitModule
+
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        defaults = {k: v.default for k, v in inspect.signature(BDHLitModule).parameters.items()}
+        data, trainer = raw.get("data") or {}, raw.get("trainer") or {}
+        if "batch_size" not in data or "block_size" not in data:
+            raise EstimateError(f"--config {config_path}: needs data.batch_size and data.block_size")
+        model = {**defaults, **(raw.get("model") or {})}
+        return model, int(data["batch_size"]), int(data["block_size"]), trainer.get("precision")
     ns = parse_settings(["--config", config_path])
     return dict(vars(ns.model)), int(ns.data.batch_size), int(ns.data.block_size), ns.trainer.precision
 
