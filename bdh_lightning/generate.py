@@ -166,6 +166,8 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     Only plain data is unpickled (weights_only=True): a checkpoint that would run code is refused.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory (a sharded checkpoint?); give a single .ckpt file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; give the path of a .ckpt file or `last`")
     try:

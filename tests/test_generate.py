@@ -239,10 +239,12 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "pickle_payload", "not_bdh", "no_logs"])
+@pytest.mark.parametrize("kind", ["missing", "directory", "corrupt", "truncated", "pickle_payload", "not_bdh", "no_logs"])
 def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
     path = tmp_path / "model.ckpt"
-    if kind == "corrupt":
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "corrupt":
         path.write_bytes(b"\x00garbage" * 100)
     elif kind == "truncated":
         good, _ = save_lightning_checkpoint(tmp_path)
