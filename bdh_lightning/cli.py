@@ -6,14 +6,28 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 
 from .data import ByteDataModule, DataError
+from .faults import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    NonFiniteError,
+    StopOnNonFinite,
+    StopOnSignal,
+    TrainingInterrupted,
+    check_model_shape,
+    read_checkpoint,
+)
 from .model import ConfigError
 from .module import BDHLitModule
 
@@ -67,9 +81,12 @@ class BDHCLI(LightningCLI):
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
                     ThroughputMonitor(batch_size_fn=windows_per_batch, length_fn=bytes_per_batch),
+                    StopOnSignal(),
+                    StopOnNonFinite(),
                 ],
             },
-            parser_kwargs={"description": DESCRIPTION},
+            # Parse errors are raised (main prints them as one line) instead of printing the whole usage.
+            parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
             args=args,
             run=run,
             **kwargs,
@@ -105,10 +122,40 @@ class BDHCLI(LightningCLI):
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = config.tf32
             torch.backends.cudnn.allow_tf32 = config.tf32
+        if config.get("ckpt_path"):  # model.* now holds the checkpoint's settings: do its weights fit them?
+            check_model_shape(read_checkpoint(config.ckpt_path), config.ckpt_path, config.model)
+        check_cpu_devices(config.trainer)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Right after parsing, LightningCLI loads --ckpt_path to copy its model settings into the config;
+        # resolve `last` first (so it gets them too) and refuse a bad file here, in one line.
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(newest_last_checkpoint())
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
             raise UserError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
+        if config.get("ckpt_path"):
+            read_checkpoint(config.ckpt_path)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def check_cpu_devices(trainer_config) -> None:
+    """Lightning runs any number of CPU "devices" (one process each); more than the cores here is a mistake."""
+    on_cpu = trainer_config.accelerator == "cpu" or (trainer_config.accelerator == "auto" and not torch.cuda.is_available())
+    devices = trainer_config.devices
+    cores = len(os.sched_getaffinity(0))
+    if on_cpu and str(devices).isdigit() and int(devices) > cores:
+        raise UserError(f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}")
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +171,20 @@ def main(argv: list[str] | None = None) -> int:
 
             return estimate_main(argv[1:])
         BDHCLI(args=None if from_shell else argv)
-    except (UserError, ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ArgumentError as err:
+        print(f"error: {one_line(err)} (see --help)", file=sys.stderr)
         return 2
+    except (UserError, ConfigError, DataError, CheckpointError, MisconfigurationException) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print("error: out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
+              "or check a setting first with `estimate`", file=sys.stderr)  # fmt: skip
+        return 1
+    except TrainingInterrupted as stop:
+        print(stop, file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by this signal"
     return 0

@@ -111,6 +111,19 @@ def rope(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (v * cos).to(v.dtype) + (partner * sin).to(v.dtype)
 
 
+def causal_attention(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ln(strict_lower(q @ qᵀ) @ x), no softmax, no scaling: (B, H, T, N), (B, 1, T, D) -> (B, H, T, D).
+
+    Computed in float32 when q is float16 (16-mixed): the scores reach hundreds and S @ x sums T of them,
+    past float16's largest value, 65504.
+    """
+    if q.dtype == torch.float16:
+        with torch.autocast(q.device.type, enabled=False):
+            return causal_attention(q.float(), x.float()).to(x.dtype)
+    scores = (q @ q.transpose(-1, -2)).tril(diagonal=-1)  # strictly causal
+    return layer_norm(scores @ x)
+
+
 def reference_layer(
     x: torch.Tensor,
     encoder: torch.Tensor,
@@ -131,8 +144,7 @@ def reference_layer(
     H, _, N = encoder.shape
     a = F.relu(x @ encoder)  # B, H, T, N
     q = rope(a, cos, sin)
-    scores = (q @ q.transpose(-1, -2)).tril(diagonal=-1)  # strictly causal, no softmax
-    y = layer_norm(scores @ x)  # B, H, T, D
+    y = causal_attention(q, x)  # B, H, T, D
     b = F.relu(y @ encoder_v)  # B, H, T, N
     z = a * b
     if dropout_mask is not None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -85,6 +87,13 @@ class BDHLitModule(L.LightningModule):
         if logits.dtype != torch.float64:  # the loss in float32 even under 16-bit autocast
             logits = logits.float()
         return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Dropout draws from a seed made of (global seed, rank, step, micro-batch): a run resumed from a
+        # checkpoint draws the same masks as an uninterrupted one, and every rank draws its own.
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(int(np.random.SeedSequence([seed, self.global_rank, self.global_step, micro_batch]).generate_state(1)[0]))
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
