@@ -173,7 +173,7 @@ def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "c
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error):
+        if "unsupported global" in str(error).lower():  # torch words it "unsupported GLOBAL" or "Unsupported global"
             raise CheckpointError(
                 f"checkpoint {path} holds pickled Python objects, not only weights; refusing to load it (it could run code)"
             ) from None
