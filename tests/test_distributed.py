@@ -1,0 +1,162 @@
+"""Data parallelism for real on CPU (gloo): `--trainer.devices 2`, and two "nodes" through torchrun on 127.0.0.1;
+SIGTERM to one rank stops all; gradient accumulation equals the larger batch."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from bdh_lightning.module import BDHLitModule
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+
+
+def write_config(folder: Path, trainer: str) -> Path:
+    """A tiny run on 60 kB of random letters, recording what every rank trained and validated on."""
+    gen = torch.Generator().manual_seed(0)
+    (folder / "corpus.txt").write_bytes(bytes(torch.randint(97, 123, (60000,), generator=gen).tolist()))
+    config = folder / "run.yaml"
+    config.write_text(f"""
+trainer:
+  accelerator: cpu
+{trainer}
+  max_steps: 20
+  val_check_interval: 10
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: recorders.WindowRecorder
+      init_args: {{out_dir: {folder / "seen"}}}
+model: {{n_layer: 2, n_embd: 32, n_head: 2, mlp_internal_dim_multiplier: 8, learning_rate: 3.0e-3}}
+data: {{path: corpus.txt, block_size: 32, batch_size: 8, val_windows: 8}}
+""")
+    return config
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def check_one_data_parallel_run(folder: Path) -> None:
+    """Two ranks with their own window streams and disjoint validation shares; one log, one set of checkpoints."""
+    ranks = [json.loads((folder / f"seen/rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    train0, train1 = ranks[0]["train"], ranks[1]["train"]
+    assert len(train0) == len(train1) == 20
+    assert not set(train0) & set(train1)  # no batch drawn by both ranks
+    val0, val1 = set(ranks[0]["val"]), set(ranks[1]["val"])
+    assert len(val0) == len(val1) == 4 and not val0 & val1  # the 8 validation windows, split between the ranks
+
+    logs = folder / "lightning_logs"
+    assert [p.name for p in logs.iterdir()] == ["version_0"]
+    assert len(list(logs.rglob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in logs.rglob("*.ckpt")) == ["best-step20.ckpt", "last.ckpt"]
+    assert torch.load(logs / "version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 20
+    losses = scalars(logs / "version_0", "train/loss")
+    assert len(losses) == 20 and losses[-1] < losses[0] - 1.0
+
+
+def test_two_cpu_devices_train_one_model(tmp_path):
+    config = write_config(tmp_path, "  devices: 2\n  strategy: ddp")
+    fit = subprocess.run([sys.executable, "-m", "bdh_lightning", "fit", "--config", str(config)], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    check_one_data_parallel_run(tmp_path)
+
+    # The logged validation loss is the mean over both ranks' windows: the same as one process validating all 8.
+    ddp_val_loss = scalars(tmp_path / "lightning_logs/version_0", "val/loss")[-1]
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    validate = subprocess.run([sys.executable, "-m", "bdh_lightning", "validate", "--config", str(config), "--trainer.devices", "1",
+                               "--trainer.strategy", "auto", "--ckpt_path", str(last)],
+                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    one_process_val_loss = scalars(tmp_path / "lightning_logs/version_1", "val/loss")[-1]
+    assert abs(ddp_val_loss - one_process_val_loss) < 1e-5, (ddp_val_loss, one_process_val_loss)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_through_torchrun(tmp_path):
+    """`torchrun --nnodes 2` twice on one machine, rendezvous on 127.0.0.1, `--trainer.num_nodes 2`."""
+    config = write_config(tmp_path, "  devices: 1\n  num_nodes: 2\n  strategy: ddp")
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
+                          "-m", "bdh_lightning", "fit", "--config", str(config)],
+                         cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    check_one_data_parallel_run(tmp_path)
+
+
+class GradientRecorder(Callback):
+    def __init__(self):
+        self.grads = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {name: p.grad.clone() for name, p in pl_module.named_parameters()}
+
+
+def one_step(batches: list, accumulate: int) -> tuple[dict, dict]:
+    """Gradients and weights after one optimizer step of a tiny BDH in float64 over `batches`."""
+    torch.manual_seed(0)
+    module = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, block_size=16)
+    recorder = GradientRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate, precision="64-true",
+                        callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 1
+    return recorder.grads, {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def test_gradient_accumulation_gives_the_larger_batch_update():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (8, 16), generator=gen), torch.randint(0, 256, (8, 16), generator=gen)
+    big_grads, big_weights = one_step([(x, y)], accumulate=1)
+    acc_grads, acc_weights = one_step([(x[:4], y[:4]), (x[4:], y[4:])], accumulate=2)
+    half_grads, _ = one_step([(x[:4], y[:4])], accumulate=1)
+    assert not torch.allclose(half_grads["model.encoder"], big_grads["model.encoder"])  # the halves do differ
+    for name in big_grads:
+        torch.testing.assert_close(acc_grads[name], big_grads[name], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(acc_weights[name], big_weights[name], rtol=1e-10, atol=1e-14)
+
+
+def test_sigterm_to_rank_zero_stops_every_rank_with_one_checkpoint(tmp_path):
+    """A pre-emption notice that reaches only rank 0: both ranks stop after the same step, one checkpoint is saved."""
+    config = write_config(tmp_path, "  devices: 2\n  strategy: ddp")
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    fit = subprocess.Popen([sys.executable, "-m", "bdh_lightning", "fit", "--config", str(config), "--trainer.max_steps", "100000",
+                            "--checkpoint.every_n_train_steps", "3"],
+                           cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not last.exists():
+        assert fit.poll() is None and time.monotonic() < deadline, "training never saved a checkpoint"
+        time.sleep(0.05)
+    fit.send_signal(signal.SIGTERM)  # to the launching process (rank 0) only
+    stderr = fit.communicate(timeout=120)[1]
+    assert fit.returncode == 143, stderr[-3000:]
+    stops = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 2 and stops[0].startswith("stopped by SIGTERM") != stops[1].startswith("stopped by SIGTERM"), stops
+    steps = {line.split("after step ")[1].split(";")[0] for line in stops}
+    assert len(steps) == 1  # the same step on both ranks
+    assert torch.load(last, weights_only=True)["global_step"] == int(steps.pop())
