@@ -139,7 +139,10 @@ class BDHCLI(LightningCLI):
             read_checkpoint(config.ckpt_path)
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (ValueError, MisconfigurationException) as error:  # Lightning's word on impossible trainer.* settings
+            raise UserError(one_line(error)) from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
