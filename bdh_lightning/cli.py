@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from .faults import (
     read_checkpoint,
 )
 from .model import ConfigError
+from .monitor import SparsityMonitor, TextSample
 from .module import BDHLitModule
 
 DESCRIPTION = (
@@ -103,6 +105,8 @@ class BDHCLI(LightningCLI):
             "--tf32", type=bool, default=True, help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)"
         )
         parser.link_arguments("data.block_size", "model.block_size")
+        parser.add_lightning_class_args(TextSample, "sample")
+        parser.add_lightning_class_args(SparsityMonitor, "sparsity")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -146,6 +150,26 @@ class BDHCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+class SettingsOnly(BDHCLI):
+    """Parses and resolves a configuration like `fit` would, building nothing (for `estimate`)."""
+
+    def before_instantiate_classes(self) -> None:
+        pass  # keep trainer.precision unset when the config leaves it to the machine
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _add_configure_optimizers_method_to_model(self, subcommand) -> None:
+        pass
+
+
+def parse_settings(args: list[str]):
+    """The settings (model.*, data.*, trainer.*) that `fit ARGS` would use, without instantiating anything."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningCLI's note that args differ from sys.argv
+        return SettingsOnly(args=[*args, "--seed_everything", "false"], run=False).config
 
 
 def check_cpu_devices(trainer_config) -> None:
