@@ -27,7 +27,7 @@ from bdh_lightning.model import reference_layer, rope, rope_cos_sin
 from bdh_lightning.module import BDHLitModule
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
 TINY = [
     "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
     "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "3e-3",
