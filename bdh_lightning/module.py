@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from .kernels import resolve_kernel
 from .model import BDH, BDHConfig
 
 
@@ -69,6 +70,8 @@ class BDHLitModule(L.LightningModule):
             kernel=kernel,
             chunk_size=chunk_size,
         )
+        if kernel == "fused":  # refuse it now, not at the first forward pass
+            resolve_kernel(kernel, torch.device("cuda"))
         self.model = BDH(self.config)
         self.eval_loss = MeanMetric()
 
