@@ -185,6 +185,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def report(line: str) -> None:
+    """One line to stderr in a single write, so the lines of several ranks never interleave."""
+    sys.stderr.write(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     from_shell = argv is None  # LightningCLI warns when given args that duplicate sys.argv
     argv = sys.argv[1:] if from_shell else list(argv)
@@ -199,19 +204,19 @@ def main(argv: list[str] | None = None) -> int:
             return estimate_main(argv[1:])
         BDHCLI(args=None if from_shell else argv)
     except ArgumentError as err:
-        print(f"error: {one_line(err)} (see --help)", file=sys.stderr)
+        report(f"error: {one_line(err)} (see --help)")
         return 2
     except (UserError, ConfigError, DataError, CheckpointError, MisconfigurationException) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        report(f"error: {one_line(err)}")
         return 2
     except NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}")
         return 1
     except torch.OutOfMemoryError:
-        print("error: out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
-              "or check a setting first with `estimate`", file=sys.stderr)  # fmt: skip
+        report("error: out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
+               "or check a setting first with `estimate`")  # fmt: skip
         return 1
     except TrainingInterrupted as stop:
-        print(stop, file=sys.stderr)
+        report(str(stop))
         return 128 + stop.signum  # the shell's convention for "ended by this signal"
     return 0

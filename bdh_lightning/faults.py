@@ -139,7 +139,7 @@ class StopOnSignal(Callback):
         if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again aborts without saving)", file=sys.stderr)
+        sys.stderr.write(f"{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again aborts without saving)\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
