@@ -13,6 +13,7 @@ import pickle
 import re
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -132,8 +133,9 @@ class StopOnSignal(Callback):
         # Installed after Lightning's SIGTERM handler (set when fit starts), which would stop without saving;
         # Lightning puts the original handlers back when fit ends.
         self.signum = None
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
 
     def request_stop(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum is not None:

@@ -143,8 +143,10 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(corpus, signum, code):
 
 def test_training_ends_with_a_checkpoint_of_its_last_step(corpus):
     """max_steps between two saves (every 3 steps, validation every 5): last.ckpt still holds the final step."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert main(["fit", "--data.path", str(corpus), *RESUMABLE, "--trainer.max_steps", "7"]) == 0
     assert saved_step(Path("lightning_logs/version_0/checkpoints/last.ckpt")) == 7
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back after fit
 
 
 WRITER = """
