@@ -150,7 +150,7 @@ class StopOnSignal(Callback):
         if not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             return
         signum = self.signum or signal.SIGTERM
-        how = f"{signal.Signals(signum).name}" if self.signum else "a signal to another rank"
+        how = signal.Signals(signum).name if self.signum else "a signal to another rank"
         path = last_checkpoint_path(trainer)
         if path is None:
             raise TrainingInterrupted(f"stopped by {how} after step {trainer.global_step}; checkpointing is off, nothing saved", signum)
@@ -185,7 +185,7 @@ class StopOnNonFinite(Callback):
     def advice(trainer) -> str:
         callback = trainer.checkpoint_callback
         last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved in this run"
-        if not last_good and trainer.ckpt_path:
-            where += f" (it resumed from {trainer.ckpt_path})"
-        return f"{where}; resume from it with a lower model.learning_rate or trainer.precision bf16-mixed or 32-true"
+        remedy = "a lower model.learning_rate, or trainer.precision bf16-mixed or 32-true"
+        if last_good:
+            return f"the last good checkpoint is {last_good}; resume from it (--ckpt_path) with {remedy}"
+        return f"no checkpoint was saved in this run; start again with {remedy}"
