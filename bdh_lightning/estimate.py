@@ -109,8 +109,9 @@ def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision:
         head += H * N * D * e if autocast else 0  # the decoder's cast copy, shared by the layers
     else:
         acc = 4 if autocast else e
+        scores = 4 if precision.startswith("16-") else e  # float32 under float16 (kernels.attention_dtype)
         # x (the layer input), S (the scores), y and its rstd.
-        layer = BTD * wide + B * H * T * T * e + BHTD * acc + BHT * acc
+        layer = BTD * wide + B * H * T * T * scores + BHTD * acc + BHT * acc
     return head + L * (layer + tail)
 
 

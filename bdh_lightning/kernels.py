@@ -141,6 +141,11 @@ def compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
     return x.dtype, x.dtype
 
 
+def attention_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores and S @ x in float32 under float16: they pass float16's 65504 (see model.causal_attention)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 class ChunkedLayer(torch.autograd.Function):
     """u = (relu(x E) * relu(ln(tril(q q^T) x) Ev) * mask) @ Dec for all heads, q = rope(relu(x E)).
 
@@ -152,13 +157,14 @@ class ChunkedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, dropout, seed, width):
         dtype, acc = compute_dtypes(x)
+        att = attention_dtype(dtype)
         B, _, T, D = x.shape
         H, _, N = encoder.shape
         with torch.autocast(x.device.type, enabled=False):
             xc = x.squeeze(1).to(dtype)
             enc, enc_v, dec = encoder.to(dtype), encoder_v.to(dtype), decoder.to(dtype).view(H, N, D)
             chunks = [(n0, min(n0 + width, N)) for n0 in range(0, N, width)]
-            scores = torch.empty(B, H, T, T, dtype=dtype, device=x.device)
+            scores = torch.empty(B, H, T, T, dtype=att, device=x.device)
             ys = torch.empty(B, H, T, D, dtype=acc, device=x.device)
             rstds = torch.empty(B, H, T, 1, dtype=acc, device=x.device)
             u = torch.zeros(B, T, D, dtype=acc, device=x.device)
@@ -166,10 +172,10 @@ class ChunkedLayer(torch.autograd.Function):
                 S = torch.zeros(B, T, T, dtype=acc, device=x.device)
                 for n0, n1 in chunks:
                     a = F.relu(xc @ enc[h, :, n0:n1])
-                    q = rope(a, cos[:, n0:n1], sin[:, n0:n1])
+                    q = rope(a, cos[:, n0:n1], sin[:, n0:n1]).to(att)
                     S += q @ q.transpose(-1, -2)
-                S = S.tril_(diagonal=-1).to(dtype)
-                y, _, rstd = torch.native_layer_norm((S @ xc).to(acc), (D,), None, None, LN_EPS)
+                S = S.tril_(diagonal=-1).to(att)
+                y, _, rstd = torch.native_layer_norm((S @ xc.to(att)).to(acc), (D,), None, None, LN_EPS)
                 scores[:, h], ys[:, h], rstds[:, h] = S, y, rstd
                 for n0, n1 in chunks:
                     if len(chunks) > 1:
@@ -187,6 +193,7 @@ class ChunkedLayer(torch.autograd.Function):
     def backward(ctx, grad_u):
         x, encoder, encoder_v, decoder, cos, sin, scores, ys, rstds = ctx.saved_tensors
         dtype, acc = ctx.dtypes
+        att = attention_dtype(dtype)
         dropout, seed, width = ctx.dropout, ctx.seed, ctx.width
         B, _, T, D = x.shape
         H, _, N = encoder.shape
@@ -224,16 +231,17 @@ class ChunkedLayer(torch.autograd.Function):
                         dx += da_from_z @ enc[h, :, n0:n1].T
                 # y = ln(S x), S = tril(q q^T): back to S, then through q = rope(a) to a.
                 dy_pre = rstd * (dy - dy.mean(-1, keepdim=True) - y * (dy * y).mean(-1, keepdim=True))
-                dy_pre = dy_pre.to(dtype)
+                dy_pre = dy_pre.to(att)
                 dx += S.transpose(-1, -2) @ dy_pre
-                dS = (dy_pre @ xc.transpose(-1, -2)).tril_(diagonal=-1)
+                dS = (dy_pre @ xc.to(att).transpose(-1, -2)).tril_(diagonal=-1)
                 dS = dS + dS.transpose(-1, -2)
                 # Pass B: the rope/score path.
                 for n0, n1 in chunks:
                     if not one_chunk:
                         a = F.relu(xc @ enc[h, :, n0:n1])
                     q = rope(a, cos[:, n0:n1], sin[:, n0:n1])
-                    da = rope(dS @ q, cos[:, n0:n1], -sin[:, n0:n1]) * (a > 0)  # rope's inverse rotation
+                    dq = (dS @ q.to(att)).to(dtype)
+                    da = rope(dq, cos[:, n0:n1], -sin[:, n0:n1]) * (a > 0)  # rope's inverse rotation
                     if one_chunk:
                         da = da + da_from_z
                     d_enc[h, :, n0:n1] += x_flat.T @ da.reshape(B * T, -1)

@@ -158,3 +158,21 @@ def test_compile_trains_and_keeps_checkpoint_keys_plain(tmp_path):
     keys = set(torch.load(path, weights_only=False)["state_dict"])
     assert {"model.embed.weight", "model.encoder", "model.encoder_v", "model.decoder", "model.lm_head"} <= keys
     assert not any("_orig_mod" in k for k in keys)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 64])
+def test_chunked_attention_does_not_overflow_under_float16_autocast(chunk_size):
+    """Scores and S @ x past float16's range: the chunked layer keeps them in float32, as the reference does."""
+    from test_faults import overflowing_inputs  # inputs shown there to overflow float16 attention
+
+    x, encoder, encoder_v, decoder, cos, sin = overflowing_inputs()
+    weights = [w.requires_grad_() for w in (encoder, encoder_v, decoder)]
+    expected = reference_layer(x, *weights, cos, sin, 0.0, False)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = chunked_layer(x, *weights, cos, sin, 0.0, chunk_size=chunk_size)
+        reference_half = reference_layer(x, *weights, cos, sin, 0.0, False)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=0)
+    torch.testing.assert_close(got.float(), reference_half.float(), atol=2e-2, rtol=0)
+    got.float().square().sum().backward()
+    assert all(torch.isfinite(w.grad).all() for w in weights)
