@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .faults import CheckpointError, read_checkpoint
 from .model import BDH, BDHConfig, ConfigError, layer_norm, rope, rope_cos_sin
 
 
@@ -156,32 +156,17 @@ def full_prefix_generate(model: BDH, prompt: torch.Tensor, max_new_tokens: int) 
     return idx
 
 
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message is one line saying why and what to do."""
-
-
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> BDH:
     """The `BDH` saved in a Lightning checkpoint of this project, float32, in eval mode, on `device`.
 
-    Only plain data is unpickled (weights_only=True): a checkpoint that would run code is refused.
+    Read with `faults.read_checkpoint`: only plain data is unpickled, a checkpoint that would run code is refused.
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a directory (a sharded checkpoint?); give a single .ckpt file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; give the path of a .ckpt file or `last`")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "unsupported global" in str(error).lower():  # torch words it "unsupported GLOBAL" or "Unsupported global"
-            raise CheckpointError(
-                f"checkpoint {path} holds pickled Python objects, not only weights; refusing to load it (it could run code)"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint; use another one") from None
-    except Exception:  # torch raises many kinds for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint; use another one") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by fit")
+    checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters") or {}
     settings = {f.name: hparams[f.name] for f in dataclasses.fields(BDHConfig) if f.name in hparams}
     # The layer implementation is irrelevant here and may not exist on this device (e.g. fused on CPU).

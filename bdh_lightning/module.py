@@ -120,8 +120,10 @@ class BDHLitModule(L.LightningModule):
     def _log_eval_loss(self, split: str) -> None:
         loss = self.eval_loss.compute()
         self.eval_loss.reset()
-        self.log(f"{split}/loss", loss, prog_bar=True)
-        self.log(f"{split}/bpb", loss / math.log(2))  # bits per byte
+        # Already the same on every rank (torchmetrics synced it): sync_dist only averages equal values,
+        # and it tells Lightning the epoch-level value is global.
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{split}/bpb", loss / math.log(2), sync_dist=True)  # bits per byte
 
     def learning_rate_at(self, step: int) -> float:
         """Learning rate after `step` optimizer steps: linear warmup, then cosine decay or constant."""
