@@ -11,16 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bdh_lightning.cli import BDHCLI, main
 from bdh_lightning.model import BDH
+from tiny_run import TINY_ARGS as TINY  # tests/ is on sys.path, as for spec_oracle
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-TINY = [
-    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
-    "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "3e-3",
-    "--data.block_size", "32", "--data.batch_size", "8", "--data.val_windows", "8",
-    "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]  # fmt: skip
 
 
 @pytest.fixture

@@ -25,16 +25,10 @@ from bdh_lightning.data import ByteDataModule
 from bdh_lightning.faults import AtomicCheckpointIO, read_checkpoint
 from bdh_lightning.model import reference_layer, rope, rope_cos_sin
 from bdh_lightning.module import BDHLitModule
+from tiny_run import TINY_ARGS as TINY  # tests/ is on sys.path, as for spec_oracle
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-TINY = [
-    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
-    "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "3e-3",
-    "--data.block_size", "32", "--data.batch_size", "8", "--data.val_windows", "8",
-    "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]  # fmt: skip
 # A schedule that changes the learning rate every step, dropout on, a checkpoint every 3 steps.
 RESUMABLE = [*TINY, "--model.warmup_steps", "4", "--model.decay_steps", "40", "--model.dropout", "0.2",
              "--checkpoint.every_n_train_steps", "3"]  # fmt: skip
