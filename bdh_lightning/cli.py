@@ -82,7 +82,8 @@ class BDHCLI(LightningCLI):
                 "log_every_n_steps": 100,
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
-                    ThroughputMonitor(batch_size_fn=windows_per_batch, length_fn=bytes_per_batch),
+                    # Rates over the last 20 batches: short runs see them too (Lightning's default window is 100).
+                    ThroughputMonitor(batch_size_fn=windows_per_batch, length_fn=bytes_per_batch, window_size=20),
                     StopOnSignal(),
                     StopOnNonFinite(),
                 ],

@@ -101,7 +101,6 @@ class BDHLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -141,7 +140,7 @@ class BDHLitModule(L.LightningModule):
             self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.learning_rate_at(step) / hp.learning_rate)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     def on_fit_start(self) -> None:
         # ThroughputMonitor reads this attribute to report FLOP/s and MFU.
