@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from .generate import generate_text
-from .model import BDH, ConfigError, layer_norm, rope, rope_cos_sin
+from .model import BDH, ConfigError, causal_attention, layer_norm, rope, rope_cos_sin
 
 
 class TextSample(Callback):
@@ -79,7 +79,7 @@ def count_active(model: BDH, idx: torch.Tensor) -> torch.Tensor:
         for h in range(c.n_head):
             a = F.relu(x @ model.encoder[h])  # B, 1, T, N
             q = rope(a, cos, sin)
-            y = layer_norm((q @ q.transpose(-1, -2)).tril(diagonal=-1) @ x)
+            y = causal_attention(q, x)
             b = F.relu(y @ model.encoder_v[h])
             ab = a * b
             counts[layer] += torch.stack([a.count_nonzero(), b.count_nonzero(), ab.count_nonzero()])
