@@ -129,6 +129,7 @@ class BDHCLI(LightningCLI):
             torch.backends.cudnn.allow_tf32 = config.tf32
         if config.get("ckpt_path"):  # model.* now holds the checkpoint's settings: do its weights fit them?
             check_model_shape(read_checkpoint(config.ckpt_path), config.ckpt_path, config.model)
+            note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_cpu_devices(config.trainer)
 
     def parse_arguments(self, parser, args) -> None:
@@ -142,6 +143,7 @@ class BDHCLI(LightningCLI):
             raise UserError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
         if config.get("ckpt_path"):
             read_checkpoint(config.ckpt_path)
+            self.model_settings_given = config.model.as_dict()
 
     def instantiate_trainer(self, **kwargs):
         try:
@@ -171,6 +173,17 @@ def parse_settings(args: list[str]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LightningCLI's note that args differ from sys.argv
         return SettingsOnly(args=[*args, "--seed_everything", "false"], run=False).config
+
+
+def note_replaced_model_settings(given: dict, from_checkpoint: dict) -> None:
+    """LightningCLI takes model.* from a --ckpt_path checkpoint: say which given values that replaced."""
+    replaced = [
+        f"{key}={from_checkpoint[key]!r} (not {value!r})"
+        for key, value in given.items()
+        if key != "block_size" and from_checkpoint.get(key) != value  # block_size follows data.block_size
+    ]
+    if replaced:
+        print(f"note: model settings come from the checkpoint: {', '.join(replaced)}", file=sys.stderr)
 
 
 def check_cpu_devices(trainer_config) -> None:

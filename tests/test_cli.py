@@ -57,12 +57,14 @@ def test_fit_logs_to_tensorboard_and_saves_checkpoints(corpus):
     assert "last.ckpt" in ckpts and any(name.startswith("best") for name in ckpts)
 
 
-def test_resume_continues_at_saved_step(corpus):
+def test_resume_continues_at_saved_step(corpus, capsys):
     fit(corpus, "--trainer.max_steps", "10")
     first = Path("lightning_logs/version_0/checkpoints/last.ckpt")
     assert torch.load(first, weights_only=True)["global_step"] == 10
-    cli = fit(corpus, "--trainer.max_steps", "15", "--ckpt_path", "last")
+    cli = fit(corpus, "--trainer.max_steps", "15", "--ckpt_path", "last", "--model.learning_rate", "1e-4")
     assert cli.trainer.global_step == 15
+    assert cli.model.hparams.learning_rate == 3e-3  # LightningCLI: model settings come from the checkpoint...
+    assert "learning_rate=0.003 (not 0.0001)" in capsys.readouterr().err  # ...and the user is told
     steps = [s for s, _ in scalars(Path(cli.trainer.log_dir))["train/loss"]]
     assert steps[0] >= 10 and len(steps) == 5  # only the 5 new steps ran
     assert torch.load(Path(cli.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 15
