@@ -302,5 +302,8 @@ def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
             most = largest_batch(model_kwargs, r.block_size, r.precision, r.device_type, kernel, budget)
             row += f"   {'yes' if fits else 'no '} (largest batch that fits {format_bytes(budget)}: {most})"
         lines.append(row)
-    lines.append("model.kernel auto uses chunked on CUDA and reference on the CPU; fused is not available in this version.")
+    lines.append(
+        "model.kernel auto uses chunked on CUDA; on the CPU reference for small layers (B*H*T*N under 2**23) "
+        "and chunked above; fused is not available in this version."
+    )
     return "\n".join(lines)

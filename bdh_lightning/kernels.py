@@ -26,18 +26,22 @@ MASK_BLOCK = 64
 # chunk_size 0 picks the largest chunk (whole heads preferred: no recomputation between the two passes
 # over a head) whose B x T x chunk tensors stay under this many elements.
 AUTO_CHUNK_ELEMENTS = 2**26
+# Where `auto` switches to `chunked` on the CPU, in elements of one B x H x T x N tensor. Measured with
+# benchmarks/train_step.py, 2 threads (BENCHMARKS.md): tiny (2.1 M) equal speed; 8gb at batch 2 (6.3 M)
+# reference 12% faster; 14gb at batch 1 (9.4 M) chunked 30% faster. Above it the reference's N-wide
+# tensors stop fitting in cache and memory traffic dominates.
+CPU_CHUNKED_FROM = 2**23
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
+def resolve_kernel(kernel: str, device: torch.device, n_wide: int = 0) -> str:
     """The implementation `kernel` stands for on `device`; `ConfigError` if it cannot run there.
 
-    `auto`: on the CPU `reference`, which measured as fast as `chunked` at the tiny config and up to 7%
-    faster at larger ones (BENCHMARKS.md; CPU runs are small, so memory rarely binds). On CUDA
-    `chunked`, chosen for memory (it keeps about a tenth of the bytes); its speed there was not measured
-    (no GPU in the session that wrote it).
+    `auto` on CUDA: `chunked`, chosen for memory (it keeps about a tenth of the bytes); its GPU speed is
+    not measured yet. On the CPU it depends on `n_wide`, the elements of one B x H x T x N tensor:
+    `reference` below CPU_CHUNKED_FROM, `chunked` from there up (see CPU_CHUNKED_FROM).
     """
     if kernel == "auto":
-        return "reference" if device.type == "cpu" else "chunked"
+        return "reference" if device.type == "cpu" and n_wide < CPU_CHUNKED_FROM else "chunked"
     if kernel == "fused":
         raise ConfigError(
             "model.kernel=fused is not available: no verified Triton kernel ships with this version; "
@@ -52,7 +56,9 @@ def bdh_layer(x: torch.Tensor, model, cos: torch.Tensor, sin: torch.Tensor) -> t
     """One layer of `model` (a `BDH`) on x: (B, 1, T, D), with the configured implementation."""
     cfg = model.config
     dropout = cfg.dropout if model.training else 0.0
-    if resolve_kernel(cfg.kernel, x.device) == "reference":
+    B, _, T, _ = x.shape
+    H, _, N = model.encoder.shape
+    if resolve_kernel(cfg.kernel, x.device, n_wide=B * H * T * N) == "reference":
         return reference_layer(x, model.encoder, model.encoder_v, model.decoder, cos, sin, cfg.dropout, model.training)
     return chunked_layer(x, model.encoder, model.encoder_v, model.decoder, cos, sin, dropout, chunk_size=cfg.chunk_size)
 

@@ -102,7 +102,8 @@ def test_model_gradients_equal_across_kernels():
 
 
 def test_kernel_switch():
-    assert resolve_kernel("auto", torch.device("cpu")) == "reference"
+    assert resolve_kernel("auto", torch.device("cpu"), n_wide=2**21) == "reference"
+    assert resolve_kernel("auto", torch.device("cpu"), n_wide=2**24) == "chunked"
     assert resolve_kernel("auto", torch.device("cuda")) == "chunked"
     assert resolve_kernel("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ConfigError, match="fused is not available"):
