@@ -89,7 +89,7 @@ class BDHCLI(LightningCLI):
                 ],
             },
             # Parse errors are raised (main prints them as one line) instead of printing the whole usage.
-            parser_kwargs={"description": DESCRIPTION, "exit_on_error": False},
+            parser_kwargs={"prog": "python -m bdh_lightning", "description": DESCRIPTION, "exit_on_error": False},
             args=args,
             run=run,
             **kwargs,
