@@ -128,7 +128,7 @@ class BDHCLI(LightningCLI):
             torch.backends.cuda.matmul.allow_tf32 = config.tf32
             torch.backends.cudnn.allow_tf32 = config.tf32
         if config.get("ckpt_path"):  # model.* now holds the checkpoint's settings: do its weights fit them?
-            check_model_shape(read_checkpoint(config.ckpt_path), config.ckpt_path, config.model)
+            check_model_shape(self.checkpoint, config.ckpt_path, config.model)
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_cpu_devices(config.trainer)
 
@@ -142,7 +142,7 @@ class BDHCLI(LightningCLI):
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
             raise UserError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
         if config.get("ckpt_path"):
-            read_checkpoint(config.ckpt_path)
+            self.checkpoint = read_checkpoint(config.ckpt_path)  # memory-mapped: cheap to keep until the shape check
             self.model_settings_given = config.model.as_dict()
 
     def instantiate_trainer(self, **kwargs):
