@@ -18,18 +18,11 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 
-from .data import ByteDataModule, DataError
-from .faults import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    NonFiniteError,
-    StopOnNonFinite,
-    StopOnSignal,
-    TrainingInterrupted,
-    check_model_shape,
-    read_checkpoint,
-)
-from .model import ConfigError
+from .data import ByteDataModule
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted, UsageError
+from .checkpoints import AtomicCheckpointIO, check_model_shape, find_last, read_checkpoint
+from .faults import StopOnNonFinite, StopOnSignal
+from .precision import default_precision
 from .monitor import SparsityMonitor, TextSample
 from .module import BDHLitModule
 
@@ -37,27 +30,6 @@ DESCRIPTION = (
     "Train BDH (Baby Dragon Hatchling) with PyTorch Lightning. Subcommands: fit, validate, test (LightningCLI), "
     "generate (sample from a checkpoint; see `generate --help`), estimate (predict memory; see `estimate --help`)."
 )
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
-
-
-def default_precision() -> str:
-    """The BDH guide's choice: bf16-mixed where the GPU supports it, else 16-mixed on CUDA, else 32-true."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
-
-
-def newest_last_checkpoint(logs_dir: str | Path = "lightning_logs") -> Path:
-    """`last.ckpt` of the most recent run under `logs_dir` (what `--ckpt_path last` means here)."""
-    candidates = sorted(Path(logs_dir).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise UserError(
-            f"--ckpt_path last: no {logs_dir}/version_*/checkpoints/last.ckpt found; train first or give a checkpoint path"
-        )
-    return candidates[-1]
 
 
 def bytes_per_batch(batch) -> int:
@@ -138,9 +110,9 @@ class BDHCLI(LightningCLI):
         # resolve `last` first (so it gets them too) and refuse a bad file here, in one line.
         config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         if config.get("ckpt_path") == "last":
-            config.ckpt_path = str(newest_last_checkpoint())
+            config.ckpt_path = str(find_last())
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
-            raise UserError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
+            raise UsageError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
         if config.get("ckpt_path"):
             self.checkpoint = read_checkpoint(config.ckpt_path)  # memory-mapped: cheap to keep until the shape check
             self.model_settings_given = config.model.as_dict()
@@ -149,7 +121,7 @@ class BDHCLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as error:  # Lightning's word on impossible trainer.* settings
-            raise UserError(one_line(error)) from None
+            raise UsageError(one_line(error)) from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
@@ -192,7 +164,7 @@ def check_cpu_devices(trainer_config) -> None:
     devices = trainer_config.devices
     cores = len(os.sched_getaffinity(0))
     if on_cpu and str(devices).isdigit() and int(devices) > cores:
-        raise UserError(f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}")
+        raise UsageError(f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}")
 
 
 def one_line(error: BaseException) -> str:
@@ -220,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as err:
         report(f"error: {one_line(err)} (see --help)")
         return 2
-    except (UserError, ConfigError, DataError, CheckpointError, MisconfigurationException) as err:
+    except (UsageError, ConfigError, DataError, CheckpointError, MisconfigurationException) as err:
         report(f"error: {one_line(err)}")
         return 2
     except NonFiniteError as err:

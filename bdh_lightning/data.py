@@ -22,13 +22,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from .errors import DataError, is_int
+
 TINYSHAKESPEARE = "tinyshakespeare"
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-class DataError(ValueError):
-    """A data problem the user can fix; the message is one line saying what is wrong and what to do."""
 
 
 def corpus_files(path: str) -> list[Path]:
@@ -185,10 +183,6 @@ class ValBatches(IterableDataset):
         for i in range(worker.id if worker else 0, len(self), worker.num_workers if worker else 1):
             offsets = self.offsets[i * self.batch_size : (i + 1) * self.batch_size]
             yield split_window(self.corpus.windows(offsets, self.block_size + 1))
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def split_window(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

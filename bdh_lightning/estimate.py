@@ -25,30 +25,22 @@ from pathlib import Path
 import torch
 
 from .kernels import chunk_width
-from .model import BDHConfig, ConfigError
+from .errors import ConfigError
+from .errors import UsageError as EstimateError
+from .model import BDHConfig
+from .precision import PRECISIONS as PRECISION_TABLE
+from .precision import precision
 
 # Lightning precision -> (bytes per parameter, bytes per activation element, autocast on)
-PRECISIONS = {
-    "64-true": (8, 8, False),
-    "32-true": (4, 4, False),
-    "bf16-mixed": (4, 2, True),
-    "16-mixed": (4, 2, True),
-    "bf16-true": (2, 2, False),
-    "16-true": (2, 2, False),
-}
-PRECISION_ALIASES = {"64": "64-true", "32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+PRECISIONS = {name: (p.param_bytes, p.activation_bytes, p.autocast) for name, p in PRECISION_TABLE.items()}
 KERNELS = ("reference", "chunked")
 
 
-class EstimateError(ValueError):
-    """A bad argument to `estimate`: one line, exit code 2."""
-
-
-def normalize_precision(precision) -> str:
-    name = PRECISION_ALIASES.get(str(precision), str(precision))
-    if name not in PRECISIONS:
-        raise EstimateError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return name
+def normalize_precision(name) -> str:
+    try:
+        return precision(name).name
+    except ConfigError as error:
+        raise EstimateError(str(error)) from None
 
 
 def parse_bytes(text: str) -> int:

@@ -1,113 +1,21 @@
-"""Crash safety: checkpoints written atomically, SIGTERM and Ctrl-C stop with a checkpoint, a NaN or infinite
-loss stops training without touching the last good checkpoint, and checkpoint files are read without running
-code from them.
+"""Crash safety during training: SIGTERM and Ctrl-C stop with a checkpoint, and a NaN or infinite loss stops
+training without touching the last good checkpoint (checkpoint files themselves: `checkpoints.py`).
 
 Every failure here ends as one exception with a one-line message; `cli.main` prints it and exits non-zero.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import pickle
-import re
 import signal
 import sys
 import threading
 from pathlib import Path
 
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 
-from .model import BDH, BDHConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message is one line saying why and what to do."""
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN or infinite loss or weights; the message names the step and the last good checkpoint."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM or Ctrl-C stopped training at a step boundary, after saving a checkpoint."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The contents of a Lightning checkpoint, unpickled with weights_only=True: tensors and plain values only,
-    so a file carrying a pickled function or object is refused instead of run. Tensors stay memory-mapped."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        payload = re.search(r"GLOBAL (\S+)", str(error))
-        if payload:
-            raise CheckpointError(
-                f"checkpoint {path} contains a pickled reference to {payload[1]}, which loading would run; refused "
-                "(only tensors and plain values are loaded): use a checkpoint written by `fit`"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint; use another one") from None
-    except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except Exception:  # torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {path} is truncated, corrupt or not a PyTorch checkpoint; use another one "
-            "(e.g. an earlier .ckpt in the same checkpoints/ folder)"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`")
-    return checkpoint
-
-
-def check_model_shape(checkpoint: dict, path: str | Path, model_args: dict) -> None:
-    """Raise CheckpointError unless the checkpoint's weights have the shapes of the model `model_args` describe."""
-    config = BDHConfig(**{f.name: model_args[f.name] for f in dataclasses.fields(BDHConfig)})
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = {f"model.{name}": tuple(t.shape) for name, t in BDH(config).state_dict().items()}
-    saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items() if torch.is_tensor(t)}
-    if not expected.keys() <= saved.keys():
-        raise CheckpointError(f"checkpoint {path} holds no BDH weights ({sorted(saved)[:3]}...); use one written by `fit`")
-    for name, shape in expected.items():
-        if saved[name] != shape:
-            trained = checkpoint.get("hyper_parameters", {})
-            settings = ", ".join(f"{k}={trained[k]}" for k in ("n_embd", "n_head", "mlp_internal_dim_multiplier") if k in trained)
-            config_yaml = Path(path).parent.parent / "config.yaml"
-            hint = f" (e.g. --config {config_yaml})" if config_yaml.is_file() else ""
-            raise CheckpointError(
-                f"checkpoint {path} holds a model of another shape: {name} is {saved[name]} there but {shape} with "
-                f"these settings; use the model settings it was trained with{f' ({settings})' if settings else ''}{hint}"
-            )
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to `<name>.part` in its own folder, syncs it to disk, then renames it over `<name>`.
-
-    A kill or power cut during the write leaves the previous file whole. (Lightning's writer buffers the whole
-    checkpoint in memory, writes it to the system temp folder and moves it into place: a copy, not a rename,
-    whenever that folder is on another file system, and never synced to disk.)
-    """
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec transaction
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".part")
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # make the rename itself durable
-        finally:
-            os.close(folder)
+from .errors import NonFiniteError, TrainingInterrupted
 
 
 def last_checkpoint_path(trainer) -> str | None:

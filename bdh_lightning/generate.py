@@ -11,17 +11,40 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
 import sys
 import time
 from pathlib import Path
+from functools import partial
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .faults import CheckpointError, read_checkpoint
-from .model import BDH, BDHConfig, ConfigError, layer_norm, rope, rope_cos_sin
+from .checkpoints import find_last, load_model_from_checkpoint, run_precision
+from .layer import layer_norm, reference_layer, rope_cos_sin
+from .errors import CheckpointError, ConfigError, UsageError
+from .model import BDH
+from .precision import compute_dtype
+
+
+def recurrent_read(state: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The attention read of a chunk q (B, H, C, N), x (B, 1, C, D) against the running state M (B, H, N, D):
+    y = ln(q M + strict_lower(q qᵀ) x), then M += qᵀ x in place. The same function as `layer.causal_attention`
+    over everything read so far.
+
+    In float32 whatever the autocast: sums of scores in the hundreds overflow float16, and the state
+    accumulates every position.
+    """
+    B, H, C, N = q.shape
+    D = x.shape[-1]
+    with torch.autocast(q.device.type, enabled=False):
+        q32, x32 = q.float(), x.float()
+        y = q32 @ state  # what the earlier chunks contribute
+        if C > 1:
+            y = y + (q32 @ q32.transpose(-1, -2)).tril(diagonal=-1) @ x32  # within the chunk, strictly causal
+        # M += qᵀ x (one (N x C) @ (C x D) per batch row and head).
+        state.view(B * H, N, D).baddbmm_(q32.transpose(-1, -2).reshape(B * H, N, C), x32.expand(B, H, C, D).reshape(B * H, C, D))
+        return layer_norm(y)
 
 
 class Generator:
@@ -43,27 +66,12 @@ class Generator:
     def forward_chunk(self, idx: torch.Tensor) -> torch.Tensor:
         """Read bytes idx (B, C) at the next C positions, update the states; next-byte logits (B, C, V)."""
         m = self.model
-        B, C = idx.shape
-        H, D, N = m.config.n_head, m.config.n_embd, m.config.neurons_per_head
-        cos, sin = rope_cos_sin(torch.arange(self.position, self.position + C, device=idx.device), N)
+        cos, sin = rope_cos_sin(torch.arange(self.position, self.position + idx.shape[1], device=idx.device), m.config.neurons_per_head)
         x = m.embed_bytes(idx)  # B, 1, C, D
         for state in self.states:
-            a = F.relu(x @ m.encoder)  # B, H, C, N
-            q = rope(a, cos, sin)
-            # The attention read and write in float32 whatever the autocast: sums of scores in the hundreds
-            # overflow float16, and the state accumulates every position.
-            with torch.autocast(idx.device.type, enabled=False):
-                q32, x32 = q.float(), x.float()
-                y = q32 @ state  # what the earlier chunks contribute
-                if C > 1:
-                    y = y + (q32 @ q32.transpose(-1, -2)).tril(diagonal=-1) @ x32  # within the chunk, strictly causal
-                # M += qᵀ x in place (one (N x C) @ (C x D) per batch row and head).
-                state.view(B * H, N, D).baddbmm_(q32.transpose(-1, -2).reshape(B * H, N, C), x32.expand(B, H, C, D).reshape(B * H, C, D))
-            b = F.relu(layer_norm(y) @ m.encoder_v)
-            u = (a * b).transpose(1, 2).reshape(B, 1, C, H * N) @ m.decoder  # heads major
-            x = layer_norm(x + layer_norm(u))
-        self.position += C
-        return x.squeeze(1) @ m.lm_head
+            x = reference_layer(x, m.encoder, m.encoder_v, m.decoder, cos, sin, read=partial(recurrent_read, state))
+        self.position += idx.shape[1]
+        return m.logits(x)
 
     def prefill(self, idx: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
         """Read a prompt (B, T) chunk by chunk; logits (B, V) for the byte after it."""
@@ -156,67 +164,6 @@ def full_prefix_generate(model: BDH, prompt: torch.Tensor, max_new_tokens: int) 
     return idx
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> BDH:
-    """The `BDH` saved in a Lightning checkpoint of this project, float32, in eval mode, on `device`.
-
-    Read with `faults.read_checkpoint`: only plain data is unpickled, a checkpoint that would run code is refused.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory (a sharded checkpoint?); give a single .ckpt file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; give the path of a .ckpt file or `last`")
-    checkpoint = read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") or {}
-    settings = {f.name: hparams[f.name] for f in dataclasses.fields(BDHConfig) if f.name in hparams}
-    # The layer implementation is irrelevant here and may not exist on this device (e.g. fused on CPU).
-    settings["kernel"] = "auto"
-    try:
-        model = BDH(BDHConfig(**settings))
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {path} has unusable model settings: {error}") from None
-    state_dict = {}
-    for key, value in checkpoint["state_dict"].items():
-        key = key.replace("_orig_mod.", "")
-        if key.startswith("model."):
-            state_dict[key.removeprefix("model.")] = value
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        raise CheckpointError(
-            f"checkpoint {path} does not hold BDH weights matching its settings; is it a checkpoint of this project?"
-        ) from None
-    return model.float().eval().to(device)
-
-
-def run_precision(ckpt_path: Path) -> str | None:
-    """`trainer.precision` of the run that wrote ckpt_path, from the config.yaml LightningCLI saved beside it."""
-    config = ckpt_path.parent.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    import yaml  # a dependency of jsonargparse
-
-    try:
-        precision = (yaml.safe_load(config.read_text()) or {}).get("trainer", {}).get("precision")
-    except (yaml.YAMLError, AttributeError, OSError):
-        return None
-    return None if precision is None else str(precision)
-
-
-def autocast_dtype(precision: str | None) -> torch.dtype:
-    """The compute dtype a Lightning precision string stands for (float32 when unknown)."""
-    precision = str(precision or "32")
-    if precision.startswith("bf16"):
-        return torch.bfloat16
-    if precision.startswith("16"):
-        return torch.float16
-    return torch.float32
-
-
-class UsageError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{message} (see generate --help)")
@@ -292,22 +239,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_checkpoint(ckpt_path: str, logs_dir: str) -> Path:
-    if ckpt_path != "last":
-        return Path(ckpt_path)
-    from .cli import UserError, newest_last_checkpoint
-
-    try:
-        return newest_last_checkpoint(logs_dir)
-    except UserError as error:
-        raise CheckpointError(str(error)) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m bdh_lightning generate ...`: 0 on success, 2 with one line on stderr for a user mistake."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
-        ckpt_path = resolve_checkpoint(args.ckpt_path, args.logs_dir)
+        ckpt_path = find_last(args.logs_dir) if args.ckpt_path == "last" else Path(args.ckpt_path)
         model = load_model_from_checkpoint(ckpt_path, args.device)
     except (UsageError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -315,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = "32"
     if args.device.type == "cuda":
         precision = (run_precision(ckpt_path) or "32") if args.precision == "auto" else args.precision
-    dtype = autocast_dtype(precision)
+    dtype = compute_dtype(precision)
 
     generator = torch.Generator(device=args.device)
     if args.seed is not None:

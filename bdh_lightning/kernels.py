@@ -1,6 +1,6 @@
 """BDH layer implementations behind one switch, `BDHConfig.kernel`.
 
-- `reference`: `model.reference_layer` under plain autograd. It keeps several B x H x T x N tensors per
+- `reference`: `layer.reference_layer` under plain autograd. It keeps several B x H x T x N tensors per
   layer for the backward pass.
 - `chunked`: `ChunkedLayer`, a `torch.autograd.Function` in plain PyTorch (CPU and CUDA). It keeps only
   the D-wide layer input, the attention read-out y (normalised) and the T x T scores S, and recomputes
@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import LN_EPS, ConfigError, layer_norm, reference_layer, rope
+from .errors import ConfigError
+from .layer import LN_EPS, attention_dtype, layer_output, reference_layer, rope
+
+# The layer implementations `model.kernel` can name; `auto` picks one of the others per device and size.
+KERNELS = ("auto", "reference", "chunked", "fused")
 
 # Dropout masks are drawn per head and per block of this many neurons, each block from its own
 # seeded generator, so a mask does not depend on the chunk size. Chunks are whole blocks; a head
@@ -47,20 +51,30 @@ def resolve_kernel(kernel: str, device: torch.device, n_wide: int = 0) -> str:
             "model.kernel=fused is not available: no verified Triton kernel ships with this version; "
             "use model.kernel=chunked (or auto)"
         )
-    if kernel not in ("reference", "chunked"):
-        raise ConfigError(f"model.kernel must be one of auto, reference, chunked, fused; got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ConfigError(f"model.kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
     return kernel
 
 
-def bdh_layer(x: torch.Tensor, model, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """One layer of `model` (a `BDH`) on x: (B, 1, T, D), with the configured implementation."""
-    cfg = model.config
-    dropout = cfg.dropout if model.training else 0.0
+def apply_layer(
+    x: torch.Tensor,
+    encoder: torch.Tensor,
+    encoder_v: torch.Tensor,
+    decoder: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    kernel: str = "auto",
+    dropout: float = 0.0,
+    training: bool = False,
+    chunk_size: int = 0,
+) -> torch.Tensor:
+    """One layer on x: (B, 1, T, D) with the implementation `kernel` stands for here (weights in, not a module)."""
     B, _, T, _ = x.shape
-    H, _, N = model.encoder.shape
-    if resolve_kernel(cfg.kernel, x.device, n_wide=B * H * T * N) == "reference":
-        return reference_layer(x, model.encoder, model.encoder_v, model.decoder, cos, sin, cfg.dropout, model.training)
-    return chunked_layer(x, model.encoder, model.encoder_v, model.decoder, cos, sin, dropout, chunk_size=cfg.chunk_size)
+    H, _, N = encoder.shape
+    if resolve_kernel(kernel, x.device, n_wide=B * H * T * N) == "reference":
+        return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training)
+    return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
 
 
 def draw_seed() -> int:
@@ -134,7 +148,7 @@ def chunked_layer(
     N = encoder.shape[-1]
     width = chunk_width(chunk_size, B * T, N)
     u = ChunkedLayer.apply(x, encoder, encoder_v, decoder, cos, sin, float(dropout), int(seed), width)
-    return layer_norm(x + layer_norm(u))
+    return layer_output(x, u)
 
 
 def compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -145,11 +159,6 @@ def compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         low = torch.get_autocast_dtype(device_type)
         return low, torch.float32
     return x.dtype, x.dtype
-
-
-def attention_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Scores and S @ x in float32 under float16: they pass float16's 65504 (see model.causal_attention)."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 class ChunkedLayer(torch.autograd.Function):

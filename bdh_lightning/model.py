@@ -1,27 +1,25 @@
-"""BDH, the model: settings, weights and the parallel forward pass (see the spec, `bdh.md`).
+"""BDH, the model: its settings (`BDHConfig`), its weights and the parallel forward pass (spec, `bdh.md`).
 
-Everything the other modules need about the math lives here: `layer_norm`, the rotary phases, one
-BDH layer written plainly (`reference_layer`), and `BDH`, which applies the shared layer `n_layer`
-times. Faster layer implementations live in `kernels.py` and must agree with `reference_layer`.
+The layer's math is in `layer.py`; `kernels.py` chooses how each layer is computed. `BDH` embeds the
+bytes, applies the one shared layer `n_layer` times and reads out next-byte logits.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ROPE_THETA = 2.0**16
-LN_EPS = 1e-5
-Kernel = Literal["auto", "reference", "chunked", "fused"]
+from .errors import ConfigError
+from .kernels import KERNELS, apply_layer
+from .layer import layer_norm, rope_cos_sin
 
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message is one line naming the setting and the rule."""
+# The settings that define the function the model computes (and the shapes of its weights). The others
+# (kernel, chunk_size) only choose how it is computed: they belong to the machine, not the checkpoint.
+ARCHITECTURE = ("n_layer", "n_embd", "dropout", "n_head", "mlp_internal_dim_multiplier", "vocab_size")
 
 
 @dataclass
@@ -49,7 +47,7 @@ class BDHConfig:
     n_head: int = 4
     mlp_internal_dim_multiplier: int = 128
     vocab_size: int = 256
-    kernel: Kernel = "auto"
+    kernel: Literal["auto", "reference", "chunked", "fused"] = "auto"
     chunk_size: int = 0
 
     def __post_init__(self) -> None:
@@ -68,10 +66,28 @@ class BDHConfig:
                 "model.mlp_internal_dim_multiplier * model.n_embd // model.n_head (neurons per head, N) must be "
                 f"a positive even number for the rotary pairs, got {self.neurons_per_head}"
             )
-        if self.kernel not in ("auto", "reference", "chunked", "fused"):
-            raise ConfigError(f"model.kernel must be one of auto, reference, chunked, fused; got {self.kernel!r}")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"model.kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
             raise ConfigError(f"model.chunk_size must be a non-negative integer (0 = automatic), got {self.chunk_size!r}")
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "BDHConfig":
+        """The config from a mapping (hparams, a YAML section); keys that are not settings are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(settings).items() if k in names})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, **runtime) -> "BDHConfig":
+        """The architecture stored in a loaded Lightning checkpoint (its hyper_parameters), with run-time
+        choices (kernel, chunk_size) from `runtime` rather than from the file."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            raise ConfigError("the checkpoint's hyper_parameters are not a mapping of settings")
+        return cls.from_dict({**{k: hparams[k] for k in ARCHITECTURE if k in hparams}, **runtime})
+
+    def architecture(self) -> dict:
+        return {k: getattr(self, k) for k in ARCHITECTURE}
 
     @property
     def neurons_per_head(self) -> int:
@@ -81,78 +97,6 @@ class BDHConfig:
     @property
     def num_parameters(self) -> int:
         return 3 * self.n_head * self.neurons_per_head * self.n_embd + 2 * self.vocab_size * self.n_embd
-
-
-def layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last axis with no learned scale or bias."""
-    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-
-
-def rope_frequencies(n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-channel frequency (turns per position), float32, in the reference's order of operations."""
-    k = torch.div(torch.arange(n, dtype=torch.float32, device=device), 2, rounding_mode="floor") * 2
-    return 1.0 / (ROPE_THETA ** (k / n)) / (2 * math.pi)
-
-
-def rope_cos_sin(positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary phases, shape (len(positions), n), always float32.
-
-    The phase is 2*pi*frac(t * f) computed in float32: the fractional part is taken before the
-    multiplication by 2*pi so that large positions keep their precision.
-    """
-    turns = positions.to(torch.float32).unsqueeze(-1) * rope_frequencies(n, positions.device)
-    phases = (turns % 1.0) * (2 * math.pi)
-    return torch.cos(phases), torch.sin(phases)
-
-
-def rope(v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of v by the phases: (v0, v1) -> (v0 c - v1 s, v1 c + v0 s)."""
-    partner = torch.stack((-v[..., 1::2], v[..., 0::2]), dim=-1).flatten(-2)
-    return (v * cos).to(v.dtype) + (partner * sin).to(v.dtype)
-
-
-def causal_attention(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """ln(strict_lower(q @ qᵀ) @ x), no softmax, no scaling: (B, H, T, N), (B, 1, T, D) -> (B, H, T, D).
-
-    Computed in float32 when q is float16 (16-mixed): the scores reach hundreds and S @ x sums T of them,
-    past float16's largest value, 65504.
-    """
-    if q.dtype == torch.float16:
-        with torch.autocast(q.device.type, enabled=False):
-            return causal_attention(q.float(), x.float()).to(x.dtype)
-    scores = (q @ q.transpose(-1, -2)).tril(diagonal=-1)  # strictly causal
-    return layer_norm(scores @ x)
-
-
-def reference_layer(
-    x: torch.Tensor,
-    encoder: torch.Tensor,
-    encoder_v: torch.Tensor,
-    decoder: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    dropout: float,
-    training: bool,
-    dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One BDH layer, exactly as the spec writes it. x: (B, 1, T, D) -> (B, 1, T, D).
-
-    Autograd keeps every N-wide intermediate; `kernels.py` has the memory-lean versions.
-    `dropout_mask` (B, H, T, N of 0/1), if given, replaces random dropout (for exactness tests).
-    """
-    B, _, T, D = x.shape
-    H, _, N = encoder.shape
-    a = F.relu(x @ encoder)  # B, H, T, N
-    q = rope(a, cos, sin)
-    y = causal_attention(q, x)  # B, H, T, D
-    b = F.relu(y @ encoder_v)  # B, H, T, N
-    z = a * b
-    if dropout_mask is not None:
-        z = z * dropout_mask / (1.0 - dropout)
-    elif training and dropout > 0:
-        z = F.dropout(z, dropout, training=True)
-    u = z.transpose(1, 2).reshape(B, 1, T, H * N) @ decoder  # heads major
-    return layer_norm(x + layer_norm(u))
 
 
 class BDH(nn.Module):
@@ -175,11 +119,14 @@ class BDH(nn.Module):
         return layer_norm(self.embed(idx)).unsqueeze(1)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        from .kernels import bdh_layer  # the one switch between implementations
-
-        T = idx.shape[1]
-        cos, sin = rope_cos_sin(torch.arange(T, device=idx.device), self.config.neurons_per_head)
+        c = self.config
+        cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.neurons_per_head)
         x = self.embed_bytes(idx)
-        for _ in range(self.config.n_layer):
-            x = bdh_layer(x, self, cos, sin)
+        for _ in range(c.n_layer):
+            x = apply_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, kernel=c.kernel,
+                            dropout=c.dropout, training=self.training, chunk_size=c.chunk_size)  # fmt: skip
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, D) last-layer output -> (B, T, 256) next-byte logits."""
         return x.squeeze(1) @ self.lm_head

@@ -7,11 +7,12 @@ Throughput and model FLOPs utilisation come from Lightning's `ThroughputMonitor`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from .generate import generate_text
-from .model import BDH, ConfigError, causal_attention, layer_norm, rope, rope_cos_sin
+from .errors import ConfigError
+from .layer import decode, layer_output, neuron_activations, rope_cos_sin
+from .model import BDH
 
 
 class TextSample(Callback):
@@ -77,14 +78,11 @@ def count_active(model: BDH, idx: torch.Tensor) -> torch.Tensor:
     for layer in range(c.n_layer):
         u = 0
         for h in range(c.n_head):
-            a = F.relu(x @ model.encoder[h])  # B, 1, T, N
-            q = rope(a, cos, sin)
-            y = causal_attention(q, x)
-            b = F.relu(y @ model.encoder_v[h])
+            a, b = neuron_activations(x, model.encoder[h : h + 1], model.encoder_v[h : h + 1], cos, sin)
             ab = a * b
             counts[layer] += torch.stack([a.count_nonzero(), b.count_nonzero(), ab.count_nonzero()])
-            u = u + ab @ model.decoder[h * N : (h + 1) * N]  # heads major
-        x = layer_norm(x + layer_norm(u))
+            u = u + decode(ab, model.decoder[h * N : (h + 1) * N])
+        x = layer_output(x, u)
     return counts
 
 

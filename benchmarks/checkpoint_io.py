@@ -35,7 +35,7 @@ def default_checkpoint() -> dict:
 def write(kind: str, path: str) -> None:
     from lightning.fabric.plugins import TorchCheckpointIO
 
-    from bdh_lightning.faults import AtomicCheckpointIO
+    from bdh_lightning.checkpoints import AtomicCheckpointIO
 
     checkpoint = default_checkpoint()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -64,7 +64,7 @@ def main() -> None:
         for kind in ("lightning", "atomic"):
             subprocess.run([sys.executable, __file__, "--write", kind, "--path", path], check=True)
 
-        from bdh_lightning.faults import read_checkpoint
+        from bdh_lightning.checkpoints import read_checkpoint
 
         for name, load in (("read_checkpoint (weights_only, mmap)", read_checkpoint),
                            ("torch.load (weights_only, full read)", lambda p: torch.load(p, weights_only=True))):  # fmt: skip

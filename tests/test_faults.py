@@ -22,8 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bdh_lightning import data as data_module
 from bdh_lightning.cli import BDHCLI, main
 from bdh_lightning.data import ByteDataModule
-from bdh_lightning.faults import AtomicCheckpointIO, read_checkpoint
-from bdh_lightning.model import reference_layer, rope, rope_cos_sin
+from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
+from bdh_lightning.layer import reference_layer, rope, rope_cos_sin
 from bdh_lightning.module import BDHLitModule
 from tiny_run import TINY_ARGS as TINY  # tests/ is on sys.path, as for spec_oracle
 
@@ -145,7 +145,7 @@ def test_training_ends_with_a_checkpoint_of_its_last_step(corpus):
 
 WRITER = """
 import sys, torch
-from bdh_lightning.faults import AtomicCheckpointIO
+from bdh_lightning.checkpoints import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 io.save_checkpoint({"global_step": 1, "w": torch.arange(10.0)}, sys.argv[1])
 print("first saved", flush=True)

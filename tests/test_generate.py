@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 
+from bdh_lightning.checkpoints import load_model_from_checkpoint
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.generate import (
     Generator,
     full_prefix_generate,
     generate_text,
-    load_model_from_checkpoint,
     main,
     sample_next,
 )

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from bdh_lightning.kernels import MASK_BLOCK, chunked_layer, dropout_mask, resolve_kernel
-from bdh_lightning.model import BDH, BDHConfig, ConfigError, layer_norm, reference_layer, rope_cos_sin
+from bdh_lightning.errors import ConfigError
+from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin
+from bdh_lightning.model import BDH, BDHConfig
 
 
 def random_layer(dtype, B=2, T=12, D=16, H=2, N=128, seed=0):

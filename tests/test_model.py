@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdh_lightning.model import BDH, BDHConfig, ConfigError, rope, rope_cos_sin, rope_frequencies
+from bdh_lightning.errors import ConfigError
+from bdh_lightning.layer import rope, rope_cos_sin, rope_frequencies
+from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
 from spec_oracle import (
     oracle_layer,

@@ -8,7 +8,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
 
-from bdh_lightning.model import ConfigError, layer_norm, reference_layer, rope, rope_cos_sin
+from bdh_lightning.errors import ConfigError
+from bdh_lightning.layer import layer_norm, reference_layer, rope, rope_cos_sin
 from bdh_lightning.monitor import SparsityMonitor, TextSample, count_active
 from bdh_lightning.module import BDHLitModule
 
