@@ -1,7 +1,6 @@
-"""The command line: LightningCLI wired for BDH, plus the `generate` and `estimate` commands.
+"""LightningCLI wired for BDH: `fit`, `validate` and `test`, with every setting from typed signatures.
 
-`python -m bdh_lightning fit --config configs/tiny.yaml` trains; `validate` and `test` evaluate;
-`generate` samples from a checkpoint (generate.py); `estimate` predicts memory (estimate.py).
+The other subcommands (`COMMANDS`) are typed functions run by `main.py`; this parser only lists them.
 """
 
 from __future__ import annotations
@@ -12,24 +11,36 @@ import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentError
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .data import ByteDataModule
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteError, TrainingInterrupted, UsageError
+from .errors import CheckpointError, UsageError, one_line
 from .checkpoints import AtomicCheckpointIO, check_model_shape, find_last, read_checkpoint
 from .faults import StopOnNonFinite, StopOnSignal
 from .precision import default_precision
 from .monitor import SparsityMonitor, TextSample
+from . import __version__
+from .model import ARCHITECTURE
 from .module import BDHLitModule
 
 DESCRIPTION = (
-    "Train BDH (Baby Dragon Hatchling) with PyTorch Lightning. Subcommands: fit, validate, test (LightningCLI), "
-    "generate (sample from a checkpoint; see `generate --help`), estimate (predict memory; see `estimate --help`)."
+    "Train BDH (Baby Dragon Hatchling), Pathway's byte-level language model, with PyTorch Lightning. "
+    "Run a subcommand with --help to see its settings, e.g. `python -m bdh_lightning fit --help`."
 )
+# The subcommands beside LightningCLI's: name -> (the typed function behind it, its one-line help). Their
+# parsers are built from the function's signature when the command runs (main.py); here only the help
+# line is needed, so listing them costs no import.
+COMMANDS = {
+    "generate": ("bdh_lightning.commands:generate_command", "Sample text from a checkpoint (recurrent, O(1) per byte)."),
+    "estimate": ("bdh_lightning.commands:estimate_command", "Predict the memory of a training step from a config."),
+}
+# On resume these come from the checkpoint: the function the model computes and its optimizer and schedule.
+# Everything else (kernel, chunk_size, compile, precision, devices) is this machine's choice.
+RESUMED_FROM_CHECKPOINT = (*ARCHITECTURE, "learning_rate", "weight_decay", "betas", "warmup_steps", "decay_steps",
+                           "min_learning_rate")  # fmt: skip
 
 
 def bytes_per_batch(batch) -> int:
@@ -73,6 +84,32 @@ class BDHCLI(LightningCLI):
         commands.pop("predict")  # BDH has nothing to predict from a dataloader; use `generate`
         return commands
 
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        listing = parser._subcommands_action
+        for name, (_, help_line) in COMMANDS.items():
+            listing.add_subcommand(name, LightningArgumentParser(description=help_line), help=help_line)
+
+    def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--version", action="version", version=f"bdh-lightning {__version__}")
+
+    def _parse_ckpt_path(self) -> None:
+        """Take the architecture and optimizer settings from a --ckpt_path checkpoint (LightningCLI would
+        take every model.* value, the kernel too, and read the file a second time)."""
+        config = self.active_config()
+        if not config.get("ckpt_path"):
+            return
+        hparams = self.checkpoint.get("hyper_parameters") or {}
+        if not isinstance(hparams, dict):
+            raise CheckpointError(f"checkpoint {config.ckpt_path} has hyper_parameters that are not a mapping; use one written by `fit`")
+        for key in RESUMED_FROM_CHECKPOINT:
+            if key in hparams:
+                config.model[key] = list(hparams[key]) if key == "betas" else hparams[key]
+
+    def active_config(self):
+        return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--tf32", type=bool, default=True, help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)"
@@ -93,7 +130,7 @@ class BDHCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self.active_config()
         if config.trainer.precision is None:
             config.trainer.precision = default_precision()
         if torch.cuda.is_available():
@@ -108,7 +145,7 @@ class BDHCLI(LightningCLI):
         super().parse_arguments(parser, args)
         # Right after parsing, LightningCLI loads --ckpt_path to copy its model settings into the config;
         # resolve `last` first (so it gets them too) and refuse a bad file here, in one line.
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        config = self.active_config()
         if config.get("ckpt_path") == "last":
             config.ckpt_path = str(find_last())
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
@@ -152,7 +189,7 @@ def note_replaced_model_settings(given: dict, from_checkpoint: dict) -> None:
     replaced = [
         f"{key}={from_checkpoint[key]!r} (not {value!r})"
         for key, value in given.items()
-        if key != "block_size" and from_checkpoint.get(key) != value  # block_size follows data.block_size
+        if key in RESUMED_FROM_CHECKPOINT and from_checkpoint.get(key) != value
     ]
     if replaced:
         print(f"note: model settings come from the checkpoint: {', '.join(replaced)}", file=sys.stderr)
@@ -165,44 +202,3 @@ def check_cpu_devices(trainer_config) -> None:
     cores = len(os.sched_getaffinity(0))
     if on_cpu and str(devices).isdigit() and int(devices) > cores:
         raise UsageError(f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}")
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def report(line: str) -> None:
-    """One line to stderr in a single write, so the lines of several ranks never interleave."""
-    sys.stderr.write(line + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from_shell = argv is None  # LightningCLI warns when given args that duplicate sys.argv
-    argv = sys.argv[1:] if from_shell else list(argv)
-    try:
-        if argv and argv[0] == "generate":
-            from .generate import main as generate_main
-
-            return generate_main(argv[1:])
-        if argv and argv[0] == "estimate":
-            from .estimate import main as estimate_main
-
-            return estimate_main(argv[1:])
-        BDHCLI(args=None if from_shell else argv)
-    except ArgumentError as err:
-        report(f"error: {one_line(err)} (see --help)")
-        return 2
-    except (UsageError, ConfigError, DataError, CheckpointError, MisconfigurationException) as err:
-        report(f"error: {one_line(err)}")
-        return 2
-    except NonFiniteError as err:
-        report(f"error: {err}")
-        return 1
-    except torch.OutOfMemoryError:
-        report("error: out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
-               "or check a setting first with `estimate`")  # fmt: skip
-        return 1
-    except TrainingInterrupted as stop:
-        report(str(stop))
-        return 128 + stop.signum  # the shell's convention for "ended by this signal"
-    return 0

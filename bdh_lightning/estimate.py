@@ -1,4 +1,4 @@
-"""Predict the memory of a training step before a run starts: `python -m bdh_lightning estimate --config X`.
+"""Predict the memory of a training step before a run starts (the `estimate` command is in commands.py).
 
 The prediction is bookkeeping, not a guess: every tensor that autograd keeps for the backward pass was
 listed with `torch.autograd.graph.saved_tensors_hooks` (see `count_saved_bytes`) and is written down
@@ -14,13 +14,10 @@ tensor), and the CUDA allocator's fragmentation is not modelled.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import re
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -227,55 +224,6 @@ def measure_step(model, optimizer, idx: torch.Tensor, autocast_dtype: torch.dtyp
 
 def tensor_bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bdh_lightning estimate",
-        description="Predict the memory of a BDH training step from a config, without training.",
-    )
-    parser.add_argument("--config", required=True, help="A fit config (YAML), e.g. configs/14gb.yaml")
-    parser.add_argument("--budget", help="Memory to fit in, e.g. 14GB (10^9 bytes), 14GiB or 8e9")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="Where the run will train (default cuda)")
-    parser.add_argument(
-        "--precision", help="Override trainer.precision (default: the config's, else bf16-mixed as fit picks on a GPU)"
-    )
-    return parser
-
-
-def load_settings(config_path: str) -> tuple[dict, int, int, object]:
-    """(model kwargs, batch size, block size, precision or None) from a fit config."""
-    if not Path(config_path).is_file():
-        raise EstimateError(f"--config {config_path}: no such file")
-    try:
-        from .cli import parse_settings
-    except ImportError:  # a CLI without parse_settings: read the YAML over BDHLitModule's defaults
-        import yaml
-
-        from .module import BDHLitModule
-
-        raw = yaml.safe_load(Path(config_path).read_text()) or {}
-        defaults = {k: v.default for k, v in inspect.signature(BDHLitModule).parameters.items()}
-        data, trainer = raw.get("data") or {}, raw.get("trainer") or {}
-        if "batch_size" not in data or "block_size" not in data:
-            raise EstimateError(f"--config {config_path}: needs data.batch_size and data.block_size")
-        model = {**defaults, **(raw.get("model") or {})}
-        return model, int(data["batch_size"]), int(data["block_size"]), trainer.get("precision")
-    ns = parse_settings(["--config", config_path])
-    return dict(vars(ns.model)), int(ns.data.batch_size), int(ns.data.block_size), ns.trainer.precision
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model_kwargs, batch, block, config_precision = load_settings(args.config)
-        precision = normalize_precision(args.precision or config_precision or "bf16-mixed")
-        budget = parse_bytes(args.budget) if args.budget else None
-        print(render(estimate_memory(model_kwargs, batch, block, precision, args.device), model_kwargs, budget))
-    except (EstimateError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bdh_lightning.cli import BDHCLI, main
+from bdh_lightning.cli import BDHCLI
+from bdh_lightning.main import main
 from bdh_lightning.model import BDH
 from tiny_run import TINY_ARGS as TINY  # tests/ is on sys.path, as for spec_oracle
 

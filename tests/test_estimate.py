@@ -10,10 +10,10 @@ from bdh_lightning.estimate import (
     EstimateError,
     estimate_memory,
     largest_batch,
-    main,
     measure_step,
     parse_bytes,
 )
+from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_parse_bytes():
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_cli_prints_every_figure_for_the_shipped_configs(config, capsys):
-    assert main(["--config", str(REPO / "configs" / config), "--budget", "14GB"]) == 0
+    assert main(["estimate", "--config", str(REPO / "configs" / config), "--budget", "14GB"]) == 0
     out = capsys.readouterr().out
     for needle in ("parameters:", "weights:", "gradients:", "AdamW state:", "reference", "chunked", "largest batch"):
         assert needle in out
@@ -78,7 +78,7 @@ def test_cli_prints_every_figure_for_the_shipped_configs(config, capsys):
 def test_cli_bad_input_is_one_line_and_exit_2(capsys):
     config = str(REPO / "configs" / "14gb.yaml")
     for args in (["--budget", "14XB"], ["--precision", "8-true"]):
-        assert main(["--config", config, *args]) == 2
+        assert main(["estimate", "--config", config, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err
-    assert main(["--config", "no/such.yaml"]) == 2
+    assert main(["estimate", "--config", "no/such.yaml"]) == 2

@@ -20,7 +20,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bdh_lightning import data as data_module
-from bdh_lightning.cli import BDHCLI, main
+from bdh_lightning.cli import BDHCLI
+from bdh_lightning.main import main
 from bdh_lightning.data import ByteDataModule
 from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
 from bdh_lightning.layer import reference_layer, rope, rope_cos_sin

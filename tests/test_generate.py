@@ -14,9 +14,9 @@ from bdh_lightning.generate import (
     Generator,
     full_prefix_generate,
     generate_text,
-    main,
     sample_next,
 )
+from bdh_lightning.main import main as cli_main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
 
@@ -158,12 +158,12 @@ def test_load_model_from_lightning_checkpoint(tmp_path):
 def test_generate_command_streams_the_prompt_and_continuation(tmp_path, capsys):
     path, module = save_lightning_checkpoint(tmp_path)
     args = ["--ckpt_path", str(path), "--prompt", "To be or ", "--max_new_tokens", "80", "--temperature", "1.0", "--seed", "1"]
-    assert main(args) == 0
+    assert cli_main(["generate", *args]) == 0
     out = capsys.readouterr().out
     # Random-ish weights give bytes >= 128 that are not valid UTF-8: they must show, not crash.
     (new,) = generate_text(load_model_from_checkpoint(path), b"To be or ", 80, temperature=1.0, seed=1)
     assert out == (b"To be or " + new).decode("utf-8", errors="backslashreplace") + "\n"
-    assert main(args) == 0 and capsys.readouterr().out == out  # same seed, same text
+    assert cli_main(["generate", *args]) == 0 and capsys.readouterr().out == out  # same seed, same text
 
 
 def test_generate_command_batch_greedy_and_prompt_file(tmp_path, capsys):
@@ -171,12 +171,12 @@ def test_generate_command_batch_greedy_and_prompt_file(tmp_path, capsys):
     prompt_file = tmp_path / "prompt.bin"
     prompt_file.write_bytes(b"\xffabc")  # not valid UTF-8 itself
     args = ["--ckpt_path", str(path), "--prompt_file", str(prompt_file), "--max_new_tokens", "30", "--num_samples", "3"]
-    assert main([*args, "--temperature", "0"]) == 0
+    assert cli_main(["generate", *args, "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     samples = out.split("--- sample ")[1:]
     assert len(samples) == 3 and all(s.split("\n", 1)[1].startswith("\\xffabc") for s in samples)
     assert len(set(s.split("\n", 1)[1] for s in samples)) == 1  # greedy: all samples equal
-    assert main([*args, "--top_p", "0.9", "--seed", "3"]) == 0
+    assert cli_main(["generate", *args, "--top_p", "0.9", "--seed", "3"]) == 0
 
 
 def test_generate_from_a_checkpoint_of_a_real_fit(tmp_path, monkeypatch, capsys):
@@ -191,7 +191,7 @@ def test_generate_from_a_checkpoint_of_a_real_fit(tmp_path, monkeypatch, capsys)
     ])  # fmt: skip
     assert Path("lightning_logs/version_0/checkpoints/last.ckpt").is_file()
     capsys.readouterr()
-    assert main(["--ckpt_path", "last", "--prompt", "to be or ", "--max_new_tokens", "40", "--temperature", "0"]) == 0
+    assert cli_main(["generate", "--ckpt_path", "last", "--prompt", "to be or ", "--max_new_tokens", "40", "--temperature", "0"]) == 0
     out = capsys.readouterr().out
     model = load_model_from_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")
     greedy = full_prefix_generate(model, torch.tensor([list(b"to be or ")]), 40)
@@ -206,7 +206,7 @@ def test_ckpt_path_last_picks_the_newest_run(tmp_path, capsys):
         target.parent.mkdir(parents=True)
         target.write_bytes(path.read_bytes() if version == "version_1" else b"not a checkpoint")
         os.utime(target, (time.time() - age, time.time() - age))
-    assert main(["--ckpt_path", "last", "--logs_dir", str(logs), "--max_new_tokens", "5"]) == 0
+    assert cli_main(["generate", "--ckpt_path", "last", "--logs_dir", str(logs), "--max_new_tokens", "5"]) == 0
 
 
 class Payload:
@@ -226,15 +226,17 @@ class Payload:
         (["--top_k", "257"], "--top_k must be in 1..256"),
         (["--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
-        (["--temperature", "-0.1"], "--temperature must be >= 0"),
-        (["--temperature", "hot"], "invalid float value"),
+        (["--temperature", "-0.1"], "--temperature must be in [0, 10000]"),
+        (["--temperature", "1e-45"], "too small"),
+        (["--temperature", "nan"], 'Parser key "temperature"'),
+        (["--temperature", "hot"], 'Parser key "temperature"'),
         (["--prompt", "a", "--prompt_file", "p.txt"], "not both"),
         (["--prompt_file", "no_such_prompt.txt"], "cannot read it"),
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys, args, message):
-    code = main(["--ckpt_path", str(tmp_path / "never_read.ckpt"), *args])
+    code = cli_main(["generate", "--ckpt_path", str(tmp_path / "never_read.ckpt"), *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
 
@@ -254,7 +256,7 @@ def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
     elif kind == "not_bdh":
         torch.save({"state_dict": {"model.something": torch.zeros(3)}, "hyper_parameters": TINY}, path)
     ckpt = "last" if kind == "no_logs" else str(path)
-    code = main(["--ckpt_path", ckpt, "--logs_dir", str(tmp_path / "logs"), "--max_new_tokens", "5"])
+    code = cli_main(["generate", "--ckpt_path", ckpt, "--logs_dir", str(tmp_path / "logs"), "--max_new_tokens", "5"])
     captured = capfd.readouterr()  # file descriptors: os.system would write there
     assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert "must never run" not in captured.out

@@ -1,0 +1,65 @@
+"""`python -m bdh_lightning`: dispatch to a subcommand, and the one place where errors become one line.
+
+fit, validate and test are LightningCLI's (cli.py); the others (cli.COMMANDS) are typed functions whose
+parsers jsonargparse builds from their signatures and docstrings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+from jsonargparse import ArgumentError, ArgumentParser
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from .cli import COMMANDS, BDHCLI
+from .errors import BDHError, one_line
+
+
+def report(line: str) -> None:
+    """One line to stderr in a single write, so the lines of several ranks never interleave."""
+    sys.stderr.write(line + "\n")
+
+
+def command_function(name: str):
+    module, function = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse argv against the command's signature and call it."""
+    function = command_function(name)
+    parser = ArgumentParser(prog=f"python -m bdh_lightning {name}", exit_on_error=False, description=function.__doc__.split("\n\n")[0])
+    parser.add_function_arguments(function, as_group=False)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    return function(**{k: v for k, v in vars(init).items() if not k.startswith("__")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit code: 0 done, 2 a user mistake, 1 a failure of the run (non-finite loss, out of memory),
+    128 + N stopped by signal N."""
+    from_shell = argv is None  # LightningCLI warns when given args that duplicate sys.argv
+    argv = sys.argv[1:] if from_shell else list(argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return run_command(argv[0], argv[1:])
+        BDHCLI(args=None if from_shell else argv)
+    except ArgumentError as error:
+        command = f"{argv[0]} --help" if argv and (argv[0] in COMMANDS or argv[0] in BDHCLI.subcommands()) else "--help"
+        report(f"error: {one_line(error)} (see {command})")
+        return 2
+    except BDHError as error:
+        report(f"error: {one_line(error)}" if error.exit_code < 128 else one_line(error))
+        return error.exit_code
+    except MisconfigurationException as error:
+        report(f"error: {one_line(error)}")
+        return 2
+    except torch.OutOfMemoryError:
+        report("error: out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
+               "or check a setting first with `estimate`")  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        report("interrupted")
+        return 130
+    return 0
