@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .model import BDH, BDHConfig
+from .weights import load_weights
 
 
 def find_last(root: str | Path = "lightning_logs") -> Path:
@@ -100,33 +101,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(folder)
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> BDH:
-    """The `BDH` saved in a Lightning checkpoint of this project, float32, in eval mode, on `device`.
+def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None) -> BDH:
+    """The `BDH` held by a checkpoint of this project or an exported weights file, float32, in eval mode, on `device`.
 
-    Read with `read_checkpoint`: only plain data is unpickled, a checkpoint that would run code is refused.
+    `path` is a .ckpt written by `fit`, a reference state_dict (.pt; its settings in the .json beside it), a
+    safetensors file, or a Hugging Face folder (weights.py). The model settings come from the file; `settings`
+    (n_layer, n_embd, n_head, mlp_internal_dim_multiplier, dropout) supply what it lacks and override what it
+    says. Only plain data is unpickled: a file that would run code is refused; the weights are checked.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory (a sharded checkpoint?); give a single .ckpt file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; give the path of a .ckpt file or `last`")
-    checkpoint = read_checkpoint(path)
-    try:
-        # The layer implementation is the machine's choice, not the checkpoint's (it may not exist here).
-        model = BDH(BDHConfig.from_checkpoint(checkpoint, kernel="auto"))
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"checkpoint {path} has unusable model settings: {error}") from None
-    state_dict = {}
-    for key, value in checkpoint["state_dict"].items():
-        key = key.replace("_orig_mod.", "")
-        if key.startswith("model."):
-            state_dict[key.removeprefix("model.")] = value
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        raise CheckpointError(
-            f"checkpoint {path} does not hold BDH weights matching its settings; is it a checkpoint of this project?"
-        ) from None
+    config, tensors, _ = load_weights(path, settings)  # kernel: the machine's choice (auto), not the file's
+    model = BDH(config)
+    model.load_state_dict(tensors)  # names and shapes already checked
     return model.float().eval().to(device)
 
 
