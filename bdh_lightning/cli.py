@@ -114,7 +114,6 @@ class BDHCLI(LightningCLI):
         parser.add_argument(
             "--tf32", type=bool, default=True, help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)"
         )
-        parser.link_arguments("data.block_size", "model.block_size")
         parser.add_lightning_class_args(TextSample, "sample")
         parser.add_lightning_class_args(SparsityMonitor, "sparsity")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

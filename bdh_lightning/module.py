@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
 from .kernels import resolve_kernel
 from .model import BDH, BDHConfig
+from .weights import weights_to_start_from
 
 
 class BDHLitModule(L.LightningModule):
@@ -34,7 +37,7 @@ class BDHLitModule(L.LightningModule):
         warmup_steps: int = 0,
         decay_steps: int = 0,
         min_learning_rate: float = 0.0,
-        block_size: int = 512,
+        init_from: str | None = None,
     ):
         """BDH with AdamW.
 
@@ -56,7 +59,10 @@ class BDHLitModule(L.LightningModule):
             decay_steps: Cosine decay from learning_rate to min_learning_rate over this many steps after
                 warmup (0 = constant learning rate, the reference run).
             min_learning_rate: Floor of the cosine decay.
-            block_size: Context length T of a training window; linked from data.block_size (set it there).
+            init_from: Start from these weights instead of random ones, with a fresh optimizer and step 0
+                (fine-tuning): a reference state_dict (.pt), a safetensors file or hf folder written by
+                export, or another run's .ckpt. Their shapes must fit the model settings; read without
+                unpickling code. On resume (--ckpt_path) the checkpoint's weights replace them.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -73,7 +79,17 @@ class BDHLitModule(L.LightningModule):
         if kernel == "fused":  # refuse it now, not at the first forward pass
             resolve_kernel(kernel, torch.device("cuda"))
         self.model = BDH(self.config)
+        if init_from is not None:
+            self.start_from(init_from)
         self.eval_loss = MeanMetric()
+
+    def start_from(self, path: str) -> None:
+        """Copy the weights of `path` into the model (cast to its dtype); say so if they had another depth."""
+        tensors, settings = weights_to_start_from(path, self.config)
+        self.model.load_state_dict(tensors)
+        if settings.get("n_layer", self.config.n_layer) != self.config.n_layer and rank_zero_only.rank == 0:
+            print(f"note: --model.init_from {path} was trained with n_layer={settings['n_layer']}; this model applies "
+                  f"its layer {self.config.n_layer} times", file=sys.stderr)  # fmt: skip
 
     def configure_model(self) -> None:
         # Compile the forward only: parameters stay on `self.model`, so checkpoint keys stay plain.

@@ -7,32 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH
-from tiny_run import TINY_ARGS as TINY  # tests/ is on sys.path, as for spec_oracle
+from conftest import REPO, scalar_tags, scalars, write_phrases
+from conftest import TINY_ARGS as TINY
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
-    """A 60 kB corpus with learnable structure (a repeated random phrase book), and cwd set to tmp_path."""
-    gen = torch.Generator().manual_seed(0)
-    words = [bytes(torch.randint(97, 123, (int(n),), generator=gen).tolist()) for n in torch.randint(2, 8, (40,), generator=gen)]
-    order = torch.randint(0, len(words), (12000,), generator=gen).tolist()
-    path = tmp_path / "corpus.txt"
-    path.write_bytes(b" ".join(words[i] for i in order)[:60000])
+    """A learnable 60 kB corpus (loss must fall within a few dozen steps), and cwd set to tmp_path."""
     monkeypatch.chdir(tmp_path)
-    return path
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir)).Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return write_phrases(tmp_path / "corpus.txt")
 
 
 def fit(corpus, *extra):
@@ -43,7 +32,7 @@ def test_fit_logs_to_tensorboard_and_saves_checkpoints(corpus):
     cli = fit(corpus, "--trainer.max_steps", "25")
     run = Path(cli.trainer.log_dir)
     assert run.name == "version_0"
-    logged = scalars(run)
+    logged = {tag: sorted(scalars(run, tag).items()) for tag in scalar_tags(run)}
     for tag in ("train/loss", "val/loss", "val/bpb", "train/lr", "train/device/items_per_sec"):
         assert tag in logged, f"{tag} missing from {sorted(logged)}"
     losses = [v for _, v in logged["train/loss"]]
@@ -66,7 +55,7 @@ def test_resume_continues_at_saved_step(corpus, capsys):
     assert cli.trainer.global_step == 15
     assert cli.model.hparams.learning_rate == 3e-3  # LightningCLI: model settings come from the checkpoint...
     assert "learning_rate=0.003 (not 0.0001)" in capsys.readouterr().err  # ...and the user is told
-    steps = [s for s, _ in scalars(Path(cli.trainer.log_dir))["train/loss"]]
+    steps = sorted(scalars(Path(cli.trainer.log_dir), "train/loss"))
     assert steps[0] >= 10 and len(steps) == 5  # only the 5 new steps ran
     assert torch.load(Path(cli.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 15
 
@@ -74,7 +63,7 @@ def test_resume_continues_at_saved_step(corpus, capsys):
 def test_learning_rate_schedule_is_stepped(corpus):
     cli = fit(corpus, "--trainer.max_steps", "12", "--model.warmup_steps", "4", "--model.decay_steps", "8",
               "--model.min_learning_rate", "1e-4")  # fmt: skip
-    lrs = dict(scalars(Path(cli.trainer.log_dir))["train/lr"])
+    lrs = scalars(Path(cli.trainer.log_dir), "train/lr")
     assert lrs[0] == pytest.approx(3e-3 / 4)
     assert max(lrs.values()) == pytest.approx(3e-3)
     assert lrs[max(lrs)] < 3e-3 / 2 and lrs[max(lrs)] >= 1e-4
@@ -87,7 +76,7 @@ def test_every_shipped_config_parses_and_instantiates(config, monkeypatch, tmp_p
     with torch.device("meta"):  # the 24gb model has 100M parameters: build it without allocating
         cli = BDHCLI(args=["--config", str(config)], run=False)
     assert isinstance(cli.model.model, BDH)
-    assert cli.model.hparams.block_size == cli.datamodule.block_size  # given once, reaches both
+    assert cli.datamodule.block_size > 0 and "block_size" not in cli.model.hparams  # a data setting only
 
 
 def test_module_command_runs_end_to_end(corpus):
@@ -118,3 +107,25 @@ def test_bad_input_is_one_line_and_exit_2(corpus, capsys, args, expected):
     assert code == 2
     assert expected in err and "\n" not in err, err
     assert not Path("lightning_logs/version_0/checkpoints").exists()  # nothing trained, nothing written
+
+
+def test_resume_takes_the_architecture_from_the_checkpoint_and_the_kernel_from_the_command_line(corpus, capsys):
+    first = fit(corpus, "--trainer.max_steps", "3", "--model.kernel", "reference")
+    ckpt = Path(first.trainer.checkpoint_callback.last_model_path)
+    resumed = fit(corpus, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt), "--model.kernel", "chunked",
+                  "--model.chunk_size", "4", "--model.n_embd", "64", "--model.learning_rate", "1e-2")  # fmt: skip
+    hp = resumed.model.hparams
+    assert (hp.kernel, hp.chunk_size) == ("chunked", 4)  # this machine's choice
+    assert (hp.n_embd, hp.learning_rate) == (32, 3e-3)  # the trained model's
+    note = capsys.readouterr().err
+    assert "n_embd=32 (not 64)" in note and "learning_rate=0.003 (not 0.01)" in note and "kernel" not in note
+    assert resumed.trainer.global_step == 4
+
+
+def test_version_and_the_subcommand_listing(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("bdh-lightning ")
+    assert main(["nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(name in err for name in ("fit", "generate", "estimate"))

@@ -2,7 +2,6 @@
 SIGTERM to one rank stops all; gradient accumulation equals the larger batch."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -13,13 +12,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from bdh_lightning.module import BDHLitModule
+from conftest import SUBPROCESS_ENV, scalars
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+ENV = SUBPROCESS_ENV
 
 
 def write_config(folder: Path, trainer: str) -> Path:
@@ -45,10 +43,6 @@ data: {{path: corpus.txt, block_size: 32, batch_size: 8, val_windows: 8}}
     return config
 
 
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    return [e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
-
-
 def check_one_data_parallel_run(folder: Path) -> None:
     """Two ranks with their own window streams and disjoint validation shares; one log, one set of checkpoints."""
     ranks = [json.loads((folder / f"seen/rank{r}.json").read_text()) for r in (0, 1)]
@@ -64,7 +58,7 @@ def check_one_data_parallel_run(folder: Path) -> None:
     assert len(list(logs.rglob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in logs.rglob("*.ckpt")) == ["best-step20.ckpt", "last.ckpt"]
     assert torch.load(logs / "version_0/checkpoints/last.ckpt", weights_only=True)["global_step"] == 20
-    losses = scalars(logs / "version_0", "train/loss")
+    losses = list(scalars(logs / "version_0", "train/loss").values())
     assert len(losses) == 20 and losses[-1] < losses[0] - 1.0
 
 
@@ -76,13 +70,13 @@ def test_two_cpu_devices_train_one_model(tmp_path):
     check_one_data_parallel_run(tmp_path)
 
     # The logged validation loss is the mean over both ranks' windows: the same as one process validating all 8.
-    ddp_val_loss = scalars(tmp_path / "lightning_logs/version_0", "val/loss")[-1]
+    ddp_val_loss = list(scalars(tmp_path / "lightning_logs/version_0", "val/loss").values())[-1]
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     validate = subprocess.run([sys.executable, "-m", "bdh_lightning", "validate", "--config", str(config), "--trainer.devices", "1",
                                "--trainer.strategy", "auto", "--ckpt_path", str(last)],
                               cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert validate.returncode == 0, validate.stderr[-3000:]
-    one_process_val_loss = scalars(tmp_path / "lightning_logs/version_1", "val/loss")[-1]
+    one_process_val_loss = list(scalars(tmp_path / "lightning_logs/version_1", "val/loss").values())[-1]
     assert abs(ddp_val_loss - one_process_val_loss) < 1e-5, (ddp_val_loss, one_process_val_loss)
 
 
@@ -119,7 +113,7 @@ class GradientRecorder(Callback):
 def one_step(batches: list, accumulate: int) -> tuple[dict, dict]:
     """Gradients and weights after one optimizer step of a tiny BDH in float64 over `batches`."""
     torch.manual_seed(0)
-    module = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, block_size=16)
+    module = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0)
     recorder = GradientRecorder()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate, precision="64-true",
                         callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,

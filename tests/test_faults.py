@@ -17,7 +17,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bdh_lightning import data as data_module
 from bdh_lightning.cli import BDHCLI
@@ -26,40 +25,15 @@ from bdh_lightning.data import ByteDataModule
 from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
 from bdh_lightning.layer import reference_layer, rope, rope_cos_sin
 from bdh_lightning.module import BDHLitModule
-from tiny_run import TINY_ARGS as TINY  # tests/ is on sys.path, as for spec_oracle
+from conftest import REPO, SUBPROCESS_ENV, scalars, write_letters
+from conftest import TINY_ARGS as TINY
+from conftest import run_cli as run
+from conftest import start_cli as start
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+ENV = SUBPROCESS_ENV
 # A schedule that changes the learning rate every step, dropout on, a checkpoint every 3 steps.
 RESUMABLE = [*TINY, "--model.warmup_steps", "4", "--model.decay_steps", "40", "--model.dropout", "0.2",
              "--checkpoint.every_n_train_steps", "3"]  # fmt: skip
-
-
-def write_corpus(path: Path) -> Path:
-    """60 kB of random lowercase letters: learnable (26 of 256 values) and no two windows alike."""
-    gen = torch.Generator().manual_seed(0)
-    path.write_bytes(bytes(torch.randint(97, 123, (60000,), generator=gen).tolist()))
-    return path
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return write_corpus(tmp_path / "corpus.txt")
-
-
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bdh_lightning", *args], cwd=cwd, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "bdh_lightning", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-    return done
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    return {e.step: e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)}
 
 
 def saved_step(path: Path) -> int | None:
@@ -96,7 +70,7 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for folder in (reference, killed):
         folder.mkdir()
-        write_corpus(folder / "corpus.txt")
+        write_letters(folder / "corpus.txt")
     uninterrupted = start(reference, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", str(steps))
     proc = start(killed, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", "100000")
     kill_step = wait_for_checkpoint(proc, killed / "lightning_logs/version_0/checkpoints/last.ckpt", min_step=7)
@@ -226,11 +200,11 @@ def test_attention_does_not_overflow_under_float16_autocast():
 
 def test_a_few_16_mixed_steps_with_loss_scaling_on_cpu(tmp_path):
     """Lightning's float16 mixed precision (GradScaler loss scaling) against 32-true: same losses to ~1e-2."""
-    corpus = write_corpus(tmp_path / "corpus.txt")
+    corpus = write_letters(tmp_path / "corpus.txt")
 
     def losses(precision_plugin):
         L.seed_everything(0)
-        module = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, learning_rate=3e-3, block_size=32)
+        module = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, learning_rate=3e-3)
         seen = []
         module.on_train_batch_end = lambda outputs, batch, batch_idx: seen.append(outputs["loss"].item())
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, plugins=precision_plugin, logger=False,
@@ -265,7 +239,7 @@ def trained(tmp_path_factory):
     """One tiny finished run, and checkpoints derived from its last.ckpt: with a payload, truncated, not a
     checkpoint at all, and without its model settings (so the model shape must come from the command line)."""
     folder = tmp_path_factory.mktemp("trained")
-    corpus = write_corpus(folder / "corpus.txt")
+    corpus = write_letters(folder / "corpus.txt")
     cwd = os.getcwd()
     os.chdir(folder)
     try:

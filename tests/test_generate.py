@@ -19,8 +19,9 @@ from bdh_lightning.generate import (
 from bdh_lightning.main import main as cli_main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
+from conftest import TINY_MODEL
 
-TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+TINY = TINY_MODEL
 
 
 @pytest.fixture(autouse=True)
@@ -131,7 +132,7 @@ def test_sampling_with_a_seed_is_reproducible():
 def save_lightning_checkpoint(tmp_path: Path) -> tuple[Path, BDHLitModule]:
     """A real checkpoint: a few training steps of a tiny BDHLitModule with a plain Lightning Trainer."""
     L.seed_everything(0)
-    module = BDHLitModule(**TINY, block_size=16)
+    module = BDHLitModule(**TINY)
     data = torch.randint(0, 256, (32, 17))
     loader = torch.utils.data.DataLoader(list(zip(data[:, :-1], data[:, 1:])), batch_size=8)
     trainer = L.Trainer(

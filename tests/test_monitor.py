@@ -12,8 +12,9 @@ from bdh_lightning.errors import ConfigError
 from bdh_lightning.layer import layer_norm, reference_layer, rope, rope_cos_sin
 from bdh_lightning.monitor import SparsityMonitor, TextSample, count_active
 from bdh_lightning.module import BDHLitModule
+from conftest import TINY_MODEL
 
-TINY = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+TINY = TINY_MODEL
 
 
 @pytest.mark.parametrize("batch_size, block_size", [(2, 16), (3, 40)])
@@ -27,7 +28,7 @@ def test_training_flops_match_a_measured_count(batch_size, block_size):
     (the embedding output requires grad too). Neither counts layer norms, rope, relu, dropout, the
     embedding lookup or the loss: elementwise work, small next to the products.
     """
-    module = BDHLitModule(**TINY, kernel="reference", dropout=0.0, block_size=block_size)
+    module = BDHLitModule(**TINY, kernel="reference", dropout=0.0)
     x = torch.randint(0, 256, (batch_size, block_size))
     y = torch.randint(0, 256, (batch_size, block_size))
     with FlopCounterMode(display=False) as counter:
@@ -73,7 +74,7 @@ def test_callbacks_reject_bad_settings():
 
 def test_tiny_run_writes_sparsity_and_text_samples_to_tensorboard(tmp_path, capsys):
     L.seed_everything(0)
-    module = BDHLitModule(**TINY, block_size=16)
+    module = BDHLitModule(**TINY)
     data = torch.randint(0, 256, (40, 17))
     pairs = list(zip(data[:, :-1], data[:, 1:]))
     train = torch.utils.data.DataLoader(pairs[:32], batch_size=8)

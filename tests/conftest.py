@@ -1,0 +1,77 @@
+"""Helpers shared by the tests: tiny settings, generated corpora, running the real CLI, reading TensorBoard.
+
+Tests import them by name (`from conftest import TINY_ARGS`); tests/ is on sys.path under pytest, and on
+PYTHONPATH for the subprocesses (`SUBPROCESS_ENV`), which load tests/recorders.py callbacks from configs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# One OpenMP thread per child: two 2-thread torch processes on 2 cores run about 3x slower.
+SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+
+# The smallest BDH worth training, as model settings and as CLI arguments for a whole tiny run.
+TINY_MODEL = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+TINY_ARGS = [
+    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
+    "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "3e-3",
+    "--data.block_size", "32", "--data.batch_size", "8", "--data.val_windows", "8",
+    "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def write_letters(path: Path, size: int = 60000, seed: int = 0) -> Path:
+    """Random lowercase letters: learnable (26 of 256 values) and no two windows alike."""
+    gen = torch.Generator().manual_seed(seed)
+    path.write_bytes(bytes(torch.randint(97, 123, (size,), generator=gen).tolist()))
+    return path
+
+
+def write_phrases(path: Path, size: int = 60000, seed: int = 0) -> Path:
+    """A repeated random phrase book: structure a tiny model learns within a few dozen steps."""
+    gen = torch.Generator().manual_seed(seed)
+    words = [bytes(torch.randint(97, 123, (int(n),), generator=gen).tolist()) for n in torch.randint(2, 8, (40,), generator=gen)]
+    order = torch.randint(0, len(words), (size // 4,), generator=gen).tolist()
+    path.write_bytes(b" ".join(words[i] for i in order)[:size])
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A 60 kB letters corpus in tmp_path, which becomes the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return write_letters(tmp_path / "corpus.txt")
+
+
+def run_cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m bdh_lightning ARGS` in a fresh process; output captured (pipes drained by communicate)."""
+    return subprocess.run([sys.executable, "-m", "bdh_lightning", *args], cwd=cwd, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def start_cli(cwd: Path, *args: str) -> subprocess.Popen:
+    """The same, started in the background; stderr is a pipe the caller reads."""
+    return subprocess.Popen([sys.executable, "-m", "bdh_lightning", *args], cwd=cwd, env=SUBPROCESS_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """One TensorBoard scalar of a run folder: {step: value}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return {e.step: e.value for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)}
+
+
+def scalar_tags(run_dir: Path) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
