@@ -1,20 +1,29 @@
-"""Byte-level data: any corpus read through memory maps, random training windows, fixed validation windows.
+"""Byte-level data: any corpus, random training windows, fixed validation and test windows.
 
-A byte is a token (vocabulary 256). Files are concatenated into one stream of bytes without being
-loaded; the first (1 - val_fraction) of the stream is training data, the rest validation.
+A byte is a token (vocabulary 256). The files of a corpus are seen as one stream of bytes, in sorted
+order, without being loaded: [0, train_end) is training data, [train_end, val_end) validation and
+[val_end, end) the test split (empty unless data.test_fraction is set; data.test_path gives the test
+split a corpus of its own instead). Bytes are read with pread through a small cache of open files, so a
+corpus of any number of files holds at most MAX_OPEN_FILES descriptors, and a file that shrinks under a
+running job is a one-line DataError rather than a SIGBUS.
+
+A directory made by `prepare` (prepare.py) is streamed with LitData instead (streaming.py).
 """
 
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import glob
 import hashlib
 import math
 import os
+import stat
 import tempfile
 import urllib.error
 import urllib.request
-from pathlib import Path
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -22,91 +31,290 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .errors import DataError, is_int
+from . import streaming
+from .errors import DataError, finite_float, is_int
 
 TINYSHAKESPEARE = "tinyshakespeare"
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
+MAX_OPEN_FILES = 64  # descriptors one process keeps open for reading (least recently used closed first)
 
-def corpus_files(path: str) -> list[Path]:
-    """The files behind `path` (a file, a directory searched recursively, or a glob), in sorted order."""
+
+# Listing: which files a data.path names, and what was left out and why.
+
+
+@dataclass
+class Listing:
+    """The regular files behind a data.path, each once, in sorted order, and a count of what was left out."""
+
+    path: str
+    files: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    left_out: Counter = field(default_factory=Counter)  # reason -> count
+    _seen: set = field(default_factory=set, repr=False)  # (st_dev, st_ino) of files taken: links are read once
+
+    def add(self, file: str, info: os.stat_result) -> None:
+        key = (info.st_dev, info.st_ino)
+        if key in self._seen:
+            self.left_out["already read through another link"] += 1
+        elif info.st_size == 0:
+            self.left_out["empty"] += 1
+        else:
+            self._seen.add(key)
+            self.files.append(file)
+            self.sizes.append(info.st_size)
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+def short_kind(mode: int) -> str:
+    return kind_of(mode).split(" (")[0].removeprefix("a ")
+
+
+def excluded(relative: str, patterns: list[str]) -> bool:
+    """Whether a data.exclude glob matches an entry's path (relative to the corpus root) or its name."""
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def walk(directory: str, relative: str, listing: Listing, exclude: list[str], include_hidden: bool, visited: set) -> None:
+    """Add the files under `directory` to `listing`, depth first in sorted order (the order of sorted paths)."""
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+    except OSError as error:
+        raise DataError(
+            f"cannot list directory {directory}: {error.strerror or error}; fix its permissions, or leave it out "
+            "with data.exclude"
+        ) from None
+    for entry in entries:
+        rel = f"{relative}{entry.name}"
+        if entry.name.startswith(".") and not include_hidden:
+            listing.left_out["hidden"] += 1
+            continue
+        if excluded(rel, exclude):
+            listing.left_out["excluded by data.exclude"] += 1
+            continue
+        try:
+            info = os.stat(entry.path)  # follows links
+        except FileNotFoundError:
+            listing.left_out["broken link"] += 1
+            continue
+        except OSError as error:
+            raise DataError(f"cannot read data file {entry.path}: {error.strerror or error}; fix it or leave it out with data.exclude") from None
+        if stat.S_ISDIR(info.st_mode):
+            if (info.st_dev, info.st_ino) in visited:
+                listing.left_out["directory already read through another link"] += 1
+                continue
+            visited.add((info.st_dev, info.st_ino))
+            walk(entry.path, f"{rel}/", listing, exclude, include_hidden, visited)
+        elif stat.S_ISREG(info.st_mode):
+            listing.add(entry.path, info)
+        else:
+            listing.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
+
+
+def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> Listing:
+    """The files behind `path`: a file, a directory searched recursively, or a glob (see Listing).
+
+    Only names are listed and stat'ed (no file is read). Hidden entries (names starting with '.') inside a
+    directory are left out unless `include_hidden`; `exclude` globs leave out more.
+    """
+    exclude = list(exclude or [])
+    listing = Listing(path)
     expanded = os.path.expanduser(path)
-    if os.path.isfile(expanded):
-        return [Path(expanded)]
-    if os.path.isdir(expanded):
-        files = sorted(p for p in Path(expanded).rglob("*") if p.is_file())
-        if not files:
-            raise DataError(f"data.path {path!r} is a directory with no files in it; point data.path at text files")
-        return files
-    if glob.has_magic(expanded):
-        files = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise DataError(f"data.path {path!r} is a glob that matches no files; check the pattern")
-        return files
-    raise DataError(f"data.path {path!r} does not exist; give a file, a directory or a glob")
+    try:
+        info = os.stat(expanded)
+    except FileNotFoundError:
+        info = None
+    except OSError as error:
+        raise DataError(f"cannot read data.path {path!r}: {error.strerror or error}") from None
+    if info is not None and stat.S_ISREG(info.st_mode):
+        listing.add(expanded, info)
+        if not listing.files:
+            raise DataError(f"data.path {path!r} is an empty file (0 bytes); point data.path at text files")
+    elif info is not None and stat.S_ISDIR(info.st_mode):
+        walk(expanded, "", listing, exclude, include_hidden, {(info.st_dev, info.st_ino)})
+        if not listing.files:
+            raise DataError(f"data.path {path!r} is a directory with no files to read in it{left_out_words(listing)}; point data.path at text files")
+    elif info is not None:
+        raise DataError(f"data.path {path!r} is {kind_of(info.st_mode)}, not a file or a directory; give a file, a directory or a glob")
+    elif os.path.islink(expanded):
+        raise DataError(f"data.path {path!r} is a broken symbolic link (to {os.readlink(expanded)!r}); fix the link or give the file itself")
+    elif glob.has_magic(expanded):
+        root = os.path.dirname(expanded.split("*")[0].split("?")[0].split("[")[0])
+        for match in sorted(glob.glob(expanded, recursive=True)):
+            rel = os.path.relpath(match, root) if root else match
+            if excluded(rel, exclude):
+                listing.left_out["excluded by data.exclude"] += 1
+                continue
+            try:
+                info = os.stat(match)
+            except FileNotFoundError:
+                listing.left_out["broken link"] += 1
+                continue
+            if stat.S_ISREG(info.st_mode):
+                listing.add(match, info)
+            elif stat.S_ISDIR(info.st_mode):
+                listing.left_out["directories matched by the glob (use ** to read inside)"] += 1
+            else:
+                listing.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
+        if not listing.files:
+            raise DataError(f"data.path {path!r} is a glob that matches no files to read{left_out_words(listing)}; check the pattern")
+    else:
+        raise DataError(f"data.path {path!r} does not exist; give a file, a directory or a glob")
+    return listing
+
+
+def left_out_words(listing: Listing) -> str:
+    """'; left out: 2 hidden, 1 empty' (or '' when nothing was left out)."""
+    if not listing.left_out:
+        return ""
+    return " (left out: " + ", ".join(f"{n} {reason}" for reason, n in sorted(listing.left_out.items())) + ")"
+
+
+def corpus_files(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> list[str]:
+    """The files behind `path` (a file, a directory searched recursively, or a glob), in sorted order."""
+    return list_corpus(path, exclude, include_hidden).files
+
+
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as disks and `ls -h --si` count)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+# Reading: one stream of bytes over many files.
 
 
 class ByteCorpus:
-    """Files seen as one stream of bytes through read-only memory maps; nothing is read up front.
+    """Files seen as one stream of bytes; nothing is read up front and at most MAX_OPEN_FILES stay open.
 
-    Opening costs one stat and one open per file, so bad files are found before any model is built.
+    Opening costs one open (and close) per file, so unreadable files are found before any model is built.
     """
 
-    def __init__(self, files: list[Path]):
-        self.files, sizes = [], []
-        for file in files:
+    def __init__(self, files: list[str], sizes: list[int] | None = None):
+        if sizes is None:
+            sizes = []
+            for file in files:
+                try:
+                    sizes.append(os.stat(file).st_size)
+                except OSError as error:
+                    raise DataError(f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out") from None
+        self.files, self.sizes = [], []
+        for file, size in zip(files, sizes):
             try:
                 with open(file, "rb"):
                     pass
-                size = os.stat(file).st_size
             except OSError as error:
                 raise DataError(f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out") from None
-            if size:  # empty files add nothing (and cannot be memory-mapped)
-                self.files.append(file)
-                sizes.append(size)
-        self.starts = [0, *np.cumsum(sizes).tolist()]  # file i holds bytes [starts[i], starts[i+1])
-        self._maps = None
+            if size:  # empty files add nothing
+                self.files.append(str(file))
+                self.sizes.append(size)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])  # file i: [starts[i], starts[i+1])
+        self._open = OrderedDict()  # file index -> descriptor, least recently used first
 
     def __len__(self) -> int:
-        return self.starts[-1]
+        return int(self.starts[-1])
 
     def __getstate__(self):
-        # A pickled memmap would carry all its bytes; worker processes reopen the files instead.
-        return {**self.__dict__, "_maps": None}
+        # Worker processes open their own descriptors.
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def __del__(self):
+        self.close()
+
+    def close(self) -> None:
+        for fd in getattr(self, "_open", {}).values():
+            os.close(fd)
+        self._open = OrderedDict()
+
+    def descriptor(self, i: int) -> int:
+        fd = self._open.pop(i, None)
+        if fd is None:
+            if len(self._open) >= MAX_OPEN_FILES:
+                os.close(self._open.popitem(last=False)[1])
+            try:
+                fd = os.open(self.files[i], os.O_RDONLY)
+            except OSError as error:
+                raise DataError(f"cannot read data file {self.files[i]}: {error.strerror or error}; it changed during the run") from None
+        self._open[i] = fd
+        return fd
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Bytes [start, start + length) of the stream as a new uint8 array (may span files)."""
         if start < 0 or start + length > len(self):
             raise IndexError(f"bytes [{start}, {start + length}) are outside the corpus of {len(self)} bytes")
-        if self._maps is None:
-            self._maps = [np.memmap(f, dtype=np.uint8, mode="r", shape=(self.starts[i + 1] - self.starts[i],)) for i, f in enumerate(self.files)]
         out = np.empty(length, dtype=np.uint8)
         i = bisect.bisect_right(self.starts, start) - 1
         done = 0
         while done < length:
-            local = start + done - self.starts[i]
-            piece = self._maps[i][local : local + length - done]
-            out[done : done + len(piece)] = piece
-            done += len(piece)
+            local = start + done - int(self.starts[i])
+            want = min(length - done, self.sizes[i] - local)
+            got = self.pread_into(i, out[done : done + want], local)
+            if got < want:
+                self.shrunk(i)
+            done += want
             i += 1
         return out
+
+    def pread_into(self, i: int, buffer: np.ndarray, offset: int) -> int:
+        fd = self.descriptor(i)
+        view = memoryview(buffer)
+        done = 0
+        while done < len(buffer):
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as error:
+                raise DataError(f"cannot read data file {self.files[i]}: {error.strerror or error}") from None
+            if n == 0:
+                break
+            done += n
+        return done
+
+    def shrunk(self, i: int):
+        try:
+            now = f"{os.stat(self.files[i]).st_size} bytes now"
+        except OSError as error:
+            now = error.strerror or str(error)
+        raise DataError(
+            f"data file {self.files[i]} changed during the run: it had {self.sizes[i]} bytes at the start, {now}; "
+            "restore it (or start again: the run's windows were drawn from the old bytes)"
+        )
 
     def windows(self, offsets: np.ndarray, length: int) -> torch.Tensor:
         """One window of `length` bytes per offset, as an int64 tensor (len(offsets), length)."""
         return torch.from_numpy(np.stack([self.read(int(o), length) for o in offsets]).astype(np.int64))
 
 
-def read_corpus(path: str) -> ByteCorpus:
-    """The corpus at a local `path` (file, directory or glob) as one memory-mapped stream of bytes."""
-    return ByteCorpus(corpus_files(path))
+def read_corpus(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> ByteCorpus:
+    """The corpus at a local `path` (file, directory or glob) as one stream of bytes."""
+    listing = list_corpus(path, exclude, include_hidden)
+    return ByteCorpus(listing.files, listing.sizes)
 
 
-def cache_dir() -> Path:
+def cache_dir():
+    from pathlib import Path
+
     return Path(os.environ.get("BDH_LIGHTNING_CACHE", "~/.cache/bdh_lightning")).expanduser()
 
 
-def download_tinyshakespeare() -> Path:
+def download_tinyshakespeare():
     """The cached tiny Shakespeare file, downloaded and checked once if it is not there yet."""
     target = cache_dir() / "tinyshakespeare.txt"
     if target.is_file():
@@ -147,6 +355,9 @@ def download_tinyshakespeare() -> Path:
     return target
 
 
+# Batches.
+
+
 class TrainBatches(IterableDataset):
     """Endless random training batches; batch k on rank r comes from an RNG seeded with (seed, r, k)."""
 
@@ -170,7 +381,7 @@ class TrainBatches(IterableDataset):
 
 
 class ValBatches(IterableDataset):
-    """Fixed validation windows, in batches of up to batch_size."""
+    """Fixed evaluation windows (validation or test), in batches of up to batch_size."""
 
     def __init__(self, corpus: ByteCorpus, offsets: np.ndarray, block_size: int, batch_size: int):
         self.corpus, self.offsets, self.block_size, self.batch_size = corpus, offsets, block_size, batch_size
@@ -190,6 +401,18 @@ def split_window(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
+def even_offsets(first: int, last: int, count: int) -> np.ndarray:
+    """Up to `count` window offsets evenly spaced over [first, last], no duplicates."""
+    return np.unique(np.linspace(first, last, count).round().astype(np.int64))
+
+
+NO_TEST_SPLIT = (
+    "no test split: `test` scores bytes that training, validation and checkpoint selection never saw; set "
+    "data.test_fraction (e.g. 0.05, the end of the corpus) or data.test_path (a corpus of its own) when training, "
+    "and pass the same setting to `test`"
+)
+
+
 class ByteDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -200,20 +423,32 @@ class ByteDataModule(L.LightningDataModule):
         val_windows: int = 64,
         seed: int = 1337,
         num_workers: int = 0,
+        test_fraction: float = 0.0,
+        test_path: str | None = None,
+        exclude: list[str] | None = None,
+        include_hidden: bool = False,
     ):
         """Byte-level language-model data: every byte of the corpus is one token.
 
         Args:
             path: The corpus: a file, a directory (all files in it, recursively, in sorted order), or a glob;
                 files are concatenated. "tinyshakespeare" downloads tiny Shakespeare once into
-                $BDH_LIGHTNING_CACHE (default ~/.cache/bdh_lightning).
+                $BDH_LIGHTNING_CACHE (default ~/.cache/bdh_lightning). A directory made by `prepare`
+                (or its s3:// or gs:// URL) is streamed with LitData, with the splits made there.
             block_size: Context length T: bytes per training window (the model's block_size follows it).
             batch_size: Windows per batch on each device.
-            val_fraction: Share of the corpus, taken from its end, held out for validation, in (0, 1).
-            val_windows: Validation windows, fixed and evenly spaced over the held-out bytes, split across devices.
+            val_fraction: Share of the corpus held out for validation, in (0, 1): the bytes after the
+                training split (before the test split, if any).
+            val_windows: Validation (and test) windows, fixed and evenly spaced over their split, split across devices.
             seed: Seed of the random training windows; batch k on device rank r is drawn from (seed, r, k),
                 so a resumed run draws the same windows as an uninterrupted one.
             num_workers: DataLoader worker processes (0 = read in the main process; windows are cheap).
+            test_fraction: Share of the corpus, taken from its end, held out for `test` only, in [0, 1);
+                0 = no test split (unless test_path is given).
+            test_path: A corpus of its own (file, directory or glob) for `test`; instead of test_fraction.
+            exclude: Globs of files and folders to leave out of a directory or glob corpus, matched against
+                the path inside data.path and against the name (e.g. ["*.log", "drafts/*"]).
+            include_hidden: Also read hidden files and folders (names starting with '.', e.g. .git) inside a directory.
         """
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
@@ -222,71 +457,223 @@ class ByteDataModule(L.LightningDataModule):
         for name, value in (("seed", seed), ("num_workers", num_workers)):
             if not is_int(value) or value < 0:
                 raise DataError(f"data.{name} must be a non-negative integer, got {value!r}")
-        if not 0.0 < val_fraction < 1.0:
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
             raise DataError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+        finite_float("data.test_fraction", test_fraction, 0.0, 1.0, high_open=True, error=DataError)
+        if val_fraction + test_fraction >= 1.0:
+            raise DataError(f"data.val_fraction + data.test_fraction must be below 1 (training needs bytes too), got {val_fraction} + {test_fraction}")
+        if test_fraction and test_path:
+            raise DataError("set data.test_fraction or data.test_path, not both (the test split is one or the other)")
+        if exclude is not None and (isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude)):
+            raise DataError(f"data.exclude must be a list of globs, e.g. ['*.log'], got {exclude!r}")
         self.path, self.block_size, self.batch_size = path, block_size, batch_size
         self.val_fraction, self.val_windows, self.seed, self.num_workers = val_fraction, val_windows, seed, num_workers
-        # Local corpora are checked now (stat only), before a model is built; tiny Shakespeare once it is downloaded.
+        self.test_fraction, self.test_path = float(test_fraction), test_path
+        self.exclude, self.include_hidden = list(exclude or []), include_hidden
+        self.listing = None
         self.corpus = None
-        if path != TINYSHAKESPEARE:
-            self.corpus = read_corpus(path)
+        self.test_corpus = None
+        self.stream = None  # a prepared directory (streaming.Prepared) instead of a corpus of files
+        self.restored = None  # the data state of a checkpoint being resumed or evaluated
+        # Local corpora are checked now (stat only), before a model is built; tiny Shakespeare once it is downloaded.
+        if streaming.is_prepared(path):
+            if test_fraction or test_path:
+                raise DataError(f"data.path {path!r} is a prepared directory, which holds its own test split; leave out data.test_fraction and data.test_path")
+            self.stream = streaming.open_prepared(path, block_size)
+        elif path != TINYSHAKESPEARE:
+            self.listing = list_corpus(path, self.exclude, include_hidden)
+            self.corpus = ByteCorpus(self.listing.files, self.listing.sizes)
+            self.open_test_corpus()
             self.check_sizes()
+
+    def open_test_corpus(self) -> None:
+        if not self.test_path:
+            return
+        listing = list_corpus(self.test_path, self.exclude, self.include_hidden)
+        shared = listing._seen & self.listing._seen
+        if shared:
+            name = next(f for f in listing.files if (os.stat(f).st_dev, os.stat(f).st_ino) in shared)
+            raise DataError(
+                f"data.test_path {self.test_path!r} shares {len(shared)} file(s) with data.path (e.g. {name}); "
+                "the test split must hold bytes that training never sees: give it other files"
+            )
+        self.test_listing = listing
+        self.test_corpus = ByteCorpus(listing.files, listing.sizes)
 
     def prepare_data(self) -> None:
         if self.path == TINYSHAKESPEARE:
             download_tinyshakespeare()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.corpus is None:
-            self.corpus = ByteCorpus([download_tinyshakespeare()])
+        if self.corpus is None and self.stream is None:
+            file = str(download_tinyshakespeare())
+            self.listing = list_corpus(file)
+            self.corpus = ByteCorpus(self.listing.files, self.listing.sizes)
+            self.open_test_corpus()
             self.check_sizes()
+        if stage == "test" and not self.has_test_split:
+            raise DataError(NO_TEST_SPLIT)
+
+    # The splits of a corpus of files: train [0, train_size), validation [train_size, val_end), test [val_end, len).
 
     @property
     def train_size(self) -> int:
-        """Bytes in the training split: [0, train_size); validation is [train_size, len(corpus))."""
-        return int(len(self.corpus) * (1.0 - self.val_fraction))
+        """Bytes in the training split: [0, train_size); validation follows it."""
+        return int(len(self.corpus) * (1.0 - self.val_fraction - self.test_fraction))
+
+    @property
+    def val_end(self) -> int:
+        """End of the validation split; the test split (data.test_fraction) is [val_end, len(corpus))."""
+        return len(self.corpus) if not self.test_fraction else int(len(self.corpus) * (1.0 - self.test_fraction))
+
+    @property
+    def has_test_split(self) -> bool:
+        if self.stream is not None:
+            return self.stream.has("test")
+        return bool(self.test_fraction or self.test_path)
+
+    def split_sizes(self) -> dict[str, int]:
+        """Bytes in each split: {"train": ..., "validation": ..., "test": ...}."""
+        if self.stream is not None:
+            return self.stream.split_bytes()
+        self.setup()
+        test = len(self.test_corpus) if self.test_corpus is not None else len(self.corpus) - self.val_end
+        return {"train": self.train_size, "validation": self.val_end - self.train_size, "test": test}
 
     def check_sizes(self) -> None:
         window = self.block_size + 1
-        train, val = self.train_size, len(self.corpus) - self.train_size
-        if min(train, val) < window:
+        sizes = self.split_sizes()
+        needed = {name: size for name, size in sizes.items() if name != "test" or self.has_test_split}
+        if min(needed.values()) < window:
+            splits = ", ".join(f"{size} for {name}" for name, size in needed.items())
+            test_hint = ", data.test_fraction" if self.test_fraction else ""
+            if self.test_path and sizes["test"] < window:
+                raise DataError(
+                    f"data.test_path {self.test_path!r} has {sizes['test']} bytes, but the test split needs at least "
+                    f"block_size + 1 = {window}; use a smaller data.block_size or more test data"
+                )
             raise DataError(
-                f"data.path {self.path!r} has {len(self.corpus)} bytes, split into {train} for training and {val} for "
-                f"validation, but each split needs at least block_size + 1 = {window}; use a smaller data.block_size, "
-                "a different data.val_fraction, or more data"
+                f"data.path {self.path!r} has {len(self.corpus)} bytes, split into {splits}, but each split needs at "
+                f"least block_size + 1 = {window}; use a smaller data.block_size, a different data.val_fraction"
+                f"{test_hint}, or more data"
             )
+
+    def describe(self) -> str:
+        """One line saying what the corpus is: files read, bytes, the splits, what was left out and why."""
+        if self.stream is not None:
+            return self.stream.describe()
+        self.setup()
+        sizes = self.split_sizes()
+        files = len(self.corpus.files)
+        text = f"corpus {self.path}: {files:,} file{'s' * (files != 1)}, {human_bytes(len(self.corpus))}"
+        text += f" (train {human_bytes(sizes['train'])}, validation {human_bytes(sizes['validation'])}"
+        if self.test_path:
+            test_files = len(self.test_corpus.files)
+            text += f", test {human_bytes(sizes['test'])} from {self.test_path}: {test_files:,} file{'s' * (test_files != 1)})"
+        elif self.test_fraction:
+            text += f", test {human_bytes(sizes['test'])})"
+        else:
+            text += ", no test split)"
+        left_out = self.listing.left_out + (self.test_listing.left_out if self.test_path else Counter())
+        if left_out:
+            text += "; left out: " + ", ".join(f"{n:,} {reason}" for reason, n in sorted(left_out.items()))
+            if "hidden" in left_out:
+                text += " (data.include_hidden reads hidden ones)"
+        return text
+
+    def window_offsets(self, first: int, end: int) -> np.ndarray:
+        """Start offsets of data.val_windows windows evenly spaced over bytes [first, end)."""
+        return even_offsets(first, end - (self.block_size + 1), self.val_windows)
 
     @property
     def val_offsets(self) -> np.ndarray:
         """Start offsets (into the whole corpus) of the validation windows, evenly spaced, no duplicates."""
         self.setup()
-        last = len(self.corpus) - (self.block_size + 1)
-        return np.unique(np.linspace(self.train_size, last, self.val_windows).round().astype(np.int64))
+        return self.window_offsets(self.train_size, self.val_end)
+
+    @property
+    def test_offsets(self) -> np.ndarray:
+        """Start offsets of the test windows: into the test corpus (data.test_path) or the whole corpus."""
+        self.setup()
+        if self.test_corpus is not None:
+            return self.window_offsets(0, len(self.test_corpus))
+        return self.window_offsets(self.val_end, len(self.corpus))
 
     def rank_and_world_size(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
-    def train_dataloader(self) -> DataLoader:
+    def batches_consumed(self) -> int:
+        """Training batches this rank has drawn: a run resumed at step s continues exactly where step s left off."""
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
+
+    def train_dataloader(self):
         self.setup()
         rank, _ = self.rank_and_world_size()
-        # Batches already consumed: a run resumed at step s continues exactly where step s left off.
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        batches = TrainBatches(self.corpus, self.train_size, self.block_size, self.batch_size, self.seed, rank, start)
+        if self.stream is not None:
+            return self.stream.train_loader(self.batch_size, self.seed, self.num_workers, self.batches_consumed())
+        batches = TrainBatches(self.corpus, self.train_size, self.block_size, self.batch_size, self.seed, rank, self.batches_consumed())
         return self.loader(batches)
 
-    def val_dataloader(self) -> DataLoader:
+    def eval_loader(self, split: str, corpus: ByteCorpus | None, offsets: np.ndarray | None):
         rank, world_size = self.rank_and_world_size()
-        offsets = self.val_offsets
+        if self.stream is not None:
+            return self.stream.eval_loader(split, self.val_windows, self.batch_size, rank, world_size, self.num_workers)
         if len(offsets) < world_size:
             raise DataError(
-                f"validation has {len(offsets)} distinct windows for {world_size} devices; raise data.val_windows "
-                "(or data.val_fraction) to at least the number of devices"
+                f"{split} has {len(offsets)} distinct windows for {world_size} devices; raise data.val_windows "
+                "(or the split's share of the corpus) to at least the number of devices"
             )
         # Each rank takes a disjoint share, so no window is counted twice and Lightning adds no sampler.
-        return self.loader(ValBatches(self.corpus, offsets[rank::world_size], self.block_size, self.batch_size))
+        return self.loader(ValBatches(corpus, offsets[rank::world_size], self.block_size, self.batch_size))
 
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+    def val_dataloader(self):
+        if self.stream is not None:
+            return self.eval_loader("validation", None, None)
+        return self.eval_loader("validation", self.corpus, self.val_offsets)
+
+    def test_dataloader(self):
+        self.setup()
+        if not self.has_test_split:
+            raise DataError(NO_TEST_SPLIT)
+        if self.stream is not None:
+            return self.eval_loader("test", None, None)
+        return self.eval_loader("test", self.test_corpus or self.corpus, self.test_offsets)
 
     def loader(self, batches: IterableDataset) -> DataLoader:
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    # Checkpoints: where the training stream stands, and which bytes each split held.
+
+    def split_ranges(self) -> dict:
+        """What the splits were, to check later runs against: bytes of the corpus and the split boundaries."""
+        if self.stream is not None:
+            return {"kind": "prepared", "id": self.stream.identity()}
+        self.setup()
+        test = [self.val_end, len(self.corpus)] if self.test_fraction else None
+        return {"kind": "files", "bytes": len(self.corpus), "train": [0, self.train_size], "validation": [self.train_size, self.val_end],
+                "test": test, "test_path": self.test_path}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        state = {"splits": self.split_ranges(), "train_batches": self.batches_consumed()}
+        if self.stream is not None and self.trainer is not None:
+            state["stream"] = self.stream.position(self.batches_consumed())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restored = state
+        self.check_test_split_was_held_out(state.get("splits") or {})
+
+    def check_test_split_was_held_out(self, before: dict) -> None:
+        """Refuse a test split whose bytes the checkpoint's run trained or validated on (same corpus, other splits)."""
+        now = self.split_ranges()
+        if not self.has_test_split or now.get("kind") != "files" or before.get("kind") != "files":
+            return
+        if before.get("bytes") != now["bytes"] or now["test"] is None:
+            return
+        seen_end = before["validation"][1]  # the checkpoint's run used bytes [0, seen_end) for training and validation
+        if now["test"][0] < seen_end:
+            raise DataError(
+                f"the test split (bytes {now['test'][0]:,} to {now['test'][1]:,} of {self.path}) overlaps bytes the "
+                f"checkpoint's run trained or validated on (0 to {seen_end:,}: it had data.test_fraction "
+                f"{1 - seen_end / now['bytes']:.3g}); test with the data.val_fraction and data.test_fraction it was trained with"
+            )
