@@ -158,16 +158,14 @@ class BDHLitModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.learning_rate_at(step) / hp.learning_rate)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
-    def on_fit_start(self) -> None:
-        # ThroughputMonitor reads this attribute to report FLOP/s and MFU.
-        data = self.trainer.datamodule
-        if data is not None:
-            self.flops_per_batch = self.training_flops(data.batch_size, data.block_size)
-
-    def training_flops(self, batch_size: int, block_size: int) -> int:
-        """Training FLOPs of one batch from the spec's cost formulas (forward + 2x backward)."""
+    # FLOPs for throughput.ThroughputMonitor (FLOP/s and MFU): validation and test batches cost a forward.
+    def forward_flops(self, batch_size: int, block_size: int) -> int:
+        """FLOPs of one forward pass from the spec's cost formulas (2 per multiply-add of the matrix products)."""
         c = self.config
         H, D, N, T = c.n_head, c.n_embd, c.neurons_per_head, block_size
         per_token_layer = 6 * H * D * N + 2 * H * N * T + 2 * H * D * T
-        forward = batch_size * T * (c.n_layer * per_token_layer + 2 * D * c.vocab_size)
-        return 3 * forward
+        return batch_size * T * (c.n_layer * per_token_layer + 2 * D * c.vocab_size)
+
+    def training_flops(self, batch_size: int, block_size: int) -> int:
+        """Training FLOPs of one batch: forward + backward (twice the forward's)."""
+        return 3 * self.forward_flops(batch_size, block_size)
