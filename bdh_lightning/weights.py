@@ -313,6 +313,21 @@ def load_weights(path: str | Path, settings: dict | None = None) -> tuple[BDHCon
     return config, check_weights(weights.tensors, config, weights.path), weights
 
 
+def weights_to_start_from(path: str | Path, config: BDHConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checked tensors of `path` for a new model of settings `config` (fit --model.init_from), and the
+    settings the file states. Weights of another shape are refused, naming the settings they need."""
+    weights = read_weights(path)
+    shaped = ("n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size")
+    differ = [k for k in shaped if k in weights.settings and weights.settings[k] != getattr(config, k)]
+    if differ:
+        theirs = " ".join(f"--model.{k} {weights.settings[k]}" for k in shaped if k in weights.settings)
+        raise CheckpointError(
+            f"--model.init_from {path} holds a model of other settings ({', '.join(f'{k}={weights.settings[k]}' for k in differ)} "
+            f"there, not {', '.join(f'{k}={getattr(config, k)}' for k in differ)}); start from it with {theirs}"
+        )
+    return check_weights(weights.tensors, config, weights.path), weights.settings
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
