@@ -5,30 +5,38 @@
 - `chunked`: `ChunkedLayer`, a `torch.autograd.Function` in plain PyTorch (CPU and CUDA). It keeps only
   the D-wide layer input, the attention read-out y (normalised) and the T x T scores S, and recomputes
   the N-wide activations in the backward pass, one head and one chunk of neurons at a time, so the
-  transient working set is a few B x T x chunk tensors. Dropout masks are regenerated from a seed.
-- `fused` (Triton) does not ship: no kernel has been verified, so asking for it is a `ConfigError`.
+  transient working set is a few B x T x chunk tensors. Dropout masks are recomputed from a seed with
+  the counter-based hash of `masks.py`, so the layer has no Python RNG, no generator and no host sync:
+  `torch.compile` traces it whole (forward and backward) and fuses each chunk's elementwise work.
+- `fused`: `fused.fused_layer`, Triton kernels that keep the N-wide tiles on chip (docs/fused-kernel.md).
+  It runs on CUDA; on CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter, how the tests
+  prove it). Its GPU speed is not measured yet, so `auto` never picks it.
 
 All of them compute the same function with the same weights, so checkpoints do not depend on the choice.
 The tests check `chunked` against `reference_layer`, outputs and every gradient.
+
+Dtypes: the products run in autocast's dtype (or the weights' dtype without autocast); the attention
+read S @ x runs in float32 under float16 (`layer.attention_dtype`), and its layer norm, the layer's
+output sum and every gradient accumulate in float32 whatever the weights' dtype (16-true included).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
 from .layer import LN_EPS, attention_dtype, layer_output, reference_layer, rope
+from .masks import block_keep
 
 # The layer implementations `model.kernel` can name; `auto` picks one of the others per device and size.
 KERNELS = ("auto", "reference", "chunked", "fused")
 
-# Dropout masks are drawn per head and per block of this many neurons, each block from its own
-# seeded generator, so a mask does not depend on the chunk size. Chunks are whole blocks; a head
-# whose N is not a multiple of MASK_BLOCK is one block (and one chunk).
-MASK_BLOCK = 64
 # chunk_size 0 picks the largest chunk (whole heads preferred: no recomputation between the two passes
-# over a head) whose B x T x chunk tensors stay under this many elements.
+# over a head) whose B x T x chunk tensors stay under this many elements; else equal chunks of N.
 AUTO_CHUNK_ELEMENTS = 2**26
 # Where `auto` switches to `chunked` on the CPU, in elements of one B x H x T x N tensor. Measured with
 # benchmarks/train_step.py, 2 threads (BENCHMARKS.md): tiny (2.1 M) equal speed; 8gb at batch 2 (6.3 M)
@@ -40,20 +48,32 @@ CPU_CHUNKED_FROM = 2**23
 def resolve_kernel(kernel: str, device: torch.device, n_wide: int = 0) -> str:
     """The implementation `kernel` stands for on `device`; `ConfigError` if it cannot run there.
 
-    `auto` on CUDA: `chunked`, chosen for memory (it keeps about a tenth of the bytes); its GPU speed is
-    not measured yet. On the CPU it depends on `n_wide`, the elements of one B x H x T x N tensor:
-    `reference` below CPU_CHUNKED_FROM, `chunked` from there up (see CPU_CHUNKED_FROM).
+    `auto` on the CPU depends on `n_wide`, the elements of one B x H x T x N tensor: `reference` below
+    CPU_CHUNKED_FROM, `chunked` from there up (measured, see CPU_CHUNKED_FROM). On CUDA a training run
+    resolves `auto` once, by predicted memory (`estimate.choose_kernel`: the reference where it fits the
+    GPU, else chunked); where nothing resolved it (a bare `BDH` on a GPU) `auto` is `chunked`, the kernel
+    that fits.
     """
     if kernel == "auto":
         return "reference" if device.type == "cpu" and n_wide < CPU_CHUNKED_FROM else "chunked"
     if kernel == "fused":
-        raise ConfigError(
-            "model.kernel=fused is not available: no verified Triton kernel ships with this version; "
-            "use model.kernel=chunked (or auto)"
-        )
+        reason = fused_unavailable(device)
+        if reason:
+            raise ConfigError(f"model.kernel=fused cannot run here: {reason}; use model.kernel=chunked (or auto)")
+        return kernel
     if kernel not in KERNELS:
         raise ConfigError(f"model.kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
     return kernel
+
+
+def fused_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernel cannot run on `device`'s tensors, or None if it can (triton is not imported here)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"it needs a CUDA device; on {device.type} tensors it runs only under TRITON_INTERPRET=1 "
+            "(Triton's interpreter: slow, for tests)")
 
 
 def apply_layer(
@@ -72,60 +92,39 @@ def apply_layer(
     """One layer on x: (B, 1, T, D) with the implementation `kernel` stands for here (weights in, not a module)."""
     B, _, T, _ = x.shape
     H, _, N = encoder.shape
-    if resolve_kernel(kernel, x.device, n_wide=B * H * T * N) == "reference":
+    chosen = resolve_kernel(kernel, x.device, n_wide=B * H * T * N)
+    if chosen == "reference":
         return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training)
+    if chosen == "fused":
+        from .fused import fused_layer  # imports triton: only when asked for
+
+        return fused_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
     return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
 
 
-def draw_seed() -> int:
-    """A dropout seed for one layer call, from torch's global CPU generator (so `seed_everything` governs it)."""
-    return int(torch.randint(0, 2**62, ()).item())
+def draw_seed() -> torch.Tensor:
+    """A dropout seed for one layer call: an int64 scalar tensor in [0, 2**62) from torch's global CPU
+    generator (so `seed_everything` and the module's per-step reseeding govern it). A tensor, not an int:
+    no host sync, and `torch.compile` traces the draw instead of breaking the graph."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def chunk_width(chunk_size: int, batch_tokens: int, n: int) -> int:
-    """Neurons per chunk: `chunk_size` rounded down to whole mask blocks (at least one), at most N.
+    """Neurons per chunk, an even number (rotary pairs stay in one chunk), at most N.
 
-    0 = automatic: a whole head if its B x T x N tensors fit in AUTO_CHUNK_ELEMENTS, else the largest
-    number of whole blocks that does.
+    0 = automatic: a whole head if its B x T x N tensors fit in AUTO_CHUNK_ELEMENTS, else N split into
+    the fewest equal chunks that do. Any other size is used as given (rounded down to even, at least 2);
+    the last chunk of a head takes what is left.
     """
     if chunk_size == 0:
         if batch_tokens * n <= AUTO_CHUNK_ELEMENTS:
             return n
-        chunk_size = AUTO_CHUNK_ELEMENTS // batch_tokens
-    if chunk_size >= n or n % MASK_BLOCK:
-        return n
-    return max(MASK_BLOCK, chunk_size // MASK_BLOCK * MASK_BLOCK)
+        pieces = -(-batch_tokens * n // AUTO_CHUNK_ELEMENTS)
+        chunk_size = -(-n // pieces)
+        chunk_size += chunk_size % 2
+    return min(n, max(2, chunk_size - chunk_size % 2))
 
 
-def dropout_keep(seed: int, head: int, start: int, stop: int, batch: int, length: int, p: float, device) -> torch.Tensor:
-    """Which of neurons [start, stop) of `head` survive dropout: bool (batch, length, blocks, block width).
-
-    Block i comes from a generator seeded by (seed, head, i), so a seed gives the same mask whatever
-    the chunking. The result is a permuted view: multiply it into z.view(batch, length, blocks, width).
-    """
-    width = MASK_BLOCK if (stop - start) % MASK_BLOCK == 0 else stop - start
-    first = start // width
-    generator = torch.Generator(device=device)
-    uniform = torch.empty((stop - start) // width, batch, length, width, device=device)
-    for i, block in enumerate(uniform):
-        generator.manual_seed(hash((seed, head, first + i)) % 2**63)
-        block.uniform_(generator=generator)
-    return (uniform >= p).permute(1, 2, 0, 3)
-
-
-def dropout_mask(seed: int, batch: int, n_head: int, length: int, n: int, p: float, device=None) -> torch.Tensor:
-    """The full (B, H, T, N) 0/1 float mask that the chunked layer uses for `seed`; pass it to
-    `reference_layer(..., dropout_mask=...)` to reproduce a chunked forward exactly."""
-    heads = [dropout_keep(seed, h, 0, n, batch, length, p, device).reshape(batch, length, n) for h in range(n_head)]
-    return torch.stack(heads, dim=1).float()
-
-
-def apply_keep(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """z (B, T, chunk) times the chunk's dropout keep mask from `dropout_keep` (the 1/(1-p) is applied elsewhere)."""
-    return (z.view(keep.shape) * keep).view(z.shape)
-
-
-@torch.compiler.disable  # Python loops and seeded generators: torch.compile runs it as it is
 def chunked_layer(
     x: torch.Tensor,
     encoder: torch.Tensor,
@@ -134,31 +133,36 @@ def chunked_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     dropout: float = 0.0,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     chunk_size: int = 0,
 ) -> torch.Tensor:
     """The same function as `reference_layer`, without keeping N-wide tensors for backward.
 
-    `dropout` is the probability actually applied (0 outside training); masks come from `seed`
-    (see `dropout_mask`), drawn from torch's global generator when None. x: (B, 1, T, D) -> (B, 1, T, D).
+    `dropout` is the probability actually applied (0 outside training); masks come from `seed` (an int
+    or int64 tensor; `masks.dropout_mask(seed, ...)` is the full mask), drawn by `draw_seed` when None.
+    x: (B, 1, T, D) -> (B, 1, T, D).
     """
     if seed is None:
-        seed = draw_seed() if dropout > 0 else 0
+        seed = draw_seed() if dropout > 0 else torch.zeros((), dtype=torch.int64)
+    seed = torch.as_tensor(seed, dtype=torch.int64)
     B, _, T, D = x.shape
     N = encoder.shape[-1]
     width = chunk_width(chunk_size, B * T, N)
-    u = ChunkedLayer.apply(x, encoder, encoder_v, decoder, cos, sin, float(dropout), int(seed), width)
+    u = ChunkedLayer.apply(x, encoder, encoder_v, decoder, cos, sin, seed, float(dropout), width)
     return layer_output(x, u)
 
 
 def compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the products, dtype of layer norms and accumulations): autocast's dtype when it is on,
-    as the reference gets from autocast, with layer norm in float32 as autocast runs it."""
+    """(dtype of the products, dtype of layer norms and accumulations). The products: autocast's dtype
+    when it is on, else x's. Norms and accumulations: float32 (float64 for float64 inputs), so that
+    neither 16-true's float16 nor bf16-true's 8-bit mantissa reaches a norm or a sum over chunks."""
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        low = torch.get_autocast_dtype(device_type)
-        return low, torch.float32
-    return x.dtype, x.dtype
+    low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return low, torch.float64 if x.dtype == torch.float64 and low == torch.float64 else torch.float32
+
+
+def chunk_bounds(n: int, width: int) -> list[tuple[int, int]]:
+    return [(n0, min(n0 + width, n)) for n0 in range(0, n, width)]
 
 
 class ChunkedLayer(torch.autograd.Function):
@@ -166,22 +170,22 @@ class ChunkedLayer(torch.autograd.Function):
 
     Per head: pass 1 over neuron chunks accumulates S = sum_c q_c q_c^T; then y = ln(tril(S) x);
     pass 2 recomputes a_c (kept from pass 1 if the head is one chunk) and adds z_c @ Dec_c to u.
-    Saved: x, S (B, H, T, T), y (B, H, T, D) and its rstd; the dropout seed, never a mask.
+    Saved: x, S (B, H, T, T), y (B, H, T, D, float32) and its rstd; the dropout seed, never a mask.
+    Shapes and chunk bounds are Python values, so `torch.compile` unrolls the loops into one graph.
     """
 
     @staticmethod
-    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, dropout, seed, width):
+    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, seed, dropout, width):
         dtype, acc = compute_dtypes(x)
         att = attention_dtype(dtype)
         B, _, T, D = x.shape
         H, _, N = encoder.shape
+        chunks = chunk_bounds(N, width)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.squeeze(1).to(dtype)
             enc, enc_v, dec = encoder.to(dtype), encoder_v.to(dtype), decoder.to(dtype).view(H, N, D)
-            chunks = [(n0, min(n0 + width, N)) for n0 in range(0, N, width)]
-            scores = torch.empty(B, H, T, T, dtype=att, device=x.device)
-            ys = torch.empty(B, H, T, D, dtype=acc, device=x.device)
-            rstds = torch.empty(B, H, T, 1, dtype=acc, device=x.device)
+            device_seed = seed.to(x.device)
+            scores, ys, rstds = [], [], []
             u = torch.zeros(B, T, D, dtype=acc, device=x.device)
             for h in range(H):
                 S = torch.zeros(B, T, T, dtype=acc, device=x.device)
@@ -190,34 +194,38 @@ class ChunkedLayer(torch.autograd.Function):
                     q = rope(a, cos[:, n0:n1], sin[:, n0:n1]).to(att)
                     S += q @ q.transpose(-1, -2)
                 S = S.tril_(diagonal=-1).to(att)
+                # The attention read in `att` (float32 under float16), its norm always in float32.
                 y, _, rstd = torch.native_layer_norm((S @ xc.to(att)).to(acc), (D,), None, None, LN_EPS)
-                scores[:, h], ys[:, h], rstds[:, h] = S, y, rstd
+                scores.append(S), ys.append(y), rstds.append(rstd)
+                yc = y.to(dtype)
                 for n0, n1 in chunks:
                     if len(chunks) > 1:
                         a = F.relu(xc @ enc[h, :, n0:n1])
-                    z = a * F.relu(y.to(dtype) @ enc_v[h, :, n0:n1])
+                    z = a * F.relu(yc @ enc_v[h, :, n0:n1])
                     if dropout > 0:
-                        z = apply_keep(z, dropout_keep(seed, h, n0, n1, B, T, dropout, x.device))
+                        z = z * block_keep(device_seed, h, B, T, n0, n1, dropout, x.device)
                     u += z @ dec[h, n0:n1]
-        u /= 1.0 - dropout  # dropout's scale, applied to the D-wide sum instead of every z
-        ctx.save_for_backward(x, encoder, encoder_v, decoder, cos, sin, scores, ys, rstds)
-        ctx.dropout, ctx.seed, ctx.width, ctx.dtypes = dropout, seed, width, (dtype, acc)
+            u /= 1.0 - dropout  # dropout's scale, applied to the D-wide sum instead of every z
+        scores, ys, rstds = torch.stack(scores, 1), torch.stack(ys, 1), torch.stack(rstds, 1)
+        ctx.save_for_backward(x, encoder, encoder_v, decoder, cos, sin, seed, scores, ys, rstds)
+        ctx.dropout, ctx.width, ctx.dtypes = dropout, width, (dtype, acc)
         return u.to(dtype).unsqueeze(1)
 
     @staticmethod
     def backward(ctx, grad_u):
-        x, encoder, encoder_v, decoder, cos, sin, scores, ys, rstds = ctx.saved_tensors
-        dtype, acc = ctx.dtypes
+        x, encoder, encoder_v, decoder, cos, sin, seed, scores, ys, rstds = ctx.saved_tensors
+        dtype, acc = ctx.dtypes  # the forward's: the backward runs outside autocast
         att = attention_dtype(dtype)
-        dropout, seed, width = ctx.dropout, ctx.seed, ctx.width
+        dropout, width = ctx.dropout, ctx.width
         B, _, T, D = x.shape
         H, _, N = encoder.shape
+        chunks = chunk_bounds(N, width)
+        one_chunk = len(chunks) == 1
         with torch.autocast(x.device.type, enabled=False):
             xc = x.squeeze(1).to(dtype)
             enc, enc_v, dec = encoder.to(dtype), encoder_v.to(dtype), decoder.to(dtype).view(H, N, D)
-            du = (grad_u.squeeze(1) / (1.0 - dropout)).to(dtype)  # dropout's scale, as in forward
-            chunks = [(n0, min(n0 + width, N)) for n0 in range(0, N, width)]
-            one_chunk = len(chunks) == 1
+            device_seed = seed.to(x.device)
+            du = (grad_u.squeeze(1).to(acc) / (1.0 - dropout)).to(dtype)  # dropout's scale, as in forward
             dx = torch.zeros(B, T, D, dtype=acc, device=x.device)
             d_enc = torch.zeros(H, D, N, dtype=acc, device=x.device)
             d_enc_v = torch.zeros(H, D, N, dtype=acc, device=x.device)
@@ -234,8 +242,8 @@ class ChunkedLayer(torch.autograd.Function):
                     dz = du @ dec[h, n0:n1].T
                     z = a * b
                     if dropout > 0:
-                        keep = dropout_keep(seed, h, n0, n1, B, T, dropout, x.device)
-                        z, dz = apply_keep(z, keep), apply_keep(dz, keep)
+                        keep = block_keep(device_seed, h, B, T, n0, n1, dropout, x.device)
+                        z, dz = z * keep, dz * keep
                     d_dec[h, n0:n1] += z.reshape(B * T, -1).T @ du_flat
                     db = dz * a * (b > 0)
                     d_enc_v[h, :, n0:n1] += yc.reshape(B * T, D).T @ db.reshape(B * T, -1)
