@@ -1,0 +1,253 @@
+"""BDHLitModule (bdh_lightning/module.py): the loss, the learning-rate schedule (against its formula and through a
+real run's logged train/lr), AdamW's settings and parameter groups, the dropout seed per rank, step and
+micro-batch, and the validation mean weighted by bytes when the last batch is smaller."""
+
+import math
+import os
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from bdh_lightning.errors import BDHError
+from bdh_lightning.main import main
+from bdh_lightning.module import BDHLitModule
+from conftest import TINY_ARGS, TINY_MODEL, scalars
+from spec_oracle import oracle_logits_of, oracle_loss
+
+
+def schedule_formula(step, peak, warmup, decay, floor):
+    """The schedule as README states it, written independently: linear warmup to the peak over `warmup` steps
+    (step s uses peak * (s + 1) / warmup), then cosine from the peak to the floor over `decay` steps, then the
+    floor; decay 0 means constant after warmup."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay == 0:
+        return peak
+    t = step - warmup
+    if t >= decay:
+        return floor
+    return floor + (peak - floor) * (1 + math.cos(math.pi * t / decay)) / 2
+
+
+SCHEDULES = [
+    dict(learning_rate=1e-3, warmup_steps=10, decay_steps=50, min_learning_rate=1e-4),
+    dict(learning_rate=3e-3, warmup_steps=0, decay_steps=37, min_learning_rate=0.0),
+    dict(learning_rate=2e-4, warmup_steps=7, decay_steps=0, min_learning_rate=5e-5),
+    dict(learning_rate=5e-4, warmup_steps=0, decay_steps=0, min_learning_rate=0.0),
+    dict(learning_rate=1e-2, warmup_steps=1, decay_steps=1, min_learning_rate=1e-3),
+]
+
+
+def tiny_module(**settings):
+    return BDHLitModule(**{**TINY_MODEL, **settings})
+
+
+@pytest.mark.parametrize("settings", SCHEDULES, ids=lambda s: f"w{s['warmup_steps']}-d{s['decay_steps']}")
+def test_learning_rate_at_follows_the_formula_at_every_step(settings):
+    module = tiny_module(**settings)
+    peak, warmup, decay, floor = (settings[k] for k in ("learning_rate", "warmup_steps", "decay_steps", "min_learning_rate"))
+    for step in range(warmup + decay + 30):
+        want = schedule_formula(step, peak, warmup, decay, floor)
+        assert module.learning_rate_at(step) == pytest.approx(want, rel=1e-12, abs=1e-15), step
+
+
+def test_schedule_landmarks():
+    module = tiny_module(learning_rate=1e-3, warmup_steps=4, decay_steps=8, min_learning_rate=1e-4)
+    assert module.learning_rate_at(0) == pytest.approx(2.5e-4)  # a quarter of the way up: never 0
+    assert module.learning_rate_at(3) == pytest.approx(1e-3)  # the last warmup step reaches the peak
+    assert module.learning_rate_at(4) == pytest.approx(1e-3)  # the cosine starts at the peak
+    assert module.learning_rate_at(8) == pytest.approx(5.5e-4)  # halfway down: the mean of peak and floor
+    assert module.learning_rate_at(12) == pytest.approx(1e-4)  # the floor, then held
+    assert module.learning_rate_at(1000) == pytest.approx(1e-4)
+    values = [module.learning_rate_at(s) for s in range(14)]
+    assert values[:4] == sorted(values[:4]) and values[4:] == sorted(values[4:], reverse=True)
+
+
+def test_the_scheduler_applies_the_schedule_to_the_optimizer():
+    settings = dict(learning_rate=2e-3, warmup_steps=3, decay_steps=5, min_learning_rate=2e-4)
+    module = tiny_module(**settings)
+    configured = module.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    assert configured["lr_scheduler"]["interval"] == "step" and configured["lr_scheduler"]["name"] == "train/lr"
+    for step in range(12):
+        want = schedule_formula(step, 2e-3, 3, 5, 2e-4)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_adamw_settings_and_one_group_of_every_parameter():
+    module = tiny_module(learning_rate=7e-4, weight_decay=0.05, betas=[0.8, 0.95])
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert type(optimizer) is torch.optim.AdamW
+    (group,) = optimizer.param_groups
+    assert [id(p) for p in group["params"]] == [id(p) for p in module.model.parameters()]
+    assert len(group["params"]) == 5  # embed, encoder, encoder_v, decoder, lm_head: all decayed, as the reference
+    assert group["weight_decay"] == 0.05 and group["betas"] == (0.8, 0.95) and group["initial_lr"] == 7e-4
+
+
+def test_logged_learning_rate_of_a_real_run_follows_the_formula(tmp_path, monkeypatch):
+    from conftest import write_letters
+
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt", size=20000)
+    args = ["fit", "--data.path", "corpus.txt", *TINY_ARGS, "--model.learning_rate", "2e-3", "--model.warmup_steps", "3",
+            "--model.decay_steps", "6", "--model.min_learning_rate", "4e-4", "--trainer.max_steps", "12",
+            "--trainer.val_check_interval", "12", "--data.val_windows", "2", "--model.n_layer", "1"]  # fmt: skip
+    assert main(args) == 0
+    logged = scalars(tmp_path / "lightning_logs/version_0", "train/lr")
+    assert sorted(logged) == list(range(12))
+    for step, value in logged.items():
+        assert value == pytest.approx(schedule_formula(step, 2e-3, 3, 6, 4e-4), rel=1e-6), step
+
+
+def test_loss_is_the_mean_cross_entropy_in_float32_under_bfloat16():
+    torch.manual_seed(0)
+    module = tiny_module(dropout=0.0).eval()
+    data = torch.randint(0, 256, (3, 25), generator=torch.Generator().manual_seed(1))
+    x, y = data[:, :-1], data[:, 1:]
+    with torch.no_grad():
+        want = oracle_loss(oracle_logits_of(module.model, x), y)
+        torch.testing.assert_close(module.loss((x, y)), want, rtol=1e-5, atol=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = module.loss((x, y))
+            logits = module.model(x)
+        assert half.dtype == torch.float32  # cross-entropy of float32 logits, not bfloat16
+        assert half.item() == pytest.approx(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item(), rel=1e-6)
+        assert half.item() == pytest.approx(want.item(), rel=2e-2)
+        double = tiny_module(dropout=0.0).double().eval()
+        assert double.loss((x, y)).dtype == torch.float64
+    assert torch.equal(module(x), module.model(x))
+
+
+def test_loss_gradient_reaches_every_parameter():
+    module = tiny_module(dropout=0.0)
+    data = torch.randint(0, 256, (2, 17))
+    module.loss((data[:, :-1], data[:, 1:])).backward()
+    for name, p in module.model.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+# ---------------------------------------------------------------- dropout seeds
+
+
+def seed_after_batch_start(module, rank, step, batch_idx, accumulate=1, global_seed="0"):
+    """torch's seed after on_train_batch_start on `rank` at `step`, batch `batch_idx` of the epoch."""
+    module._trainer = SimpleNamespace(accumulate_grad_batches=accumulate, global_rank=rank, global_step=step)
+    os.environ["PL_GLOBAL_SEED"] = global_seed
+    try:
+        module.on_train_batch_start(None, batch_idx)
+    finally:
+        module._trainer = None
+    return torch.initial_seed()
+
+
+@pytest.fixture
+def keep_global_seed():
+    before = os.environ.get("PL_GLOBAL_SEED")
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+    if before is None:
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    else:
+        os.environ["PL_GLOBAL_SEED"] = before
+
+
+def test_dropout_seed_differs_per_rank_step_and_micro_batch(keep_global_seed):
+    module = tiny_module()
+    seeds = {}
+    for rank in range(4):
+        for step in range(3):
+            for micro in range(3):
+                seeds[rank, step, micro] = seed_after_batch_start(module, rank, step, batch_idx=step * 3 + micro, accumulate=3)
+    assert len(set(seeds.values())) == len(seeds)  # no two (rank, step, micro-batch) draw the same masks
+    # A function of (global seed, rank, step, micro-batch) only: a resumed run draws the same masks.
+    assert seed_after_batch_start(module, 2, 1, batch_idx=4, accumulate=3) == seeds[2, 1, 1]
+    # The micro-batch is batch_idx modulo accumulation: the epoch's batch index does not enter otherwise.
+    assert seed_after_batch_start(module, 2, 1, batch_idx=301, accumulate=3) == seeds[2, 1, 1]
+    assert seed_after_batch_start(module, 0, 5, batch_idx=7, accumulate=1) == seed_after_batch_start(module, 0, 5, 0)
+    assert seed_after_batch_start(module, 0, 0, 0, global_seed="1") != seeds[0, 0, 0]
+
+
+def test_ranks_draw_different_dropout_masks(keep_global_seed):
+    module = tiny_module(dropout=0.5).train()
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+
+    def forward_on(rank, micro):
+        seed_after_batch_start(module, rank, step=3, batch_idx=micro, accumulate=2)
+        with torch.no_grad():
+            return module(idx)
+
+    rank0, rank1, rank0_again, rank0_next_micro = forward_on(0, 0), forward_on(1, 0), forward_on(0, 0), forward_on(0, 1)
+    assert torch.equal(rank0, rank0_again)
+    assert (rank0 - rank1).abs().max() > 1e-3
+    assert (rank0 - rank0_next_micro).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- validation mean
+
+
+def test_validation_loss_is_weighted_by_bytes_when_the_last_batch_is_smaller(tmp_path):
+    torch.manual_seed(3)
+    module = tiny_module(dropout=0.0)
+    data = torch.randint(0, 256, (5, 21), generator=torch.Generator().manual_seed(4))
+    windows = list(zip(data[:, :-1], data[:, 1:]))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    (result,) = trainer.validate(module, DataLoader(windows, batch_size=2))  # batches of 2, 2 and 1 windows
+    with torch.no_grad():
+        per_batch = [module.loss((data[i : i + 2, :-1], data[i : i + 2, 1:])).item() for i in (0, 2, 4)]
+        want = module.loss((data[:, :-1], data[:, 1:])).item()
+    assert abs(sum(per_batch) / 3 - want) > 1e-4  # the unweighted mean of batch means would differ
+    assert result["val/loss"] == pytest.approx(want, rel=1e-5)
+    assert result["val/bpb"] == pytest.approx(want / math.log(2), rel=1e-5)
+    (tested,) = trainer.test(module, DataLoader(windows, batch_size=2))
+    assert tested["test/loss"] == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_fused_kernel_is_refused_at_construction_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fused is allowed")
+    with pytest.raises(BDHError) as error:
+        tiny_module(kernel="fused")
+    assert "\n" not in str(error.value) and "fused" in str(error.value)
+
+
+def test_settings_reach_the_model_config():
+    module = tiny_module(dropout=0.25, kernel="chunked", chunk_size=64)
+    c = module.config
+    assert (c.n_layer, c.n_embd, c.n_head, c.mlp_internal_dim_multiplier) == (2, 32, 2, 8)
+    assert (c.dropout, c.kernel, c.chunk_size, c.vocab_size) == (0.25, "chunked", 64, 256)
+    assert module.model.config is c
+    assert module.hparams.learning_rate == 1e-3 and module.hparams.decay_steps == 0
+
+
+def test_compile_wraps_the_forward_once():
+    module = tiny_module(compile=True)
+    plain_forward = module.model.forward
+    module.configure_model()
+    compiled = module.model.forward
+    assert compiled is not plain_forward
+    module.configure_model()  # Lightning may call it again (e.g. on validate after fit)
+    assert module.model.forward is compiled
+    assert "model.encoder" in module.state_dict()  # parameters keep their plain names
+    not_compiled = tiny_module()
+    forward = not_compiled.model.forward
+    not_compiled.configure_model()
+    assert not_compiled.model.forward == forward
+
+
+def test_flops_formula():
+    module = BDHLitModule(n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=4)
+    H, D, N, T, V = 2, 16, 32, 10, 256
+    per_token = 3 * (6 * H * D * N + 2 * H * N * T + 2 * H * D * T) + 2 * D * V
+    assert module.forward_flops(4, T) == 4 * T * per_token
+    assert module.training_flops(4, T) == 3 * 4 * T * per_token
