@@ -214,3 +214,42 @@ def test_reference_layer_drops_out_only_when_training_with_p_above_zero():
     torch.manual_seed(20)
     z = torch.nn.functional.dropout(a * b, 0.5, training=True)
     torch.testing.assert_close(dropped, oracle_layer_norm(x + oracle_layer_norm(decode(z, decoder))), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_layer_defaults_are_no_dropout_and_the_causal_read():
+    x, encoder, encoder_v, decoder, cos, sin = layer_inputs(seed=21)
+    plain = oracle_layer(x[:, 0], encoder, encoder_v, decoder).unsqueeze(1)
+    torch.testing.assert_close(reference_layer(x, encoder, encoder_v, decoder, cos, sin), plain, rtol=1e-12, atol=1e-12)
+    # training=True alone (dropout defaults to 0) and dropout alone (training defaults to False) drop nothing.
+    torch.testing.assert_close(reference_layer(x, encoder, encoder_v, decoder, cos, sin, training=True), plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout=0.4), plain, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_layer_passes_its_read_on():
+    x, encoder, encoder_v, decoder, cos, sin = layer_inputs(seed=22)
+    constant = torch.full((B, H, T, D), 0.7, dtype=x.dtype)
+    got = reference_layer(x, encoder, encoder_v, decoder, cos, sin, read=lambda q, values: constant)
+    a = torch.relu(x @ encoder)
+    b = torch.relu(constant @ encoder_v)
+    torch.testing.assert_close(got, layer_output(x, decode(a * b, decoder)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_reference_layer_drops_with_the_probability_it_is_given(p):
+    x, encoder, encoder_v, decoder, cos, sin = layer_inputs(seed=23)
+    a, b = oracle_activations(x, encoder, encoder_v)
+    torch.manual_seed(24)
+    got = reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout=p, training=True)
+    torch.manual_seed(24)
+    z = torch.nn.functional.dropout(a * b, p, training=True)
+    torch.testing.assert_close(got, layer_output(x, decode(z, decoder)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rope_keeps_a_16_bit_dtype(dtype):
+    # cos and sin are float32: both products are cast back, so the rotated queries keep v's dtype.
+    v = randn(B, H, T, N, seed=25, dtype=torch.float32).to(dtype)
+    positions = torch.arange(T)
+    got = rope(v, *rope_cos_sin(positions, N))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), oracle_rope(v.float(), positions), rtol=2e-2, atol=2e-2)
