@@ -68,13 +68,16 @@ def read_remote(url: str, name: str) -> bytes:
             with open(local, "rb") as file:
                 return file.read()
         except ImportError as error:
-            raise DataError(f"reading {target} needs {error.name or 'a storage client'}: pip install {error.name or 'it'}") from None
+            detail = " ".join(str(error).split())[:300]
+            raise DataError(f"reading {target} needs a storage client that is not installed ({detail})") from None
         except Exception as error:  # noqa: BLE001 (storage clients raise their own exception types)
             kind = type(error).__name__
             detail = " ".join(str(error).split())[:300]
-            if "Credential" in kind or "credential" in detail.lower():
-                hint = ("no credentials were found: for s3:// set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, "
-                        "or run where an instance role applies); for gs:// set GOOGLE_APPLICATION_CREDENTIALS")  # fmt: skip
+            if "credential" in f"{kind} {detail}".lower() and target.startswith("gs://"):
+                hint = "no credentials were found: set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+            elif "credential" in f"{kind} {detail}".lower():
+                hint = ("no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run "
+                        "where an instance role applies")  # fmt: skip
             else:
                 hint = "check the URL, your network and your credentials"
             raise DataError(f"cannot read {target} ({kind}: {detail}); {hint}") from None
