@@ -13,14 +13,15 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .data import ByteDataModule
 from .errors import CheckpointError, UsageError, one_line
 from .checkpoints import AtomicCheckpointIO, check_model_shape, find_last, read_checkpoint
 from .faults import StopOnNonFinite, StopOnSignal
-from .precision import default_precision
+from .precision import TF32, default_precision
+from .throughput import ThroughputMonitor
 from .monitor import SparsityMonitor, TextSample
 from . import __version__
 from .model import ARCHITECTURE
@@ -65,8 +66,10 @@ class BDHCLI(LightningCLI):
                 "log_every_n_steps": 100,
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
-                    # Rates over the last 20 batches: short runs see them too (Lightning's default window is 100).
-                    ThroughputMonitor(batch_size_fn=windows_per_batch, length_fn=bytes_per_batch, window_size=20),
+                    # Bytes/s and MFU against the GPU's dense peak, every log_every_n_steps; validation
+                    # charged a forward pass; the GPU synced only where it reports (throughput.py).
+                    ThroughputMonitor(),
+                    TF32(),  # --tf32, set in every rank (ddp_spawn workers do not inherit it)
                     StopOnSignal(),
                     StopOnNonFinite(),
                 ],
@@ -131,10 +134,10 @@ class BDHCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.active_config()
         if config.trainer.precision is None:
-            config.trainer.precision = default_precision()
-        if torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = config.tf32
-            torch.backends.cudnn.allow_tf32 = config.tf32
+            config.trainer.precision = default_precision(config.trainer.accelerator)  # no CUDA context here
+        for callback in self.trainer_defaults["callbacks"]:
+            if isinstance(callback, TF32):
+                callback.allow = config.tf32
         if config.get("ckpt_path"):  # model.* now holds the checkpoint's settings: do its weights fit them?
             check_model_shape(self.checkpoint, config.ckpt_path, config.model)
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())

@@ -1,13 +1,23 @@
 """One table of Lightning precisions: what each means for the weights, the activations and autocast.
 
 Used by the CLI (the default), `generate` (its autocast), `estimate` (bytes) and the benchmarks.
+
+The default is decided without creating a CUDA context in the launching process (`gpu_capabilities`
+reads NVML, the driver's management library), so that fork-based launchers (`ddp_fork`, `ddp_notebook`)
+can still start their ranks; TF32 is set by a callback in every rank (`TF32`), since `ddp_spawn`
+workers start from a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from .errors import ConfigError
 
@@ -52,8 +62,86 @@ def compute_dtype(name: str | None) -> torch.dtype:
         return torch.float32
 
 
-def default_precision() -> str:
-    """The BDH guide's choice: bf16-mixed where the GPU supports it, else 16-mixed on CUDA, else 32-true."""
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+def default_precision(accelerator=None) -> str:
+    """The BDH guide's choice: bf16-mixed where every GPU supports bfloat16 (compute capability 8.0 up,
+    Ampere and later), else 16-mixed on CUDA, else 32-true (the CPU, MPS, or `accelerator` cpu).
+
+    Creates no CUDA context: `torch.cuda.device_count` and `gpu_capabilities` read NVML."""
+    name = accelerator if isinstance(accelerator, str) else "auto"  # an Accelerator object: let the machine say
+    if name not in ("auto", "cuda", "gpu") or torch.cuda.device_count() == 0:
+        return "32-true"
+    capabilities = gpu_capabilities()
+    return "bf16-mixed" if capabilities and min(capabilities)[0] >= 8 else "16-mixed"
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) compute capability of each visible GPU, without creating a CUDA context here.
+
+    Read from NVML; where NVML cannot be read, from a short-lived child process (which may create a context of
+    its own); from torch directly when this process has initialised CUDA already. Empty if nothing answers."""
+    if torch.cuda.is_initialized():
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    capabilities = nvml_capabilities()
+    if capabilities is None:
+        capabilities = child_process_capabilities()
+    return capabilities
+
+
+def nvml_capabilities() -> list[tuple[int, int]] | None:
+    """Compute capabilities of the GPUs CUDA_VISIBLE_DEVICES lets this process see, from NVML; None if NVML
+    is missing or fails (then the caller asks elsewhere)."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        try:
+            count = ctypes.c_uint()
+            if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+                return None
+            try:  # NVML numbers every GPU; CUDA_VISIBLE_DEVICES (indices or UUIDs) picks and orders them
+                indices = [torch.cuda._get_nvml_device_index(i) for i in range(torch.cuda.device_count())]
+            except Exception:
+                indices = list(range(count.value))
+            capabilities = []
+            for index in indices:
+                handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+                if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
+                    return None
+                if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
+                    return None
+                capabilities.append((major.value, minor.value))
+            return capabilities
+        finally:
+            nvml.nvmlShutdown()
+    except (OSError, AttributeError):
+        return None
+
+
+CAPABILITY_PROBE = "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]))"
+
+
+def child_process_capabilities() -> list[tuple[int, int]]:
+    """Ask a child Python (its CUDA context dies with it); empty if it fails."""
+    try:
+        done = subprocess.run([sys.executable, "-c", CAPABILITY_PROBE], capture_output=True, text=True, timeout=120)
+        return [tuple(pair) for pair in json.loads(done.stdout)] if done.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError, TypeError, ValueError):
+        return []
+
+
+def set_tf32(allow: bool) -> None:
+    """TF32 in float32 matmuls (cuBLAS) and convolutions (cuDNN): about 1e-3 relative error, several times faster."""
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+class TF32(Callback):
+    """Sets TF32 on or off in each rank as it starts (`setup` runs in every rank: `ddp_spawn` workers are fresh
+    interpreters that a setting made in the launching process never reaches). CUDA only."""
+
+    def __init__(self, allow: bool = True):
+        self.allow = allow
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            set_tf32(self.allow)

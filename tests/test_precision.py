@@ -1,0 +1,83 @@
+"""The default precision is decided without creating a CUDA context (fork-based launchers need that), and TF32
+is set in every rank by a callback (ddp_spawn workers do not inherit the launcher's setting)."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bdh_lightning import precision
+from bdh_lightning.precision import TF32, default_precision
+from conftest import SUBPROCESS_ENV
+
+
+@pytest.fixture
+def no_cuda_context(monkeypatch):
+    """Anything that would create a CUDA context fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CUDA context was asked for")
+
+    for name in ("is_bf16_supported", "current_device", "get_device_properties", "get_device_capability", "_lazy_init", "init"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+
+@pytest.mark.parametrize(
+    "capabilities, expected",
+    [([(9, 0)], "bf16-mixed"), ([(8, 0), (8, 0)], "bf16-mixed"), ([(8, 6)], "bf16-mixed"), ([(7, 0)], "16-mixed"),
+     ([(8, 0), (7, 5)], "16-mixed"), ([], "16-mixed")],
+)  # fmt: skip
+def test_gpus_pick_bf16_from_ampere_up_without_a_cuda_context(no_cuda_context, monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: max(1, len(capabilities)))
+    monkeypatch.setattr(precision, "nvml_capabilities", lambda: capabilities)
+    assert default_precision() == expected
+    assert default_precision("cuda") == expected
+    assert default_precision("cpu") == "32-true"  # a CPU run on a GPU machine
+
+
+def test_without_nvml_a_child_process_answers(no_cuda_context, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(precision, "nvml_capabilities", lambda: None)
+    asked = []
+    monkeypatch.setattr(precision, "child_process_capabilities", lambda: asked.append(1) or [(8, 9)])
+    assert default_precision() == "bf16-mixed" and asked == [1]
+
+
+def test_the_child_process_probe_runs():
+    """The probe itself, for real (a child Python): on a CPU-only build it sees no GPU, an empty list."""
+    expected = [] if torch.cuda.device_count() == 0 else [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    assert precision.child_process_capabilities() == expected
+
+
+def test_no_gpu_is_32_true(no_cuda_context, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert default_precision() == "32-true"
+
+
+def test_deciding_leaves_cuda_uninitialised_in_a_fresh_process():
+    """What `fit` does before its ranks start; on a GPU machine this is the check that ddp_fork can still fork."""
+    code = "import torch; from bdh_lightning.precision import default_precision; p = default_precision(); print(p, torch.cuda.is_initialized())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=SUBPROCESS_ENV)
+    assert done.returncode == 0, done.stderr
+    chosen, initialised = done.stdout.split()
+    assert initialised == "False" and chosen in ("32-true", "bf16-mixed", "16-mixed")
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_tf32_is_set_in_the_rank_on_cuda_only(allow):
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not allow
+        torch.backends.cudnn.allow_tf32 = not allow
+        cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        TF32(allow).setup(cpu, None, "fit")
+        assert torch.backends.cuda.matmul.allow_tf32 is (not allow)  # the CPU: left alone
+        cuda = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+        TF32(allow).setup(cuda, None, "fit")
+        assert torch.backends.cuda.matmul.allow_tf32 is allow and torch.backends.cudnn.allow_tf32 is allow
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
