@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from . import masks
+from .errors import ConfigError
 from .layer import LN_EPS, attention_dtype, layer_output
 
 # Decided when the kernels are decorated, as Triton decides it (it reads the variable at import).
@@ -427,16 +428,18 @@ def _cols_kernel(X, Y, DU, E, EV, DEC, COS, SIN, G, D_E, D_EV, D_DEC, SEED_HASH,
 
 
 def compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of the products, dtype of layer norms and accumulations), as `kernels.compute_dtypes`:
-    autocast's dtype when it is on, with layer norm in float32 as autocast runs it."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type), torch.float32
-    return x.dtype, x.dtype
+    """(dtype of the products, dtype of layer norms and accumulations), as `kernels.compute_dtypes`
+    (not imported: kernels.py imports this module): autocast's dtype when it is on, else x's; float32
+    for the norms and sums."""
+    device_type = x.device.type
+    low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    return low, torch.float32
 
 
 def _meta(dtype: torch.dtype, D: int, tiles: Tiles) -> dict:
     if dtype not in PRECISIONS:
-        raise TypeError(f"the fused kernel computes in float32, bfloat16 or float16, not {dtype}")
+        raise ConfigError(f"model.kernel=fused computes in float32, bfloat16 or float16, not {dtype}; "
+                          "use model.kernel=chunked for other precisions")
     meta = dict(BT=tiles.rows, BP=tiles.pairs, BD=tiles.depth, DP=triton.next_power_of_2(D),
                 PREC=PRECISIONS[dtype], ATT=PRECISIONS[attention_dtype(dtype)], EMULATE=INTERPRETED)
     if not INTERPRETED:
@@ -536,14 +539,16 @@ def fused_layer(
 ) -> torch.Tensor:
     """The same function as `reference_layer` and `chunked_layer`, by the Triton kernels. x: (B, 1, T, D).
 
-    `dropout` is the probability applied (0 outside training), masks from `seed` as chunked's
-    (`masks.dropout_mask`), drawn from torch's global generator when None. `chunk_size` is accepted for
+    `dropout` is the probability applied (0 outside training), masks from `seed` (int or int64 tensor)
+    as chunked's (`masks.dropout_mask`), drawn from torch's global generator when None. `chunk_size` is accepted for
     the common signature and unused: the kernel's neuron tile is `tiles.pairs` (tests pass small tiles).
     """
     del chunk_size
+    if x.device.type != "cuda" and not INTERPRETED:
+        raise ConfigError("model.kernel=fused runs on CPU tensors only under Triton's interpreter: set "
+                          "TRITON_INTERPRET=1 before the first import (tests), or use a CUDA device")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item()) if dropout > 0 else 0  # as kernels.draw_seed
-    if encoder.shape[-1] % 2:
-        raise ValueError(f"the fused kernel needs an even number of neurons per head (rotary pairs), got {encoder.shape[-1]}")
+    seed = int(seed)  # an int or an int64 tensor (kernels.draw_seed's): the kernels take its hash as a scalar
     u = FusedLayer.apply(x, encoder, encoder_v, decoder, cos, sin, float(dropout), int(seed), tiles or Tiles())
     return layer_output(x, u)

@@ -14,9 +14,24 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
+from .errors import ConfigError, finite_float, non_negative_int
 from .kernels import resolve_kernel
 from .model import BDH, BDHConfig
 from .weights import weights_to_start_from
+
+
+def check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, decay_steps, min_learning_rate) -> None:
+    """AdamW's and the schedule's rules, checked before anything is built or written (ConfigError, one line)."""
+    finite_float("model.learning_rate", learning_rate, 0.0, low_open=True)
+    finite_float("model.weight_decay", weight_decay, 0.0, hint=" (0 = none)")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ConfigError(f"model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
+    for i, beta in enumerate(betas):
+        finite_float(f"model.betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    non_negative_int("model.warmup_steps", warmup_steps, zero="0 = no warmup")
+    non_negative_int("model.decay_steps", decay_steps, zero="0 = constant learning rate")
+    finite_float("model.min_learning_rate", min_learning_rate, 0.0, float(learning_rate),
+                 hint=" (the floor of the cosine decay, at most model.learning_rate)")  # fmt: skip
 
 
 class BDHLitModule(L.LightningModule):
@@ -65,6 +80,7 @@ class BDHLitModule(L.LightningModule):
                 unpickling code. On resume (--ckpt_path) the checkpoint's weights replace them.
         """
         super().__init__()
+        check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, decay_steps, min_learning_rate)
         self.save_hyperparameters()
         self.config = BDHConfig(
             n_layer=n_layer,
@@ -76,8 +92,8 @@ class BDHLitModule(L.LightningModule):
             kernel=kernel,
             chunk_size=chunk_size,
         )
-        if kernel == "fused":  # refuse it now, not at the first forward pass
-            resolve_kernel(kernel, torch.device("cuda"))
+        if kernel == "fused":  # refuse it now where this machine cannot run it, not at the first forward pass
+            resolve_kernel(kernel, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = BDH(self.config)
         if init_from is not None:
             self.start_from(init_from)
