@@ -13,18 +13,24 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
+from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from .data import ByteDataModule
-from .errors import CheckpointError, UsageError, one_line
-from .checkpoints import AtomicCheckpointIO, check_model_shape, find_last, read_checkpoint
+from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
+from .checkpoints import AtomicCheckpointIO, RunCheckpoint, check_loadable, check_model_shape, find_last, read_checkpoint
 from .faults import StopOnNonFinite, StopOnSignal
 from .precision import TF32, default_precision
 from .throughput import ThroughputMonitor
 from .monitor import SparsityMonitor, TextSample
 from . import __version__
-from .model import ARCHITECTURE
+from .console import RunReport, device_memory, memory_line
+from .estimate import estimate_memory, format_bytes, largest_batch
+from .kernels import resolve_kernel
+from .model import ARCHITECTURE, BDHConfig
 from .module import BDHLitModule
 
 DESCRIPTION = (
@@ -64,6 +70,7 @@ class BDHCLI(LightningCLI):
                 "val_check_interval": 100,
                 "check_val_every_n_epoch": None,
                 "log_every_n_steps": 100,
+                "enable_model_summary": False,  # the header gives the parameters; Lightning's table adds a FLOPs column of zeros
                 "callbacks": [
                     LearningRateMonitor(logging_interval="step"),
                     # Bytes/s and MFU against the GPU's dense peak, every log_every_n_steps; validation
@@ -114,12 +121,16 @@ class BDHCLI(LightningCLI):
         return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--force", action=ActionYesNo, default=False,
+                            help="Start even where the predicted memory exceeds the device's (it is a prediction).")  # fmt: skip
+        parser.add_argument("--quiet", action=ActionYesNo, default=True,
+                            help="Hide the framework's own notices and warnings; --no_quiet shows them.")  # fmt: skip
         parser.add_argument(
             "--tf32", type=bool, default=True, help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)"
         )
         parser.add_lightning_class_args(TextSample, "sample")
         parser.add_lightning_class_args(SparsityMonitor, "sparsity")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # ModelCheckpoint, one last.ckpt per run
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
@@ -133,6 +144,8 @@ class BDHCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.active_config()
+        if self.subcommand in ("validate", "test"):
+            self.save_config_callback = None  # they report, and write nothing: no run folder, no config.yaml
         if config.trainer.precision is None:
             config.trainer.precision = default_precision(config.trainer.accelerator)  # no CUDA context here
         for callback in self.trainer_defaults["callbacks"]:
@@ -142,28 +155,107 @@ class BDHCLI(LightningCLI):
             check_model_shape(self.checkpoint, config.ckpt_path, config.model)
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_cpu_devices(config.trainer)
+        if self.subcommand == "fit":
+            if config.get("ckpt_path"):
+                nothing_left_to_do(self.checkpoint, config)
+            self.header_lines = plan_memory(config)
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         # Right after parsing, LightningCLI loads --ckpt_path to copy its model settings into the config;
         # resolve `last` first (so it gets them too) and refuse a bad file here, in one line.
         config = self.active_config()
-        if config.get("ckpt_path") == "last":
-            config.ckpt_path = str(find_last())
+        last = config.get("ckpt_path") == "last"
+        if last:
+            config.ckpt_path = str(resolve_last(config))
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
             raise UsageError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
         if config.get("ckpt_path"):
             self.checkpoint = read_checkpoint(config.ckpt_path)  # memory-mapped: cheap to keep until the shape check
+            check_loadable(self.checkpoint, config.ckpt_path, resume=self.config.get("subcommand") == "fit")
             self.model_settings_given = config.model.as_dict()
+            if last and rank_zero_only.rank == 0:
+                print(f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("enable_progress_bar") is not False:  # our progress, header and closing block
+            kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), RunReport(getattr(self, "header_lines", []))]
+        if self.subcommand in ("validate", "test"):
+            kwargs["logger"] = False
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (ValueError, MisconfigurationException) as error:  # Lightning's word on impossible trainer.* settings
             raise UsageError(one_line(error)) from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.subcommand == "fit" and rank_zero_only.rank == 0:
+            self.claimed = [claim_run_folder(logger) for logger in trainer.loggers]
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger._default_hp_metric = False  # no `hp_metric = -1` scalar in TensorBoard
         return trainer
+
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            for folder in getattr(self, "claimed", []):  # a run that failed before writing anything leaves nothing
+                if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
+
+
+def run_root(config) -> Path:
+    """The folder this command's runs go to, each a version_N/ in it: the first logger's save_dir/name, else
+    trainer.default_root_dir/lightning_logs (Lightning's default logger), or default_root_dir without a logger."""
+    base = Path(config.trainer.get("default_root_dir") or ".")
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    if logger is None or logger is True:
+        return base / "lightning_logs"
+    if logger is False:
+        return base
+    settings = logger.get("init_args") or {}
+    save_dir = settings.get("save_dir") or settings.get("root_dir") or base
+    return Path(save_dir) / str(settings.get("name", "lightning_logs") or "")
+
+
+def resolve_last(config) -> Path:
+    """`--ckpt_path last`: checkpoint.dirpath's last.ckpt when set, else the newest last.ckpt under run_root. The
+    processes Lightning starts for DDP take the file their parent chose (a run may have saved a newer one since)."""
+    if os.environ.get("BDH_CKPT_PATH_LAST_PARENT") == str(os.getppid()) and os.environ.get("BDH_CKPT_PATH_LAST"):
+        return Path(os.environ["BDH_CKPT_PATH_LAST"])
+    dirpath = config.get("checkpoint") and config.checkpoint.get("dirpath")
+    if dirpath:
+        path = Path(dirpath) / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(f"--ckpt_path last: no last.ckpt in checkpoint.dirpath {dirpath}; train first or give a checkpoint path")
+    else:
+        path = find_last(run_root(config))
+    os.environ["BDH_CKPT_PATH_LAST"], os.environ["BDH_CKPT_PATH_LAST_PARENT"] = str(path), str(os.getpid())
+    return path
+
+
+def claim_run_folder(logger) -> Path | None:
+    """Create this run's version_N folder with mkdir, which fails for all but one of several runs starting at once
+    (Lightning only picks the next free number, so simultaneous runs shared one folder); None if not ours to pick."""
+    if getattr(logger, "_version", 0) is not None or not hasattr(logger, "root_dir") or "://" in str(logger.root_dir):
+        return None
+    root = Path(logger.root_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    version = logger._get_next_version()
+    while True:
+        folder = root / f"version_{version}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            version += 1
+            continue
+        logger._version = version
+        return folder
 
 
 class SettingsOnly(BDHCLI):
@@ -186,15 +278,77 @@ def parse_settings(args: list[str]):
         return SettingsOnly(args=[*args, "--seed_everything", "false"], run=False).config
 
 
+def comparable(value):
+    return list(value) if isinstance(value, tuple) else value  # YAML gives lists where Python gave tuples
+
+
 def note_replaced_model_settings(given: dict, from_checkpoint: dict) -> None:
     """LightningCLI takes model.* from a --ckpt_path checkpoint: say which given values that replaced."""
     replaced = [
         f"{key}={from_checkpoint[key]!r} (not {value!r})"
         for key, value in given.items()
-        if key in RESUMED_FROM_CHECKPOINT and from_checkpoint.get(key) != value
+        if key in RESUMED_FROM_CHECKPOINT and comparable(from_checkpoint.get(key)) != comparable(value)
     ]
     if replaced:
         print(f"note: model settings come from the checkpoint: {', '.join(replaced)}", file=sys.stderr)
+
+
+def nothing_left_to_do(checkpoint: dict, config) -> None:
+    """A resume whose checkpoint is already at trainer.max_steps: say so, and write nothing."""
+    step, max_steps = checkpoint.get("global_step"), config.trainer.max_steps
+    if isinstance(step, int) and max_steps is not None and 0 <= max_steps <= step:
+        raise NothingToDo(
+            f"{config.ckpt_path} is at step {step} and trainer.max_steps is {max_steps}: nothing to train; "
+            f"raise --trainer.max_steps (e.g. {step + max(step, 1)}) to train longer"
+        )
+
+
+def run_device(trainer_config) -> torch.device:
+    accelerator = str(trainer_config.accelerator)
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def plan_memory(config) -> list[str]:
+    """The predicted peak of this run against the device's memory: a header line, or ConfigError (before anything
+    is written) when it cannot fit, with the batch size and accumulation that would. `--force` starts it anyway."""
+    device = run_device(config.trainer)
+    model, data = config.model.as_dict(), config.data
+    precision = str(config.trainer.precision)
+    try:
+        report = estimate_memory(model, data.batch_size, data.block_size, precision, device.type)
+        BDHConfig.from_dict(model)
+    except (BDHError, TypeError, ValueError):
+        return []  # the settings themselves are wrong: the module or data module says so in one line
+    kernel = model.get("kernel", "auto")
+    c = BDHConfig.from_dict(model)
+    n_wide = data.batch_size * c.n_head * data.block_size * c.neurons_per_head
+    if kernel in report.kernels:
+        candidates, why = [kernel], "as set"
+    elif kernel == "auto" and device.type == "cpu":
+        candidates = [resolve_kernel("auto", device, n_wide)]
+        side = "below" if candidates[0] == "reference" else "at or above"
+        why = f"auto on CPU: B*H*T*N = {n_wide:,} is {side} 2**23, where chunked measured faster"
+    else:  # auto on CUDA: the fastest that fits; fused keeps chunked's bytes
+        candidates, why = list(report.kernels), "auto on CUDA: the reference where it fits, else chunked"
+    best = min(candidates, key=lambda k: report.kernels[k].peak_bytes)
+    peak = report.kernels[best].peak_bytes
+    have, what = device_memory(device)
+    if have and peak > have and not config.get("force"):
+        fits = largest_batch(model, data.block_size, precision, device.type, best, have)
+        accumulate = config.trainer.accumulate_grad_batches or 1
+        if fits:
+            same = -(-data.batch_size * accumulate // fits)
+            advice = (f"use --data.batch_size {fits} --trainer.accumulate_grad_batches {same} (about the same global "
+                      f"batch), or a smaller data.block_size")  # fmt: skip
+        else:
+            advice = "no batch size fits: use a smaller data.block_size or model, or model.kernel chunked"
+        raise ConfigError(
+            f"this run needs about {format_bytes(peak)} (predicted, kernel {best}, batch {data.batch_size}) but {what} "
+            f"{format_bytes(have)}; {advice}; --force starts it anyway"
+        )
+    return [f"kernel     {best} ({why})", memory_line(peak, device)]
 
 
 def check_cpu_devices(trainer_config) -> None:

@@ -44,6 +44,12 @@ class NonFiniteError(BDHError, RuntimeError):
     exit_code = 1
 
 
+class NothingToDo(BDHError):
+    """The command has nothing to do (a resume already at max_steps): said in one line, exit 0."""
+
+    exit_code = 0
+
+
 class TrainingInterrupted(BDHError):
     """SIGTERM or Ctrl-C stopped the command (after saving a checkpoint, when training); exit 128 + signal."""
 

@@ -14,6 +14,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from .cli import COMMANDS, BDHCLI
+from .console import quiet
 from .errors import BDHError, one_line
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     128 + N stopped by signal N."""
     from_shell = argv is None  # LightningCLI warns when given args that duplicate sys.argv
     argv = sys.argv[1:] if from_shell else list(argv)
+    if "--no_quiet" not in argv:
+        quiet()
     try:
         if argv and argv[0] in COMMANDS:
             return run_command(argv[0], argv[1:])
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         report(f"error: {one_line(error)} (see {command})")
         return 2
     except BDHError as error:
-        report(f"error: {one_line(error)}" if error.exit_code < 128 else one_line(error))
+        report(f"error: {one_line(error)}" if 0 < error.exit_code < 128 else one_line(error))
         return error.exit_code
     except MisconfigurationException as error:
         report(f"error: {one_line(error)}")

@@ -15,6 +15,12 @@ from .layer import decode, layer_output, neuron_activations, rope_cos_sin
 from .model import BDH
 
 
+def logged_step(trainer) -> int:
+    """The step Lightning gives the scalars logged now (its count of finished optimizer steps minus one during
+    validation): figures logged by callbacks use it too, so one validation shows at one step in TensorBoard."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
 class TextSample(Callback):
     def __init__(self, prompt: str = "\n", length: int = 200, temperature: float = 0.8, top_k: int | None = None, seed: int = 1337):
         """A text sample from the model at each validation (TensorBoard text `sample`) and at the end of fit (printed).
@@ -55,7 +61,7 @@ class TextSample(Callback):
         markdown = "\n".join("    " + line for line in text.split("\n"))  # a code block: shown verbatim
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_text"):
-                logger.experiment.add_text("sample", markdown, global_step=trainer.global_step)
+                logger.experiment.add_text("sample", markdown, global_step=logged_step(trainer))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.length == 0 or not trainer.is_global_zero:

@@ -1,0 +1,241 @@
+"""What a run prints: a header before training, progress in steps, a closing block, and nothing else by default.
+
+Lightning's own notices (tips, warnings about its internals, the model summary) are filtered by `quiet`
+unless `--no_quiet` is given; a user's own warnings still show. Everything goes to stderr from global rank 0,
+each line in one write, so a log file reads like the terminal without carriage-return redraws.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ProgressBar
+
+from .estimate import format_bytes
+
+# Lightning's notices that say nothing about this run (each checked against Lightning 2.6's wording).
+QUIET_MESSAGES = (
+    r".*`IterableDataset` has `__len__` defined.*",
+    r".*The dirpath has changed from.*",
+    r".*does not have many workers which may be a bottleneck.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*You passed in a `val_dataloader` but have no `validation_step`.*",
+    r".*`flops_per_batch`.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*Experiment logs directory .* exists and is not empty.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*Precision .* is not supported by the model summary.*",
+)
+
+
+def quiet() -> None:
+    """Silence the framework's noise (warnings from its own modules, its info logs); keep the user's warnings."""
+    for pattern in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=pattern)
+    for module in (r"lightning(\..*)?", r"pytorch_lightning(\..*)?", r"torch(\..*)?", r"jsonargparse(\..*)?", r"torchmetrics(\..*)?"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available: ...", "💡 Tip: ...", seeds
+
+
+def say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+def rate(bytes_per_second: float) -> str:
+    for unit, size in (("MB/s", 1e6), ("kB/s", 1e3)):
+        if bytes_per_second >= size:
+            return f"{bytes_per_second / size:.1f} {unit}"
+    return f"{bytes_per_second:.0f} B/s"
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes this device can give a run, what it is called): the GPU's total memory, or the CPU's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "the GPU has"
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM is"
+    except OSError:
+        pass
+    return None, ""
+
+
+def bytes_per_step(trainer, datamodule) -> int:
+    """The global batch in bytes: devices x nodes x batch x accumulation x block."""
+    return trainer.world_size * datamodule.batch_size * trainer.accumulate_grad_batches * datamodule.block_size
+
+
+class RunReport(ProgressBar):
+    """The run's header, its progress in optimizer steps, and its closing block (global rank 0 only).
+
+    On a terminal the progress is one line redrawn in place; in a log file (stderr not a TTY) it is one
+    line every `trainer.log_every_n_steps` steps. Validation prints one line with its loss.
+    """
+
+    def __init__(self, header_lines: list[str] | None = None):
+        super().__init__()
+        self.header_lines = header_lines or []  # lines the CLI knows before the trainer exists (kernel, memory)
+        self._enabled = True
+        self.tty = sys.stderr.isatty()
+        self.start_time = self.last_time = 0.0
+        self.start_step = self.last_step = 0
+        self.val_loss: float | None = None
+        self.redrawn = False
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def active(self, trainer) -> bool:
+        return self._enabled and trainer.is_global_zero and not trainer.sanity_checking
+
+    # -- header --------------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_time = self.last_time = time.perf_counter()
+        self.start_step = self.last_step = trainer.global_step
+        if trainer.is_global_zero:
+            for line in self.header(trainer, pl_module):
+                say(line)
+
+    def header(self, trainer, pl_module) -> list[str]:
+        data = trainer.datamodule
+        c = pl_module.config
+        callback = trainer.checkpoint_callback
+        run_dir = trainer.log_dir or trainer.default_root_dir
+        lines = [f"run        {run_dir}" + (f"   (checkpoints: {callback.dirpath})" if callback and callback.dirpath else "")]
+        device = trainer.strategy.root_device
+        nodes = f" x {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
+        lines.append(f"device     {trainer.num_devices} x {device.type}{nodes}, precision {trainer.precision}")
+        lines.append(f"model      {c.num_parameters:,} parameters: {c.n_layer} layers, D {c.n_embd}, {c.n_head} heads x "
+                     f"N {c.neurons_per_head} neurons, dropout {c.dropout}")  # fmt: skip
+        if data is not None:
+            per_step = bytes_per_step(trainer, data)
+            lines.append(
+                f"batch      {trainer.world_size} device(s) x {data.batch_size} windows x {trainer.accumulate_grad_batches} "
+                f"accumulated x {data.block_size} bytes = {per_step:,} bytes per optimizer step"
+            )
+            describe = getattr(data, "describe", None)
+            if callable(describe):
+                lines.append(f"corpus     {describe()}")
+        lines.extend(self.header_lines)
+        todo = (trainer.max_steps - trainer.global_step) if trainer.max_steps and trainer.max_steps > 0 else None
+        if todo is not None:
+            resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
+            lines.append(f"training   {todo} steps to step {trainer.max_steps}{resumed}; validation every "
+                         f"{trainer.val_check_interval} batches")  # fmt: skip
+        return lines
+
+    # -- progress ------------------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.active(trainer) or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        step = trainer.global_step
+        every = max(1, trainer.log_every_n_steps)
+        if self.tty or step % every == 0 or step == trainer.max_steps:
+            self.show(trainer, step)
+
+    def show(self, trainer, step: int) -> None:
+        now = time.perf_counter()
+        done = step - self.start_step
+        elapsed = now - self.start_time
+        speed = done * bytes_per_step(trainer, trainer.datamodule) / elapsed if elapsed > 0 and done else 0.0
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        left = (total - step) * elapsed / done if total and done else None
+        metrics = trainer.progress_bar_metrics
+        parts = [f"step {step}/{total}" if total else f"step {step}"]
+        if "train/loss" in metrics:
+            parts.append(f"loss {float(metrics['train/loss']):.4f}")
+        if self.val_loss is not None:
+            parts.append(f"val {self.val_loss:.4f}")
+        if speed:
+            parts.append(rate(speed))
+        if left is not None:
+            parts.append(f"{duration(left)} left")
+        line = "  ".join(parts)
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+            sys.stderr.flush()
+            self.redrawn = True
+        else:
+            say(line)
+
+    def end_redraw(self) -> None:
+        if self.redrawn:
+            sys.stderr.write("\n")
+            self.redrawn = False
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._enabled or not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is None:
+            return
+        self.val_loss = float(loss)
+        if trainer.state.fn == "fit":
+            self.end_redraw()
+            say(f"step {trainer.global_step}: val/loss {self.val_loss:.4f}, val/bpb {self.val_loss / math.log(2):.4f}")
+
+    # -- closing -------------------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.end_redraw()
+        for line in self.closing(trainer):
+            say(line)
+
+    def closing(self, trainer) -> list[str]:
+        elapsed = time.perf_counter() - self.start_time
+        done = trainer.global_step - self.start_step
+        lines = [f"done       {done} steps (now at step {trainer.global_step}) in {duration(elapsed)}"]
+        if done and elapsed > 0 and trainer.datamodule is not None:
+            lines[-1] += f", {rate(done * bytes_per_step(trainer, trainer.datamodule) / elapsed)} on average"
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            lines.append(f"val/loss   {float(val):.4f}   val/bpb {float(val) / math.log(2):.4f}")
+        callback = trainer.checkpoint_callback
+        last = ""
+        if callback is not None:
+            last = callback.last_model_path or (
+                os.path.join(callback.dirpath, "last.ckpt") if callback.dirpath and os.path.exists(os.path.join(callback.dirpath, "last.ckpt")) else ""
+            )
+            if callback.best_model_path:
+                lines.append(f"best       {callback.best_model_path}")
+            if last:
+                lines.append(f"last       {last}")
+        if trainer.log_dir:
+            logs = Path(trainer.log_dir).parent
+            lines.append(f"next       tensorboard --logdir {shlex.quote(str(logs))}")
+        if last:
+            lines.append(f"           python -m bdh_lightning generate --ckpt_path {shlex.quote(last)} --prompt \"To be\"")
+        return lines
+
+
+def memory_line(predicted: int, device: torch.device) -> str:
+    """'memory     predicted peak 1.20 GiB of 23.4 GiB available RAM (a prediction until measured)'."""
+    have, what = device_memory(device)
+    place = f" ({what} {format_bytes(have)})" if have else ""
+    return f"memory     predicted peak {format_bytes(predicted)}{place}; a prediction, not yet measured on this device"
