@@ -43,6 +43,9 @@ DESCRIPTION = (
 COMMANDS = {
     "generate": ("bdh_lightning.commands:generate_command", "Sample text from a checkpoint (recurrent, O(1) per byte)."),
     "estimate": ("bdh_lightning.commands:estimate_command", "Predict the memory of a training step from a config."),
+    "inspect": ("bdh_lightning.insight:inspect_command", "Report what a checkpoint learned: neuron graph, sparsity, selective neurons."),
+    "export": ("bdh_lightning.export:export_command", "Write a checkpoint's weights for the reference, safetensors or Hugging Face."),
+    "prepare": ("bdh_lightning.prepare:prepare_command", "Pack a corpus into LitData's streaming format, split by document."),
 }
 # On resume these come from the checkpoint: the function the model computes and its optimizer and schedule.
 # Everything else (kernel, chunk_size, compile, precision, devices) is this machine's choice.
