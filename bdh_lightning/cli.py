@@ -37,6 +37,11 @@ DESCRIPTION = (
     "Train BDH (Baby Dragon Hatchling), Pathway's byte-level language model, with PyTorch Lightning. "
     "Run a subcommand with --help to see its settings, e.g. `python -m bdh_lightning fit --help`."
 )
+TRAINER_COMMANDS = {
+    "fit": "Train BDH (resume with --ckpt_path last).",
+    "validate": "Score a checkpoint on the validation windows.",
+    "test": "Score a checkpoint on the held-out test split.",
+}
 # The subcommands beside LightningCLI's: name -> (the typed function behind it, its one-line help). Their
 # parsers are built from the function's signature when the command runs (main.py); here only the help
 # line is needed, so listing them costs no import.
@@ -100,6 +105,8 @@ class BDHCLI(LightningCLI):
     def _add_subcommands(self, parser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
         listing = parser._subcommands_action
+        for choice in listing._choices_actions:  # Lightning's lines are the Trainer's docstrings, one cut mid-sentence
+            choice.help = TRAINER_COMMANDS.get(choice.dest, choice.help)
         for name, (_, help_line) in COMMANDS.items():
             listing.add_subcommand(name, LightningArgumentParser(description=help_line), help=help_line)
 

@@ -19,7 +19,8 @@ from .cli import parse_settings
 from .errors import UsageError, positive_int, sampling_settings
 from .estimate import estimate_memory, normalize_precision, parse_bytes, render
 from .generate import Generator
-from .precision import compute_dtype
+from .console import device_memory
+from .precision import compute_dtype, default_precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,7 +144,7 @@ def generate_command(
 def estimate_command(
     config: str,
     budget: str | None = None,
-    device: Literal["cuda", "cpu"] = "cuda",
+    device: Literal["auto", "cuda", "cpu"] = "auto",
     precision: str | None = None,
 ) -> int:
     """Predict the memory of a BDH training step from a fit config, without training: parameters, bytes of
@@ -152,16 +153,25 @@ def estimate_command(
     Args:
         config: A fit config (YAML), e.g. configs/14gb.yaml.
         budget: Memory to fit in, e.g. 14GB (10^9 bytes), 14GiB or 8e9; adds whether each kernel fits and
-            the largest batch that would.
-        device: Where the run will train.
-        precision: Override trainer.precision (default: the config's, else bf16-mixed as fit picks on a GPU).
+            the largest batch that would. Default: this machine's (the GPU's memory, or the available RAM).
+        device: Where the run will train: auto (this machine: cuda when available, else cpu), cuda or cpu.
+        precision: Override trainer.precision (default: the config's, else what fit picks for the device:
+            bf16-mixed on a GPU that has bfloat16, 32-true on the CPU).
     """
     if not Path(config).is_file():
         raise UsageError(f"--config {config}: no such file")
     settings = parse_settings(["--config", config])
     model_kwargs = dict(vars(settings.model))
     batch, block = int(settings.data.batch_size), int(settings.data.block_size)
-    name = normalize_precision(precision or settings.trainer.precision or "bf16-mixed")
+    here = device == "auto" or (device == "cuda") == torch.cuda.is_available()  # predicting for this machine
+    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    chosen = precision or settings.trainer.precision
+    if chosen is None:
+        chosen = default_precision() if here else ("bf16-mixed" if target == "cuda" else "32-true")
+    name = normalize_precision(chosen)
     limit = parse_bytes(budget) if budget else None
-    print(render(estimate_memory(model_kwargs, batch, block, name, device), model_kwargs, limit))
+    if limit is None and here:
+        limit, _ = device_memory(torch.device(target))
+    print(f"predicting for {'this machine: ' if here else ''}{target}, precision {name}")
+    print(render(estimate_memory(model_kwargs, batch, block, name, target), model_kwargs, limit))
     return 0
