@@ -14,20 +14,30 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ResourceError, one_line
 from .model import BDH, BDHConfig
 from .weights import load_weights
 
 
 def find_last(root: str | Path = "lightning_logs") -> Path:
-    """`last.ckpt` of the most recent run under `root` (what `--ckpt_path last` means)."""
-    candidates = sorted(Path(root).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
+    """The newest `last.ckpt` of the runs under `root` (what `--ckpt_path last` means): `root` is the folder the
+    command's runs go to (a logger's save_dir/name, or trainer.default_root_dir/lightning_logs), each run a
+    version_*/ in it; `root/checkpoints/last.ckpt` is the run of a command without a logger."""
+    root = Path(root)
+    candidates = [*root.glob("version_*/checkpoints/last.ckpt"), *root.glob("checkpoints/last.ckpt")]
+    found = []
+    for path in candidates:
+        try:
+            found.append((path.stat().st_mtime_ns, path))
+        except OSError:  # removed since the glob
+            continue
+    if not found:
         raise CheckpointError(
             f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt found; train first or give a checkpoint path"
         )
-    return candidates[-1]
+    return max(found)[1]
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -45,7 +55,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint; use another one") from None
     except OSError as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except Exception:  # torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
+    except Exception:  # noqa: BLE001 -- torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
         raise CheckpointError(
             f"checkpoint {path} is truncated, corrupt or not a PyTorch checkpoint; use another one "
             "(e.g. an earlier .ckpt in the same checkpoints/ folder)"
@@ -63,6 +73,12 @@ def check_model_shape(checkpoint: dict, path: str | Path, model_args: dict) -> N
     saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items() if torch.is_tensor(t)}
     if not expected.keys() <= saved.keys():
         raise CheckpointError(f"checkpoint {path} holds no BDH weights ({sorted(saved)[:3]}...); use one written by `fit`")
+    extra = sorted(checkpoint["state_dict"].keys() - expected.keys())
+    if extra:  # Lightning loads strictly: it would stop with a traceback
+        raise CheckpointError(
+            f"checkpoint {path} holds weights BDH does not have ({', '.join(map(str, extra[:3]))}); it is of another "
+            "model or was edited: use one written by `fit`"
+        )
     for name, shape in expected.items():
         if saved[name] != shape:
             trained = checkpoint.get("hyper_parameters", {})
@@ -75,6 +91,82 @@ def check_model_shape(checkpoint: dict, path: str | Path, model_args: dict) -> N
             )
 
 
+def check_loadable(checkpoint: dict, path: str | Path, resume: bool) -> None:
+    """Refuse, in one line, a checkpoint Lightning would stop on with a traceback: no Lightning version, settings
+    that are not a mapping, non-finite weights, and for a resume (`resume`) no optimizer state. The weights'
+    names and shapes are `check_model_shape`'s."""
+    if "pytorch-lightning_version" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {path} has no pytorch-lightning_version: it was not written by `fit`; use one that was "
+            f"(to start a new run from its weights: --model.init_from {path})"
+        )
+    if not isinstance(checkpoint.get("hyper_parameters", {}), dict):
+        raise CheckpointError(f"checkpoint {path} has hyper_parameters that are not a mapping; use one written by `fit`")
+    if resume:
+        states = checkpoint.get("optimizer_states")
+        if not isinstance(states, list) or not states or not all(isinstance(state, dict) for state in states):
+            raise CheckpointError(
+                f"checkpoint {path} holds no optimizer state, so training cannot continue from it; start a new run "
+                f"from its weights with --model.init_from {path} (fresh optimizer, step 0)"
+            )
+        for key, kind in (("global_step", int), ("epoch", int), ("loops", dict), ("lr_schedulers", list)):
+            if key in checkpoint and not isinstance(checkpoint[key], kind):
+                raise CheckpointError(f"checkpoint {path} has a {key} that is not a {kind.__name__}; use one written by `fit`")
+    for name, tensor in checkpoint["state_dict"].items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor.detach().float())  # NaN propagates into both
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                raise CheckpointError(
+                    f"checkpoint {path} holds non-finite weights (NaN or infinity in {name}); use an earlier checkpoint"
+                )
+
+
+def last_good_checkpoint(trainer) -> tuple[str, int] | None:
+    """(path, step) of the newest checkpoint this run wrote that is still on disk, or None: written by this process,
+    never one of another run that the same folder or a resumed checkpoint's state would name."""
+    io = getattr(trainer.strategy, "checkpoint_io", None)
+    written = getattr(io, "written", None) or []
+    for path, step in reversed(written):
+        if os.path.isfile(path):
+            return path, step
+    return None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` (every setting the same) with three changes:
+
+    - one `last.ckpt` per run: Lightning writes `last-v1.ckpt` beside a `last.ckpt` it did not write itself (a
+      save at the end of training or at a signal); the run folder is this run's alone, so it is replaced;
+    - `every_n_train_steps: k` saves `last.ckpt` every k steps from the start: Lightning waits for the
+      monitored metric (`val/loss`, the first validation), so a crash before it lost everything;
+    - training that ends at a step no checkpoint holds (max_steps between two saves) saves `last.ckpt` there.
+    """
+
+    @property
+    def state_key(self) -> str:  # the key Lightning's ModelCheckpoint uses: checkpoints resume either way
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        counter, self._enable_version_counter = self._enable_version_counter, False
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._enable_version_counter = counter
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self._every_n_train_steps
+        if every >= 1 and trainer.global_step % every == 0 and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if self.monitor is not None and self.monitor not in candidates:
+                self._save_last_checkpoint(trainer, candidates)  # the best by the monitor waits for a validation
+                return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to `<name>.part` in its own folder, syncs it to disk, then renames it over `<name>`.
 
@@ -83,22 +175,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     whenever that folder is on another file system, and never synced to disk.)
     """
 
+    def __init__(self):
+        super().__init__()
+        self.written: list[tuple[str, int]] = []  # (path, step) of each checkpoint this run wrote, oldest first
+
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".part")
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-        folder = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(folder)  # make the rename itself durable
-        finally:
-            os.close(folder)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)  # make the rename itself durable
+            finally:
+                os.close(folder)
+        except BaseException as error:
+            partial.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
+            if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
+                raise ResourceError(f"could not write checkpoint {path} ({write_failure(error)}); {self.last_good_words()}") from None
+            raise
+        step = checkpoint.get("global_step")
+        self.written = [entry for entry in self.written if entry[0] != str(path)] + [(str(path), step)]
+
+    def last_good_words(self) -> str:
+        for written, step in reversed(self.written):
+            if os.path.isfile(written):
+                return f"the last good checkpoint of this run is {written} (step {step}); free some space and resume from it with --ckpt_path"
+        return "this run saved no checkpoint before it; free some space and start again"
+
+
+def write_failure(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error) or type(error).__name__
+    return one_line(error)
 
 
 def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None) -> BDH:

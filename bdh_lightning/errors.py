@@ -98,7 +98,7 @@ def finite_float(name: str, value, low: float | None = None, high: float | None 
     if bad_low or bad_high:
         left = "(" if low_open else "["
         right = ")" if high_open else "]"
-        span = f"{left}{'-inf' if low is None else low:g}, {'inf' if high is None else high:g}{right}"
+        span = f"{left}{'-inf' if low is None else format(low, 'g')}, {'inf' if high is None else format(high, 'g')}{right}"
         raise error(f"{name} must be in {span}, got {value!r}{hint}")
     return number
 
