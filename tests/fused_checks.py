@@ -138,8 +138,7 @@ def check_model():
         runs[name] = loss_and_grads(model)
     results["train_logits"] = rel(runs["fused"][0], runs["chunked"][0])
     results["train_grads"] = max(rel(g, e) for g, e in zip(runs["fused"][1:], runs["chunked"][1:]))
-    torch.manual_seed(99)
-    results["train_vs_eval"] = rel(loss_and_grads(models["fused"])[0], expected[0])  # dropout did act
+    results["train_vs_eval"] = rel(runs["fused"][0], expected[0])  # dropout did act
     return results
 
 
@@ -159,13 +158,13 @@ CHECKS = {
     "fp32_dropout": lambda: compare_layer(B=3, T=19, D=24, H=2, N=40, p=0.3),
     # bfloat16 weights and inputs (bf16-true); larger row tiles keep the interpreter quick
     "bf16": lambda: compare_layer(B=2, T=21, D=24, H=2, N=40, p=0.2, dtype=torch.bfloat16,
-                                  tiles=fused.Tiles(rows=32, pairs=16, depth=32)),
+                                  tiles=fused.Tiles(rows=32, pairs=32, depth=32)),
     # float32 weights under bf16 autocast (bf16-mixed): the products in bf16, norms and sums in float32
     "autocast_bf16": lambda: compare_layer(B=2, T=21, D=24, H=2, N=40, p=0.2, autocast=torch.bfloat16,
-                                           tiles=fused.Tiles(rows=32, pairs=16, depth=32)),
+                                           tiles=fused.Tiles(rows=32, pairs=32, depth=32)),
     # float16 autocast (16-mixed): scores and S @ x in float32
     "autocast_fp16": lambda: compare_layer(B=2, T=21, D=24, H=2, N=40, p=0.2, autocast=torch.float16,
-                                           tiles=fused.Tiles(rows=32, pairs=16, depth=32)),
+                                           tiles=fused.Tiles(rows=32, pairs=32, depth=32)),
     "hash": check_hash,
     "model": check_model,
     "float64_refused": check_float64_refused,

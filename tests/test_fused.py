@@ -1,0 +1,82 @@
+"""The fused Triton layer (`model.kernel: fused`) against `layer.reference_layer`: the forward and every
+gradient, dropout masks bit for bit with masks.py, T and N not multiples of the tiles, several batch rows
+and heads, and a whole model on weights from another kernel's checkpoint.
+
+The kernels run through Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 must be set before
+triton is imported and would stick for the rest of the process, so every check runs in one child
+process (tests/fused_checks.py) that reports its measurements as JSON; the tests here judge them.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bdh_lightning.errors import ConfigError
+from bdh_lightning.kernels import KERNELS, resolve_kernel
+from conftest import REPO, SUBPROCESS_ENV
+
+CHECKS = ("fp32", "fp32_dropout", "bf16", "autocast_bf16", "autocast_fp16", "hash", "model", "float64_refused")
+GRADIENTS = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
+
+
+@pytest.fixture(scope="module")
+def measured():
+    env = {**SUBPROCESS_ENV, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "fused_checks.py"), *CHECKS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("check,dropped", [("fp32", 0.0), ("fp32_dropout", 0.3)])
+def test_float32_forward_and_every_gradient_equal_the_reference(measured, check, dropped):
+    errors = measured[check]
+    assert errors["dropped"] == pytest.approx(dropped, abs=0.03)  # the mask did drop what p says
+    for name in GRADIENTS:
+        assert errors[name] <= 1e-4, (name, errors[name])
+
+
+@pytest.mark.parametrize("check", ["bf16", "autocast_bf16", "autocast_fp16"])
+def test_low_precision_forward_and_every_gradient_equal_the_reference(measured, check):
+    errors = measured[check]
+    assert errors["dropped"] == pytest.approx(0.2, abs=0.03)
+    for name in GRADIENTS:
+        assert errors[name] <= 2e-2, (name, errors[name])
+
+
+def test_the_kernels_dropout_hash_is_masks_py_bit_for_bit(measured):
+    hashes = measured["hash"]
+    assert hashes["entries"] > 30000
+    assert hashes["hash_mismatches"] == 0 and hashes["keep_mismatches"] == 0
+
+
+def test_a_model_on_fused_equals_the_other_kernels_on_the_same_weights(measured):
+    model = measured["model"]
+    assert model["eval_logits"] <= 1e-4 and model["eval_grads"] <= 1e-4  # against reference, no dropout
+    assert model["train_logits"] <= 1e-4 and model["train_grads"] <= 1e-4  # against chunked, same masks
+    assert model["train_vs_eval"] > 0.01  # training did drop out
+
+
+def test_float64_is_refused_in_one_line(measured):
+    assert measured["float64_refused"] == {"refused": 1.0, "one_line": 1.0}
+
+
+def test_fused_resolves_on_cuda_and_on_cpu_only_under_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_kernel("fused", torch.device("cuda")) == "fused"
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1") as error:
+        resolve_kernel("fused", torch.device("cpu"))
+    assert "\n" not in str(error.value)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_kernel("fused", torch.device("cpu")) == "fused"
+
+
+def test_auto_never_picks_fused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "fused" in KERNELS
+    for device in ("cpu", "cuda"):
+        for n_wide in (0, 2**20, 2**23, 2**30):
+            assert resolve_kernel("auto", torch.device(device), n_wide=n_wide) != "fused"
