@@ -440,8 +440,8 @@ def _meta(dtype: torch.dtype, D: int, tiles: Tiles) -> dict:
     if dtype not in PRECISIONS:
         raise ConfigError(f"model.kernel=fused computes in float32, bfloat16 or float16, not {dtype}; "
                           "use model.kernel=chunked for other precisions")
-    meta = dict(BT=tiles.rows, BP=tiles.pairs, BD=tiles.depth, DP=triton.next_power_of_2(D),
-                PREC=PRECISIONS[dtype], ATT=PRECISIONS[attention_dtype(dtype)], EMULATE=INTERPRETED)
+    meta = {"BT": tiles.rows, "BP": tiles.pairs, "BD": tiles.depth, "DP": triton.next_power_of_2(D),
+            "PREC": PRECISIONS[dtype], "ATT": PRECISIONS[attention_dtype(dtype)], "EMULATE": INTERPRETED}
     if not INTERPRETED:
         meta["num_warps"] = tiles.num_warps
     return meta

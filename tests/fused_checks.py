@@ -15,14 +15,14 @@ import time
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see the module docstring)"
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
-from bdh_lightning import fused, masks  # noqa: E402
-from bdh_lightning.errors import ConfigError  # noqa: E402
-from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin  # noqa: E402
-from bdh_lightning.model import BDH, BDHConfig  # noqa: E402
+from bdh_lightning import fused, masks
+from bdh_lightning.errors import ConfigError
+from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin
+from bdh_lightning.model import BDH, BDHConfig
 
 SMALL_TILES = fused.Tiles(rows=16, pairs=16, depth=16)  # several tiles of T and N at test sizes
 
@@ -111,7 +111,7 @@ def check_hash():
 def check_model():
     """A whole BDH: kernel=fused against reference (eval) and chunked (training, same dropout masks),
     on weights loaded from the other model's state_dict (checkpoints are interchangeable)."""
-    settings = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.2)
+    settings = {"n_layer": 2, "n_embd": 32, "n_head": 2, "mlp_internal_dim_multiplier": 8, "dropout": 0.2}
     torch.manual_seed(0)
     reference = BDH(BDHConfig(**settings, kernel="reference"))
     models = {k: BDH(BDHConfig(**settings, kernel=k)) for k in ("fused", "chunked")}

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, SUBPROCESS_ENV
 
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.kernels import KERNELS, resolve_kernel
-from conftest import REPO, SUBPROCESS_ENV
 
 CHECKS = ("fp32", "fp32_dropout", "bf16", "autocast_bf16", "autocast_fp16", "hash", "model", "float64_refused")
 GRADIENTS = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
@@ -26,7 +26,7 @@ GRADIENTS = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
 def measured():
     env = {**SUBPROCESS_ENV, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "fused_checks.py"), *CHECKS], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
