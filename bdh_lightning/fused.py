@@ -225,7 +225,8 @@ def _weight_rows(W, pairs, pair_ok, dims, dim_ok, N):
 @triton.jit
 def _full_rows(A, rows, row_ok, dims, dim_ok, D):
     """A[rows, :] of a (T, D) row-major tensor as a (BT, DP) fp32 tile."""
-    return tl.load(A + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    tile = tl.load(A + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    return tile.to(tl.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,8 +256,10 @@ def _scores_kernel(X, E, COS, SIN, S, H, T, D, N,
         for p0 in range(0, N // 2, BP):
             pairs = p0 + tl.arange(0, BP)
             pair_ok = pairs < N // 2
-            qr_even, qr_odd = _queries(X_b, E_h, COS, SIN, rows, row_ok, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
-            qc_even, qc_odd = _queries(X_b, E_h, COS, SIN, cols, col_ok, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
+            qr_even, qr_odd = _queries(X_b, E_h, COS, SIN, rows, row_ok, pairs, pair_ok, D, N,
+                                       BT, BP, BD, PREC, EMULATE)
+            qc_even, qc_odd = _queries(X_b, E_h, COS, SIN, cols, col_ok, pairs, pair_ok, D, N,
+                                       BT, BP, BD, PREC, EMULATE)
             acc += _mm(qr_even, tl.trans(qc_even), ATT, EMULATE)
             acc += _mm(qr_odd, tl.trans(qc_odd), ATT, EMULATE)
         acc = tl.where(rows[:, None] > cols[None, :], _round(acc, ATT), 0.0)  # strictly causal
@@ -521,6 +524,35 @@ class FusedLayer(torch.autograd.Function):
             dx = dx_s + dx_z.sum(1).to(acc) + dx_q.sum(1).to(acc)
         return (dx.unsqueeze(1).to(x.dtype), d_enc.to(encoder.dtype), d_enc_v.to(encoder_v.dtype),
                 d_dec.view(H * N, D).to(decoder.dtype), None, None, None, None, None)
+
+
+def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), low_bytes: int = 2) -> dict:
+    """One layer's training step (forward + backward) at these sizes: FLOPs as the spec counts them, FLOPs
+    the fused kernels execute (tile padding and recomputation included), and the bytes this design must
+    move through device memory at least (`low_bytes` per element of x, weights, S and G; float32 for y,
+    u, the D-wide gradients and the weight gradients). docs/fused-kernel.md explains each term."""
+    nt = triton.cdiv(T, tiles.rows)
+    n_pad = triton.cdiv(N // 2, tiles.pairs) * 2 * tiles.pairs
+    BT = tiles.rows
+    tile = 2 * BT * D * n_pad  # one N-wide product of a row tile, all neuron tiles
+    score = 2 * BT * BT * n_pad  # one (BT x BT) tile of q q^T or G q, all neuron tiles
+    s_x = 2 * B * H * T * T * D  # S @ x (and each of the backward's two T x T x D products), in PyTorch
+    pairs = nt * (nt + 1) // 2
+    forward = B * H * pairs * (2 * tile + score) + B * nt * H * 3 * tile + s_x
+    rows_z = B * H * nt * 5 * tile  # a, b, dz again; dy and dx through z
+    rows_q = B * H * nt * (nt * (tile + score) + 2 * tile)  # q per column tile; a; dx through the scores
+    cols = B * H * nt * (7 * tile + nt * (tile + score))  # a, b, dz, a again; 3 weight gradients; q per column tile
+    backward = rows_z + rows_q + cols + 2 * s_x
+    spec = 3 * B * T * (6 * H * D * N + 2 * H * N * T + 2 * H * D * T)  # forward + twice for backward
+    weights = 3 * H * D * N
+    floor = (
+        weights * (2 * low_bytes + 4)  # read in forward and backward; float32 gradients written
+        + B * T * D * (2 * low_bytes + 2 * 4)  # x read in both passes; u written, its gradient read
+        + 2 * B * H * T * T * low_bytes * 3  # S and G: written once, read twice each
+        + B * H * T * D * 4 * (3 + 3 * 2)  # y: written, read twice; dy and the two dx parts: written, read
+    )
+    return {"spec_flops": spec, "fused_flops": forward + backward, "floor_bytes": floor,
+            "n_wide_elements": B * H * T * N}
 
 
 @torch.compiler.disable  # Triton launches from a Python autograd Function: torch.compile runs it as it is

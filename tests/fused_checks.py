@@ -9,11 +9,8 @@ prints one JSON object {check: {measure: value}}; test_fused.py asserts on the v
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-
-assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (see the module docstring)"
 
 import torch
 import triton
@@ -23,6 +20,9 @@ from bdh_lightning import fused, masks
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin
 from bdh_lightning.model import BDH, BDHConfig
+
+# Checked after the imports, which are harmless without it: the process stops here instead.
+assert fused.INTERPRETED, "run with TRITON_INTERPRET=1 (see the module docstring)"
 
 SMALL_TILES = fused.Tiles(rows=16, pairs=16, depth=16)  # several tiles of T and N at test sizes
 
