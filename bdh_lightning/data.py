@@ -89,7 +89,9 @@ def excluded(relative: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk(directory: str, relative: str, listing: Listing, exclude: list[str], include_hidden: bool, visited: set) -> None:
+def walk(
+    directory: str, relative: str, listing: Listing, exclude: list[str], include_hidden: bool, visited: set
+) -> None:
     """Add the files under `directory` to `listing`, depth first in sorted order (the order of sorted paths)."""
     try:
         with os.scandir(directory) as scan:
@@ -113,7 +115,10 @@ def walk(directory: str, relative: str, listing: Listing, exclude: list[str], in
             listing.left_out["broken link"] += 1
             continue
         except OSError as error:
-            raise DataError(f"cannot read data file {entry.path}: {error.strerror or error}; fix it or leave it out with data.exclude") from None
+            raise DataError(
+                f"cannot read data file {entry.path}: {error.strerror or error}; fix it or leave it out with "
+                "data.exclude"
+            ) from None
         if stat.S_ISDIR(info.st_mode):
             if (info.st_dev, info.st_ino) in visited:
                 listing.left_out["directory already read through another link"] += 1
@@ -148,11 +153,20 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
     elif info is not None and stat.S_ISDIR(info.st_mode):
         walk(expanded, "", listing, exclude, include_hidden, {(info.st_dev, info.st_ino)})
         if not listing.files:
-            raise DataError(f"data.path {path!r} is a directory with no files to read in it{left_out_words(listing)}; point data.path at text files")
+            raise DataError(
+                f"data.path {path!r} is a directory with no files to read in it{left_out_words(listing)}; point "
+                "data.path at text files"
+            )
     elif info is not None:
-        raise DataError(f"data.path {path!r} is {kind_of(info.st_mode)}, not a file or a directory; give a file, a directory or a glob")
+        raise DataError(
+            f"data.path {path!r} is {kind_of(info.st_mode)}, not a file or a directory; give a file, a "
+            "directory or a glob"
+        )
     elif os.path.islink(expanded):
-        raise DataError(f"data.path {path!r} is a broken symbolic link (to {os.readlink(expanded)!r}); fix the link or give the file itself")
+        raise DataError(
+            f"data.path {path!r} is a broken symbolic link (to {os.readlink(expanded)!r}); fix the link or give "
+            "the file itself"
+        )
     elif glob.has_magic(expanded):
         root = os.path.dirname(expanded.split("*")[0].split("?")[0].split("[")[0])
         for match in sorted(glob.glob(expanded, recursive=True)):
@@ -172,7 +186,10 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
             else:
                 listing.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
         if not listing.files:
-            raise DataError(f"data.path {path!r} is a glob that matches no files to read{left_out_words(listing)}; check the pattern")
+            raise DataError(
+                f"data.path {path!r} is a glob that matches no files to read{left_out_words(listing)}; check "
+                "the pattern"
+            )
     else:
         raise DataError(f"data.path {path!r} does not exist; give a file, a directory or a glob")
     return listing
@@ -215,14 +232,18 @@ class ByteCorpus:
                 try:
                     sizes.append(os.stat(file).st_size)
                 except OSError as error:
-                    raise DataError(f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out") from None
+                    raise DataError(
+                        f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
+                    ) from None
         self.files, self.sizes = [], []
         for file, size in zip(files, sizes):
             try:
                 with open(file, "rb"):
                     pass
             except OSError as error:
-                raise DataError(f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out") from None
+                raise DataError(
+                    f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
+                ) from None
             if size:  # empty files add nothing
                 self.files.append(str(file))
                 self.sizes.append(size)
@@ -252,7 +273,9 @@ class ByteCorpus:
             try:
                 fd = os.open(self.files[i], os.O_RDONLY)
             except OSError as error:
-                raise DataError(f"cannot read data file {self.files[i]}: {error.strerror or error}; it changed during the run") from None
+                raise DataError(
+                    f"cannot read data file {self.files[i]}: {error.strerror or error}; it changed during the run"
+                ) from None
         self._open[i] = fd
         return fd
 
@@ -323,7 +346,10 @@ def download_tinyshakespeare():
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise DataError(f"cannot create the data cache {target.parent}: {error.strerror}; set BDH_LIGHTNING_CACHE to a writable directory") from None
+        raise DataError(
+            f"cannot create the data cache {target.parent}: {error.strerror}; set BDH_LIGHTNING_CACHE to a "
+            "writable directory"
+        ) from None
     # Download to a temporary file and rename: an interrupted or concurrent download never leaves a partial file.
     fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".tinyshakespeare.", suffix=".part")
     try:
@@ -361,7 +387,9 @@ def download_tinyshakespeare():
 class TrainBatches(IterableDataset):
     """Endless random training batches; batch k on rank r comes from an RNG seeded with (seed, r, k)."""
 
-    def __init__(self, corpus: ByteCorpus, train_size: int, block_size: int, batch_size: int, seed: int, rank: int, start: int):
+    def __init__(
+        self, corpus: ByteCorpus, train_size: int, block_size: int, batch_size: int, seed: int, rank: int, start: int
+    ):
         self.corpus, self.train_size, self.block_size, self.batch_size = corpus, train_size, block_size, batch_size
         self.seed, self.rank, self.start = seed, rank, start
 
@@ -461,7 +489,10 @@ class ByteDataModule(L.LightningDataModule):
             raise DataError(f"data.val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
         finite_float("data.test_fraction", test_fraction, 0.0, 1.0, high_open=True, error=DataError)
         if val_fraction + test_fraction >= 1.0:
-            raise DataError(f"data.val_fraction + data.test_fraction must be below 1 (training needs bytes too), got {val_fraction} + {test_fraction}")
+            raise DataError(
+                "data.val_fraction + data.test_fraction must be below 1 (training needs bytes too), got "
+                f"{val_fraction} + {test_fraction}"
+            )
         if test_fraction and test_path:
             raise DataError("set data.test_fraction or data.test_path, not both (the test split is one or the other)")
         if exclude is not None and (isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude)):
@@ -478,7 +509,10 @@ class ByteDataModule(L.LightningDataModule):
         # Local corpora are checked now (stat only), before a model is built; tiny Shakespeare once it is downloaded.
         if streaming.is_prepared(path):
             if test_fraction or test_path:
-                raise DataError(f"data.path {path!r} is a prepared directory, which holds its own test split; leave out data.test_fraction and data.test_path")
+                raise DataError(
+                    f"data.path {path!r} is a prepared directory, which holds its own test split; leave out "
+                    "data.test_fraction and data.test_path"
+                )
             self.stream = streaming.open_prepared(path, block_size)
         elif path != TINYSHAKESPEARE:
             self.listing = list_corpus(path, self.exclude, include_hidden)
@@ -569,7 +603,8 @@ class ByteDataModule(L.LightningDataModule):
         text += f" (train {human_bytes(sizes['train'])}, validation {human_bytes(sizes['validation'])}"
         if self.test_path:
             test_files = len(self.test_corpus.files)
-            text += f", test {human_bytes(sizes['test'])} from {self.test_path}: {test_files:,} file{'s' * (test_files != 1)})"
+            files_word = f"{test_files:,} file{'s' * (test_files != 1)}"
+            text += f", test {human_bytes(sizes['test'])} from {self.test_path}: {files_word})"
         elif self.test_fraction:
             text += f", test {human_bytes(sizes['test'])})"
         else:
@@ -611,7 +646,9 @@ class ByteDataModule(L.LightningDataModule):
         rank, _ = self.rank_and_world_size()
         if self.stream is not None:
             return self.stream.train_loader(self.batch_size, self.seed, self.num_workers, self.batches_consumed())
-        batches = TrainBatches(self.corpus, self.train_size, self.block_size, self.batch_size, self.seed, rank, self.batches_consumed())
+        batches = TrainBatches(
+            self.corpus, self.train_size, self.block_size, self.batch_size, self.seed, rank, self.batches_consumed()
+        )
         return self.loader(batches)
 
     def eval_loader(self, split: str, corpus: ByteCorpus | None, offsets: np.ndarray | None):
@@ -650,8 +687,14 @@ class ByteDataModule(L.LightningDataModule):
             return {"kind": "prepared", "id": self.stream.identity()}
         self.setup()
         test = [self.val_end, len(self.corpus)] if self.test_fraction else None
-        return {"kind": "files", "bytes": len(self.corpus), "train": [0, self.train_size], "validation": [self.train_size, self.val_end],
-                "test": test, "test_path": self.test_path}  # fmt: skip
+        return {
+            "kind": "files",
+            "bytes": len(self.corpus),
+            "train": [0, self.train_size],
+            "validation": [self.train_size, self.val_end],
+            "test": test,
+            "test_path": self.test_path,
+        }
 
     def state_dict(self) -> dict:
         state = {"splits": self.split_ranges(), "train_batches": self.batches_consumed()}
@@ -675,5 +718,6 @@ class ByteDataModule(L.LightningDataModule):
             raise DataError(
                 f"the test split (bytes {now['test'][0]:,} to {now['test'][1]:,} of {self.path}) overlaps bytes the "
                 f"checkpoint's run trained or validated on (0 to {seen_end:,}: it had data.test_fraction "
-                f"{1 - seen_end / now['bytes']:.3g}); test with the data.val_fraction and data.test_fraction it was trained with"
+                f"{1 - seen_end / now['bytes']:.3g}); test with the data.val_fraction and data.test_fraction it "
+                "was trained with"
             )

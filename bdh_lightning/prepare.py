@@ -167,7 +167,10 @@ class Packer:
                     f.seek(start)
                     piece = f.read(length)
                 if len(piece) != length:
-                    self.fail(f"data file {file} changed while it was being prepared (it is shorter than listed); prepare again")
+                    self.fail(
+                        f"data file {file} changed while it was being prepared (it is shorter than listed); "
+                        "prepare again"
+                    )
                     return
                 out += piece
                 self.count(self.bytes_read, length)
@@ -182,7 +185,10 @@ class Packer:
         offset = start
         for line in io.BytesIO(block):
             here, offset = offset, offset + len(line)
-            if not line.strip() or document_split(f"{relative}:{here}", self.val_fraction, self.test_fraction) != self.split:
+            if (
+                not line.strip()
+                or document_split(f"{relative}:{here}", self.val_fraction, self.test_fraction) != self.split
+            ):
                 continue
             try:
                 text = json.loads(line)[self.text_key]
@@ -192,7 +198,10 @@ class Packer:
                 self.fail(f"{file}:{line_number} {what}; fix it, or choose the field with --text_key")
                 return
             if not isinstance(text, str):
-                self.fail(f"{file}:{self.line_number(file, here)}: the {self.text_key!r} field is {type(text).__name__}, not text")
+                self.fail(
+                    f"{file}:{self.line_number(file, here)}: the {self.text_key!r} field is "
+                    f"{type(text).__name__}, not text"
+                )
                 return
             out += text.encode("utf-8", "surrogatepass")
             kept += 1
@@ -242,17 +251,29 @@ def claim_output(output: str, plan: str, overwrite: bool) -> dict:
         if state.get("plan") == plan and not overwrite:
             finished = state.get("finished", {})
             redo = [s for s in SPLITS if s not in finished]
-            print(f"prepare: resuming the unfinished run in {output} (kept: {', '.join(finished) or 'nothing'})", file=sys.stderr)
+            print(
+                f"prepare: resuming the unfinished run in {output} (kept: {', '.join(finished) or 'nothing'})",
+                file=sys.stderr,
+            )
             clear(output, redo)
         else:
-            print(f"prepare: {output} holds an unfinished run of other sources or settings; starting again", file=sys.stderr)
+            print(
+                f"prepare: {output} holds an unfinished run of other sources or settings; starting again",
+                file=sys.stderr,
+            )
             clear(output)
     elif os.path.exists(os.path.join(output, MANIFEST)):
         if not overwrite:
-            raise UsageError(f"--output {output} is already a prepared directory; give another --output, or --overwrite to replace it")
+            raise UsageError(
+                f"--output {output} is already a prepared directory; give another --output, or --overwrite to "
+                "replace it"
+            )
         clear(output)
     elif os.path.isdir(output) and os.listdir(output):
-        raise UsageError(f"--output {output} exists and is not empty; give a new or empty directory (prepare deletes only its own output)")
+        raise UsageError(
+            f"--output {output} exists and is not empty; give a new or empty directory (prepare deletes only "
+            "its own output)"
+        )
     os.makedirs(output, exist_ok=True)
     write_json(marker, {"plan": plan, "finished": finished})
     return finished
@@ -275,7 +296,11 @@ def split_stats(folder: str, window: int) -> dict:
             chunks = json.load(f)["chunks"]
     except FileNotFoundError:
         return {"bytes": 0, "windows": 0, "chunks": 0}
-    return {"bytes": sum(c["dim"] or 0 for c in chunks), "windows": sum((c["dim"] or 0) // window for c in chunks), "chunks": len(chunks)}
+    return {
+        "bytes": sum(c["dim"] or 0 for c in chunks),
+        "windows": sum((c["dim"] or 0) // window for c in chunks),
+        "chunks": len(chunks),
+    }
 
 
 class Progress:
@@ -330,7 +355,10 @@ def prepare_command(
     finite_float("data.val_fraction", data.val_fraction, 0.0, 1.0, low_open=True, high_open=True, error=DataError)
     finite_float("data.test_fraction", data.test_fraction, 0.0, 1.0, high_open=True, error=DataError)
     if data.val_fraction + data.test_fraction >= 1:
-        raise DataError(f"data.val_fraction + data.test_fraction must be below 1 (training needs documents too), got {data.val_fraction} + {data.test_fraction}")
+        raise DataError(
+            "data.val_fraction + data.test_fraction must be below 1 (training needs documents too), got "
+            f"{data.val_fraction} + {data.test_fraction}"
+        )
     if not isinstance(num_workers, int) or num_workers < 0:
         raise UsageError(f"--num_workers must be a non-negative integer (0 = one per core), got {num_workers!r}")
     if streaming.is_prepared(data.path):
@@ -338,23 +366,37 @@ def prepare_command(
     output = os.path.abspath(os.path.expanduser(output))
     root = os.path.abspath(source_root(data.path))
     if os.path.commonpath([output, root]) == root and os.path.isdir(os.path.expanduser(data.path)):
-        raise UsageError(f"--output {output} is inside data.path {data.path!r}; write it somewhere else (a re-run would read it as source)")
+        raise UsageError(
+            f"--output {output} is inside data.path {data.path!r}; write it somewhere else (a re-run would read "
+            "it as source)"
+        )
 
     started = time.monotonic()
     listing = list_corpus(data.path, data.exclude, data.include_hidden)
     ByteCorpus(listing.files, listing.sizes)  # one open per file: unreadable files are named now, before any work
     window = data.block_size + 1
-    units, documents, source_splits = plan_units(listing.files, listing.sizes, root, data.val_fraction, data.test_fraction)
-    sources = "".join(f"{size}\t{split}\t{os.path.relpath(file, root)}\n" for file, size, split in zip(listing.files, listing.sizes, source_splits))
+    units, documents, source_splits = plan_units(
+        listing.files, listing.sizes, root, data.val_fraction, data.test_fraction
+    )
+    sources = "".join(
+        f"{size}\t{split}\t{os.path.relpath(file, root)}\n"
+        for file, size, split in zip(listing.files, listing.sizes, source_splits)
+    )
     sources_sha256 = hashlib.sha256(sources.encode("utf-8", "surrogateescape")).hexdigest()
-    settings = {"block_size": data.block_size, "val_fraction": data.val_fraction, "test_fraction": data.test_fraction, "text_key": text_key}
+    settings = {
+        "block_size": data.block_size,
+        "val_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "text_key": text_key,
+    }
     plan = hashlib.sha256((sources_sha256 + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     has_jsonl = any(is_jsonl(f) for f in listing.files)
     for split, fraction in (("train", 1.0), ("validation", data.val_fraction), ("test", data.test_fraction)):
         if not has_jsonl and fraction and not documents[split]:
             setting = "" if split == "train" else f"data.{'val' if split == 'validation' else 'test'}_fraction"
             raise DataError(
-                f"the {split} split gets none of the {len(listing.files)} documents (each file goes whole to one split, by a "
+                f"the {split} split gets none of the {len(listing.files)} documents (each file goes whole to "
+                "one split, by a "
                 f"hash of its path); give more, smaller files{' or raise ' + setting if setting else ''}"
             )
 
@@ -365,7 +407,12 @@ def prepare_command(
     workers = num_workers or os.cpu_count() or 1
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     bytes_read = context.Value("q", 0)
-    planned = sum(sum(p[2] for p in u[1]) if u[0] == "files" else u[3] - u[2] for s in SPLITS if s not in finished for u in units[s])
+    planned = sum(
+        sum(p[2] for p in u[1]) if u[0] == "files" else u[3] - u[2]
+        for s in SPLITS
+        if s not in finished
+        for u in units[s]
+    )
     bar = Progress(planned, bytes_read, progress)
     chunk_tokens = max(1, CHUNK_BYTES // window) * window
     try:
@@ -373,7 +420,9 @@ def prepare_command(
             if split in finished or not units[split]:
                 continue
             kept = context.Value("q", 0)
-            packer = Packer(units[split], split, data.val_fraction, data.test_fraction, text_key, error_file, bytes_read, kept)
+            packer = Packer(
+                units[split], split, data.val_fraction, data.test_fraction, text_key, error_file, bytes_read, kept
+            )
             optimize(
                 fn=packer, inputs=list(range(len(units[split]))), output_dir=os.path.join(output, split),
                 chunk_size=chunk_tokens, item_loader=TokensLoader(), num_workers=min(workers, len(units[split])),
@@ -382,7 +431,10 @@ def prepare_command(
             if os.path.exists(error_file):
                 with open(error_file) as f:
                     raise DataError(f.read().strip())
-            finished[split] = {**split_stats(os.path.join(output, split), window), "documents": documents[split] + kept.value}
+            finished[split] = {
+                **split_stats(os.path.join(output, split), window),
+                "documents": documents[split] + kept.value,
+            }
             write_json(os.path.join(output, INCOMPLETE), {"plan": plan, "finished": finished})
     finally:
         bar.close()
@@ -398,10 +450,20 @@ def prepare_command(
         "format": streaming.FORMAT,
         "version": streaming.FORMAT_VERSION,
         "block_size": data.block_size,
-        "source": {"path": data.path, "exclude": data.exclude or [], "include_hidden": data.include_hidden, "text_key": text_key},
+        "source": {
+            "path": data.path,
+            "exclude": data.exclude or [],
+            "include_hidden": data.include_hidden,
+            "text_key": text_key,
+        },
         "val_fraction": data.val_fraction,
         "test_fraction": data.test_fraction,
-        "sources": {"file": SOURCES, "count": len(listing.files), "bytes": sum(listing.sizes), "sha256": sources_sha256},
+        "sources": {
+            "file": SOURCES,
+            "count": len(listing.files),
+            "bytes": sum(listing.sizes),
+            "sha256": sources_sha256,
+        },
         "left_out": dict(listing.left_out),
         "splits": splits,
         "litdata": litdata.__version__,
@@ -410,7 +472,11 @@ def prepare_command(
     write_json(os.path.join(output, MANIFEST), manifest)
     os.remove(os.path.join(output, INCOMPLETE))  # from here on the directory loads as complete
     seconds = time.monotonic() - started
-    parts = ", ".join(f"{s} {human_bytes(splits[s]['bytes'])} ({splits[s]['documents']:,} documents)" for s in SPLITS if splits[s]["documents"])
+    parts = ", ".join(
+        f"{s} {human_bytes(splits[s]['bytes'])} ({splits[s]['documents']:,} documents)"
+        for s in SPLITS
+        if splits[s]["documents"]
+    )
     print(
         f"prepared {output}: {parts} in {seconds:.1f} s ({human_bytes(int(planned / max(seconds, 1e-9)))}/s); "
         f"train with --data.path {output} --data.block_size {data.block_size}",

@@ -43,7 +43,8 @@ def is_prepared(path: str) -> bool:
         return True
     local = os.path.expanduser(str(path))
     return os.path.isdir(local) and any(
-        os.path.exists(os.path.join(local, name)) for name in (MANIFEST, INCOMPLETE, os.path.join("train", "index.json"))
+        os.path.exists(os.path.join(local, name))
+        for name in (MANIFEST, INCOMPLETE, os.path.join("train", "index.json"))
     )
 
 
@@ -74,10 +75,15 @@ def read_remote(url: str, name: str) -> bytes:
             kind = type(error).__name__
             detail = " ".join(str(error).split())[:300]
             if "credential" in f"{kind} {detail}".lower() and target.startswith("gs://"):
-                hint = "no credentials were found: set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`"
+                hint = (
+                    "no credentials were found: set GOOGLE_APPLICATION_CREDENTIALS, or run "
+                    "`gcloud auth application-default login`"
+                )
             elif "credential" in f"{kind} {detail}".lower():
-                hint = ("no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or run "
-                        "where an instance role applies")  # fmt: skip
+                hint = (
+                    "no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                    "or run where an instance role applies"
+                )
             else:
                 hint = "check the URL, your network and your credentials"
             raise DataError(f"cannot read {target} ({kind}: {detail}); {hint}") from None
@@ -112,10 +118,15 @@ class Prepared:
         from .data import human_bytes
 
         splits = m["splits"]
-        parts = [f"{name} {human_bytes(splits[name]['bytes'])} ({splits[name]['documents']:,} documents)" for name in SPLITS
-                 if splits.get(name, {}).get("documents")]  # fmt: skip
-        text = (f"corpus {self.path}: prepared from {m['source']['path']}, {m['sources']['count']:,} files, "
-                f"{human_bytes(m['sources']['bytes'])}, windows of {self.window} bytes; {', '.join(parts)}")  # fmt: skip
+        parts = [
+            f"{name} {human_bytes(splits[name]['bytes'])} ({splits[name]['documents']:,} documents)"
+            for name in SPLITS
+            if splits.get(name, {}).get("documents")
+        ]
+        text = (
+            f"corpus {self.path}: prepared from {m['source']['path']}, {m['sources']['count']:,} files, "
+            f"{human_bytes(m['sources']['bytes'])}, windows of {self.window} bytes; {', '.join(parts)}"
+        )
         if not self.has("test"):
             text += "; no test split"
         if m.get("left_out"):
@@ -125,16 +136,26 @@ class Prepared:
     def dataset(self, split: str, shuffle: bool = False, seed: int = 0):
         from litdata import StreamingDataset, TokensLoader
 
-        return StreamingDataset(self.split_dir(split), item_loader=TokensLoader(block_size=self.window), shuffle=shuffle,
-                                drop_last=shuffle, seed=seed)  # fmt: skip
+        return StreamingDataset(
+            self.split_dir(split),
+            item_loader=TokensLoader(block_size=self.window),
+            shuffle=shuffle,
+            drop_last=shuffle,
+            seed=seed,
+        )
 
     def train_loader(self, batch_size: int, seed: int, num_workers: int, start: int) -> "EndlessStream":
         """Endless training batches from LitData, starting after `start` batches already drawn by this rank."""
         from litdata import StreamingDataLoader
 
         dataset = self.dataset("train", shuffle=True, seed=seed)
-        loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_windows,
-                                     pin_memory=torch.cuda.is_available())  # fmt: skip
+        loader = StreamingDataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate_windows,
+            pin_memory=torch.cuda.is_available(),
+        )
         self.stream = EndlessStream(loader, start)
         return self.stream
 
@@ -191,12 +212,14 @@ class EndlessStream:
             workers = max(loader.num_workers, 1)
             samples = done * loader.batch_size
             loader.dataset.set_epoch(epoch + 1)
-            loader.load_state_dict({
-                "dataset": loader.dataset.state_dict(samples, loader.num_workers, loader.batch_size),
-                "current_epoch": epoch + 1,
-                "num_samples_yielded": samples,
-                "latest_worker_idx": (done - 1) % workers,
-            })  # fmt: skip
+            loader.load_state_dict(
+                {
+                    "dataset": loader.dataset.state_dict(samples, loader.num_workers, loader.batch_size),
+                    "current_epoch": epoch + 1,
+                    "num_samples_yielded": samples,
+                    "latest_worker_idx": (done - 1) % workers,
+                }
+            )
         while True:
             yield from loader
 
@@ -262,12 +285,19 @@ def check_chunks(prepared: Prepared) -> None:
             with open(os.path.join(folder, "index.json")) as file:
                 chunks = json.load(file)["chunks"]
         except (OSError, ValueError, KeyError):
-            raise DataError(f"{folder}/index.json is missing or unreadable; copy the prepared directory again, or prepare it again") from None
-        missing = [c["filename"] for c in chunks if not os.path.isfile(os.path.join(folder, c["filename"]))
-                   or os.path.getsize(os.path.join(folder, c["filename"])) != c["chunk_bytes"]]  # fmt: skip
+            raise DataError(
+                f"{folder}/index.json is missing or unreadable; copy the prepared directory again, or prepare it again"
+            ) from None
+        missing = [
+            c["filename"]
+            for c in chunks
+            if not os.path.isfile(os.path.join(folder, c["filename"]))
+            or os.path.getsize(os.path.join(folder, c["filename"])) != c["chunk_bytes"]
+        ]
         if missing:
             raise DataError(
-                f"{folder} is missing {len(missing)} of its {len(chunks)} chunks or has them cut short (e.g. {missing[0]}); "
+                f"{folder} is missing {len(missing)} of its {len(chunks)} chunks or has them cut short (e.g. "
+                f"{missing[0]}); "
                 "copy the prepared directory again, or prepare it again"
             )
 
@@ -280,14 +310,16 @@ def open_prepared(path: str, block_size: int) -> Prepared:
     if manifest["block_size"] != block_size:
         raise DataError(
             f"data.path {path!r} was prepared for data.block_size {manifest['block_size']} (windows of "
-            f"{manifest['block_size'] + 1} bytes), not {block_size}; train with --data.block_size {manifest['block_size']}, "
+            f"{manifest['block_size'] + 1} bytes), not {block_size}; train with --data.block_size "
+            f"{manifest['block_size']}, "
             f"or prepare it again with --data.block_size {block_size}"
         )
     prepared = Prepared(local, manifest)
     for split in ("train", "validation"):
         if not prepared.has(split):
             raise DataError(
-                f"the {split} split of {path} is empty ({manifest['splits'].get(split, {}).get('documents', 0)} documents, "
+                f"the {split} split of {path} is empty ({manifest['splits'].get(split, {}).get('documents', 0)} "
+                "documents, "
                 f"no window of {prepared.window} bytes); prepare it again with a larger data.val_fraction, smaller "
                 "documents or more data"
             )

@@ -38,7 +38,12 @@ def offset_of(row: torch.Tensor, raw: bytes) -> int:
 
 
 def fake_trainer(rank=0, world_size=1, global_step=0, accumulate_grad_batches=1):
-    return SimpleNamespace(global_rank=rank, world_size=world_size, global_step=global_step, accumulate_grad_batches=accumulate_grad_batches)
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world_size,
+        global_step=global_step,
+        accumulate_grad_batches=accumulate_grad_batches,
+    )
 
 
 def take(loader, n):
@@ -340,3 +345,186 @@ def test_download_from_an_unreachable_server_says_how_to_use_a_local_file(cache,
         dm.setup("fit")  # setup downloads too when prepare_data was not called
     assert "\n" not in str(error.value)
     assert os.listdir(cache) == []
+
+
+# Corpora of many files: each file once, what is left out said in one line, bounded descriptors, files that change.
+
+
+def write_tree(root, parts: dict):
+    for name, raw in parts.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(raw)
+
+
+def test_a_linked_file_is_read_once_and_never_lands_in_validation_too(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": random_bytes(3000, 1), "b.txt": random_bytes(3000, 2)})
+    (root / "z-link.txt").symlink_to(root / "a.txt")  # sorts last: today's split would put it in validation
+    os.link(root / "b.txt", root / "y-hard.txt")
+    dm = ByteDataModule(str(root), block_size=T, batch_size=B, val_fraction=0.3)
+    assert dm.listing.files == [str(root / "a.txt"), str(root / "b.txt")]
+    assert len(dm.corpus) == 6000
+    assert "2 already read through another link" in dm.describe()
+    val = b"".join(bytes(x[i].tolist()) for x, _ in dm.val_dataloader() for i in range(len(x)))
+    assert val and random_bytes(3000, 1)[:T] not in val
+
+
+def test_hidden_entries_are_left_out_unless_asked_and_the_description_says_so(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"text.txt": random_bytes(2000, 1), ".git/objects/pack": random_bytes(5000, 2),
+                      ".cache/x": random_bytes(700, 3), "sub/.hidden.txt": random_bytes(300, 4)})  # fmt: skip
+    dm = ByteDataModule(str(root), block_size=T, batch_size=B)
+    assert dm.listing.files == [str(root / "text.txt")]
+    line = dm.describe()
+    assert "\n" not in line and "3 hidden" in line and "data.include_hidden" in line
+    everything = ByteDataModule(str(root), block_size=T, batch_size=B, include_hidden=True)
+    assert len(everything.corpus) == 2000 + 5000 + 700 + 300
+    assert sorted(everything.listing.files) == sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def test_description_counts_files_bytes_splits_and_what_was_left_out(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": random_bytes(6000, 1), "b/c.txt": random_bytes(4000, 2), "empty.txt": b"",
+                      "notes.log": random_bytes(100, 3), "drafts/d.txt": random_bytes(100, 4)})  # fmt: skip
+    (root / "dangling").symlink_to(root / "gone.txt")
+    os.mkfifo(root / "pipe")
+    settings = {"val_fraction": 0.1, "test_fraction": 0.1, "exclude": ["*.log", "drafts"]}
+    dm = ByteDataModule(str(root), block_size=T, batch_size=B, **settings)
+    line = dm.describe()
+    assert line == (
+        f"corpus {root}: 2 files, 10 kB (train 8 kB, validation 1 kB, test 1 kB); left out: 1 broken link, 1 empty, "
+        "2 excluded by data.exclude, 1 not regular files (FIFO)"
+    )
+    assert len(dm.corpus) == 10_000
+
+
+def test_exclude_globs_match_paths_inside_the_corpus_and_names(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"keep/a.txt": random_bytes(500, 1), "keep/b.log": random_bytes(500, 2),
+                      "skip/c.txt": random_bytes(500, 3), "d.txt": random_bytes(500, 4)})  # fmt: skip
+    dm = ByteDataModule(str(root), block_size=T, batch_size=B, exclude=["*.log", "skip/*"])
+    assert dm.listing.files == [str(root / "d.txt"), str(root / "keep/a.txt")]
+    # Folders are pruned whole: 3 entries excluded at the top.
+    assert_one_line_error("no files to read.*3 excluded by data.exclude", str(root), exclude=["*"])
+    assert_one_line_error("data.exclude must be a list", str(root), exclude="*.log")
+
+
+def test_a_fifo_or_special_data_path_says_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    assert "is a FIFO (named pipe), not a file" in assert_one_line_error("FIFO", str(tmp_path / "pipe"))
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere.txt")
+    assert_one_line_error("is a broken symbolic link", str(tmp_path / "link"))
+
+
+def test_an_unreadable_subdirectory_is_named(tmp_path, monkeypatch):
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": random_bytes(3000, 1), "locked/b.txt": random_bytes(3000, 2)})
+    (root / "locked").chmod(0)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if os.geteuid() == 0 and not os.stat(path).st_mode & 0o444:  # root lists anything: refuse as the bits say
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(data.os, "scandir", scandir)
+    try:
+        message = assert_one_line_error("cannot list directory", str(root))
+    finally:
+        (root / "locked").chmod(0o755)
+    assert str(root / "locked") in message and "Permission denied" in message and "data.exclude" in message
+
+
+def test_a_file_that_shrinks_during_training_is_one_data_error_naming_it(tmp_path):
+    path = tmp_path / "corpus.bin"
+    path.write_bytes(random_bytes(20_000))
+    dm = ByteDataModule(str(path), block_size=T, batch_size=B)
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    os.truncate(path, 1000)  # memory-mapped, this was SIGBUS
+    with pytest.raises(DataError, match="changed during the run") as error:
+        for _ in range(50):
+            next(batches)
+    assert str(path) in str(error.value) and "20000 bytes at the start, 1000 bytes now" in str(error.value)
+
+
+def test_many_files_hold_a_bounded_number_of_descriptors(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_OPEN_FILES", 8)
+    root = tmp_path / "many"
+    parts = {f"{i:04d}.txt": random_bytes(40, i) for i in range(600)}
+    write_tree(root, parts)
+    expected = b"".join(parts[name] for name in sorted(parts))
+    before = len(os.listdir("/proc/self/fd"))
+    dm = ByteDataModule(str(root), block_size=T, batch_size=64)
+    for x, y in take(dm.train_dataloader(), 20):
+        for row in x[:8]:
+            offset = offset_of(row, expected)
+            assert bytes(row.tolist()) == expected[offset : offset + T]
+    assert dm.corpus.read(0, len(expected)).tobytes() == expected
+    assert len(os.listdir("/proc/self/fd")) - before <= 8
+
+
+# The test split: bytes that training, validation and checkpoint selection never see.
+
+
+def test_test_fraction_holds_the_end_of_the_corpus_out_of_training_and_validation(corpus):
+    path, raw = corpus
+    dm = ByteDataModule(str(path), block_size=T, batch_size=B, val_fraction=0.2, test_fraction=0.1, val_windows=10)
+    assert (dm.train_size, dm.val_end) == (14_000, 18_000)
+    assert dm.split_sizes() == {"train": 14_000, "validation": 4_000, "test": 2_000}
+    train = {offset_of(row, raw) for x, _ in take(dm.train_dataloader(), 100) for row in x}
+    assert max(train) + T + 1 <= 14_000
+    val = [offset_of(row, raw) for x, _ in dm.val_dataloader() for row in x]
+    assert min(val) == 14_000 and max(val) + T + 1 == 18_000
+    test = [offset_of(row, raw) for x, _ in dm.test_dataloader() for row in x]
+    assert min(test) == 18_000 and max(test) + T + 1 == 20_000 and len(test) == 10
+
+
+def test_test_path_is_a_corpus_of_its_own_that_may_not_share_files_with_training(corpus, tmp_path):
+    path, raw = corpus
+    held_out = random_bytes(3000, 9)
+    (tmp_path / "test.bin").write_bytes(held_out)
+    dm = ByteDataModule(str(path), block_size=T, batch_size=B, test_path=str(tmp_path / "test.bin"))
+    assert dm.train_size == 18_000 and dm.val_end == 20_000  # validation as without a test split
+    for x, y in dm.test_dataloader():
+        for xi in x:
+            assert offset_of(xi, held_out) >= 0
+    assert "test 3 kB from" in dm.describe()
+    os.link(path, tmp_path / "same.bin")
+    assert_one_line_error("shares 1 file", str(path), block_size=T, test_path=str(tmp_path / "same.bin"))
+    assert_one_line_error("not both", str(path), test_path=str(tmp_path / "test.bin"), test_fraction=0.1)
+
+
+def test_without_a_test_split_test_refuses_in_one_line(corpus):
+    dm = ByteDataModule(str(corpus[0]), block_size=T, batch_size=B)
+    for call in (lambda: dm.setup("test"), dm.test_dataloader):
+        with pytest.raises(DataError, match="no test split.*data.test_fraction.*data.test_path") as error:
+            call()
+        assert "\n" not in str(error.value)
+    dm.setup("fit")  # the other stages need none
+
+
+@pytest.mark.parametrize(
+    "setting, match",
+    [({"test_fraction": -0.1}, "data.test_fraction"), ({"test_fraction": 1.0}, "data.test_fraction"),
+     ({"val_fraction": 0.5, "test_fraction": 0.5}, "below 1"),
+     ({"test_fraction": 0.0001}, "2000 for validation, 2 for test")],
+)  # fmt: skip
+def test_bad_test_split_settings(corpus, setting, match):
+    assert_one_line_error(match, str(corpus[0]), block_size=T, **setting)
+
+
+def test_a_checkpoint_whose_run_saw_the_test_bytes_is_refused_for_test(corpus, tmp_path):
+    trainer, _ = fit(corpus[0], tmp_path / "a", max_steps=1)
+    checkpoint = tmp_path / "trained.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    state = torch.load(checkpoint, weights_only=True)["ByteDataModule"]
+    assert state["splits"] == {"kind": "files", "bytes": 20_000, "train": [0, 18_000], "validation": [18_000, 20_000],
+                               "test": None, "test_path": None}  # fmt: skip
+    assert state["train_batches"] == 2
+    late = ByteDataModule(str(corpus[0]), block_size=T, batch_size=B, test_fraction=0.05)
+    with pytest.raises(DataError, match="overlaps bytes the checkpoint's run trained or validated on"):
+        late.load_state_dict(state)
+    held_out = ByteDataModule(str(corpus[0]), block_size=T, batch_size=B, val_fraction=0.05, test_fraction=0.1)
+    trainer, _ = fit(corpus[0], tmp_path / "b", max_steps=1)
+    held_out.load_state_dict({**state, "splits": held_out.split_ranges()})  # the same splits: accepted
