@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import masks
 from .errors import ConfigError
-from .layer import LN_EPS, attention_dtype, layer_output
+from .layer import LN_EPS, attention_dtype, layer_output, reference_layer, rope_cos_sin
 
 # Decided when the kernels are decorated, as Triton decides it (it reads the variable at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -553,6 +553,80 @@ def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), l
     )
     return {"spec_flops": spec, "fused_flops": forward + backward, "floor_bytes": floor,
             "n_wide_elements": B * H * T * N}
+
+
+GPU_CHECK_TILES = (Tiles(), Tiles(rows=128, pairs=16), Tiles(rows=32, pairs=32, num_warps=4))
+
+
+def gpu_check(baselines: dict | None = None, iterations: int = 10,
+              tile_choices: tuple[Tiles, ...] = GPU_CHECK_TILES) -> dict:
+    """What only a GPU can tell (benchmarks/gpu_suite.py runs it; no GPU has yet): a JSON-able dict.
+
+    1. `correct`: the compiled kernels (tensor-core bf16 dots, "ieee" fp32 dots, which the interpreter
+       does not run) against `reference_layer` with dropout, at sizes with several tiles and a ragged
+       end: relative error of the output and each gradient (want fp32 <= 1e-4, bf16 autocast <= 2e-2).
+    2. `speed`: one layer's forward + backward at the 14gb config's sizes (B16 T384 D256 H4 N6144)
+       under bf16 autocast: ms, peak bytes above the inputs, and spec TFLOP/s, for reference (eager and
+       torch.compile), the `baselines` given (name -> a layer function (x, E, Ev, Dec, cos, sin, dropout);
+       the suite passes {"chunked": kernels.chunked_layer}: this module cannot import kernels.py, which
+       imports it) and fused with each tile choice. The issue's goal: fused at 1.5x the compiled
+       reference's speed with peak memory no more than chunked's.
+    """
+    device = torch.device("cuda")
+
+    def inputs(B, T, D, H, N, dtype=torch.float32, seed=0):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        x = torch.nn.functional.layer_norm(torch.randn(B, 1, T, D, device=device, generator=gen), (D,))
+        weights = [torch.randn(H, D, N, device=device, generator=gen) * 0.02 for _ in range(2)]
+        weights.append(torch.randn(H * N, D, device=device, generator=gen) * 0.02)
+        cos, sin = rope_cos_sin(torch.arange(T, device=device), N)
+        tensors = [t.to(dtype).requires_grad_() for t in (x, *weights)]
+        return tensors, cos, sin, torch.randn(B, 1, T, D, device=device, generator=gen).to(dtype)
+
+    def run(fn, tensors, cos, sin, grad, autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*tensors, cos, sin)
+        return (out, *torch.autograd.grad(out, tensors, grad.to(out.dtype)))
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    results = {"device": torch.cuda.get_device_name(), "correct": {}, "speed": {}}
+    B, T, D, H, N, p, seed = 3, 200, 96, 2, 1000, 0.2, 1234
+    mask = masks.dropout_mask(seed, B, H, T, N, p, device)
+    for label, autocast in (("fp32", False), ("bf16_autocast", True)):
+        for tiles in tile_choices:
+            tensors, cos, sin, grad = inputs(B, T, D, H, N)
+            want = run(lambda *a: reference_layer(*a, p, True, dropout_mask=mask), tensors, cos, sin, grad, autocast)
+            got = run(lambda *a: fused_layer(*a, p, seed=seed, tiles=tiles), tensors, cos, sin, grad, autocast)
+            names = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
+            results["correct"][f"{label} {tiles}"] = {n: rel(g, w) for n, g, w in zip(names, got, want)}
+
+    B, T, D, H, N = 16, 384, 256, 4, 6144  # configs/14gb.yaml
+    cost = layer_cost(B, T, D, H, N)
+    kernels = {"reference": lambda *a: reference_layer(*a, 0.1, True),
+               "reference+compile": torch.compile(lambda *a: reference_layer(*a, 0.1, True))}
+    kernels.update({name: (lambda f: lambda *a: f(*a, 0.1))(f) for name, f in (baselines or {}).items()})
+    kernels.update({f"fused {t}": (lambda t: lambda *a: fused_layer(*a, 0.1, tiles=t))(t) for t in tile_choices})
+    for name, fn in kernels.items():
+        try:
+            tensors, cos, sin, grad = inputs(B, T, D, H, N)
+            run(fn, tensors, cos, sin, grad, True)  # compile, autotune, warm up
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iterations):
+                run(fn, tensors, cos, sin, grad, True)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / iterations
+            results["speed"][name] = {"ms": ms, "peak_bytes": torch.cuda.max_memory_allocated() - base,
+                                      "spec_tflops": cost["spec_flops"] / ms / 1e9}
+        except Exception as error:  # a benchmark reports what failed and goes on to the next kernel
+            results["speed"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+    return results
 
 
 @torch.compiler.disable  # Triton launches from a Python autograd Function: torch.compile runs it as it is
