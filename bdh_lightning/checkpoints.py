@@ -217,8 +217,10 @@ def write_failure(error: BaseException) -> str:
     return one_line(error)
 
 
-def load_model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None) -> BDH:
-    """The `BDH` held by a checkpoint of this project or an exported weights file, float32, in eval mode, on `device`.
+def load_model_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None
+) -> BDH:
+    """The `BDH` held by a checkpoint of this project or an exported weights file, float32, eval mode, on `device`.
 
     `path` is a .ckpt written by `fit`, a reference state_dict (.pt; its settings in the .json beside it), a
     safetensors file, or a Hugging Face folder (weights.py). The model settings come from the file; `settings`

@@ -40,5 +40,8 @@ def export_command(
     written = write_weights(tensors, config, format, output, step=weights.step, overwrite=overwrite)
     step = "" if weights.step is None else f", step {weights.step}"
     dtype = str(tensors["encoder"].dtype).removeprefix("torch.")
-    print(f"wrote {' and '.join(map(str, written))} ({format}: {parameter_count(tensors):,} parameters, {dtype}{step}) from {source}")
+    print(
+        f"wrote {' and '.join(map(str, written))} ({format}: {parameter_count(tensors):,} parameters, {dtype}{step}) "
+        f"from {source}"
+    )
     return 0

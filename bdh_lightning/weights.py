@@ -86,7 +86,9 @@ def read_weights(path: str | Path) -> Weights:
             "file or a folder written by `export --format hf`"
         )
     if not path.is_file():
-        raise CheckpointError(f"{path} not found; give a .ckpt, .pt or .safetensors file, a folder written by `export`, or `last`")
+        raise CheckpointError(
+            f"{path} not found; give a .ckpt, .pt or .safetensors file, a folder written by `export`, or `last`"
+        )
     try:
         with open(path, "rb") as file:
             head = file.read(9)
@@ -122,14 +124,19 @@ def load_plain(path: Path) -> object:
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
     except Exception:  # noqa: BLE001 (torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files)
-        raise CheckpointError(f"{path} is truncated, corrupt, or neither a PyTorch nor a safetensors file; use another one") from None
+        raise CheckpointError(
+            f"{path} is truncated, corrupt, or neither a PyTorch nor a safetensors file; use another one"
+        ) from None
 
 
 def read_torch_file(path: Path) -> Weights:
     """A Lightning checkpoint, a reference state_dict, or a training script's {"model": state_dict, ...}."""
     content = load_plain(path)
     if not isinstance(content, dict):
-        raise CheckpointError(f"{path} holds a {type(content).__name__}, not a state_dict or checkpoint; use a file written by `fit` or `export`")
+        raise CheckpointError(
+            f"{path} holds a {type(content).__name__}, not a state_dict or checkpoint; "
+            "use a file written by `fit` or `export`"
+        )
     if isinstance(content.get("state_dict"), dict):  # Lightning
         hparams = content.get("hyper_parameters")
         settings = {k: hparams[k] for k in ARCHITECTURE if k in hparams} if isinstance(hparams, dict) else {}
@@ -180,19 +187,25 @@ def read_safetensors(path: Path) -> Weights:
             metadata = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({' '.join(str(error).split())}); use another one") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({' '.join(str(error).split())}); use another one"
+        ) from None
     try:
         settings = json.loads(metadata.get(METADATA + "settings", "{}"))
         step = int(metadata[METADATA + "step"]) if METADATA + "step" in metadata else None
     except ValueError:  # JSONDecodeError is one
-        raise CheckpointError(f"{path}: its {METADATA}* metadata is not valid; give the model settings explicitly") from None
+        raise CheckpointError(
+            f"{path}: its {METADATA}* metadata is not valid; give the model settings explicitly"
+        ) from None
     settings = {k: settings[k] for k in ARCHITECTURE if k in settings} if isinstance(settings, dict) else {}
     if any(name.startswith("backbone.") for name in tensors):
         tensors = from_hf_names(tensors, path, tied=False)
     known = set(WEIGHT_NAMES) | {FREQS}
     if not known & tensors.keys():
         names = ", ".join(sorted(tensors)[:3])
-        raise CheckpointError(f"{path} holds the weights of another model ({names}...), not BDH's {', '.join(WEIGHT_NAMES)}")
+        raise CheckpointError(
+            f"{path} holds the weights of another model ({names}...), not BDH's {', '.join(WEIGHT_NAMES)}"
+        )
     return Weights(tensors, path, "safetensors", settings, step)
 
 
@@ -204,16 +217,24 @@ def read_hf(folder: Path) -> Weights:
         raise CheckpointError(f"cannot read {folder / 'config.json'}: {error}") from None
     if not isinstance(config, dict) or config.get("model_type") != "bdh":
         model_type = config.get("model_type") if isinstance(config, dict) else None
-        raise CheckpointError(f"{folder} holds a Hugging Face model of type {model_type!r}, not 'bdh' (bdh-transformers)")
+        raise CheckpointError(
+            f"{folder} holds a Hugging Face model of type {model_type!r}, not 'bdh' (bdh-transformers)"
+        )
     weights_file = folder / "model.safetensors"
     if not weights_file.is_file():
-        sharded = " (sharded checkpoints are not supported)" if (folder / "model.safetensors.index.json").is_file() else ""
-        raise CheckpointError(f"{folder} has no model.safetensors{sharded}; give a folder written by `export --format hf`")
+        sharded = (
+            " (sharded checkpoints are not supported)" if (folder / "model.safetensors.index.json").is_file() else ""
+        )
+        raise CheckpointError(
+            f"{folder} has no model.safetensors{sharded}; give a folder written by `export --format hf`"
+        )
     try:
         with safe_open(weights_file, framework="pt") as file:
             tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({' '.join(str(error).split())})") from None
+        raise CheckpointError(
+            f"{weights_file} is not a readable safetensors file ({' '.join(str(error).split())})"
+        ) from None
     # transformers ties lm_head to the embedding unless told otherwise (and then does not store it).
     tied = config.get("tie_word_embeddings", True) and "lm_head.weight" not in tensors
     settings = {ours: config[theirs] for theirs, ours in HF_SETTINGS.items() if theirs in config}
@@ -230,7 +251,10 @@ def from_hf_names(tensors: dict[str, torch.Tensor], path: Path, tied: bool) -> d
         renamed["lm_head"] = renamed["embed.weight"]
     if "lm_head" in renamed:
         if renamed["lm_head"].dim() != 2:
-            raise CheckpointError(f"{path}: lm_head.weight has shape {tuple(renamed['lm_head'].shape)}, expected (vocab_size, hidden_size)")
+            raise CheckpointError(
+                f"{path}: lm_head.weight has shape {tuple(renamed['lm_head'].shape)}, "
+                "expected (vocab_size, hidden_size)"
+            )
         renamed["lm_head"] = renamed["lm_head"].t().contiguous()
     return renamed
 
@@ -255,7 +279,11 @@ def resolve_config(weights: Weights, settings: dict | None = None) -> BDHConfig:
         if (N * merged["n_head"]) % merged["n_embd"] == 0:
             merged.setdefault("mlp_internal_dim_multiplier", N * merged["n_head"] // merged["n_embd"])
     if "n_layer" not in merged:
-        where = f"write them beside it as {settings_path(weights.path)} (as `export` does) or give" if weights.kind == "reference" else "give"
+        where = (
+            f"write them beside it as {settings_path(weights.path)} (as `export` does) or give"
+            if weights.kind == "reference"
+            else "give"
+        )
         raise CheckpointError(
             f"{weights.path} does not say how many layers the model has; {where} the model settings (n_layer, "
             "and n_embd, n_head, mlp_internal_dim_multiplier if they differ from the shapes)"
@@ -272,7 +300,9 @@ def weight_shapes(config: BDHConfig) -> dict[str, tuple[int, ...]]:
 
 
 def describe(config: BDHConfig) -> str:
-    return ", ".join(f"{k}={getattr(config, k)}" for k in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier"))
+    return ", ".join(
+        f"{k}={getattr(config, k)}" for k in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier")
+    )
 
 
 def check_weights(tensors: dict[str, torch.Tensor], config: BDHConfig, path: str | Path) -> dict[str, torch.Tensor]:
@@ -283,25 +313,34 @@ def check_weights(tensors: dict[str, torch.Tensor], config: BDHConfig, path: str
     missing = [name for name in expected if name not in given]
     extra = sorted(given.keys() - expected.keys())
     if missing or extra:
-        parts = [f"missing {', '.join(missing)}" if missing else "", f"unexpected {', '.join(extra[:5])}" if extra else ""]
+        parts = [
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unexpected {', '.join(extra[:5])}" if extra else "",
+        ]
         raise CheckpointError(f"{path} does not hold BDH's weights: {'; '.join(p for p in parts if p)}")
     for name, shape in expected.items():
         if tuple(given[name].shape) != shape:
             raise CheckpointError(
-                f"{path}: {name} is {tuple(given[name].shape)} but {shape} with the model settings ({describe(config)}); "
+                f"{path}: {name} is {tuple(given[name].shape)} but {shape} with the model settings "
+                f"({describe(config)}); "
                 "use the settings the weights were trained with"
             )
         if not given[name].is_floating_point():
-            raise CheckpointError(f"{path}: {name} is {given[name].dtype}, not floating point; these are not BDH weights")
+            raise CheckpointError(
+                f"{path}: {name} is {given[name].dtype}, not floating point; these are not BDH weights"
+            )
         bad = int((~torch.isfinite(given[name])).sum())
         if bad:
-            raise CheckpointError(f"{path}: {name} has {bad} non-finite values (NaN or infinity); use an earlier checkpoint")
+            raise CheckpointError(
+                f"{path}: {name} has {bad} non-finite values (NaN or infinity); use an earlier checkpoint"
+            )
     if FREQS in tensors:
         N = config.neurons_per_head
         freqs = tensors[FREQS]
         if freqs.numel() != N or not torch.equal(freqs.float().reshape(-1), rope_frequencies(N)):
             raise CheckpointError(
-                f"{path}: {FREQS} is not BDH's rotary frequencies (theta 2^16, N={N}); the weights are of a modified model"
+                f"{path}: {FREQS} is not BDH's rotary frequencies (theta 2^16, N={N}); "
+                "the weights are of a modified model"
             )
     return {name: given[name] for name in expected}
 
@@ -321,9 +360,10 @@ def weights_to_start_from(path: str | Path, config: BDHConfig) -> tuple[dict[str
     differ = [k for k in shaped if k in weights.settings and weights.settings[k] != getattr(config, k)]
     if differ:
         theirs = " ".join(f"--model.{k} {weights.settings[k]}" for k in shaped if k in weights.settings)
+        theirs_differ = [f"{k}={weights.settings[k]}" for k in differ]
         raise CheckpointError(
-            f"--model.init_from {path} holds a model of other settings ({', '.join(f'{k}={weights.settings[k]}' for k in differ)} "
-            f"there, not {', '.join(f'{k}={getattr(config, k)}' for k in differ)}); start from it with {theirs}"
+            f"--model.init_from {path} holds a model of other settings ({', '.join(theirs_differ)} there, "
+            f"not {', '.join(f'{k}={getattr(config, k)}' for k in differ)}); start from it with {theirs}"
         )
     return check_weights(weights.tensors, config, weights.path), weights.settings
 
@@ -354,7 +394,10 @@ def hf_config(config: BDHConfig, dtype: torch.dtype) -> dict:
 
 
 def hf_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {HF_NAMES[name]: (tensors[name].t() if name == "lm_head" else tensors[name]).contiguous() for name in WEIGHT_NAMES}
+    return {
+        HF_NAMES[name]: (tensors[name].t() if name == "lm_head" else tensors[name]).contiguous()
+        for name in WEIGHT_NAMES
+    }
 
 
 def safetensors_metadata(config: BDHConfig, step: int | None) -> dict[str, str]:
@@ -374,7 +417,10 @@ def output_paths(format: str, output: str | Path, overwrite: bool) -> list[Path]
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     output = Path(output)
     if format == "reference" and output.suffix == ".json":
-        raise UsageError(f"--output {output}: the reference state_dict needs a name not ending in .json (its settings go to <name>.json)")
+        raise UsageError(
+            f"--output {output}: the reference state_dict needs a name not ending in .json "
+            "(its settings go to <name>.json)"
+        )
     targets = [output, settings_path(output)] if format == "reference" else [output]
     for path in targets:
         if path.exists() and not overwrite:
@@ -433,7 +479,11 @@ def write_weights(
             for temporary in temporaries:
                 sync(temporary)
         elif format == "safetensors":
-            save_file({name: tensors[name].contiguous() for name in WEIGHT_NAMES}, temporaries[0], safetensors_metadata(config, step))
+            save_file(
+                {name: tensors[name].contiguous() for name in WEIGHT_NAMES},
+                temporaries[0],
+                safetensors_metadata(config, step),
+            )
             sync(temporaries[0])
         else:
             folder = temporaries[0]

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_ARGS, TINY_MODEL, write_letters
 from safetensors import safe_open
 from safetensors.torch import save_file
+from spec_oracle import oracle_logits, oracle_rope_frequencies
 from torch import nn
 
 from bdh_lightning import __version__
@@ -21,8 +23,6 @@ from bdh_lightning.export import export_command
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
 from bdh_lightning.weights import read_weights
-from conftest import TINY_ARGS, TINY_MODEL, write_letters
-from spec_oracle import oracle_logits, oracle_rope_frequencies
 
 OUTPUTS = {"reference": "model.pt", "safetensors": "model.safetensors", "hf": "model_hf"}
 
@@ -79,7 +79,9 @@ def test_each_format_round_trips_bit_exactly(run, tmp_path, format, capsys):
 def test_bfloat16_weights_keep_their_dtype(tmp_path):
     model = BDH(BDHConfig(**TINY_MODEL)).to(torch.bfloat16)
     ckpt = tmp_path / "bf16.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": TINY_MODEL}, ckpt)
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "hyper_parameters": TINY_MODEL}, ckpt
+    )
     export_command(str(ckpt), "safetensors", str(tmp_path / "bf16.safetensors"))
     back = read_weights(tmp_path / "bf16.safetensors").tensors
     assert back["encoder"].dtype == torch.bfloat16 and torch.equal(back["encoder"], model.encoder.detach())
@@ -130,7 +132,9 @@ class ReferenceShapedBDH(nn.Module):
         self.lm_head = nn.Parameter(torch.zeros(D, V))
 
     def forward(self, idx):
-        return oracle_logits(idx, self.embed.weight, self.encoder, self.encoder_v, self.decoder, self.lm_head, self.config.n_layer)
+        return oracle_logits(
+            idx, self.embed.weight, self.encoder, self.encoder_v, self.decoder, self.lm_head, self.config.n_layer
+        )
 
 
 def test_reference_file_loads_strictly_into_the_reference_shape_and_gives_the_same_logits(run, tmp_path):
@@ -147,7 +151,9 @@ def test_reference_file_loads_strictly_into_the_reference_shape_and_gives_the_sa
     torch.testing.assert_close(theirs, logits(ckpt), rtol=1e-5, atol=1e-5)
     # strict means strict: without the buffer the same load fails
     with pytest.raises(RuntimeError, match="attn.freqs"):
-        ReferenceShapedBDH(config).load_state_dict({k: v for k, v in state_dict.items() if k != "attn.freqs"}, strict=True)
+        ReferenceShapedBDH(config).load_state_dict(
+            {k: v for k, v in state_dict.items() if k != "attn.freqs"}, strict=True
+        )
 
 
 def test_a_reference_state_dict_without_settings_takes_them_from_the_caller(run, tmp_path):
@@ -204,7 +210,13 @@ def test_hf_layout_key_by_key(run, tmp_path):
     with safe_open(tmp_path / "hf/model.safetensors", framework="pt") as file:
         assert file.metadata() == {"format": "pt"}
         hf = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
-    assert sorted(hf) == ["backbone.decoder", "backbone.embed.weight", "backbone.encoder", "backbone.encoder_v", "lm_head.weight"]
+    assert sorted(hf) == [
+        "backbone.decoder",
+        "backbone.embed.weight",
+        "backbone.encoder",
+        "backbone.encoder_v",
+        "lm_head.weight",
+    ]
     for name in ("decoder", "embed.weight", "encoder", "encoder_v"):
         assert torch.equal(hf[f"backbone.{name}"], ours[name]), name
     assert hf["lm_head.weight"].shape == (256, 32) and torch.equal(hf["lm_head.weight"], ours["lm_head"].t())
@@ -214,12 +226,29 @@ def test_hf_folder_with_tied_embeddings_reads_lm_head_from_the_embedding(tmp_pat
     model = BDH(BDHConfig(**TINY_MODEL))
     folder = tmp_path / "tied"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "bdh", "num_hidden_layers": 2, "hidden_size": 32,
-                                                    "num_attention_heads": 2, "mlp_internal_dim_multiplier": 8}))  # fmt: skip
+    settings = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "mlp_internal_dim_multiplier": 8}
+    (folder / "config.json").write_text(json.dumps({"model_type": "bdh", **settings}))
     tensors = {f"backbone.{n}": getattr(model, n).detach() for n in ("encoder", "encoder_v", "decoder")}
     save_file({**tensors, "backbone.embed.weight": model.embed.weight.detach()}, folder / "model.safetensors")
     loaded = load_model_from_checkpoint(folder)
     assert torch.equal(loaded.lm_head, model.embed.weight.t())
+
+
+def test_hf_export_gives_the_same_logits_under_the_port(run, tmp_path):
+    """Runs only where transformers and the port (github.com/jploski/bdh-transformers, not on PyPI) are
+    installed; CI has neither. By hand, with transformers 4.57.6 and the port at ddda0dc: bit-identical."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("bdh_transformers")  # registers model_type "bdh" with the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    _, ckpt, _ = run
+    export_command(str(ckpt), "hf", str(tmp_path / "hf"))
+    idx = random_bytes()  # raw byte ids: the port's ByT5 tokenizer would shift them by 3
+    for implementation in ("bdh_parallel", "bdh_recurrent"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation=implementation).eval()
+        with torch.inference_mode():
+            theirs = model(input_ids=idx, use_cache=False).logits
+        assert torch.equal(theirs, logits(ckpt)), implementation
 
 
 # -------------------------------------------------------------------------------------- fine-tuning
@@ -229,7 +258,15 @@ def test_fit_init_from_starts_from_the_exported_weights_with_a_fresh_optimizer(r
     folder, ckpt, corpus = run
     export_command(str(ckpt), "safetensors", str(tmp_path / "start.safetensors"))
     monkeypatch.chdir(tmp_path)
-    args = ["--data.path", str(corpus), *TINY_ARGS, "--trainer.max_steps", "2", "--model.init_from", str(tmp_path / "start.safetensors")]
+    args = [
+        "--data.path",
+        str(corpus),
+        *TINY_ARGS,
+        "--trainer.max_steps",
+        "2",
+        "--model.init_from",
+        str(tmp_path / "start.safetensors"),
+    ]
     cli = BDHCLI(args=args, run=False)  # the real command line, parsed and built; fit run below
     for name, value in read_weights(ckpt).tensors.items():
         assert torch.equal(cli.model.model.state_dict()[name], value), name
@@ -275,7 +312,10 @@ def test_init_from_with_another_depth_says_so(run, capsys):
 def reference_file(tmp_path, change=lambda sd: sd, name="bad.pt"):
     model = BDH(BDHConfig(**TINY_MODEL))
     N = model.config.neurons_per_head
-    state_dict = {**{k: v.detach().clone() for k, v in model.state_dict().items()}, "attn.freqs": oracle_rope_frequencies(N).view(1, 1, 1, N)}
+    state_dict = {
+        **{k: v.detach().clone() for k, v in model.state_dict().items()},
+        "attn.freqs": oracle_rope_frequencies(N).view(1, 1, 1, N),
+    }
     torch.save(change(state_dict), tmp_path / name)
     (tmp_path / name).with_suffix(".json").write_text(json.dumps({**TINY_MODEL, "dropout": 0.0, "vocab_size": 256}))
     return tmp_path / name
@@ -324,7 +364,10 @@ def test_settings_that_do_not_fit_the_shapes_are_one_line(tmp_path):
     path.with_suffix(".json").write_text(json.dumps({**TINY_MODEL, "n_head": 4}))
     with pytest.raises(CheckpointError) as error:
         load_model_from_checkpoint(path)
-    assert "encoder is (2, 32, 128) but (4, 32, 64) with the model settings (n_layer=2, n_embd=32, n_head=4" in one_line(error)
+    assert (
+        "encoder is (2, 32, 128) but (4, 32, 64) with the model settings (n_layer=2, n_embd=32, n_head=4"
+        in one_line(error)
+    )
 
 
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
