@@ -219,13 +219,19 @@ def fit_power_law(values: np.ndarray, max_candidates: int = 60, min_tail: int = 
         model = zeta(alpha, values_) / zeta(alpha, xmin)  # P(K >= k), fit
         ks = float(np.abs(empirical - model).max())
         if best is None or ks < best["ks"]:
-            best = {"alpha": alpha, "xmin": int(xmin), "tail": int(tail.size), "ks": ks, "at_bound": alpha > ALPHA_MAX - 0.01}
+            best = {
+                "alpha": alpha,
+                "xmin": int(xmin),
+                "tail": int(tail.size),
+                "ks": ks,
+                "at_bound": alpha > ALPHA_MAX - 0.01,
+            }
     return best
 
 
-def louvain_modularity(src: np.ndarray, dst: np.ndarray, n: int, seed: int) -> tuple[float, list[int]]:
-    """Newman modularity of the Louvain communities of the undirected simple graph, and the community sizes
-    (largest first, isolated neurons left out)."""
+def louvain_modularity(src: np.ndarray, dst: np.ndarray, n: int, seed: int) -> tuple[float, list[set[int]]]:
+    """Newman modularity of the Louvain communities of the undirected simple graph, and the communities
+    (largest first; isolated neurons left out)."""
     import networkx as nx
 
     graph = nx.Graph()
@@ -234,9 +240,8 @@ def louvain_modularity(src: np.ndarray, dst: np.ndarray, n: int, seed: int) -> t
     graph.remove_nodes_from([node for node, degree in dict(graph.degree()).items() if degree == 0])
     if graph.number_of_edges() == 0:
         return 0.0, []
-    communities = nx.community.louvain_communities(graph, seed=seed)
-    sizes = sorted((len(c) for c in communities), reverse=True)
-    return float(nx.community.modularity(graph, communities)), sizes
+    communities = sorted(nx.community.louvain_communities(graph, seed=seed), key=len, reverse=True)
+    return float(nx.community.modularity(graph, communities)), communities
 
 
 def degree_matched_null(src: np.ndarray, dst: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +269,8 @@ def graph_report(model: BDH, options: GraphOptions = GraphOptions(), edges_per_h
             src, dst, threshold = thresholded_edges(decoder_h, encoder_h, threshold=options.threshold)
         else:
             src, dst, threshold = thresholded_edges(decoder_h, encoder_h, edges=max(1, round(options.mean_degree * N)))
-        modularity, sizes = louvain_modularity(src, dst, N, options.seed)
+        modularity, communities = louvain_modularity(src, dst, N, options.seed)
+        sizes = [len(community) for community in communities]
         null_modularity, _ = louvain_modularity(*degree_matched_null(src, dst, options.seed), N, options.seed)
         d_in, d_out = degrees(src, dst, N)
         in_degrees.append(d_in)
@@ -313,7 +319,9 @@ class Activations:
 
 
 @torch.no_grad()
-def activation_pass(model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None, signal: str | None = None) -> Activations:
+def activation_pass(
+    model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None, signal: str | None = None
+) -> Activations:
     """The model's forward without dropout, one head at a time (as `monitor.count_active`), recording the
     activations' statistics; with `signal` ("a", "b" or "ab") also that value per neuron, averaged over layers."""
     c = model.config
@@ -342,7 +350,11 @@ def activation_pass(model: BDH, idx: torch.Tensor, targets: torch.Tensor | None 
     loss = None
     if targets is not None:
         logits = model.logits(x).float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(B, T).cpu()
+        loss = (
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+            .view(B, T)
+            .cpu()
+        )
     if pooled is not None:
         pooled /= L
     return Activations(counts, fires, position_active, loss, pooled)
@@ -380,7 +392,11 @@ class CorpusSample:
         before = self.corpus.read(max(0, offset - width), min(width, offset))
         after_length = min(max(1, width // 4), len(self.corpus) - offset - 1)
         after = self.corpus.read(offset + 1, after_length)
-        return {"before": show_bytes(before), "byte": show_bytes(self.corpus.read(offset, 1)), "after": show_bytes(after)}
+        return {
+            "before": show_bytes(before),
+            "byte": show_bytes(self.corpus.read(offset, 1)),
+            "after": show_bytes(after),
+        }
 
 
 def show_bytes(data) -> str:
@@ -413,7 +429,9 @@ def sparsity_report(model: BDH, sample: CorpusSample, neurons: NeuronOptions | N
             total += values.sum(0)
             nonzero += (values > 0).sum(0)
             # Corpus offset of each position: the window's start plus the position in it.
-            where = torch.from_numpy(offsets).repeat_interleave(idx.shape[1]) + torch.arange(idx.shape[1]).repeat(len(offsets))
+            where = torch.from_numpy(offsets).repeat_interleave(idx.shape[1]) + torch.arange(idx.shape[1]).repeat(
+                len(offsets)
+            )
             batch_values, batch_index = values.topk(min(k, values.shape[0]), dim=0)
             top_values = torch.cat([top_values, batch_values])
             top_offsets = torch.cat([top_offsets, where[batch_index]])
@@ -450,22 +468,35 @@ def sparsity_report(model: BDH, sample: CorpusSample, neurons: NeuronOptions | N
         "_loss": loss.numpy(),
     }
     if neurons:
+        report["_strongest"] = (top_values, top_offsets)  # per neuron: its largest values, where in the corpus
         report["selective"] = selective_neurons(total / positions, nonzero, top_values, top_offsets, sample, neurons, N)
     return report
 
 
-def selective_neurons(mean, nonzero, top_values, top_offsets, sample: CorpusSample, options: NeuronOptions, N: int) -> dict:
+def strongest_contexts(report: dict, sample: CorpusSample, neuron: int, width: int) -> list[dict]:
+    """Where neuron `neuron` (h * N + n) fired strongest in the sample: the bytes around, its value."""
+    values, offsets = report["_strongest"]
+    return [
+        {
+            **sample.context(int(offsets[j, neuron]), width),
+            "value": float(values[j, neuron]),
+            "offset": int(offsets[j, neuron]),
+        }
+        for j in range(values.shape[0])
+        if values[j, neuron] > 0
+    ]
+
+
+def selective_neurons(
+    mean, nonzero, top_values, top_offsets, sample: CorpusSample, options: NeuronOptions, N: int
+) -> dict:
     """The neurons whose strongest values stand farthest above their mean, with those contexts."""
-    k = top_values.shape[0]
     eligible = (nonzero >= 2 * options.contexts) & (mean > 0)
     selectivity = torch.where(eligible, top_values.mean(0) / mean.clamp_min(1e-30), torch.zeros_like(mean))
     chosen = [int(i) for i in selectivity.argsort(descending=True)[: options.top] if eligible[i]]
     shown = []
     for i in chosen:
-        contexts = []
-        for j in range(k):
-            context = sample.context(int(top_offsets[j, i]), options.width)
-            contexts.append({**context, "value": float(top_values[j, i]), "offset": int(top_offsets[j, i])})
+        contexts = strongest_contexts({"_strongest": (top_values, top_offsets)}, sample, i, options.width)
         shown.append({
             "neuron": neuron_name(i // N, i % N), "selectivity": float(selectivity[i]), "mean": float(mean[i]),
             "fires": int(nonzero[i]), "contexts": contexts,
@@ -494,7 +525,9 @@ def read_sentences(path: str, name: str) -> list[bytes]:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        raise UsageError(f"{name} {path}: cannot read it ({error.strerror or error}); give a text file, one sentence per line") from None
+        raise UsageError(
+            f"{name} {path}: cannot read it ({error.strerror or error}); give a text file, one sentence per line"
+        ) from None
     sentences = [line.strip() for line in data.split(b"\n")]
     sentences = [s for s in sentences if s]
     if not sentences:
@@ -538,7 +571,7 @@ def probe_report(model: BDH, concept: list[bytes], control: list[bytes], signal:
     return {
         "signal": signal, "concept_sentences": x.shape[0], "control_sentences": y.shape[0], "pairs": pairs,
         "neurons": [
-            {"neuron": neuron_name(int(i) // N, int(i) % N), "U": float(U[i]), "p": float(p[i]),
+            {"neuron": neuron_name(int(i) // N, int(i) % N), "index": int(i), "U": float(U[i]), "p": float(p[i]),
              "rank_biserial": float(2 * U[i] / pairs - 1), "concept_mean": float(x[:, i].mean()),
              "control_mean": float(y[:, i].mean())}
             for i in order
@@ -604,7 +637,9 @@ def plot_firing_rates(trained: dict, init: dict | None):
                 continue
             rates = report["_rates"][k].ravel()
             axis.hist(np.clip(rates, 1e-5, 1), bins=bins[1:], histtype="step", label=label)
-        axis.set(xscale="log", title=f"{kind}: firing rate per neuron", xlabel="rate (dead shown at 1e-5)", ylabel="neurons")
+        axis.set(
+            xscale="log", title=f"{kind}: firing rate per neuron", xlabel="rate (dead shown at 1e-5)", ylabel="neurons"
+        )
         axis.legend(fontsize=8)
     return figure
 
@@ -653,70 +688,101 @@ def percent(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def write_html(report: dict, path: Path) -> None:
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+    "pre{background:#f6f6f6;padding:4px;white-space:pre-wrap}mark{background:#fc6}"
+)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """An HTML table; cells are escaped."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def contexts_block(title: str, contexts: list[dict]) -> str:
+    """A neuron's strongest contexts: value, the text before, the byte it fired at (marked), a little after."""
     e = html.escape
-    r = report
+    lines = "".join(
+        f"{c['value']:8.3f}  {e(c['before'])}<mark>{e(c['byte'])}</mark>{e(c['after'])}\n" for c in contexts
+    )
+    return f"<h3>{e(title)}</h3><pre>{lines}</pre>"
+
+
+def write_html(report: dict, path: Path) -> None:
+    e, r = html.escape, report
+    data = r["data"]
     parts = [
-        ("<!doctype html><html><head><meta charset='utf-8'><title>BDH inspect</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-        "pre{background:#f6f6f6;padding:4px;white-space:pre-wrap}mark{background:#fc6}</style></head><body>"),
-        (f"<h1>BDH inspect</h1><p>Checkpoint <code>{e(r['checkpoint'])}</code>, step {r['step']}, "
-        f"{e(json.dumps(r['model']))}; compared with the same architecture at initialisation (seed {r['seed']}).</p>"),
-        (f"<p>Corpus sample: {r['data']['windows']} windows of {r['data']['block_size']} bytes from "
-        f"<code>{e(str(r['data']['path']))}</code> (from byte {r['data']['from_byte']} of {r['data']['corpus_bytes']}).</p>"),
+        "<!doctype html><html><head><meta charset='utf-8'><title>BDH inspect</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>BDH inspect</h1><p>Checkpoint <code>{e(r['checkpoint'])}</code>, step {r['step']}, "
+        f"{e(json.dumps(r['model']))}; beside the same architecture at initialisation (seed {r['seed']}).</p>",
+        f"<p>Corpus sample: {data['windows']} windows of {data['block_size']} bytes from <code>{e(str(data['path']))}"
+        f"</code>, from byte {data['from_byte']} of {data['corpus_bytes']}.</p>",
     ]
     s, s0 = r["sparsity"]["trained"], r["sparsity"]["init"]
-    parts.append("<h2>Sparsity</h2><table><tr><th></th><th>a</th><th>b</th><th>a·b</th></tr>")
+    rows = []
     for label, rep in (("trained", s), ("initialisation", s0)):
-        parts.append(f"<tr><th>{label}: active</th>" + "".join(f"<td>{percent(rep['active'][k])}</td>" for k in KINDS) + "</tr>")
-        parts.append(f"<tr><th>{label}: dead / always-on neurons</th>" + "".join(
-            f"<td>{rep['neurons'][k]['dead']} / {rep['neurons'][k]['always_on']}</td>" for k in KINDS) + "</tr>")  # fmt: skip
-        parts.append(f"<tr><th>{label}: Spearman(active, loss)</th>" + "".join(
-            f"<td>{fmt(rep['active_vs_loss'][k]['spearman'])}</td>" for k in KINDS) + "</tr>")  # fmt: skip
-    parts.append(f"</table><p>Mean loss on the sample: trained {s['loss']:.3f}, initialisation {s0['loss']:.3f} nats/byte.</p>")
-    parts.append("<img src='sparsity_layers.png'><img src='firing_rates.png'><img src='active_vs_loss.png'>")
+        rows.append([f"{label}: active", *(percent(rep["active"][k]) for k in KINDS)])
+        rows.append([f"{label}: dead / always-on neurons", *(
+            f"{rep['neurons'][k]['dead']} / {rep['neurons'][k]['always_on']}" for k in KINDS)])  # fmt: skip
+        rows.append([f"{label}: Spearman(active, loss)", *(fmt(rep["active_vs_loss"][k]["spearman"]) for k in KINDS)])
+    parts += [
+        "<h2>Sparsity</h2>",
+        table(["", "a", "b", "a·b"], rows),
+        f"<p>Mean loss on the sample: trained {s['loss']:.3f}, initialisation {s0['loss']:.3f} nats per byte.</p>",
+        "<img src='sparsity_layers.png'><img src='firing_rates.png'><img src='active_vs_loss.png'>",
+    ]
     g, g0 = r["graph"]["trained"], r["graph"]["init"]
     parts.append(
         f"<h2>Neuron graph</h2><p>G = decoder_h · encoder_h per head; {g['edges']} edges kept (mean degree "
         f"{g['mean_degree']:.2f}). Louvain modularity: trained {g['modularity']:.3f} (degree-matched random graph "
         f"{g['null_modularity']:.3f}); initialisation {g0['modularity']:.3f} (random {g0['null_modularity']:.3f}).</p>"
-        "<table><tr><th>head</th><th>threshold</th><th>edges</th><th>modularity</th><th>random</th><th>communities</th>"
-        "<th>largest</th><th>init modularity</th></tr>"
     )
-    for h, h0 in zip(g["heads"], g0["heads"]):
-        parts.append(f"<tr><td>{h['head']}</td><td>{h['threshold']:.4g}</td><td>{h['edges']}</td><td>{h['modularity']:.3f}</td>"
-                     f"<td>{h['null_modularity']:.3f}</td><td>{h['communities']}</td><td>{e(str(h['community_sizes'][:5]))}</td>"
-                     f"<td>{h0['modularity']:.3f}</td></tr>")  # fmt: skip
-    parts.append("</table><table><tr><th></th><th>tail α</th><th>x_min</th><th>tail size</th><th>KS</th><th>max</th><th>hubs</th></tr>")
+    header = ["head", "threshold", "edges", "modularity", "random", "communities", "largest", "init modularity"]
+    rows = [
+        [h["head"], f"{h['threshold']:.4g}", h["edges"], f"{h['modularity']:.3f}", f"{h['null_modularity']:.3f}",
+         h["communities"], h["community_sizes"][:5], f"{h0['modularity']:.3f}"]
+        for h, h0 in zip(g["heads"], g0["heads"])
+    ]  # fmt: skip
+    parts.append(table(header, rows))
+    rows = []
     for label, rep in (("trained", g), ("initialisation", g0)):
         for key in ("out_degree", "in_degree"):
             fit = rep[key]["fit"] or {}
             hubs = ", ".join(f"{x['neuron']} ({x['degree']})" for x in rep[key]["hubs"][:5])
-            parts.append(f"<tr><th>{label} {key.replace('_', '-')}</th><td>{fmt(fit.get('alpha'))}</td><td>{fit.get('xmin', '')}</td>"
-                         f"<td>{fit.get('tail', '')}</td><td>{fmt(fit.get('ks'))}</td><td>{rep[key]['max']}</td><td>{e(hubs)}</td></tr>")  # fmt: skip
-    parts.append("</table><img src='degrees.png'>")
+            rows.append([f"{label} {key.replace('_', '-')}", fmt(fit.get("alpha")), fit.get("xmin", ""),
+                         fit.get("tail", ""), fmt(fit.get("ks")), rep[key]["max"], hubs])  # fmt: skip
+    parts += [table(["", "tail α", "x_min", "tail size", "KS", "max", "hubs"], rows), "<img src='degrees.png'>"]
     sel = s.get("selective")
     if sel:
-        parts.append(f"<h2>Selective neurons</h2><p>Selectivity = {e(sel['measure'])}. Median over {sel['eligible']} "
-                     f"eligible neurons: trained {fmt(sel['median_selectivity'])}, initialisation "
-                     f"{fmt(s0['selective']['median_selectivity'])}.</p>")  # fmt: skip
+        parts.append(
+            f"<h2>Selective neurons</h2><p>Selectivity = {e(sel['measure'])}. Median over {sel['eligible']} eligible "
+            f"neurons: trained {fmt(sel['median_selectivity'])}, initialisation "
+            f"{fmt(s0['selective']['median_selectivity'])}.</p>"
+        )
         for n in sel["neurons"]:
-            parts.append(f"<h3>{n['neuron']}: selectivity {n['selectivity']:.1f}, fires at {n['fires']} positions</h3><pre>")
-            for c in n["contexts"]:
-                parts.append(f"{c['value']:8.3f}  {e(c['before'])}<mark>{e(c['byte'])}</mark>{e(c['after'])}\n")
-            parts.append("</pre>")
+            title = f"{n['neuron']}: selectivity {n['selectivity']:.1f}, fires at {n['fires']} positions"
+            parts.append(contexts_block(title, n["contexts"]))
     probe = r.get("probe")
     if probe:
         t, t0 = probe["trained"], probe["init"]
-        parts.append(f"<h2>Probe: concept against control</h2><p>{t['concept_sentences']} concept and {t['control_sentences']} "
-                     f"control sentences; neuron value {e(t['signal'])} averaged over the sentence. Best U at "
-                     f"initialisation: {t0['neurons'][0]['U']:.0f} of {t0['pairs']}.</p><table><tr><th>neuron</th><th>U</th>"
-                     "<th>p</th><th>rank-biserial</th><th>concept mean</th><th>control mean</th></tr>")  # fmt: skip
+        parts.append(
+            f"<h2>Probe: concept against control</h2><p>{t['concept_sentences']} concept and "
+            f"{t['control_sentences']} control sentences; a neuron's value is its {e(t['signal'])} averaged over the "
+            f"sentence. Best U at initialisation: {t0['neurons'][0]['U']:.0f} of {t0['pairs']}.</p>"
+        )
+        rows = [
+            [n["neuron"], f"{n['U']:.0f} / {t['pairs']}", f"{n['p']:.2g}", f"{n['rank_biserial']:.3f}",
+             f"{n['concept_mean']:.4g}", f"{n['control_mean']:.4g}"]
+            for n in t["neurons"]
+        ]  # fmt: skip
+        parts.append(table(["neuron", "U", "p", "rank-biserial", "concept mean", "control mean"], rows))
         for n in t["neurons"]:
-            parts.append(f"<tr><td>{n['neuron']}</td><td>{n['U']:.0f} / {t['pairs']}</td><td>{n['p']:.2g}</td>"
-                         f"<td>{n['rank_biserial']:.3f}</td><td>{n['concept_mean']:.4g}</td><td>{n['control_mean']:.4g}</td></tr>")  # fmt: skip
-        parts.append("</table>")
+            if n.get("contexts"):
+                parts.append(contexts_block(f"{n['neuron']}: strongest contexts in the corpus sample", n["contexts"]))
     parts.append(f"<p>Took {r['seconds']:.0f} s.</p></body></html>")
     path.write_text("".join(parts), encoding="utf-8")
 
@@ -758,7 +824,9 @@ def check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; give a folder for the report")
     if output.is_dir() and any(output.iterdir()) and not (output / "report.json").is_file():
-        raise UsageError(f"--output {output} holds other files; give a new or empty folder (an earlier report there is replaced)")
+        raise UsageError(
+            f"--output {output} holds other files; give a new or empty folder (an earlier report there is replaced)"
+        )
 
 
 def open_sample(data: DataOptions, settings: dict, model: BDH) -> tuple[CorpusSample, str]:
@@ -826,7 +894,11 @@ def inspect_command(
     settings = run_settings(ckpt)
     sample, corpus_name = open_sample(data, settings, model)
     run_seed = settings.get("seed_everything")
-    seed = seed if seed is not None else (run_seed if isinstance(run_seed, int) and not isinstance(run_seed, bool) else 1337)
+    seed = (
+        seed
+        if seed is not None
+        else (run_seed if isinstance(run_seed, int) and not isinstance(run_seed, bool) else 1337)
+    )
     init = model_at_init(model.config, seed)
 
     graph_trained = graph_report(model, graph)
@@ -838,14 +910,22 @@ def inspect_command(
         signal = neurons.signal
         probe_result = {"trained": probe_report(model, concept, control, signal, probe.top),
                         "init": probe_report(init, concept, control, signal, probe.top)}  # fmt: skip
+    if probe_result:
+        for neuron in probe_result["trained"]["neurons"]:
+            neuron["contexts"] = strongest_contexts(sparsity_trained, sample, neuron["index"], neurons.width)
     c = model.config
     report = {
         "checkpoint": str(ckpt),
         "step": step,
         "model": {**c.architecture(), "neurons_per_head": c.neurons_per_head},
         "seed": seed,
-        "data": {"path": corpus_name, "windows": len(sample.offsets), "block_size": sample.block_size,
-                 "from_byte": sample.split_start, "corpus_bytes": len(sample.corpus)},
+        "data": {
+            "path": corpus_name,
+            "windows": len(sample.offsets),
+            "block_size": sample.block_size,
+            "from_byte": sample.split_start,
+            "corpus_bytes": len(sample.corpus),
+        },
         "options": {"graph": asdict(graph), "neurons": asdict(neurons), "probe": asdict(probe)},
         "sparsity": {"trained": sparsity_trained, "init": sparsity_init},
         "graph": {"trained": graph_trained, "init": graph_init},
@@ -894,7 +974,9 @@ def summary(report: dict, out: Path) -> str:
                      f"{top['contexts'][0]['before'][-20:]}[{top['contexts'][0]['byte']}]")  # fmt: skip
     if report["probe"]:
         best = report["probe"]["trained"]["neurons"][0]
-        lines.append(f"probe: {best['neuron']} U = {best['U']:.0f} of {report['probe']['trained']['pairs']}, p = {best['p']:.2g}")
+        lines.append(
+            f"probe: {best['neuron']} U = {best['U']:.0f} of {report['probe']['trained']['pairs']}, p = {best['p']:.2g}"
+        )
     return "\n".join(lines)
 
 
@@ -958,8 +1040,12 @@ class InsightMonitor(Callback):
                 for name, value in scalars.items():
                     experiment.add_scalar(name, value, global_step=step)
             if hasattr(experiment, "add_image"):
-                experiment.add_image("insight/degrees", figure_image(plot_degrees(graph, None)), step, dataformats="HWC")
-                experiment.add_image("insight/firing_rates", figure_image(plot_firing_rates(firing, None)), step, dataformats="HWC")
+                experiment.add_image(
+                    "insight/degrees", figure_image(plot_degrees(graph, None)), step, dataformats="HWC"
+                )
+                experiment.add_image(
+                    "insight/firing_rates", figure_image(plot_firing_rates(firing, None)), step, dataformats="HWC"
+                )
         self.batch = None
 
 
