@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from .data import ByteDataModule
 from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
 from .checkpoints import AtomicCheckpointIO, RunCheckpoint, check_loadable, check_model_shape, find_last, read_checkpoint
-from .faults import StopOnNonFinite, StopOnSignal
+from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
 from .precision import TF32, default_precision
 from .throughput import ThroughputMonitor
 from .monitor import SparsityMonitor, TextSample
@@ -87,6 +87,7 @@ class BDHCLI(LightningCLI):
                     TF32(),  # --tf32, set in every rank (ddp_spawn workers do not inherit it)
                     StopOnSignal(),
                     StopOnNonFinite(),
+                    StopEveryRank(),  # an error on one rank (out of memory) stops all within seconds
                 ],
             },
             # Parse errors are raised (main prints them as one line) instead of printing the whole usage.

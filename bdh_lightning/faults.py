@@ -1,21 +1,50 @@
-"""Crash safety during training: SIGTERM and Ctrl-C stop with a checkpoint, and a NaN or infinite loss stops
-training without touching the last good checkpoint (checkpoint files themselves: `checkpoints.py`).
+"""Crash safety during training: SIGTERM and Ctrl-C stop with a checkpoint, a NaN or infinite loss stops
+training without touching the last good checkpoint, and an error on one rank (out of memory above all)
+stops every rank within seconds (checkpoint files themselves: `checkpoints.py`).
 
-Every failure here ends as one exception with a one-line message; `cli.main` prints it and exits non-zero.
+None of the checks empties the GPU's queue each step: the loss is checked on the device and looked at
+every `trainer.log_every_n_steps` steps; the ranks agree on a signal through an asynchronous CPU (gloo)
+all-reduce answered one step later.
+
+Every failure here ends as one exception with a one-line message; `main.main` prints it and exits non-zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from .errors import NonFiniteError, TrainingInterrupted
+
+# How often the non-finite check looks when logging is off (trainer.log_every_n_steps 0).
+CHECK_EVERY_WITHOUT_LOGGING = 100
+# The out-of-memory line: the same for torch's allocator, cuBLAS/cuDNN workspaces and NCCL buffers.
+OUT_OF_MEMORY = ("out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
+                 "or check a setting first with `estimate`")  # fmt: skip
+OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a RuntimeError from a library that ran out of device or host memory
+    (cuBLAS creating a handle or workspace: CUBLAS_STATUS_ALLOC_FAILED; "CUDA error: out of memory"; NCCL)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in OUT_OF_MEMORY_MARKERS)
+
+
+def check_due(trainer) -> bool:
+    """Whether this optimizer step is one where the device is asked (`.item()`): a logging step, the last step,
+    or a stop. The GPU is synced there anyway when the metrics are logged."""
+    every = trainer.log_every_n_steps or CHECK_EVERY_WITHOUT_LOGGING
+    last = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+    return trainer.global_step % every == 0 or last or trainer.should_stop
 
 
 def last_checkpoint_path(trainer) -> str | None:
@@ -36,6 +65,8 @@ class StopOnSignal(Callback):
     def __init__(self):
         self.signum: int | None = None
         self.saved_step: int | None = None
+        self.group = None  # a gloo process group for the ranks' vote (multi-process runs)
+        self.vote = None  # (the all-reduce in flight, its tensor)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed after Lightning's SIGTERM handler (set when fit starts), which would stop without saving;
@@ -44,6 +75,12 @@ class StopOnSignal(Callback):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
+        self.vote = None
+        if self.group is None and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            try:  # CPU tensors over gloo: voting never touches the GPU (NCCL would sync it every step)
+                self.group = dist.new_group(backend="gloo")
+            except (RuntimeError, ValueError):
+                self.group = None  # then the vote is a synchronous collective every step, as Lightning's own
 
     def request_stop(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum is not None:
@@ -54,8 +91,7 @@ class StopOnSignal(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # stop only between optimizer steps, where a checkpoint is complete
-        # All ranks decide together: a signal that reached one rank stops every rank at the same step.
-        if not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+        if not self.stop_agreed(trainer):
             return
         signum = self.signum or signal.SIGTERM
         how = signal.Signals(signum).name if self.signum else "a signal to another rank"
@@ -65,25 +101,79 @@ class StopOnSignal(Callback):
         trainer.save_checkpoint(path, weights_only=False)
         raise TrainingInterrupted(f"stopped by {how} after step {trainer.global_step}; saved {path}; continue with --ckpt_path last", signum)
 
+    def stop_agreed(self, trainer) -> bool:
+        """All ranks decide together: a signal that reached one rank stops every rank after the same step.
+
+        One process: the flag itself. Several: each step sends this rank's flag in an asynchronous gloo
+        all-reduce and reads the previous step's result, so every rank sees the same answer at the same step,
+        one step after the signal, and nothing waits on the GPU."""
+        if trainer.world_size == 1:
+            return self.signum is not None
+        if self.group is None:
+            return trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+        agreed = self.finish_vote()
+        flag = torch.tensor([int(self.signum is not None)])
+        self.vote = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        if agreed:
+            self.finish_vote()  # every rank sent this one too: collect it before stopping
+        return agreed
+
+    def finish_vote(self) -> bool:
+        if self.vote is None:
+            return False
+        work, flag = self.vote
+        self.vote = None
+        work.wait()
+        return bool(flag.item())
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self.saved_step = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self.finish_vote()
         path = last_checkpoint_path(trainer)
         if path and trainer.checkpoint_callback.save_last and self.saved_step != trainer.global_step:
             trainer.save_checkpoint(path, weights_only=False)
 
 
 class StopOnNonFinite(Callback):
-    """A NaN or infinite loss stops training before its optimizer step, and non-finite weights are never saved,
-    so the last good checkpoint stays as it was."""
+    """A NaN or infinite loss stops training, and neither it nor non-finite weights are ever saved, so the last
+    good checkpoint stays as it was.
+
+    The loss is checked on the device every step (no sync): the first non-finite one and its step are kept
+    there, and read every `trainer.log_every_n_steps` steps, at the last step and before any checkpoint is
+    written. The error names the step where the loss first went bad."""
+
+    def __init__(self):
+        self.bad_step: torch.Tensor | None = None  # -1, or the first step whose loss was not finite
+        self.bad_loss: torch.Tensor | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.bad_step = self.bad_loss = None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        # All ranks decide together, so no rank is left waiting in a collective.
-        if trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
-            raise NonFiniteError(f"training loss is {loss.item()} at step {trainer.global_step}; stopped without saving; {self.advice(trainer)}")
+        loss = loss.detach()
+        if self.bad_step is None:
+            self.bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.bad_loss = torch.zeros((), dtype=torch.float32, device=loss.device)
+        first = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first, trainer.global_step, self.bad_step)
+        self.bad_loss = torch.where(first, loss.float(), self.bad_loss)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and check_due(trainer):
+            self.stop_if_non_finite(trainer)
+
+    def stop_if_non_finite(self, trainer) -> None:
+        """NonFiniteError if any rank saw a non-finite loss (all ranks decide together: none is left waiting)."""
+        step = int(self.bad_step.item()) if self.bad_step is not None else -1
+        if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
+            seen = f"training loss is {self.bad_loss.item()} at step {step}" if step >= 0 else "training loss is not finite on another rank"
+            raise NonFiniteError(f"{seen}; stopped without saving; {self.advice(trainer)}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if trainer.state.fn == "fit":  # every rank saves together (Lightning dumps the checkpoint on each)
+            self.stop_if_non_finite(trainer)
         weights = [t for t in checkpoint["state_dict"].values() if torch.is_floating_point(t) and t.numel()]
         extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in weights])  # NaN propagates; 5x faster than isfinite
         if not torch.isfinite(extremes).all():
@@ -97,3 +187,68 @@ class StopOnNonFinite(Callback):
         if last_good:
             return f"the last good checkpoint is {last_good}; resume from it (--ckpt_path) with {remedy}"
         return f"no checkpoint was saved in this run; start again with {remedy}"
+
+
+class StopEveryRank(Callback):
+    """An error on one rank (out of memory, a CUDA error) stops every rank within seconds.
+
+    Without it the other ranks wait in their next collective until the process group's timeout (30 minutes
+    under Lightning's DDP): NCCL does not notice that a peer has gone. The failing rank writes what happened
+    to the process group's key-value store (hosted by rank 0 or the launcher, not the GPU); a thread on
+    every rank looks once a second and ends its process with one line when it sees the note, or when the
+    store itself has gone (rank 0 stopped). Errors every rank raises together (a signal stop, a non-finite
+    loss) are left to their own handling.
+    """
+
+    KEY = "bdh_lightning/stopped"
+    POLL_SECONDS = 1.0
+    STORE_LOST_AFTER = 3  # failed looks in a row before a gone store counts as rank 0 having stopped
+
+    def __init__(self):
+        self.store = None
+        self.rank = 0
+        self.done = threading.Event()
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self.done = threading.Event()
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except (RuntimeError, AttributeError, ValueError):
+            return  # no store to share a note through: a failure waits for the collective's timeout
+        self.rank = trainer.global_rank
+        threading.Thread(target=self.watch, name="bdh-stop-every-rank", daemon=True).start()
+
+    def watch(self) -> None:
+        lost = 0
+        while not self.done.wait(self.POLL_SECONDS):
+            try:
+                if not self.store.check([self.KEY]):
+                    lost = 0
+                    continue
+                what = self.store.get(self.KEY).decode()
+            except (RuntimeError, OSError):  # the store is gone with the process that hosted it (DistStoreError)
+                lost += 1
+                if lost < self.STORE_LOST_AFTER:
+                    continue
+                what = "rank 0 stopped"
+            if self.done.is_set():
+                return  # this rank is ending on its own: its error is the one to print
+            sys.stderr.write(f"error: {what}; stopping rank {self.rank} too\n")
+            sys.stderr.flush()
+            os._exit(1)  # the main thread may be blocked inside a collective: nothing else would end it
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.done.set()
+        if self.store is None or isinstance(exception, (TrainingInterrupted, NonFiniteError, KeyboardInterrupt)):
+            return
+        what = "ran out of memory" if is_out_of_memory(exception) else f"failed ({type(exception).__name__})"
+        with contextlib.suppress(RuntimeError, OSError):  # the store is gone: the others notice that instead
+            self.store.set(self.KEY, f"rank {self.rank} {what}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.done.set()  # what follows is the end of a good run; ranks may leave at slightly different times
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self.done.set()

@@ -7,15 +7,16 @@ parsers jsonargparse builds from their signatures and docstrings.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
-import torch
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from .cli import COMMANDS, BDHCLI
 from .console import quiet
 from .errors import BDHError, one_line
+from .faults import OUT_OF_MEMORY, is_out_of_memory
 
 
 def report(line: str) -> None:
@@ -28,12 +29,24 @@ def command_function(name: str):
     return getattr(importlib.import_module(module), function)
 
 
+def bare_flags(function, argv: list[str]) -> list[str]:
+    """`--raw` alone for a bool parameter means `--raw true` (jsonargparse wants the value)."""
+    parameters = inspect.signature(function).parameters
+    flags = {f"--{name}" for name, p in parameters.items() if p.annotation in (bool, "bool")}
+    given = []
+    for i, arg in enumerate(argv):
+        given.append(arg)
+        if arg in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            given.append("true")
+    return given
+
+
 def run_command(name: str, argv: list[str]) -> int:
     """Parse argv against the command's signature and call it."""
     function = command_function(name)
     parser = ArgumentParser(prog=f"python -m bdh_lightning {name}", exit_on_error=False, description=function.__doc__.split("\n\n")[0])
     parser.add_function_arguments(function, as_group=False)
-    init = parser.instantiate_classes(parser.parse_args(argv))
+    init = parser.instantiate_classes(parser.parse_args(bare_flags(function, argv)))
     return function(**{k: v for k, v in vars(init).items() if not k.startswith("__")})
 
 
@@ -58,11 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     except MisconfigurationException as error:
         report(f"error: {one_line(error)}")
         return 2
-    except torch.OutOfMemoryError:
-        report("error: out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
-               "or check a setting first with `estimate`")  # fmt: skip
+    except RuntimeError as error:  # torch's allocator, or cuBLAS/cuDNN/NCCL failing to get memory: one line
+        if not is_out_of_memory(error):
+            raise
+        report(f"error: {OUT_OF_MEMORY}")
         return 1
+    except MemoryError:  # Python's own allocations (torch's CPU allocator raises RuntimeError, above)
+        report(f"error: {OUT_OF_MEMORY}")
+        return 1
+    except BrokenPipeError:  # the reader went away (`| head`): end quietly, as other Unix tools do
+        from .commands import abandon_stdout
+
+        abandon_stdout()
+        return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:
         report("interrupted")
         return 130
     return 0
+
