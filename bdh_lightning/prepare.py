@@ -233,11 +233,6 @@ def clear(output: str, splits=SPLITS) -> None:
 
 def claim_output(output: str, plan: str, overwrite: bool) -> dict:
     """Make `output` ours to write; the splits an unfinished run with the same plan already finished."""
-    if streaming.is_url(output):
-        raise UsageError(
-            f"--output {output}: prepare writes to a local directory; copy it to object storage afterwards "
-            f"(e.g. aws s3 sync DIR s3://bucket/DIR) and train with --data.path s3://bucket/DIR"
-        )
     if os.path.exists(output) and not os.path.isdir(output):
         raise UsageError(f"--output {output} is a file; give a new or empty directory")
     marker = os.path.join(output, INCOMPLETE)
@@ -363,6 +358,11 @@ def prepare_command(
         raise UsageError(f"--num_workers must be a non-negative integer (0 = one per core), got {num_workers!r}")
     if streaming.is_prepared(data.path):
         raise DataError(f"data.path {data.path!r} is already a prepared directory; give the source files")
+    if streaming.is_url(output):
+        raise UsageError(
+            f"--output {output}: prepare writes to a local directory; copy it to object storage afterwards "
+            f"(e.g. aws s3 sync DIR s3://bucket/DIR) and train with --data.path s3://bucket/DIR"
+        )
     output = os.path.abspath(os.path.expanduser(output))
     root = os.path.abspath(source_root(data.path))
     if os.path.commonpath([output, root]) == root and os.path.isdir(os.path.expanduser(data.path)):

@@ -1,0 +1,408 @@
+"""`prepare` and prepared directories: split by document, manifest, resume, streaming with LitData, bad input."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from bdh_lightning import prepare as prepare_module
+from bdh_lightning import streaming
+from bdh_lightning.data import ByteDataModule
+from bdh_lightning.errors import DataError, UsageError
+from bdh_lightning.prepare import PrepareData, document_split, prepare_command
+
+litdata = pytest.importorskip("litdata", reason="the stream extra (litdata) is part of the test extra")
+
+T, B = 16, 4
+
+
+def random_letters(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(97, 123, size=n, dtype=np.uint8).tobytes()
+
+
+def write_documents(root, count=60, seed=0) -> dict[str, bytes]:
+    """`count` files of 300..2000 random letters (any window of T + 1 bytes occurs once)."""
+    rng = np.random.default_rng(seed)
+    docs = {}
+    for i in range(count):
+        name = f"d{i // 10}/doc{i:03d}.txt"
+        docs[name] = random_letters(int(rng.integers(300, 2000)), seed * 1000 + i)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(docs[name])
+    return docs
+
+
+def prepare(source, output, **settings) -> int:
+    options = {k: settings.pop(k) for k in ("text_key", "num_workers", "overwrite") if k in settings}
+    data = PrepareData(path=str(source), block_size=settings.pop("block_size", T), **settings)
+    return prepare_command(data, str(output), progress=False, **{"num_workers": 2, **options})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """One prepared directory for the tests that only read it: 60 documents, 20% validation, 10% test."""
+    root = tmp_path_factory.mktemp("prepared")
+    docs = write_documents(root / "source")
+    assert prepare(root / "source", root / "out", val_fraction=0.2, test_fraction=0.1) == 0
+    return SimpleNamespace(source=root / "source", out=root / "out", docs=docs)
+
+
+def window_bytes(x: torch.Tensor, y: torch.Tensor) -> list[bytes]:
+    return [bytes(row.tolist()) + bytes([int(last)]) for row, last in zip(x, y[:, -1])]
+
+
+def document_of(window: bytes, docs: dict[str, bytes]) -> str | None:
+    """The document a window lies inside (None when it spans two documents)."""
+    found = [name for name, raw in docs.items() if window in raw]
+    return found[0] if found else None
+
+
+def test_every_document_goes_whole_to_the_split_its_path_hashes_to(prepared):
+    manifest = json.loads((prepared.out / streaming.MANIFEST).read_text())
+    expected = {name: document_split(name, 0.2, 0.1) for name in prepared.docs}
+    for split in streaming.SPLITS:
+        names = [n for n, s in expected.items() if s == split]
+        assert manifest["splits"][split]["documents"] == len(names) > 0
+        assert manifest["splits"][split]["bytes"] == sum(len(prepared.docs[n]) for n in names)
+    # sources.tsv: each source, its bytes and split; the manifest holds its checksum.
+    sources = (prepared.out / "sources.tsv").read_text()
+    assert sorted(sources.splitlines()) == sorted(f"{len(raw)}\t{expected[n]}\t{n}" for n, raw in prepared.docs.items())
+    assert manifest["sources"] == {
+        "file": "sources.tsv",
+        "count": 60,
+        "bytes": sum(map(len, prepared.docs.values())),
+        "sha256": hashlib.sha256(sources.encode()).hexdigest(),
+    }
+    assert manifest["block_size"] == T and not (prepared.out / streaming.INCOMPLETE).exists()
+    # What each split's LitData dataset streams back lies inside documents of that split only.
+    dm = ByteDataModule(str(prepared.out), block_size=T, batch_size=B, val_windows=40)
+    for split, loader in (("validation", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        windows = [w for x, y in loader for w in window_bytes(x, y)]
+        assert len(windows) == 40
+        homes = {document_of(w, prepared.docs) for w in windows} - {None}
+        assert homes and {expected[name] for name in homes} == {split}
+
+
+def test_training_streams_shuffled_windows_of_the_train_split_only(prepared):
+    dm = ByteDataModule(str(prepared.out), block_size=T, batch_size=B)
+    batches = iter(dm.train_dataloader())
+    first = [next(batches) for _ in range(30)]
+    x, y = first[0]
+    assert x.shape == y.shape == (B, T) and x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
+    splits = {
+        document_split(n, 0.2, 0.1)
+        for x, y in first
+        for w in window_bytes(x, y)
+        if (n := document_of(w, prepared.docs))
+    }
+    assert splits == {"train"}
+    again = ByteDataModule(str(prepared.out), block_size=T, batch_size=B, seed=7)
+    assert not torch.equal(next(iter(again.train_dataloader()))[0], x)  # the seed shuffles
+    line = dm.describe()
+    assert "\n" not in line and "60 files" in line and "windows of 17 bytes" in line and "test" in line
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_stream_resumes_at_any_batch_even_across_passes(prepared, num_workers):
+    def module(step=0):
+        dm = ByteDataModule(str(prepared.out), block_size=T, batch_size=8, num_workers=num_workers)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=step, accumulate_grad_batches=1)
+        return dm
+
+    stream = module().train_dataloader()
+    per_pass = len(stream.loader)
+    batches = iter(stream)
+    uninterrupted = [next(batches)[0] for _ in range(per_pass + 12)]
+    assert not torch.equal(uninterrupted[0], uninterrupted[per_pass])  # each pass is shuffled anew
+    for start in (3, per_pass - 1, per_pass, per_pass + 2):
+        resumed = iter(module(start).train_dataloader())
+        assert all(torch.equal(next(resumed)[0], uninterrupted[start + i]) for i in range(6)), start
+
+
+class RecordBatches(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(T, 1)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0].clone())
+        return self.linear(batch[0].float()).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.linear(batch[0].float()).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(path, root, max_steps, ckpt_path=None):
+    model = RecordBatches()
+    trainer = L.Trainer(
+        max_steps=max_steps, accumulate_grad_batches=2, val_check_interval=4, check_val_every_n_epoch=None,
+        limit_val_batches=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, ByteDataModule(str(path), block_size=T, batch_size=B), ckpt_path=ckpt_path)
+    return trainer, model.seen
+
+
+def test_a_resumed_fit_streams_the_batches_of_an_uninterrupted_one(prepared, tmp_path):
+    _, uninterrupted = fit(prepared.out, tmp_path / "a", max_steps=6)
+    trainer, first = fit(prepared.out, tmp_path / "b", max_steps=3)
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    state = torch.load(tmp_path / "step3.ckpt", weights_only=True)["ByteDataModule"]
+    assert state["train_batches"] == 6 and state["stream"]["batches"] == 6
+    assert state["splits"] == {
+        "kind": "prepared",
+        "id": json.loads((prepared.out / streaming.MANIFEST).read_text())["sources"]["sha256"],
+    }
+    _, rest = fit(prepared.out, tmp_path / "c", max_steps=6, ckpt_path=tmp_path / "step3.ckpt")
+    assert len(uninterrupted) == 12 and len(first) == 6 and len(rest) == 6
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, first + rest))
+
+
+def test_ranks_stream_disjoint_shares_of_the_train_split(prepared, monkeypatch):
+    from litdata.streaming import dataset as litdata_dataset
+    from litdata.utilities.env import _DistributedEnv
+
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setattr(
+            litdata_dataset._DistributedEnv, "detect", classmethod(lambda cls, r=rank: _DistributedEnv(2, r, 1))
+        )
+        stream = ByteDataModule(str(prepared.out), block_size=T, batch_size=B).train_dataloader()
+        batches = iter(stream)
+        per_rank.append({bytes(row.tolist()) for _ in range(len(stream.loader)) for row in next(batches)[0]})
+    assert per_rank[0] and per_rank[1] and not per_rank[0] & per_rank[1]
+
+
+def test_jsonl_documents_are_lines_split_one_by_one(tmp_path, capsys):
+    lines = [{"text": random_letters(200, i).decode(), "id": i} for i in range(80)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
+    assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.25) == 0
+    manifest = json.loads((tmp_path / "out" / streaming.MANIFEST).read_text())
+    offsets, at = [], 0
+    for line in lines:
+        offsets.append(at)
+        at += len(json.dumps(line)) + 1
+    expected = [document_split(f"a.jsonl:{offset}", 0.25, 0.0) for offset in offsets]
+    assert manifest["splits"]["validation"]["documents"] == expected.count("validation")
+    assert manifest["splits"]["train"]["bytes"] == 200 * expected.count("train")
+    assert "prepared" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [('{"text": "fine"}\n{"body": "no text"}\n', r"a.jsonl:2 has no 'text' field"),
+     ('{"text": "fine"}\nnot json\n', r"a.jsonl:2 is not a JSON object"),
+     ('{"text": 5}\n', r"a.jsonl:1: the 'text' field is int, not text")],
+)  # fmt: skip
+def test_a_bad_jsonl_line_is_one_line_naming_it(tmp_path, content, match):
+    (tmp_path / "a.jsonl").write_text(content)
+    with pytest.raises(DataError, match=match) as error:
+        prepare(tmp_path / "a.jsonl", tmp_path / "out", val_fraction=0.5, num_workers=1)
+    assert "\n" not in str(error.value)
+    with pytest.raises(DataError, match="unfinished prepared directory"):
+        ByteDataModule(str(tmp_path / "out"), block_size=T)
+
+
+def test_text_key_chooses_the_field(tmp_path):
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"body": random_letters(300, i).decode()}) + "\n" for i in range(40))
+    )
+    assert prepare(tmp_path / "a.jsonl", tmp_path / "out", val_fraction=0.3, text_key="body") == 0
+
+
+def test_a_killed_prepare_never_loads_as_complete_and_a_rerun_finishes_it(tmp_path, monkeypatch):
+    write_documents(tmp_path / "src", count=30)
+    real_optimize, calls = litdata.optimize, []
+
+    def killed_at_validation(*args, **kwargs):
+        calls.append(kwargs["output_dir"])
+        if kwargs["output_dir"].endswith("validation"):
+            raise KeyboardInterrupt  # what a kill leaves: train finished, validation half-written or not at all
+        return real_optimize(*args, **kwargs)
+
+    monkeypatch.setattr(litdata, "optimize", killed_at_validation)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3)
+    (tmp_path / "out" / "validation").mkdir(exist_ok=True)
+    (tmp_path / "out" / "validation" / "chunk-0-0.bin").write_bytes(b"half")
+    with pytest.raises(DataError, match="unfinished prepared directory.*run prepare again"):
+        ByteDataModule(str(tmp_path / "out"), block_size=T)
+    monkeypatch.setattr(litdata, "optimize", lambda *a, **k: (calls.append(k["output_dir"]), real_optimize(*a, **k)))
+    calls.clear()
+    assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3) == 0
+    assert [os.path.basename(c) for c in calls] == ["validation"]  # train was kept, validation redone
+    assert not (tmp_path / "out" / "validation" / "chunk-0-0.bin").read_bytes() == b"half"
+    dm = ByteDataModule(str(tmp_path / "out"), block_size=T, batch_size=B)
+    assert len(list(dm.val_dataloader())) > 0
+    # Other settings with an unfinished directory: it starts again.
+    (tmp_path / "out" / streaming.INCOMPLETE).write_text(json.dumps({"plan": "another", "finished": {"train": {}}}))
+    calls.clear()
+    assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3) == 0
+    assert [os.path.basename(c) for c in calls] == ["train", "validation"]
+
+
+def test_output_is_never_someone_elses_directory(tmp_path, prepared):
+    write_documents(tmp_path / "src", count=20)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="exists and is not empty"):
+        prepare(tmp_path / "src", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.out, copy)
+    with pytest.raises(UsageError, match="already a prepared directory.*--overwrite"):
+        prepare(tmp_path / "src", copy)
+    assert prepare(tmp_path / "src", copy, overwrite=True) == 0
+    assert json.loads((copy / streaming.MANIFEST).read_text())["sources"]["count"] == 20
+    with pytest.raises(UsageError, match="inside data.path"):
+        prepare(tmp_path / "src", tmp_path / "src" / "out")
+    with pytest.raises(UsageError, match="local directory"):
+        prepare(tmp_path / "src", "s3://bucket/out")
+    with pytest.raises(DataError, match="already a prepared directory; give the source"):
+        prepare(copy, tmp_path / "again")
+
+
+def test_a_split_without_documents_is_refused_before_any_work(tmp_path):
+    (tmp_path / "one.txt").write_bytes(random_letters(5000, 1))
+    with pytest.raises(DataError, match="the validation split gets none of the 1 documents.*raise data.val_fraction"):
+        prepare(tmp_path / "one.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def copy_of(prepared, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.out, copy)
+    return copy
+
+
+def edit_manifest(folder, **changes):
+    path = folder / streaming.MANIFEST
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        target = manifest
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    path.write_text(json.dumps(manifest))
+
+
+def one_line_data_error(match, *args, **kwargs) -> str:
+    with pytest.raises(DataError, match=match) as error:
+        ByteDataModule(*args, **kwargs)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_bad_prepared_directories_are_one_line_each(copy_of):
+    one_line_data_error(
+        r"prepared for data.block_size 16 \(windows of 17 bytes\), not 32.*--data.block_size 16",
+        str(copy_of),
+        block_size=32,
+    )
+    one_line_data_error("holds its own test split", str(copy_of), block_size=T, test_fraction=0.1)
+    chunk = sorted((copy_of / "train").glob("chunk-*.bin"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    one_line_data_error(
+        rf"train is missing 1 of its \d+ chunks or has them cut short \(e.g. {chunk.name}\)", str(copy_of), block_size=T
+    )
+    chunk.unlink()
+    one_line_data_error("missing 1 of its", str(copy_of), block_size=T)
+    edit_manifest(copy_of, version=99)
+    one_line_data_error("prepared by another version of bdh-lightning.*format 99", str(copy_of), block_size=T)
+    edit_manifest(
+        copy_of, version=streaming.FORMAT_VERSION, **{"splits.validation.windows": 0, "splits.validation.documents": 0}
+    )
+    one_line_data_error("the validation split of .* is empty", str(copy_of), block_size=T)
+    (copy_of / streaming.MANIFEST).unlink()
+    one_line_data_error("has no bdh_prepared.json", str(copy_of), block_size=T)
+
+
+def test_without_a_test_split_test_refuses(tmp_path):
+    write_documents(tmp_path / "src", count=20)
+    prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3)
+    dm = ByteDataModule(str(tmp_path / "out"), block_size=T, batch_size=B)
+    assert "no test split" in dm.describe()
+    with pytest.raises(DataError, match="no test split"):
+        dm.setup("test")
+
+
+def test_an_object_storage_url_without_credentials_is_one_line(monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a test must not reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    message = one_line_data_error(
+        "cannot read s3://bucket/corpus/bdh_prepared.json .*no credentials were found",
+        "s3://bucket/corpus",
+        block_size=T,
+    )
+    assert "AWS_ACCESS_KEY_ID" in message
+
+
+def test_without_litdata_prepare_and_prepared_paths_say_how_to_install_it(prepared, monkeypatch):
+    real_import = builtins.__import__
+
+    def without_litdata(name, *args, **kwargs):
+        if name == "litdata" or name.startswith("litdata."):
+            raise ModuleNotFoundError("No module named 'litdata'", name="litdata")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_litdata)
+    monkeypatch.delitem(sys.modules, "litdata")
+    for call in (lambda: ByteDataModule(str(prepared.out), block_size=T), lambda: prepare(prepared.source, "unused")):
+        with pytest.raises(
+            DataError,
+            match=r"needs LitData, which is not installed; install it with pip install 'bdh-lightning\[stream\]'",
+        ):
+            call()
+
+
+def test_the_progress_bar_counts_bytes(tmp_path, capsys):
+    write_documents(tmp_path / "src", count=20)
+    data = PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3)
+    assert prepare_command(data, str(tmp_path / "out"), num_workers=1) == 0
+    err = capsys.readouterr().err
+    assert "prepare: 100%" in err and "B/s" in err and "/s); train with --data.path" in err
+
+
+def test_the_split_hash_is_stable():
+    # Fixed values: a change here would move documents between the splits of directories already prepared.
+    assert [document_split(f"doc{i}.txt", 0.1, 0.1) for i in range(8)] == [
+        document_split(f"doc{i}.txt", 0.1, 0.1) for i in range(8)
+    ]
+    u = int.from_bytes(hashlib.blake2b(b"doc0.txt", digest_size=8).digest(), "big") / 2**64
+    assert document_split("doc0.txt", 0.1, 0.1) == ("test" if u < 0.1 else "validation" if u < 0.2 else "train")
+
+
+def test_units_group_small_files_and_cut_large_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 1000)
+    files = [str(tmp_path / f"f{i}") for i in range(4)]
+    units, documents, splits = prepare_module.plan_units(files, [400, 400, 2500, 100], str(tmp_path), 0.0, 0.0)
+    assert splits == ["train"] * 4 and documents["train"] == 4
+    pieces = [[(os.path.basename(f), start, length) for f, start, length in unit[1]] for unit in units["train"]]
+    assert pieces == [[("f0", 0, 400), ("f1", 0, 400)], [("f2", 0, 1000)], [("f2", 1000, 1000)],
+                      [("f2", 2000, 500), ("f3", 0, 100)]]  # fmt: skip
