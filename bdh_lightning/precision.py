@@ -100,7 +100,7 @@ def nvml_capabilities() -> list[tuple[int, int]] | None:
                 return None
             try:  # NVML numbers every GPU; CUDA_VISIBLE_DEVICES (indices or UUIDs) picks and orders them
                 indices = [torch.cuda._get_nvml_device_index(i) for i in range(torch.cuda.device_count())]
-            except Exception:
+            except (RuntimeError, AttributeError, IndexError, ValueError):
                 indices = list(range(count.value))
             capabilities = []
             for index in indices:
@@ -123,7 +123,7 @@ CAPABILITY_PROBE = "import json, torch; print(json.dumps([torch.cuda.get_device_
 def child_process_capabilities() -> list[tuple[int, int]]:
     """Ask a child Python (its CUDA context dies with it); empty if it fails."""
     try:
-        done = subprocess.run([sys.executable, "-c", CAPABILITY_PROBE], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", CAPABILITY_PROBE], capture_output=True, text=True, timeout=120, check=False)
         return [tuple(pair) for pair in json.loads(done.stdout)] if done.returncode == 0 else []
     except (OSError, subprocess.SubprocessError, TypeError, ValueError):
         return []
