@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -58,10 +60,49 @@ def run_cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.Completed
                           text=True, timeout=timeout)  # fmt: skip
 
 
+def start_process(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """`argv` started in the background, its stderr appended to an unnamed file: a pipe that nobody reads while
+    the test waits fills up (64 kB) and blocks the child. `stderr_of(proc)` reads what it wrote so far."""
+    log = tempfile.TemporaryFile("a+b")  # O_APPEND: reading it back never moves where the child writes
+    proc = subprocess.Popen(argv, cwd=cwd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=log)
+    proc.stderr_log = log
+    return proc
+
+
 def start_cli(cwd: Path, *args: str) -> subprocess.Popen:
-    """The same, started in the background; stderr is a pipe the caller reads."""
-    return subprocess.Popen([sys.executable, "-m", "bdh_lightning", *args], cwd=cwd, env=SUBPROCESS_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """`python -m bdh_lightning ARGS` started in the background (start_process)."""
+    return start_process([sys.executable, "-m", "bdh_lightning", *args], cwd)
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    """Everything a start_process child has written to stderr so far."""
+    fd = proc.stderr_log.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a start_process child (killed after `timeout` seconds) and return its stderr."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"still running after {timeout}s: {stderr_of(proc)[-2000:]}") from None
+    return stderr_of(proc)
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, timeout: float = 120) -> str:
+    """Wait until the child's stderr holds a line starting with `marker` (one the code writes), and return it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in stderr_of(proc).splitlines():
+            if line.startswith(marker):
+                return line
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before writing {marker!r}: {stderr_of(proc)[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"no {marker!r} line within {timeout}s: {stderr_of(proc)[-2000:]}")
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

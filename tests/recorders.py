@@ -48,3 +48,19 @@ class PoisonWeights(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if self.where == "update" and trainer.global_step == self.step:
             pl_module.model.lm_head.grad[0, 0] = math.inf
+
+
+class StallAt(Callback):
+    """Stops training for good when `step` optimizer steps are done (their checkpoint saved): it writes
+    "stalled at step <step>" to stderr and sleeps, so a test can kill the run at a known step, not a guessed one."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import sys
+            import time
+
+            print(f"stalled at step {self.step}", file=sys.stderr, flush=True)
+            time.sleep(3600)

@@ -25,7 +25,7 @@ from bdh_lightning.data import ByteDataModule
 from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
 from bdh_lightning.layer import reference_layer, rope, rope_cos_sin
 from bdh_lightning.module import BDHLitModule
-from conftest import REPO, SUBPROCESS_ENV, scalars, write_letters
+from conftest import REPO, SUBPROCESS_ENV, finish, scalars, stderr_of, wait_for_line, write_letters
 from conftest import TINY_ARGS as TINY
 from conftest import run_cli as run
 from conftest import start_cli as start
@@ -47,7 +47,7 @@ def saved_step(path: Path) -> int | None:
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the run ended early: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"the run ended early: {stderr_of(proc)[-2000:]}"
         step = saved_step(path)
         if step is not None and step >= min_step:
             return step
@@ -65,23 +65,27 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path):
-    """Run, SIGKILL mid-run, `--ckpt_path last`: the resumed losses and learning rates equal an uninterrupted run's."""
+    """Run, SIGKILL mid-run, `--ckpt_path last`: the resumed losses and learning rates equal an uninterrupted run's.
+
+    The killed run stalls (recorders.StallAt) once step 9 and its checkpoint are done and says so: the kill lands
+    at that step on any machine, however fast or busy."""
     steps = 24
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     for folder in (reference, killed):
         folder.mkdir()
         write_letters(folder / "corpus.txt")
+    (killed / "stall.yaml").write_text("trainer:\n  callbacks:\n    - class_path: recorders.StallAt\n      init_args: {step: 9}\n")
     uninterrupted = start(reference, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", str(steps))
-    proc = start(killed, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", "100000")
-    kill_step = wait_for_checkpoint(proc, killed / "lightning_logs/version_0/checkpoints/last.ckpt", min_step=7)
+    proc = start(killed, "fit", "--config", "stall.yaml", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", "100000")
+    wait_for_line(proc, "stalled at step 9", timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-2000:]
+    assert saved_step(killed / "lightning_logs/version_0/checkpoints/last.ckpt") == 9
+    assert uninterrupted.wait(timeout=300) == 0, stderr_of(uninterrupted)[-2000:]
 
     resumed = run(killed, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", str(steps), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    resumed_at = saved_step(killed / "lightning_logs/version_0/checkpoints/last.ckpt")
-    assert resumed_at >= kill_step
+    resumed_at = 9
 
     for tag in ("train/loss", "train/lr"):
         expected = scalars(reference / "lightning_logs/version_0", tag)
@@ -97,7 +101,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(corpus, signum, code):
     proc = start(Path.cwd(), "fit", "--data.path", str(corpus), *RESUMABLE, "--trainer.max_steps", "100000")
     wait_for_checkpoint(proc, last, min_step=3)
     proc.send_signal(signum)
-    stderr = proc.communicate(timeout=120)[1]
+    stderr = finish(proc, timeout=120)
     assert proc.returncode == code, stderr[-2000:]
     assert "Traceback" not in stderr
     stop = [line for line in stderr.splitlines() if line.startswith("stopped by")]
@@ -119,12 +123,23 @@ def test_training_ends_with_a_checkpoint_of_its_last_step(corpus):
 
 
 WRITER = """
-import sys, torch
+import io, sys, time, torch
+from bdh_lightning import checkpoints
 from bdh_lightning.checkpoints import AtomicCheckpointIO
-io = AtomicCheckpointIO()
-io.save_checkpoint({"global_step": 1, "w": torch.arange(10.0)}, sys.argv[1])
+
+class Stalling(io.FileIO):
+    # A disk that stops after the first megabyte of the second write: the kill lands mid-write, on any machine.
+    def write(self, data):
+        if self.tell() > 1_000_000:
+            print("mid-write", flush=True)
+            time.sleep(3600)
+        return super().write(data)
+
+io_ = AtomicCheckpointIO()
+io_.save_checkpoint({"global_step": 1, "w": torch.arange(10.0)}, sys.argv[1])
 print("first saved", flush=True)
-io.save_checkpoint({"global_step": 2, "w": torch.ones(100_000_000)}, sys.argv[1])  # 400 MB: a long write
+checkpoints.open = lambda path, mode: Stalling(path, mode)
+io_.save_checkpoint({"global_step": 2, "w": torch.ones(10_000_000)}, sys.argv[1])
 """
 
 
@@ -132,13 +147,12 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "first saved"
+    assert proc.stdout.readline().strip() == "mid-write"  # the child stops writing here and waits to be killed
     partial = path.with_name("last.ckpt.part")
-    deadline = time.monotonic() + 60
-    while not (partial.exists() and partial.stat().st_size > 0):
-        assert proc.poll() is None and time.monotonic() < deadline, "the second write never started"
-        time.sleep(0.001)
+    assert partial.stat().st_size > 1_000_000
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["global_step"] == 1 and torch.equal(checkpoint["w"], torch.arange(10.0))
 
@@ -287,7 +301,9 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(trained, capsys, monk
         (["--data.path", "missing.txt"], "data.path 'missing.txt' does not exist"),
         (["--data.path", "corpus.txt", "--data.block_size", "8000"], "but each split needs at least block_size + 1 = 8001"),
         (["--trainer.accelerator", "cpu", "--trainer.devices", str(len(os.sched_getaffinity(0)) + 1)], "CPU processes but this machine has"),
-        (["--trainer.accelerator", "cuda", "--trainer.devices", "1000"], ""),
+        # Lightning's word, one line: no CUDA here at all, or fewer than 1000 GPUs.
+        (["--trainer.accelerator", "cuda", "--trainer.devices", "1000"],
+         "only has" if torch.cuda.is_available() else "`CUDAAccelerator` can not run on your system since the accelerator is not available"),
     ],
     ids=["truncated", "not-a-checkpoint", "other-shape", "unknown-key", "wrong-type", "unknown-key-in-yaml",
          "missing-data", "block-size-over-val-split", "more-cpu-devices-than-cores", "more-gpus-than-exist"],

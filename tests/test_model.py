@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from bdh_lightning.errors import ConfigError
-from bdh_lightning.layer import rope, rope_cos_sin, rope_frequencies
+from bdh_lightning.layer import EXACT_PHASES_FROM, rope, rope_cos_sin, rope_frequencies
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
 from spec_oracle import (
@@ -236,25 +236,28 @@ def test_valid_edge_configs_are_accepted():
 
 
 # Positions where float32 phase arithmetic matters: 2^24 is where float32 stops holding every integer.
-LONG_POSITIONS = torch.tensor([0, 1, 2, 1023, 65_535, 65_536, 1_000_003, 2**24 + 5, 123_456_789])
+LONG_POSITIONS = torch.tensor([0, 1, 2, 1023, 8191, 8192, 65_535, 65_536, 1_000_003, 10**7 + 3, 2**24 + 5, 123_456_789, 10**9, 10**9 + 77])
 
 
 @pytest.mark.parametrize("N", [64, 46, 8192])
-def test_rope_phases_are_float32_at_absolute_positions(N):
+def test_rope_phases_are_the_reference_s_in_a_window_and_exact_beyond(N):
     # Bit-equal frequencies: the reference's order (1/theta^(k/N))/(2 pi), not the spec's formula.
     assert torch.equal(rope_frequencies(N), oracle_rope_frequencies(N))
-    cos, sin = rope_cos_sin(LONG_POSITIONS, N)
-    assert cos.dtype == torch.float32 and sin.dtype == torch.float32
-    assert cos.shape == (len(LONG_POSITIONS), N)
-    phases = oracle_rope_phases(LONG_POSITIONS, N)
-    # Same float32 phases; cos/sin may round differently by an ulp between vectorized code paths.
+    window = torch.arange(0, EXACT_PHASES_FROM, 7)  # every window length the reference runs at
+    cos, sin = rope_cos_sin(window, N)
+    assert cos.dtype == torch.float32 and sin.dtype == torch.float32 and cos.shape == (len(window), N)
+    phases = oracle_rope_phases(window, N)  # the spec's float32 phases
     torch.testing.assert_close(cos, torch.cos(phases), rtol=0, atol=2e-7)
     torch.testing.assert_close(sin, torch.sin(phases), rtol=0, atol=2e-7)
-    if N == 8192:
-        # Guard that this test can fail: float64 phases differ visibly at large positions.
-        k = 2 * torch.div(torch.arange(N), 2, rounding_mode="floor").double()
-        turns = LONG_POSITIONS.double()[:, None] / (2**16) ** (k / N) / (2 * math.pi)
-        assert (torch.cos(2 * math.pi * (turns % 1)) - cos.double()).abs().max() > 1e-2
+    # Long streams: within 1e-3 rad of the exact phase of the same (float32) frequencies up to 10^9.
+    cos, sin = rope_cos_sin(LONG_POSITIONS, N)
+    exact = 2 * math.pi * ((LONG_POSITIONS.double()[:, None] * rope_frequencies(N).double()) % 1.0)
+    error = torch.atan2(sin.double() * torch.cos(exact) - cos.double() * torch.sin(exact),
+                        cos.double() * torch.cos(exact) + sin.double() * torch.sin(exact)).abs()  # fmt: skip
+    assert error.max() < 1e-3
+    if N == 8192:  # guard that this can fail: the spec's float32 phases are far off there
+        spec = oracle_rope_phases(LONG_POSITIONS, N).double()
+        assert (torch.cos(spec) - torch.cos(exact)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -293,3 +296,65 @@ def test_zero_dropout_training_equals_oracle():
     idx = random_bytes(2, 32)
     with torch.no_grad():
         assert_close_to_oracle(model(idx), oracle_logits_of(model, idx), rtol=1e-5)
+
+
+def test_kernel_and_chunk_size_errors_are_one_line_naming_the_setting():
+    with pytest.raises(ConfigError) as error:
+        BDHConfig(kernel="fast")
+    assert str(error.value) == "model.kernel must be one of auto, reference, chunked, fused; got 'fast'"
+    for chunk_size in (-1, -64, 2.5, "64"):
+        with pytest.raises(ConfigError) as error:
+            BDHConfig(chunk_size=chunk_size)
+        assert str(error.value) == f"model.chunk_size must be a non-negative integer (0 = automatic), got {chunk_size!r}"
+    assert BDHConfig(kernel="chunked", chunk_size=0).chunk_size == 0 and BDHConfig(chunk_size=64).chunk_size == 64
+
+
+def test_neurons_per_head_error_says_what_n_is_and_what_it_must_be():
+    with pytest.raises(ConfigError) as error:
+        BDHConfig(n_embd=3, n_head=1, mlp_internal_dim_multiplier=1)
+    assert str(error.value) == ("model.mlp_internal_dim_multiplier * model.n_embd // model.n_head (neurons per head, N) must "
+                                "be a positive even number for the rotary pairs, got 3")  # fmt: skip
+    with pytest.raises(ConfigError, match="got 0$"):
+        BDHConfig(n_embd=2, n_head=4, mlp_internal_dim_multiplier=1)
+
+
+def test_from_dict_takes_the_settings_and_ignores_other_keys():
+    config = BDHConfig.from_dict({"n_layer": 3, "n_embd": 24, "n_head": 3, "learning_rate": 1e-3, "_instantiator": "x"})
+    assert (config.n_layer, config.n_embd, config.n_head) == (3, 24, 3)
+    assert config.mlp_internal_dim_multiplier == BDHConfig().mlp_internal_dim_multiplier  # the default
+    with pytest.raises(ConfigError):
+        BDHConfig.from_dict({"n_layer": 0})
+
+
+def test_from_checkpoint_takes_the_architecture_and_this_machines_kernel():
+    hparams = dict(n_layer=3, n_embd=24, n_head=3, mlp_internal_dim_multiplier=5, dropout=0.2, kernel="chunked",
+                   chunk_size=128, learning_rate=1e-3)  # fmt: skip
+    config = BDHConfig.from_checkpoint({"hyper_parameters": hparams})
+    assert config.architecture() == {"n_layer": 3, "n_embd": 24, "dropout": 0.2, "n_head": 3,
+                                     "mlp_internal_dim_multiplier": 5, "vocab_size": 256}  # fmt: skip
+    assert (config.kernel, config.chunk_size) == ("auto", 0)  # the file's kernel is not this machine's choice
+    config = BDHConfig.from_checkpoint({"hyper_parameters": hparams}, kernel="reference", chunk_size=64)
+    assert (config.kernel, config.chunk_size, config.n_layer) == ("reference", 64, 3)
+    assert BDHConfig.from_checkpoint({}) == BDHConfig()  # no settings stored: the defaults
+    assert BDHConfig.from_checkpoint({"hyper_parameters": None}) == BDHConfig()
+    with pytest.raises(ConfigError, match="^the checkpoint's hyper_parameters are not a mapping of settings$"):
+        BDHConfig.from_checkpoint({"hyper_parameters": ["n_layer", 3]})
+
+
+def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
+    import bdh_lightning.model as model_module
+
+    calls = []
+    real_apply_layer = model_module.apply_layer
+
+    def recording_apply_layer(*args, **kwargs):
+        calls.append(kwargs)
+        return real_apply_layer(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "apply_layer", recording_apply_layer)
+    config = BDHConfig(n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32)
+    model = BDH(config)
+    model(random_bytes(1, 5))
+    model.eval()(random_bytes(1, 5))
+    want = dict(kernel="chunked", dropout=0.3, chunk_size=32)
+    assert calls == [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
