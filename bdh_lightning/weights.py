@@ -424,7 +424,7 @@ def output_paths(format: str, output: str | Path, overwrite: bool) -> list[Path]
     targets = [output, settings_path(output)] if format == "reference" else [output]
     for path in targets:
         if path.exists() and not overwrite:
-            raise UsageError(f"--output: {path} exists; give --overwrite to replace it, or another --output")
+            raise UsageError(f"--output: {path} exists; give --overwrite true to replace it, or another --output")
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: folder {output.parent} does not exist")
     return targets

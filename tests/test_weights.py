@@ -20,6 +20,7 @@ from bdh_lightning.checkpoints import load_model_from_checkpoint
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.errors import CheckpointError, UsageError
 from bdh_lightning.export import export_command
+from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
 from bdh_lightning.weights import read_weights
@@ -432,3 +433,19 @@ def test_bad_output_and_missing_source_are_one_line(run, tmp_path):
         export_command(str(tmp_path / "missing.ckpt"), "hf", str(tmp_path / "hf"))
     assert "not found" in one_line(error)
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_export_command_line(run, tmp_path, capsys):
+    folder, ckpt, _ = run
+    logs = ["--logs_dir", str(folder / "lightning_logs")]
+    output = str(tmp_path / "cli.safetensors")
+    assert main(["export", "--ckpt_path", "last", *logs, "--format", "safetensors", "--output", output]) == 0
+    assert "wrote" in capsys.readouterr().out and torch.equal(logits(output), logits(ckpt))
+    assert main(["export", "--ckpt_path", str(ckpt), "--format", "safetensors", "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--overwrite true" in err, err
+    args = ["export", "--ckpt_path", str(ckpt), "--format", "safetensors", "--output", output, "--overwrite", "true"]
+    assert main(args) == 0
+    assert main(["export", "--ckpt_path", str(ckpt), "--format", "onnx", "--output", output]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "onnx" in err, err
