@@ -228,8 +228,9 @@ def load_model_from_checkpoint(
     says. Only plain data is unpickled: a file that would run code is refused; the weights are checked.
     """
     config, tensors, _ = load_weights(path, settings)  # kernel: the machine's choice (auto), not the file's
-    model = BDH(config)
-    model.load_state_dict(tensors)  # names and shapes already checked
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = BDH(config)
+    model.load_state_dict(tensors, assign=True)  # names and shapes already checked
     return model.float().eval().to(device)
 
 
