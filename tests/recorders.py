@@ -14,11 +14,15 @@ def digest(windows: torch.Tensor) -> str:
 
 
 class WindowRecorder(Callback):
-    """Writes `<out_dir>/rank<r>.json`: a digest of every training batch, and of every validation window, it saw."""
+    """Writes `<out_dir>/rank<r>.json`: a digest of every training batch, and of every validation window, it saw,
+    and the seed each training batch's dropout drew from."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
-        self.train, self.val = [], []
+        self.train, self.val, self.seeds = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seeds.append(torch.initial_seed())  # set by BDHLitModule.on_train_batch_start
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.train.append(digest(batch[0]))
@@ -30,7 +34,7 @@ class WindowRecorder(Callback):
     def on_fit_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump({"world_size": trainer.world_size, "train": self.train, "val": self.val}, f)
+            json.dump({"world_size": trainer.world_size, "train": self.train, "val": self.val, "seeds": self.seeds}, f)
 
 
 class PoisonWeights(Callback):

@@ -3,7 +3,6 @@ SIGTERM to one rank stops all; gradient accumulation equals the larger batch."""
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from bdh_lightning.module import BDHLitModule
-from conftest import SUBPROCESS_ENV, scalars
+from conftest import SUBPROCESS_ENV, finish, scalars, start_process
 
 ENV = SUBPROCESS_ENV
 
@@ -50,6 +49,8 @@ def check_one_data_parallel_run(folder: Path) -> None:
     train0, train1 = ranks[0]["train"], ranks[1]["train"]
     assert len(train0) == len(train1) == 20
     assert not set(train0) & set(train1)  # no batch drawn by both ranks
+    seeds0, seeds1 = ranks[0]["seeds"], ranks[1]["seeds"]
+    assert len(set(seeds0)) == len(set(seeds1)) == 20 and not set(seeds0) & set(seeds1)  # nor any dropout mask
     val0, val1 = set(ranks[0]["val"]), set(ranks[1]["val"])
     assert len(val0) == len(val1) == 4 and not val0 & val1  # the 8 validation windows, split between the ranks
 
@@ -80,24 +81,22 @@ def test_two_cpu_devices_train_one_model(tmp_path):
     assert abs(ddp_val_loss - one_process_val_loss) < 1e-5, (ddp_val_loss, one_process_val_loss)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_through_torchrun(tmp_path):
-    """`torchrun --nnodes 2` twice on one machine, rendezvous on 127.0.0.1, `--trainer.num_nodes 2`."""
+    """`torchrun --nnodes 2` twice on one machine, rendezvous on 127.0.0.1, `--trainer.num_nodes 2`.
+
+    No port is chosen free and used later (another process could take it in between): the rendezvous store is
+    served by this test on a port the OS picks and holds (both agents join it as clients, c10d rendezvous), and
+    the first agent serves the workers' store on a port the OS picks too."""
     config = write_config(tmp_path, "  devices: 1\n  num_nodes: 2\n  strategy: ddp")
-    port = str(free_port())
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, multi_tenant=True)
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                          "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
-                          "-m", "bdh_lightning", "fit", "--config", str(config)],
-                         cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
+        start_process([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                       "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{store.port}", "--rdzv_id", "two-nodes",
+                       "--rdzv_conf", "is_host=false", "-m", "bdh_lightning", "fit", "--config", str(config)], tmp_path)
+        for _ in (0, 1)
     ]  # fmt: skip
-    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    errors = [finish(node, timeout=300) for node in nodes]
+    del store
     assert [node.returncode for node in nodes] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     check_one_data_parallel_run(tmp_path)
 
@@ -139,15 +138,14 @@ def test_sigterm_to_rank_zero_stops_every_rank_with_one_checkpoint(tmp_path):
     """A pre-emption notice that reaches only rank 0: both ranks stop after the same step, one checkpoint is saved."""
     config = write_config(tmp_path, "  devices: 2\n  strategy: ddp")
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
-    fit = subprocess.Popen([sys.executable, "-m", "bdh_lightning", "fit", "--config", str(config), "--trainer.max_steps", "100000",
-                            "--checkpoint.every_n_train_steps", "3"],
-                           cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    fit = start_process([sys.executable, "-m", "bdh_lightning", "fit", "--config", str(config), "--trainer.max_steps", "100000",
+                         "--checkpoint.every_n_train_steps", "3"], tmp_path)  # fmt: skip
     deadline = time.monotonic() + 120
     while not last.exists():
         assert fit.poll() is None and time.monotonic() < deadline, "training never saved a checkpoint"
         time.sleep(0.05)
     fit.send_signal(signal.SIGTERM)  # to the launching process (rank 0) only
-    stderr = fit.communicate(timeout=120)[1]
+    stderr = finish(fit, timeout=120)
     assert fit.returncode == 143, stderr[-3000:]
     stops = [line for line in stderr.splitlines() if line.startswith("stopped by")]
     assert len(stops) == 2 and stops[0].startswith("stopped by SIGTERM") != stops[1].startswith("stopped by SIGTERM"), stderr[-4000:]
