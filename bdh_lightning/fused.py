@@ -153,8 +153,14 @@ def _activations(A, rows, row_ok, W, pairs, pair_ok, D, N,
 @triton.jit
 def _queries(X, E, COS, SIN, rows, row_ok, pairs, pair_ok, D, N,
              BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
-    """q = rope(relu(x E)) for rows and pairs, rounded as layer.rope rounds: (v c).to + (partner s).to."""
+    """q = rope(relu(x E)) for rows and pairs."""
     a_even, a_odd = _activations(X, rows, row_ok, E, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
+    return _rotate(a_even, a_odd, COS, SIN, rows, row_ok, pairs, pair_ok, N, PREC)
+
+
+@triton.jit
+def _rotate(a_even, a_odd, COS, SIN, rows, row_ok, pairs, pair_ok, N, PREC: tl.constexpr):
+    """rope(a) for rows and pairs, rounded as layer.rope rounds: (v c).to + (partner s).to."""
     cos_even, sin_even, cos_odd, sin_odd = _cos_sin(COS, SIN, rows, row_ok, pairs, pair_ok, N)
     q_even = _round(_round(a_even * cos_even, PREC) + _round(-a_odd * sin_even, PREC), PREC)
     q_odd = _round(_round(a_odd * cos_odd, PREC) + _round(a_even * sin_odd, PREC), PREC)
@@ -162,13 +168,15 @@ def _queries(X, E, COS, SIN, rows, row_ok, pairs, pair_ok, D, N,
 
 
 @triton.jit
-def _query_grads(X, E, COS, SIN, G, rows, row_ok, pairs, pair_ok, T, D, N,
+def _query_grads(X, E, COS, SIN, G, a_even, a_odd, row_start, rows, row_ok, pairs, pair_ok, T, D, N,
                  BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, ATT: tl.constexpr,
                  EMULATE: tl.constexpr):
-    """da's share through the scores for rows and pairs: rope^T(G q) * (a > 0), G = dS + dS^T (T, T).
+    """da's share through the scores for rows and pairs: rope^T(G q) * (a > 0), G = dS + dS^T (T, T);
+    a = relu(x E) of the rows, which start at row_start.
 
-    q is made again for every column tile of G: the price of never storing it.
+    q is made again for every other column tile of G: the price of never storing it.
     """
+    q_rows_even, q_rows_odd = _rotate(a_even, a_odd, COS, SIN, rows, row_ok, pairs, pair_ok, N, PREC)
     dq_even = tl.zeros((BT, BP), dtype=tl.float32)
     dq_odd = tl.zeros((BT, BP), dtype=tl.float32)
     for s0 in range(0, T, BT):
@@ -176,12 +184,14 @@ def _query_grads(X, E, COS, SIN, G, rows, row_ok, pairs, pair_ok, T, D, N,
         col_ok = cols < T
         g = tl.load(G + rows[:, None] * T + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         g = g.to(tl.float32)
-        q_even, q_odd = _queries(X, E, COS, SIN, cols, col_ok, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
+        if s0 == row_start:
+            q_even, q_odd = q_rows_even, q_rows_odd
+        else:
+            q_even, q_odd = _queries(X, E, COS, SIN, cols, col_ok, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
         dq_even += _mm(g, q_even, ATT, EMULATE)
         dq_odd += _mm(g, q_odd, ATT, EMULATE)
     dq_even = _round(dq_even, PREC)
     dq_odd = _round(dq_odd, PREC)
-    a_even, a_odd = _activations(X, rows, row_ok, E, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
     cos_even, sin_even, cos_odd, sin_odd = _cos_sin(COS, SIN, rows, row_ok, pairs, pair_ok, N)
     # rope's transpose is the rotation by -phase: (g0, g1) -> (g0 c + g1 s, g1 c - g0 s)
     da_even = _round(_round(dq_even * cos_even, PREC) + _round(dq_odd * sin_even, PREC), PREC)
@@ -193,7 +203,7 @@ def _query_grads(X, E, COS, SIN, G, rows, row_ok, pairs, pair_ok, T, D, N,
 def _z_path(X, Y, DU, E, EV, DEC, rows, row_ok, pairs, pair_ok, row_hash, THRESHOLD, D, N,
             DROPOUT: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
             EMULATE: tl.constexpr):
-    """The z = a * b * mask path of one (rows, pairs) tile: z, db = dz a (b > 0), da_z = dz b (a > 0),
+    """The z = a * b * mask path of one (rows, pairs) tile: a, z, db = dz a (b > 0), da_z = dz b (a > 0),
     each as (even, odd); dz = du Dec^T (du already carries dropout's 1 / (1 - p))."""
     a_even, a_odd = _activations(X, rows, row_ok, E, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
     b_even, b_odd = _activations(Y, rows, row_ok, EV, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
@@ -211,7 +221,7 @@ def _z_path(X, Y, DU, E, EV, DEC, rows, row_ok, pairs, pair_ok, row_hash, THRESH
     db_odd = tl.where(b_odd > 0, _round(dz_odd * a_odd, PREC), 0.0)
     da_even = tl.where(a_even > 0, _round(dz_even * b_even, PREC), 0.0)
     da_odd = tl.where(a_odd > 0, _round(dz_odd * b_odd, PREC), 0.0)
-    return z_even, z_odd, db_even, db_odd, da_even, da_odd
+    return a_even, a_odd, z_even, z_odd, db_even, db_odd, da_even, da_odd
 
 
 @triton.jit
@@ -258,8 +268,11 @@ def _scores_kernel(X, E, COS, SIN, S, H, T, D, N,
             pair_ok = pairs < N // 2
             qr_even, qr_odd = _queries(X_b, E_h, COS, SIN, rows, row_ok, pairs, pair_ok, D, N,
                                        BT, BP, BD, PREC, EMULATE)
-            qc_even, qc_odd = _queries(X_b, E_h, COS, SIN, cols, col_ok, pairs, pair_ok, D, N,
-                                       BT, BP, BD, PREC, EMULATE)
+            if i == j:  # a diagonal tile: the columns are the rows
+                qc_even, qc_odd = qr_even, qr_odd
+            else:
+                qc_even, qc_odd = _queries(X_b, E_h, COS, SIN, cols, col_ok, pairs, pair_ok, D, N,
+                                           BT, BP, BD, PREC, EMULATE)
             acc += _mm(qr_even, tl.trans(qc_even), ATT, EMULATE)
             acc += _mm(qr_odd, tl.trans(qc_odd), ATT, EMULATE)
         acc = tl.where(rows[:, None] > cols[None, :], _round(acc, ATT), 0.0)  # strictly causal
@@ -328,7 +341,7 @@ def _rows_z_kernel(X, Y, DU, E, EV, DEC, DY, DXZ, SEED_HASH, THRESHOLD, H, T, D,
     for p0 in range(0, N // 2, BP):
         pairs = p0 + tl.arange(0, BP)
         pair_ok = pairs < N // 2
-        _, _, db_even, db_odd, da_even, da_odd = _z_path(
+        _, _, _, _, db_even, db_odd, da_even, da_odd = _z_path(
             X_b, Y_bh, DU_b, E_h, EV_h, DEC_h, rows, row_ok, pairs, pair_ok, row_hash, THRESHOLD, D, N,
             DROPOUT, BT, BP, BD, PREC, EMULATE)
         ev_even, ev_odd = _weight_rows(EV_h, pairs, pair_ok, dims, dim_ok, N)
@@ -361,8 +374,9 @@ def _rows_q_kernel(X, E, COS, SIN, G, DXQ, H, T, D, N,
     for p0 in range(0, N // 2, BP):
         pairs = p0 + tl.arange(0, BP)
         pair_ok = pairs < N // 2
-        da_even, da_odd = _query_grads(X_b, E_h, COS, SIN, G_bh, rows, row_ok, pairs, pair_ok, T, D, N,
-                                       BT, BP, BD, PREC, ATT, EMULATE)
+        a_even, a_odd = _activations(X_b, rows, row_ok, E_h, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
+        da_even, da_odd = _query_grads(X_b, E_h, COS, SIN, G_bh, a_even, a_odd, i * BT, rows, row_ok, pairs, pair_ok,
+                                       T, D, N, BT, BP, BD, PREC, ATT, EMULATE)
         e_even, e_odd = _weight_rows(E_h, pairs, pair_ok, dims, dim_ok, N)
         dx += _mm(da_even, e_even, PREC, EMULATE) + _mm(da_odd, e_odd, PREC, EMULATE)
     tl.store(DXQ + bh * T * D + rows[:, None] * D + dims[None, :], dx, mask=row_ok[:, None] & dim_ok[None, :])
@@ -397,11 +411,11 @@ def _cols_kernel(X, Y, DU, E, EV, DEC, COS, SIN, G, D_E, D_EV, D_DEC, SEED_HASH,
         for t0 in range(0, T, BT):
             rows = t0 + tl.arange(0, BT)
             row_ok = rows < T
-            z_even, z_odd, db_even, db_odd, da_even, da_odd = _z_path(
+            a_even, a_odd, z_even, z_odd, db_even, db_odd, da_even, da_odd = _z_path(
                 X_b, Y_bh, DU_b, E_h, EV_h, DEC_h, rows, row_ok, pairs, pair_ok, row_hash, THRESHOLD, D, N,
                 DROPOUT, BT, BP, BD, PREC, EMULATE)
-            dq_even, dq_odd = _query_grads(X_b, E_h, COS, SIN, G_bh, rows, row_ok, pairs, pair_ok, T, D, N,
-                                           BT, BP, BD, PREC, ATT, EMULATE)
+            dq_even, dq_odd = _query_grads(X_b, E_h, COS, SIN, G_bh, a_even, a_odd, t0, rows, row_ok, pairs, pair_ok,
+                                           T, D, N, BT, BP, BD, PREC, ATT, EMULATE)
             da_even = _round(da_even + dq_even, PREC)
             da_odd = _round(da_odd + dq_odd, PREC)
             du = _full_rows(DU_b, rows, row_ok, dims, dim_ok, D)
@@ -538,10 +552,11 @@ def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), l
     score = 2 * BT * BT * n_pad  # one (BT x BT) tile of q q^T or G q, all neuron tiles
     s_x = 2 * B * H * T * T * D  # S @ x (and each of the backward's two T x T x D products), in PyTorch
     pairs = nt * (nt + 1) // 2
-    forward = B * H * pairs * (2 * tile + score) + B * nt * H * 3 * tile + s_x
+    # q is made for both sides of each tile pair, once on the diagonal
+    forward = B * H * (nt * nt * tile + pairs * score) + B * nt * H * 3 * tile + s_x
     rows_z = B * H * nt * 5 * tile  # a, b, dz again; dy and dx through z
-    rows_q = B * H * nt * (nt * (tile + score) + 2 * tile)  # q per column tile; a; dx through the scores
-    cols = B * H * nt * (7 * tile + nt * (tile + score))  # a, b, dz, a again; 3 weight gradients; q per column tile
+    rows_q = B * H * nt * (2 * tile + (nt - 1) * tile + nt * score)  # a; dx; q per other column tile; G q
+    cols = B * H * nt * (6 * tile + (nt - 1) * tile + nt * score)  # a, b, dz; 3 weight gradients; q; G q
     backward = rows_z + rows_q + cols + 2 * s_x
     spec = 3 * B * T * (6 * H * D * N + 2 * H * N * T + 2 * H * D * T)  # forward + twice for backward
     weights = 3 * H * D * N
