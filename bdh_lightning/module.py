@@ -107,7 +107,21 @@ class BDHLitModule(L.LightningModule):
             print(f"note: --model.init_from {path} was trained with n_layer={settings['n_layer']}; this model applies "
                   f"its layer {self.config.n_layer} times", file=sys.stderr)  # fmt: skip
 
+    def choose_kernel(self, batch_size: int, block_size: int, precision: str, device: torch.device) -> str:
+        """Resolve model.kernel for this run (once, before compiling): on CUDA `auto` becomes the reference
+        where its predicted peak fits the GPU, else chunked (estimate.choose_kernel). On the CPU `auto`
+        stays, decided per call by size. Returns the one-line reason, also kept as `kernel_reason`."""
+        from .estimate import choose_kernel
+
+        kernel, self.kernel_reason = choose_kernel(self.config, batch_size, block_size, precision, device)
+        if torch.device(device).type == "cuda":
+            self.config.kernel = kernel
+        return self.kernel_reason
+
     def configure_model(self) -> None:
+        trainer, data = self._trainer, getattr(self._trainer, "datamodule", None)
+        if getattr(self, "kernel_reason", None) is None and data is not None and hasattr(data, "block_size"):
+            self.choose_kernel(data.batch_size, data.block_size, str(trainer.precision), trainer.strategy.root_device)
         # Compile the forward only: parameters stay on `self.model`, so checkpoint keys stay plain.
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.model.forward = torch.compile(self.model.forward)

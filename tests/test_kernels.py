@@ -404,3 +404,61 @@ def test_cuda_compiled_chunked_equals_eager():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for g, e in zip(grads(got, grad_out.cuda(), inputs), grads(expected, grad_out.cuda(), inputs)):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
+
+
+def fake_run(module, monkeypatch, gpu_bytes, batch_size=8, block_size=256, precision="bf16-mixed"):
+    """Attach a stand-in trainer on a CUDA device with `gpu_bytes` of memory, then configure_model()."""
+    from types import SimpleNamespace
+
+    from bdh_lightning import estimate
+
+    monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: gpu_bytes)
+    data = SimpleNamespace(batch_size=batch_size, block_size=block_size)
+    trainer = SimpleNamespace(datamodule=data, precision=precision, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    monkeypatch.setattr(module, "_trainer", trainer)
+    module.configure_model()
+    return module.kernel_reason
+
+
+def test_auto_on_cuda_takes_the_reference_where_it_fits(monkeypatch):
+    """The run resolves `auto` once from the estimate and the GPU's memory (faked here)."""
+    from bdh_lightning.estimate import AUTO_FIXED_MARGIN, estimate_memory, format_bytes
+    from bdh_lightning.module import BDHLitModule
+
+    settings = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+    peaks = {k: m.peak_bytes for k, m in estimate_memory(settings, 8, 256, "bf16-mixed", "cuda").kernels.items()}
+    # The reference fits `big` only; chunked fits both.
+    big, small = 80 * 2**30, AUTO_FIXED_MARGIN + int(1.15 * (peaks["reference"] + peaks["chunked"]) / 2)
+    module = BDHLitModule(**settings, kernel="auto")
+    assert fake_run(module, monkeypatch, big) == (
+        f"kernel reference: it needs {format_bytes(peaks['reference'])} (predicted), the GPU has 80.00 GiB"
+    )
+    assert module.config.kernel == module.model.config.kernel == "reference"
+    module = BDHLitModule(**settings, kernel="auto")
+    assert fake_run(module, monkeypatch, small) == (
+        f"kernel chunked: reference needs {format_bytes(peaks['reference'])}, the GPU has {format_bytes(small)}"
+    )
+    assert module.model.config.kernel == "chunked" and module.hparams.kernel == "auto"  # checkpoints keep auto
+    module = BDHLitModule(**settings, kernel="auto")
+    assert "may not fit either" in fake_run(module, monkeypatch, AUTO_FIXED_MARGIN)
+    module = BDHLitModule(**settings, kernel="reference")
+    assert fake_run(module, monkeypatch, AUTO_FIXED_MARGIN) == "kernel reference: set by model.kernel"
+
+
+def test_auto_choice_for_the_configs():
+    """The configs on an 80 GB GPU: 8gb and 14gb fit the reference, 24gb needs chunked (over 190 GiB)."""
+    import yaml
+
+    from bdh_lightning.estimate import choose_kernel
+    from conftest import REPO
+
+    expected = {"8gb": "reference", "14gb": "reference", "24gb": "chunked"}
+    for name, kernel in expected.items():
+        raw = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+        config = BDHConfig.from_dict(raw["model"])
+        got, reason = choose_kernel(config, raw["data"]["batch_size"], raw["data"]["block_size"], "bf16-mixed", "cuda",
+                                    80 * 2**30)  # fmt: skip
+        assert got == kernel, reason
+    assert reason.startswith("kernel chunked: reference needs 19") and reason.endswith(" GiB, the GPU has 80.00 GiB")
+    cpu_kernel, cpu_reason = choose_kernel(config, 1, 64, "32-true", "cpu")
+    assert cpu_kernel == "reference" and cpu_reason.startswith("kernel reference: on the CPU, below 2**23")
