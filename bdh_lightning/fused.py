@@ -355,10 +355,11 @@ def _rows_z_kernel(X, Y, DU, E, EV, DEC, DY, DXZ, SEED_HASH, THRESHOLD, H, T, D,
 
 
 @triton.jit
-def _rows_q_kernel(X, E, COS, SIN, G, DXQ, H, T, D, N,
+def _rows_q_kernel(X, E, COS, SIN, G, DX, H, T, D, N,
                    BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
                    ATT: tl.constexpr, EMULATE: tl.constexpr):
-    """For one (row tile, b, h): DXQ = sum_n da_q E^T, x's gradient through the scores, fp32."""
+    """For one (row tile, b, h): DX += sum_n da_q E^T, x's gradient through the scores, fp32 (DX holds
+    the share through z from _rows_z_kernel; this program owns the tile, so no other writes it)."""
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -379,7 +380,9 @@ def _rows_q_kernel(X, E, COS, SIN, G, DXQ, H, T, D, N,
                                        T, D, N, BT, BP, BD, PREC, ATT, EMULATE)
         e_even, e_odd = _weight_rows(E_h, pairs, pair_ok, dims, dim_ok, N)
         dx += _mm(da_even, e_even, PREC, EMULATE) + _mm(da_odd, e_odd, PREC, EMULATE)
-    tl.store(DXQ + bh * T * D + rows[:, None] * D + dims[None, :], dx, mask=row_ok[:, None] & dim_ok[None, :])
+    at = DX + bh * T * D + rows[:, None] * D + dims[None, :]
+    ok = row_ok[:, None] & dim_ok[None, :]
+    tl.store(at, tl.load(at, mask=ok, other=0.0) + dx, mask=ok)
 
 
 @triton.jit(do_not_specialize=["SEED_HASH", "THRESHOLD"])
@@ -517,8 +520,8 @@ class FusedLayer(torch.autograd.Function):
             dec = decoder.to(dtype).contiguous()
             du = (grad_u.squeeze(1) / (1.0 - dropout)).to(dtype).contiguous()  # dropout's scale, as in forward
             dy = torch.empty(B, H, T, D, dtype=torch.float32, device=x.device)
-            dx_z = torch.empty_like(dy)
-            _rows_z_kernel[(rows, B * H)](xc, y, du, enc, enc_v, dec, dy, dx_z, seed_hash, threshold, H, T, D, N,
+            dx_heads = torch.empty_like(dy)  # per head: the share through z, then through the scores
+            _rows_z_kernel[(rows, B * H)](xc, y, du, enc, enc_v, dec, dy, dx_heads, seed_hash, threshold, H, T, D, N,
                                           DROPOUT=dropout > 0, **_without(meta, "ATT"))
             # y = ln(S x) with S = tril(q q^T): back through the layer norm to S x, then to x and S.
             dy = dy.to(acc)
@@ -527,15 +530,14 @@ class FusedLayer(torch.autograd.Function):
             dx_s = (scores.transpose(-1, -2) @ dy_pre).to(acc).sum(1)
             d_scores = (dy_pre @ xc.to(att).unsqueeze(1).transpose(-1, -2)).tril_(diagonal=-1)
             g = (d_scores + d_scores.transpose(-1, -2)).contiguous()  # S's gradient, as seen by q q^T
-            dx_q = torch.empty_like(dx_z)
-            _rows_q_kernel[(rows, B * H)](xc, enc, cos, sin, g, dx_q, H, T, D, N, **meta)
+            _rows_q_kernel[(rows, B * H)](xc, enc, cos, sin, g, dx_heads, H, T, D, N, **meta)
             d_enc = torch.empty(H, D, N, dtype=torch.float32, device=x.device)
             d_enc_v = torch.empty_like(d_enc)
             d_dec = torch.empty(H, N, D, dtype=torch.float32, device=x.device)
             _cols_kernel[(triton.cdiv(N // 2, tiles.pairs), H)](
                 xc, y, du, enc, enc_v, dec, cos, sin, g, d_enc, d_enc_v, d_dec, seed_hash, threshold, B, H, T, D, N,
                 DROPOUT=dropout > 0, **meta)
-            dx = dx_s + dx_z.sum(1).to(acc) + dx_q.sum(1).to(acc)
+            dx = dx_s + dx_heads.sum(1).to(acc)
         return (dx.unsqueeze(1).to(x.dtype), d_enc.to(encoder.dtype), d_enc_v.to(encoder_v.dtype),
                 d_dec.view(H * N, D).to(decoder.dtype), None, None, None, None, None)
 
