@@ -6,10 +6,17 @@ below with its size and dtype, per layer and once per step. The peak adds the we
 AdamW state and the largest transient working set (one layer's backward). `measure_step` measures the
 same quantities on a real step; the tests hold the two within 15%.
 
-Dtypes follow autocast: matmul outputs in the low-precision dtype; layer norms in float32 on CUDA and in
-their input's dtype on the CPU (the two autocast policies differ there). Two assumptions are not
-measured on a GPU here: CUDA dropout keeps a 1-byte bool mask (the CPU path keeps a full float noise
-tensor), and the CUDA allocator's fragmentation is not modelled.
+Dtypes follow autocast as Lightning runs it (`cache_enabled=False`: each layer keeps its own low-precision
+copies of the shared weights): matmul outputs in the low-precision dtype; layer norms in float32 on CUDA
+and in their input's dtype on the CPU (the two autocast policies differ there); the attention read, its
+T x T scores and their gradients in float32 under float16 (`layer.attention_dtype`).
+
+On CUDA the device needs more than the tensors (`peak_bytes`, what `torch.cuda.max_memory_allocated`
+reports): `device_bytes` adds the CUDA context, cuBLAS workspaces, the caching allocator's rounding and
+fragmentation and, with several GPUs, NCCL's buffers (DDP's gradient buckets are tensors: in the peak).
+The constants below say where each comes from. None is measured for BDH on a GPU yet: the figure is a
+prediction (`PREDICTION_NOTE`) until benchmarks/gpu_suite.py has run, and the CUDA dropout mask is
+assumed to be 1-byte bools (the CPU path keeps a full float noise tensor).
 """
 
 from __future__ import annotations
@@ -56,11 +63,45 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+# What a CUDA process holds beyond its tensors. Basis of each constant; none measured for BDH yet.
+# The CUDA context: driver state and the kernel images of torch's libraries. With lazy module loading (the
+# default since CUDA 11.7 / PyTorch 1.13) nvidia-smi shows about 300-600 MiB for a PyTorch process before its
+# first tensor on A100/H100-class GPUs; we count the top of that range.
+CUDA_CONTEXT_BYTES = 600 * 2**20
+# cuBLAS workspaces: PyTorch's default CUBLAS_WORKSPACE_CONFIG is :4096:8 (32 MiB) on Hopper and newer,
+# :4096:2:16:8 (about 8 MiB) before; one per handle and stream, and the forward (main thread) and the
+# backward (autograd's device thread) use one handle each.
+CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
+# The caching allocator rounds blocks (512 B; 2 MiB segments, larger requests to 2 MiB multiples) and keeps
+# freed blocks it cannot reuse for other sizes: memory_reserved commonly exceeds the allocated peak by
+# 5-20% in training loops (less with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). We add 15%.
+ALLOCATOR_SLACK = 0.15
+# NCCL's own buffers (cudaMalloc, outside torch's allocator): NCCL_BUFFSIZE (4 MiB) per channel and peer in
+# each direction; one node's ring of NVLink GPUs uses up to 32 channels, about 256 MiB.
+NCCL_BUFFER_BYTES = 256 * 2**20
+# The tested accuracy of `peak_bytes`: within 15% of real CPU steps (tests/test_estimate.py).
+PEAK_TOLERANCE = 0.15
+PREDICTION_NOTE = (
+    "predicted, not measured: tensors within 15% of measured CPU steps; the CUDA context, cuBLAS workspaces, "
+    "allocator slack and NCCL buffers are modelled, not yet checked on a GPU"
+)
+
+
 @dataclass
 class KernelMemory:
     saved_bytes: int  # kept for the backward pass, all layers and the head
     transient_bytes: int  # the largest working set on top of that, gradients included
-    peak_bytes: int  # weights + AdamW state + saved + transient
+    peak_bytes: int  # weights + AdamW state (+ DDP buckets) + saved + transient: torch.cuda.max_memory_allocated
+    device_bytes: int = 0  # what the device must have: the peak plus the CUDA overheads (= the peak on the CPU)
+
+
+def device_bytes(peak_bytes: int, device_type: str, world_size: int = 1) -> int:
+    """Device memory a run whose tensors peak at `peak_bytes` needs: on CUDA, the peak with the allocator's
+    slack, the context and cuBLAS workspaces, and NCCL's buffers when there are several ranks."""
+    if device_type != "cuda":
+        return peak_bytes
+    total = peak_bytes * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES + CUBLAS_WORKSPACE_BYTES
+    return int(total + (NCCL_BUFFER_BYTES if world_size > 1 else 0))
 
 
 @dataclass
@@ -74,6 +115,8 @@ class MemoryReport:
     precision: str
     device_type: str
     kernels: dict[str, KernelMemory] = field(default_factory=dict)
+    world_size: int = 1
+    bucket_bytes: int = 0  # DDP's gradient buckets (several ranks): a second copy of the gradients
 
 
 def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision: str, device_type: str) -> int:
@@ -89,18 +132,23 @@ def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision:
     head += BT * V * 4  # log_softmax of the float32 logits
     # Per layer, both kernels: ln(u) and ln(x + ln(u)) keep their inputs and mean/rstd.
     tail = BTD * (ln + wide) + 2 * BT * (ln + wide)
+    att = 4 if precision.startswith("16-") else e  # the attention read's dtype: float32 under float16 (attention_dtype)
     if kernel == "reference":
         dropout_mask = 1 if device_type == "cuda" else e  # CUDA: bool mask; CPU: float noise
-        # a, rope(a), b, z moved heads-major (and the dropout mask); x broadcast over heads twice, ln's
-        # input and y; the weights broadcast over the batch (matmul copies them); the scores; ln's stats.
-        n_wide = BHTN * (4 * e + (dropout_mask if cfg.dropout > 0 else 0))
-        layer = n_wide + BHTD * (3 * e + ln) + (2 * B * H * D * N * e if B > 1 else 0) + B * H * T * T * e + 2 * BHT * ln
-        head += H * N * D * e if autocast else 0  # the decoder's cast copy, shared by the layers
+        ln_att = 4 if att == 4 else ln  # the read's layer norm runs in its dtype
+        # a, rope(a), b, z moved heads-major (and the dropout mask), q in the read's dtype for q qT; x broadcast
+        # over heads for x @ encoder and for S @ x, y cast for y @ encoder_v, ln's input; the scores; ln's stats.
+        n_wide = BHTN * (3 * e + att + (dropout_mask if cfg.dropout > 0 else 0))
+        layer = n_wide + BHTD * (2 * e + att + ln_att) + B * H * T * T * att + 2 * BHT * ln_att
+        # The encoders as the matmuls keep them: broadcast over the batch (a copy each) when B > 1, else their
+        # low-precision casts; and the decoder's cast. Per layer: Lightning's autocast keeps no cast cache
+        # (cache_enabled=False), so every layer casts the shared weights again and keeps its own copies.
+        layer += 2 * B * H * D * N * e if B > 1 else (2 * H * D * N * e if autocast else 0)
+        layer += H * N * D * e if autocast else 0
     else:
         acc = 4 if autocast else e
-        scores = 4 if precision.startswith("16-") else e  # float32 under float16 (kernels.attention_dtype)
         # x (the layer input), S (the scores), y and its rstd.
-        layer = BTD * wide + B * H * T * T * scores + BHTD * acc + BHT * acc
+        layer = BTD * wide + B * H * T * T * att + BHTD * acc + BHT * acc
     return head + L * (layer + tail)
 
 
@@ -120,33 +168,49 @@ def transient_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precis
     # z, dz, db, da, the dropout mask, rope's temporaries, two of them float32 under autocast); the
     # T x T score gradients of one head; under autocast, the weights' low-precision copies (the float32
     # gradient accumulators become the gradients).
-    working = B * T * width * (11 * e + 8) + 3 * B * T * T * e + (weights * e if autocast else 0)
+    att = 4 if precision.startswith("16-") else e  # T x T score gradients in the read's dtype (float32 under float16)
+    working = B * T * width * (11 * e + 8) + 3 * B * T * T * att + (weights * e if autocast else 0)
     return max(loss, grads + working)
 
 
 def estimate_memory(
-    model_kwargs: dict, batch_size: int, block_size: int, precision="32-true", device_type: str = "cuda"
+    model_kwargs: dict,
+    batch_size: int,
+    block_size: int,
+    precision="32-true",
+    device_type: str = "cuda",
+    world_size: int = 1,
 ) -> MemoryReport:
-    """Predicted memory of one training step (forward, backward, AdamW) for each implementation."""
+    """Predicted memory of one training step (forward, backward, AdamW) for each implementation, per device
+    when `world_size` devices train together (DDP)."""
     precision = normalize_precision(precision)
     names = inspect.signature(BDHConfig).parameters
     cfg = BDHConfig(**{k: v for k, v in model_kwargs.items() if k in names})
     p = PRECISIONS[precision][0]
     params = cfg.num_parameters
     report = MemoryReport(params, params * p, params * p, 2 * params * p, batch_size, block_size, precision, device_type)
-    static = report.weight_bytes + report.optimizer_bytes  # gradients are counted in the transient
+    # DDP (gradient_as_bucket_view=False, as Lightning builds it) copies the gradients into its all-reduce
+    # buckets, in the parameters' dtype: "the saved memory size will be equal to the total gradients size"
+    # with bucket views on (torch.nn.parallel.DistributedDataParallel's documentation).
+    report.world_size, report.bucket_bytes = world_size, (params * p if world_size > 1 else 0)
+    static = report.weight_bytes + report.optimizer_bytes + report.bucket_bytes  # gradients: in the transient
     for kernel in KERNELS:
         saved = saved_bytes(kernel, cfg, batch_size, block_size, precision, device_type)
         transient = transient_bytes(kernel, cfg, batch_size, block_size, precision, cfg.chunk_size)
-        report.kernels[kernel] = KernelMemory(saved, transient, static + saved + transient)
+        peak = static + saved + transient
+        report.kernels[kernel] = KernelMemory(saved, transient, peak, device_bytes(peak, device_type, world_size))
     return report
 
 
-def largest_batch(model_kwargs: dict, block_size: int, precision, device_type: str, kernel: str, budget: int) -> int:
-    """The largest batch size whose predicted peak fits `budget` (0 if none does)."""
+def largest_batch(
+    model_kwargs: dict, block_size: int, precision, device_type: str, kernel: str, budget: int, world_size: int = 1
+) -> int:
+    """The largest batch size whose predicted device memory (`device_bytes`: on CUDA, the overheads included)
+    fits `budget` (0 if none does)."""
 
     def peak(batch: int) -> int:
-        return estimate_memory(model_kwargs, batch, block_size, precision, device_type).kernels[kernel].peak_bytes
+        report = estimate_memory(model_kwargs, batch, block_size, precision, device_type, world_size)
+        return report.kernels[kernel].device_bytes
 
     if peak(1) > budget:
         return 0
@@ -206,7 +270,9 @@ def measure_step(model, optimizer, idx: torch.Tensor, autocast_dtype: torch.dtyp
     import torch.nn.functional as F
 
     def forward():
-        with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        # As Lightning's mixed precision runs it: no cast cache, so each layer casts (and keeps) its own weights.
+        with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                            cache_enabled=False):  # fmt: skip
             logits = model(idx[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
 
@@ -233,69 +299,28 @@ def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
         f"weights: {format_bytes(r.weight_bytes)}   gradients: {format_bytes(r.grad_bytes)}   "
         f"AdamW state: {format_bytes(r.optimizer_bytes)}",
         f"batch {r.batch_size} x block {r.block_size}, precision {r.precision}, device {r.device_type}",
-        f"{'kernel':<10} {'saved for backward':>20} {'transient':>12} {'predicted peak':>16}" + ("   fits" if budget else ""),
+        f"{'kernel':<10} {'saved for backward':>20} {'transient':>12} {'predicted peak':>16} {'device needs':>14}"
+        + ("   fits" if budget else ""),
     ]
     for kernel, mem in r.kernels.items():
-        row = f"{kernel:<10} {format_bytes(mem.saved_bytes):>20} {format_bytes(mem.transient_bytes):>12} {format_bytes(mem.peak_bytes):>16}"
+        row = (f"{kernel:<10} {format_bytes(mem.saved_bytes):>20} {format_bytes(mem.transient_bytes):>12} "
+               f"{format_bytes(mem.peak_bytes):>16} {format_bytes(mem.device_bytes):>14}")  # fmt: skip
         if budget:
-            fits = mem.peak_bytes <= budget
-            most = largest_batch(model_kwargs, r.block_size, r.precision, r.device_type, kernel, budget)
+            fits = mem.device_bytes <= budget
+            most = largest_batch(model_kwargs, r.block_size, r.precision, r.device_type, kernel, budget, r.world_size)
             row += f"   {'yes' if fits else 'no '} (largest batch that fits {format_bytes(budget)}: {most})"
         lines.append(row)
+    if r.device_type == "cuda":
+        nccl = f" + {format_bytes(NCCL_BUFFER_BYTES)} NCCL buffers" if r.world_size > 1 else ""
+        lines.append(
+            f"device needs = predicted peak x {1 + ALLOCATOR_SLACK:.2f} (allocator rounding and fragmentation) + "
+            f"{format_bytes(CUDA_CONTEXT_BYTES)} CUDA context + {format_bytes(CUBLAS_WORKSPACE_BYTES)} cuBLAS workspaces{nccl}"
+            + (f"; DDP's gradient buckets ({format_bytes(r.bucket_bytes)}) are in the peak" if r.bucket_bytes else "")
+        )
+    lines.append(PREDICTION_NOTE)
     lines.append(
         "model.kernel auto uses chunked on CUDA; on the CPU reference for small layers (B*H*T*N under 2**23) "
         "and chunked above; never fused (Triton, keeps chunked's bytes; its GPU speed is not measured)."
     )
     return "\n".join(lines)
 
-
-# `auto` on CUDA runs the reference kernel (the fastest: nothing recomputed) where its predicted peak fits
-# the device with room to spare: the peak plus AUTO_ERROR_MARGIN of it (the estimate's tolerance against
-# measurement) plus AUTO_FIXED_MARGIN (CUDA context, cuBLAS workspaces, allocator rounding). Else chunked.
-AUTO_ERROR_MARGIN = 0.15
-AUTO_FIXED_MARGIN = 2**30
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Total memory of a CUDA device (what `auto` compares the predicted peak with)."""
-    return torch.cuda.get_device_properties(device).total_memory
-
-
-def fits_device(peak_bytes: int, device_bytes: int) -> bool:
-    return peak_bytes * (1 + AUTO_ERROR_MARGIN) + AUTO_FIXED_MARGIN <= device_bytes
-
-
-def choose_kernel(
-    config: BDHConfig,
-    batch_size: int,
-    block_size: int,
-    precision: str,
-    device: torch.device | str,
-    device_bytes: int | None = None,
-) -> tuple[str, str]:
-    """(kernel, one-line reason) for a run: what `config.kernel` stands for at this batch, block, precision
-    and device. `auto` on CUDA: the reference if its predicted peak fits `device_bytes` (default: the
-    device's total memory) with the margins above, else chunked; on the CPU kernels.resolve_kernel's
-    measured rule. The reason is for the run's header, e.g. "kernel chunked: reference needs 192.77 GiB,
-    the GPU has 79.10 GiB"."""
-    from .kernels import CPU_CHUNKED_FROM, resolve_kernel
-
-    device = torch.device(device)
-    B, T, H, N = batch_size, block_size, config.n_head, config.neurons_per_head
-    if config.kernel != "auto":
-        return resolve_kernel(config.kernel, device), f"kernel {config.kernel}: set by model.kernel"
-    if device.type != "cuda":
-        kernel = resolve_kernel("auto", device, n_wide=B * H * T * N)
-        side = "below" if kernel == "reference" else "from"
-        return kernel, (f"kernel {kernel}: on the {device.type.upper()}, {side} 2**{CPU_CHUNKED_FROM.bit_length() - 1} "
-                        f"elements per B x H x T x N tensor (this run: {B * H * T * N:,}), measured faster")  # fmt: skip
-    total = device_bytes if device_bytes is not None else device_memory_bytes(device)
-    settings = {name: getattr(config, name) for name in BDHConfig.__dataclass_fields__}
-    peaks = {k: m.peak_bytes for k, m in estimate_memory(settings, B, T, precision, "cuda").kernels.items()}
-    if fits_device(peaks["reference"], total):
-        return "reference", (f"kernel reference: it needs {format_bytes(peaks['reference'])} (predicted), "
-                             f"the GPU has {format_bytes(total)}")  # fmt: skip
-    reason = f"kernel chunked: reference needs {format_bytes(peaks['reference'])}, the GPU has {format_bytes(total)}"
-    if not fits_device(peaks["chunked"], total):
-        reason += f"; chunked needs {format_bytes(peaks['chunked'])} and may not fit either: lower data.batch_size"
-    return "chunked", reason

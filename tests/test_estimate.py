@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from bdh_lightning import estimate
 from bdh_lightning.estimate import (
     EstimateError,
     estimate_memory,
@@ -20,17 +21,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kernel", ["reference", "chunked"])
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize(
-    "B,T,D,H,mult,L,chunk", [(2, 32, 32, 2, 8, 2, 0), (4, 48, 32, 4, 16, 3, 0), (4, 64, 32, 2, 16, 2, 64)]
+    "B,T,D,H,mult,L,chunk",
+    [(2, 32, 32, 2, 8, 2, 0), (4, 48, 32, 4, 16, 3, 0), (4, 64, 32, 2, 16, 2, 64), (1, 64, 32, 2, 16, 2, 0)],
 )
 def test_prediction_matches_a_real_cpu_step(kernel, precision, B, T, D, H, mult, L, chunk):
+    """Autocast as Lightning runs it (no cast cache: each layer keeps its own weight casts); under 16-mixed the
+    attention read and its T x T scores are float32; batch 1 keeps the weights' casts, not batch copies."""
     kwargs = dict(n_layer=L, n_embd=D, n_head=H, mlp_internal_dim_multiplier=mult, dropout=0.1, kernel=kernel, chunk_size=chunk)
     torch.manual_seed(0)
     model = BDH(BDHConfig(**kwargs))
     optimizer = torch.optim.AdamW(model.parameters())
     idx = torch.randint(0, 256, (B, T + 1))
-    autocast = torch.bfloat16 if precision == "bf16-mixed" else None
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     measure_step(model, optimizer, idx, autocast)  # the first step creates AdamW's state
     saved, peak = measure_step(model, optimizer, idx, autocast)
     predicted = estimate_memory(kwargs, B, T, precision, "cpu").kernels[kernel]
@@ -54,8 +58,36 @@ def test_static_bytes_and_largest_batch():
     budget = 14 * 10**9
     for kernel in ("reference", "chunked"):
         most = largest_batch(kwargs, 384, "bf16-mixed", "cuda", kernel, budget)
-        assert estimate_memory(kwargs, most, 384, "bf16-mixed").kernels[kernel].peak_bytes <= budget
-        assert estimate_memory(kwargs, most + 1, 384, "bf16-mixed").kernels[kernel].peak_bytes > budget
+        assert estimate_memory(kwargs, most, 384, "bf16-mixed").kernels[kernel].device_bytes <= budget
+        assert estimate_memory(kwargs, most + 1, 384, "bf16-mixed").kernels[kernel].device_bytes > budget
+
+
+def test_cuda_needs_more_than_its_tensors():
+    """On CUDA the device figure adds the allocator's slack, the context and cuBLAS workspaces (and NCCL's buffers
+    with several ranks); DDP's gradient buckets are one more copy of the gradients, in the peak. The CPU: none."""
+    kwargs = dict(n_layer=6, n_embd=256, n_head=4, mlp_internal_dim_multiplier=96)
+    one = estimate_memory(kwargs, 16, 384, "bf16-mixed", "cuda")
+    two = estimate_memory(kwargs, 16, 384, "bf16-mixed", "cuda", world_size=2)
+    cpu = estimate_memory(kwargs, 16, 384, "bf16-mixed", "cpu")
+    for kernel in ("reference", "chunked"):
+        peak = one.kernels[kernel].peak_bytes
+        overhead = estimate.CUDA_CONTEXT_BYTES + estimate.CUBLAS_WORKSPACE_BYTES
+        assert one.kernels[kernel].device_bytes == int(peak * (1 + estimate.ALLOCATOR_SLACK) + overhead)
+        assert two.kernels[kernel].peak_bytes == peak + one.grad_bytes  # DDP's buckets
+        assert two.kernels[kernel].device_bytes == estimate.device_bytes(peak + one.grad_bytes, "cuda", 2)
+        assert two.kernels[kernel].device_bytes - int((peak + one.grad_bytes) * 1.15 + overhead) == estimate.NCCL_BUFFER_BYTES
+        assert cpu.kernels[kernel].device_bytes == cpu.kernels[kernel].peak_bytes
+
+
+def test_float16_counts_the_attention_read_in_float32():
+    """The T x T scores of the read (and their gradients) are float32 under float16, bf16 under bfloat16: at a long
+    block, where T x T dominates, 16-mixed needs clearly more than bf16-mixed."""
+    kwargs = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=4)
+    bf16 = estimate_memory(kwargs, 2, 2048, "bf16-mixed", "cuda").kernels
+    fp16 = estimate_memory(kwargs, 2, 2048, "16-mixed", "cuda").kernels
+    scores = 2 * kwargs["n_layer"] * 2 * 2048 * 2048  # B * L * H * T * T
+    assert fp16["chunked"].saved_bytes - bf16["chunked"].saved_bytes == scores * 2
+    assert fp16["reference"].saved_bytes - bf16["reference"].saved_bytes > scores * 2
 
 
 def test_parse_bytes():
@@ -71,7 +103,8 @@ def test_parse_bytes():
 def test_cli_prints_every_figure_for_the_shipped_configs(config, capsys):
     assert main(["estimate", "--config", str(REPO / "configs" / config), "--budget", "14GB"]) == 0
     out = capsys.readouterr().out
-    for needle in ("parameters:", "weights:", "gradients:", "AdamW state:", "reference", "chunked", "largest batch"):
+    for needle in ("parameters:", "weights:", "gradients:", "AdamW state:", "reference", "chunked", "largest batch",
+                   "device needs", "CUDA context", "predicted, not measured"):  # fmt: skip
         assert needle in out
 
 
