@@ -324,3 +324,54 @@ def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
     )
     return "\n".join(lines)
 
+
+# `auto` on CUDA runs the reference kernel (the fastest: nothing recomputed) where its predicted peak fits
+# the device with room to spare: the peak plus AUTO_ERROR_MARGIN of it (the estimate's tolerance against
+# measurement) plus AUTO_FIXED_MARGIN (CUDA context, cuBLAS workspaces, allocator rounding). Else chunked.
+AUTO_ERROR_MARGIN = 0.15
+AUTO_FIXED_MARGIN = 2**30
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of a CUDA device (what `auto` compares the predicted peak with)."""
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def fits_device(peak_bytes: int, device_bytes: int) -> bool:
+    return peak_bytes * (1 + AUTO_ERROR_MARGIN) + AUTO_FIXED_MARGIN <= device_bytes
+
+
+def choose_kernel(
+    config: BDHConfig,
+    batch_size: int,
+    block_size: int,
+    precision: str,
+    device: torch.device | str,
+    device_bytes: int | None = None,
+) -> tuple[str, str]:
+    """(kernel, one-line reason) for a run: what `config.kernel` stands for at this batch, block, precision
+    and device. `auto` on CUDA: the reference if its predicted peak fits `device_bytes` (default: the
+    device's total memory) with the margins above, else chunked; on the CPU kernels.resolve_kernel's
+    measured rule. The reason is for the run's header, e.g. "kernel chunked: reference needs 192.77 GiB,
+    the GPU has 79.10 GiB"."""
+    from .kernels import CPU_CHUNKED_FROM, resolve_kernel
+
+    device = torch.device(device)
+    B, T, H, N = batch_size, block_size, config.n_head, config.neurons_per_head
+    if config.kernel != "auto":
+        return resolve_kernel(config.kernel, device), f"kernel {config.kernel}: set by model.kernel"
+    if device.type != "cuda":
+        kernel = resolve_kernel("auto", device, n_wide=B * H * T * N)
+        side = "below" if kernel == "reference" else "from"
+        return kernel, (f"kernel {kernel}: on the {device.type.upper()}, {side} 2**{CPU_CHUNKED_FROM.bit_length() - 1} "
+                        f"elements per B x H x T x N tensor (this run: {B * H * T * N:,}), measured faster")  # fmt: skip
+    total = device_bytes if device_bytes is not None else device_memory_bytes(device)
+    settings = {name: getattr(config, name) for name in BDHConfig.__dataclass_fields__}
+    peaks = {k: m.peak_bytes for k, m in estimate_memory(settings, B, T, precision, "cuda").kernels.items()}
+    if fits_device(peaks["reference"], total):
+        return "reference", (f"kernel reference: it needs {format_bytes(peaks['reference'])} (predicted), "
+                             f"the GPU has {format_bytes(total)}")  # fmt: skip
+    reason = f"kernel chunked: reference needs {format_bytes(peaks['reference'])}, the GPU has {format_bytes(total)}"
+    if not fits_device(peaks["chunked"], total):
+        reason += f"; chunked needs {format_bytes(peaks['chunked'])} and may not fit either: lower data.batch_size"
+    return "chunked", reason
