@@ -95,3 +95,40 @@ def test_tiny_run_writes_sparsity_and_text_samples_to_tensorboard(tmp_path, caps
     assert all(e.tensor_proto.string_val[0].decode().startswith("    To be") for e in samples)
     printed = capsys.readouterr().out
     assert "--- sample after 4 steps ---\nTo be" in printed
+
+
+def test_sparsity_max_batches_counts_only_the_first_batches_and_sample_length_0_writes_no_sample(tmp_path, capsys):
+    L.seed_everything(1)
+    module = BDHLitModule(**TINY, dropout=0.0)
+    data = torch.randint(0, 256, (12, 17))
+    pairs = list(zip(data[:, :-1], data[:, 1:]))
+    val = torch.utils.data.DataLoader(pairs, batch_size=4)  # three batches; the monitor reads the first two
+    trainer = L.Trainer(
+        max_steps=2, val_check_interval=2, default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path),
+        callbacks=[TextSample(prompt="To be", length=0), SparsityMonitor(max_batches=2)], enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(pairs, batch_size=4), val)
+    first_two = data[:8, :-1]
+    with torch.no_grad():
+        counts = count_active(module.model, first_two)
+        everything = count_active(module.model, data[:, :-1])
+    entries = first_two.numel() * module.config.n_head * module.config.neurons_per_head
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0}).Reload()
+    for layer in range(TINY["n_layer"]):
+        for i, name in enumerate(("a", "b", "ab")):
+            (logged,) = [e.value for e in events.Scalars(f"sparsity/layer{layer}/{name}")]
+            assert logged == pytest.approx(counts[layer, i].item() / entries, rel=1e-6), (layer, name)
+            assert logged != pytest.approx(everything[layer, i].item() / (entries * 1.5), rel=1e-6)  # what all 3 give
+    assert "sample/text_summary" not in events.Tags()["tensors"]  # length 0: no sample written
+    assert "--- sample" not in capsys.readouterr().out  # nor printed at the end
+
+
+def test_text_sample_settings_reach_the_sample(tmp_path):
+    sample = TextSample(prompt="ab", length=7, temperature=0.0, top_k=3, seed=5)
+    assert (sample.prompt, sample.length, sample.temperature, sample.top_k, sample.seed) == ("ab", 7, 0.0, 3, 5)
+    module = BDHLitModule(**TINY, dropout=0.0)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    text = sample.sample(trainer, module)
+    assert text.startswith("ab") and len(text.encode("utf-8", errors="surrogateescape")) >= 9
+    assert text == sample.sample(trainer, module)  # the same seed each time
