@@ -53,6 +53,12 @@ class Tiles:
     depth: int = 64
     num_warps: int = 8
 
+    def __post_init__(self) -> None:
+        for name in ("rows", "pairs", "depth"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"Tiles.{name} must be a power of two of at least 16, got {size}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Elementwise helpers (inlined into the kernels)
