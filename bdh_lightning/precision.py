@@ -87,9 +87,9 @@ def gpu_capabilities() -> list[tuple[int, int]]:
     return capabilities
 
 
-def nvml_capabilities() -> list[tuple[int, int]] | None:
-    """Compute capabilities of the GPUs CUDA_VISIBLE_DEVICES lets this process see, from NVML; None if NVML
-    is missing or fails (then the caller asks elsewhere)."""
+def nvml_each(query) -> list | None:
+    """`query(nvml, handle)` for each GPU CUDA_VISIBLE_DEVICES lets this process see, through NVML (no CUDA
+    context); None if NVML is missing or fails, or a query returns None (then the caller asks elsewhere)."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
         if nvml.nvmlInit_v2() != 0:
@@ -102,28 +102,59 @@ def nvml_capabilities() -> list[tuple[int, int]] | None:
                 indices = [torch.cuda._get_nvml_device_index(i) for i in range(torch.cuda.device_count())]
             except (RuntimeError, AttributeError, IndexError, ValueError):
                 indices = list(range(count.value))
-            capabilities = []
+            answers = []
             for index in indices:
-                handle, major, minor = ctypes.c_void_p(), ctypes.c_int(), ctypes.c_int()
+                handle = ctypes.c_void_p()
                 if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
                     return None
-                if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
+                answer = query(nvml, handle)
+                if answer is None:
                     return None
-                capabilities.append((major.value, minor.value))
-            return capabilities
+                answers.append(answer)
+            return answers
         finally:
             nvml.nvmlShutdown()
     except (OSError, AttributeError):
         return None
 
 
-CAPABILITY_PROBE = "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]))"
+def nvml_capabilities() -> list[tuple[int, int]] | None:
+    """(major, minor) compute capability of each visible GPU, from NVML."""
+
+    def capability(nvml, handle):
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
+            return None
+        return major.value, minor.value
+
+    return nvml_each(capability)
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def nvml_total_memory() -> list[int] | None:
+    """Total memory in bytes of each visible GPU, from NVML: what a launcher may read before its ranks start
+    (torch.cuda.get_device_properties would create a CUDA context, which fork-based launchers cannot survive)."""
+
+    def total(nvml, handle):
+        memory = _NvmlMemory()
+        return memory.total if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0 else None
+
+    return nvml_each(total)
+
+
+CAPABILITY_PROBE = (
+    "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]))"
+)
 
 
 def child_process_capabilities() -> list[tuple[int, int]]:
     """Ask a child Python (its CUDA context dies with it); empty if it fails."""
     try:
-        done = subprocess.run([sys.executable, "-c", CAPABILITY_PROBE], capture_output=True, text=True, timeout=120, check=False)
+        command = [sys.executable, "-c", CAPABILITY_PROBE]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         return [tuple(pair) for pair in json.loads(done.stdout)] if done.returncode == 0 else []
     except (OSError, subprocess.SubprocessError, TypeError, ValueError):
         return []
