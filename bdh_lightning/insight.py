@@ -48,6 +48,7 @@ KINDS = ("a", "b", "ab")  # relu(x E), relu(y Ev), their product a*b (what the d
 ALWAYS_ON = 0.99  # a neuron firing at this share of positions or more counts as always on
 MAX_EDGES_PER_NEURON = 100  # a --graph.threshold that keeps more edges than this per neuron is refused
 ALPHA_MAX = 8.0  # the largest power-law exponent fitted
+PASS_FLOPS = 2e12  # the default corpus sample's size: about this many FLOPs per model
 ELEMENT_BUDGET = 1 << 25  # float32 entries of one batch's (positions x H*N) buffer: 128 MB
 
 
@@ -63,13 +64,14 @@ class DataOptions:
         path: Corpus file, directory or glob (default: the run's data.path, from config.yaml beside the
             checkpoint's folder; `tinyshakespeare` is the cached download).
         windows: Windows read, evenly spaced over the held-out split (the last val_fraction of the corpus).
+            Default: 16, fewer for large models so that one pass costs about 2 TFLOP (24gb: 5 windows of 256).
         block_size: Bytes per window (default: the run's data.block_size, at most 256).
         val_fraction: Share of the corpus, from its end, the windows come from (default: the run's, else 0.1);
             1 = the whole corpus.
     """
 
     path: str | None = None
-    windows: int = 16
+    windows: int | None = None
     block_size: int | None = None
     val_fraction: float | None = None
 
@@ -229,19 +231,39 @@ def fit_power_law(values: np.ndarray, max_candidates: int = 60, min_tail: int = 
     return best
 
 
+def undirected_edges(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The distinct undirected pairs (u < v) of a directed edge list, as an (E, 2) array."""
+    pairs = np.stack([np.minimum(src, dst), np.maximum(src, dst)], axis=1)
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
+
+
+def modularity(pairs: np.ndarray, labels: np.ndarray) -> float:
+    """Newman modularity of an undirected simple graph (its (E, 2) pairs) split by node `labels`:
+    the sum over communities of (edges inside) / E - (degree sum / 2E)^2."""
+    m = len(pairs)
+    if m == 0:
+        return 0.0
+    degree = np.bincount(pairs.ravel(), minlength=len(labels))
+    inside = np.bincount(labels[pairs[labels[pairs[:, 0]] == labels[pairs[:, 1]], 0]], minlength=labels.max() + 1)
+    total = np.bincount(labels, weights=degree, minlength=labels.max() + 1)
+    return float((inside / m - (total / (2 * m)) ** 2).sum())
+
+
 def louvain_modularity(src: np.ndarray, dst: np.ndarray, n: int, seed: int) -> tuple[float, list[set[int]]]:
     """Newman modularity of the Louvain communities of the undirected simple graph, and the communities
     (largest first; isolated neurons left out)."""
     import networkx as nx
 
-    graph = nx.Graph()
-    graph.add_nodes_from(range(n))
-    graph.add_edges_from(zip(src.tolist(), dst.tolist()))
-    graph.remove_nodes_from([node for node, degree in dict(graph.degree()).items() if degree == 0])
-    if graph.number_of_edges() == 0:
+    pairs = undirected_edges(src, dst)
+    if len(pairs) == 0:
         return 0.0, []
+    graph = nx.Graph()
+    graph.add_edges_from(pairs.tolist())  # only neurons with an edge become nodes
     communities = sorted(nx.community.louvain_communities(graph, seed=seed), key=len, reverse=True)
-    return float(nx.community.modularity(graph, communities)), communities
+    labels = np.zeros(n, dtype=np.int64)
+    for label, community in enumerate(communities):
+        labels[list(community)] = label
+    return modularity(pairs, labels), communities
 
 
 def degree_matched_null(src: np.ndarray, dst: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,7 +273,9 @@ def degree_matched_null(src: np.ndarray, dst: np.ndarray, seed: int) -> tuple[np
     return src[keep], shuffled[keep]
 
 
-def graph_report(model: BDH, options: GraphOptions = GraphOptions(), edges_per_head: list[int] | None = None) -> dict:
+def graph_report(
+    model: BDH, options: GraphOptions = GraphOptions(), edges_per_head: list[int] | None = None, null: bool = True
+) -> dict:
     """The neuron graph of every head: edges, threshold, Louvain modularity (and that of a degree-matched
     random graph), communities, in/out degrees pooled over heads with power-law tail fits, and hubs.
 
@@ -271,7 +295,9 @@ def graph_report(model: BDH, options: GraphOptions = GraphOptions(), edges_per_h
             src, dst, threshold = thresholded_edges(decoder_h, encoder_h, edges=max(1, round(options.mean_degree * N)))
         modularity, communities = louvain_modularity(src, dst, N, options.seed)
         sizes = [len(community) for community in communities]
-        null_modularity, _ = louvain_modularity(*degree_matched_null(src, dst, options.seed), N, options.seed)
+        null_modularity = None
+        if null:
+            null_modularity, _ = louvain_modularity(*degree_matched_null(src, dst, options.seed), N, options.seed)
         d_in, d_out = degrees(src, dst, N)
         in_degrees.append(d_in)
         out_degrees.append(d_out)
@@ -291,7 +317,7 @@ def graph_report(model: BDH, options: GraphOptions = GraphOptions(), edges_per_h
         "edges": sum(h["edges"] for h in heads),
         "mean_degree": sum(h["edges"] for h in heads) / (c.n_head * N),
         "modularity": float(np.mean([h["modularity"] for h in heads])),
-        "null_modularity": float(np.mean([h["null_modularity"] for h in heads])),
+        "null_modularity": float(np.mean([h["null_modularity"] for h in heads])) if null else None,
         "in_degree": {"max": int(d_in.max()), "fit": fit_power_law(d_in), "hubs": hubs(d_in)},
         "out_degree": {"max": int(d_out.max()), "fit": fit_power_law(d_out), "hubs": hubs(d_out)},
         "_in": d_in,  # raw degrees for the plots; dropped from report.json
@@ -339,10 +365,11 @@ def activation_pass(
             a, b = neuron_activations(x, model.encoder[h : h + 1], model.encoder_v[h : h + 1], cos, sin)
             ab = a * b
             for k, value in enumerate((a, b, ab)):
-                active = value[:, 0] > 0  # B, T, N
-                counts[layer, h, k] = active.sum().cpu()
-                fires[k, h] += active.sum((0, 1)).cpu()
-                position_active[k] += active.sum(-1).cpu()
+                active = (value[:, 0] > 0).float()  # B, T, N; float sums are exact here and faster than bool's
+                per_position = active.sum(-1)  # at most N
+                counts[layer, h, k] = per_position.double().sum().long().cpu()
+                fires[k, h] += active.sum((0, 1)).long().cpu()  # at most B * T
+                position_active[k] += per_position.long().cpu()
             if pooled is not None:
                 pooled[:, :, h] += {"a": a, "b": b, "ab": ab}[signal][:, 0].float().cpu()
             u = u + decode(ab, model.decoder[h * N : (h + 1) * N])
@@ -739,7 +766,7 @@ def write_html(report: dict, path: Path) -> None:
     parts.append(
         f"<h2>Neuron graph</h2><p>G = decoder_h · encoder_h per head; {g['edges']} edges kept (mean degree "
         f"{g['mean_degree']:.2f}). Louvain modularity: trained {g['modularity']:.3f} (degree-matched random graph "
-        f"{g['null_modularity']:.3f}); initialisation {g0['modularity']:.3f} (random {g0['null_modularity']:.3f}).</p>"
+        f"{g['null_modularity']:.3f}); initialisation {g0['modularity']:.3f}.</p>"
     )
     header = ["head", "threshold", "edges", "modularity", "random", "communities", "largest", "init modularity"]
     rows = [
@@ -842,10 +869,15 @@ def open_sample(data: DataOptions, settings: dict, model: BDH) -> tuple[CorpusSa
         raise DataError(f"{error}{hint}") from None
     block = data.block_size or min(int(run_data.get("block_size") or 256), 256)
     positive_int("data.block_size", block, UsageError)
-    positive_int("data.windows", data.windows, UsageError)
+    windows = data.windows
+    if windows is None:
+        c = model.config
+        flops_per_window = 6 * c.n_head * c.n_embd * c.neurons_per_head * c.n_layer * block  # the N-wide products
+        windows = min(16, max(2, round(PASS_FLOPS / flops_per_window)))
+    positive_int("data.windows", windows, UsageError)
     fraction = data.val_fraction if data.val_fraction is not None else float(run_data.get("val_fraction") or 0.1)
     finite_float("data.val_fraction", fraction, 0.0, 1.0, low_open=True, error=UsageError)
-    return CorpusSample(corpus, block, data.windows, fraction), str(path)
+    return CorpusSample(corpus, block, windows, fraction), str(path)
 
 
 def inspect_command(
@@ -902,7 +934,8 @@ def inspect_command(
     init = model_at_init(model.config, seed)
 
     graph_trained = graph_report(model, graph)
-    graph_init = graph_report(init, graph, edges_per_head=[h["edges"] for h in graph_trained["heads"]])
+    # Same edge count at init; no random-graph baseline there (a random model's graph is one: measured equal).
+    graph_init = graph_report(init, graph, edges_per_head=[h["edges"] for h in graph_trained["heads"]], null=False)
     sparsity_trained = sparsity_report(model, sample, neurons)
     sparsity_init = sparsity_report(init, sample, neurons)
     probe_result = None
@@ -988,9 +1021,9 @@ class InsightMonitor(Callback):
     def __init__(self, every_n_validations: int = 0, mean_degree: float = 5.0, seed: int = 0):
         """The neuron graph and firing rates in TensorBoard every k-th validation (what `inspect` reports).
 
-        Logs `insight/modularity` (Louvain, mean over heads), `insight/null_modularity` (a degree-matched random
-        graph), `insight/out_degree_alpha`, `insight/dead_ab` and `insight/always_on_ab` (shares of neurons),
-        and the degree and firing-rate plots as images. Firing rates come from the first validation batch.
+        Logs `insight/modularity` (Louvain, mean over heads), `insight/out_degree_alpha`, `insight/dead_ab` and
+        `insight/always_on_ab` (shares of neurons), and the degree and firing-rate plots as images. Firing rates
+        come from the first validation batch.
 
         Args:
             every_n_validations: Every this many validations (0 = off). Costs the graph of every head
@@ -1018,7 +1051,7 @@ class InsightMonitor(Callback):
         if self.validations % self.every_n_validations or self.batch is None:
             return
         model = pl_module.model
-        graph = graph_report(model, GraphOptions(mean_degree=self.mean_degree, seed=self.seed))
+        graph = graph_report(model, GraphOptions(mean_degree=self.mean_degree, seed=self.seed), null=False)
         idx, targets = self.batch
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             seen = activation_pass(model, idx, targets)
@@ -1027,7 +1060,6 @@ class InsightMonitor(Callback):
         fit = graph["out_degree"]["fit"]
         scalars = {
             "insight/modularity": graph["modularity"],
-            "insight/null_modularity": graph["null_modularity"],
             "insight/dead_ab": float((rates[2] == 0).mean()),
             "insight/always_on_ab": float((rates[2] >= ALWAYS_ON).mean()),
         }

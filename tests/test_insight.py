@@ -24,10 +24,12 @@ from bdh_lightning.insight import (
     graph_report,
     louvain_modularity,
     model_at_init,
+    modularity,
     probe_report,
     sparsity_report,
     strongest_contexts,
     thresholded_edges,
+    undirected_edges,
 )
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
@@ -91,6 +93,18 @@ def test_louvain_finds_planted_communities_and_random_init_has_no_excess_modular
     init = graph_report(model_at_init(model.config, seed=1337))
     for head in init["heads"]:
         assert abs(head["modularity"] - head["null_modularity"]) < 0.05, head
+
+
+def test_modularity_is_networkx_modularity():
+    import networkx as nx
+
+    rng = np.random.default_rng(2)
+    src, dst = rng.integers(0, 60, 300), rng.integers(0, 60, 300)
+    pairs = undirected_edges(src, dst)
+    labels = rng.integers(0, 5, 60)
+    graph = nx.Graph(pairs.tolist())
+    communities = [{int(i) for i in np.flatnonzero(labels == c) if i in graph} for c in range(5)]
+    assert modularity(pairs, labels) == pytest.approx(nx.community.modularity(graph, communities), abs=1e-12)
 
 
 def test_power_law_exponent_is_recovered():
