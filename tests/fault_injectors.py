@@ -20,3 +20,15 @@ class OutOfMemoryOnRank(Callback):
         if trainer.global_rank == self.rank:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if self.message is None else RuntimeError(self.message)
         time.sleep(600)
+
+
+class RecordTF32(Callback):
+    """Writes `cuda tf32 <allow_tf32>` as the rank saw it when training started (to check ddp_spawn workers)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            with open(self.path, "w") as out:
+                out.write(f"{trainer.strategy.root_device.type} {torch.backends.cuda.matmul.allow_tf32}\n")
