@@ -261,3 +261,62 @@ def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
     captured = capfd.readouterr()  # file descriptors: os.system would write there
     assert code == 2 and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert "must never run" not in captured.out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_generate_precision_is_float32_on_cpu(tmp_path, capsys, precision):
+    """--precision chooses the GPU's compute dtype; on the CPU the text is float32's, byte for byte, and says so."""
+    path, _ = save_lightning_checkpoint(tmp_path)
+    args = ["generate", "--ckpt_path", str(path), "--prompt", "ab", "--max_new_tokens", "40", "--seed", "2"]
+    assert cli_main([*args, "--precision", "32"]) == 0
+    full = capsys.readouterr()
+    assert cli_main([*args, "--precision", precision]) == 0
+    lower = capsys.readouterr()
+    assert lower.out == full.out
+    assert ", cpu, torch.float32]" in lower.err and ", cpu, torch.float32]" in full.err
+    assert cli_main([*args, "--precision", "fp8"]) == 2
+    assert "precision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_recurrent_generation_under_autocast_keeps_a_float32_state(dtype):
+    """What `generate --precision bf16/16` runs on a GPU, under CPU autocast: N-wide products in 16 bits, the state
+    float32, logits close to float32's."""
+    model = random_model(seed=3, std=0.05)
+    prompt = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        exact = Generator(model, 2)
+        want = [exact.prefill(prompt, chunk_size=8)]
+        low = Generator(model, 2)
+        with torch.autocast("cpu", dtype=dtype):
+            got = [low.prefill(prompt, chunk_size=8)]
+            for byte in prompt[:, :5].T:
+                got.append(low.step(byte))
+        for byte in prompt[:, :5].T:
+            want.append(exact.step(byte))
+    assert all(state.dtype == torch.float32 for state in low.states)
+    assert low.position == exact.position == 25
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        scale = w.abs().max().item()
+        assert (g.float() - w).abs().max().item() <= 5e-2 * scale
+    assert any((g.float() - w).abs().max() > 0 for g, w in zip(got, want))  # 16-bit did run
+
+
+def test_ctrl_c_in_generate_exits_130_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import SUBPROCESS_ENV
+
+    path, _ = save_lightning_checkpoint(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "bdh_lightning", "generate", "--ckpt_path", str(path), "--prompt", "hi",
+                             "--max_new_tokens", "100000000"],
+                            cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.read(2) == b"hi"  # the prompt streams first: generation has begun
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)  # drains both pipes
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    lines = stderr.decode().strip().splitlines()
+    assert "Traceback" not in stderr.decode() and lines[-1] == "interrupted", lines
