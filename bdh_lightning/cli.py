@@ -166,6 +166,8 @@ class BDHCLI(LightningCLI):
             check_model_shape(self.checkpoint, config.ckpt_path, config.model)
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_cpu_devices(config.trainer)
+        if config.model.get("carry_state") and config.data.get("sampling") != "streams":
+            raise ConfigError("model.carry_state true needs data.sampling streams (consecutive windows to carry the state across)")
         if self.subcommand == "fit":
             if config.get("ckpt_path"):
                 nothing_left_to_do(self.checkpoint, config)
@@ -344,7 +346,12 @@ def plan_memory(config) -> list[str]:
     else:  # auto on CUDA: the fastest that fits; fused keeps chunked's bytes
         candidates, why = list(report.kernels), "auto on CUDA: the reference where it fits, else chunked"
     best = min(candidates, key=lambda k: report.kernels[k].peak_bytes)
-    peak = report.kernels[best].peak_bytes
+    carried = 0
+    if model.get("carry_state"):  # each layer's state per batch row, float32, kept between steps
+        best, why = "reference", "model.carry_state: the carried read runs in the reference schedule"
+        carried = data.batch_size * c.n_layer * c.n_head * c.neurons_per_head * c.n_embd * 4
+        why += f"; the carried state, {format_bytes(carried)}, is included below"
+    peak = report.kernels[best].peak_bytes + carried
     have, what = device_memory(device)
     if have and peak > have and not config.get("force"):
         fits = largest_batch(model, data.block_size, precision, device.type, best, have)

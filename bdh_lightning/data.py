@@ -22,6 +22,7 @@ import stat
 import tempfile
 import urllib.error
 import urllib.request
+from typing import Literal
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from . import streaming
 from .errors import DataError, finite_float, is_int
+from .streams import StreamBatches, StreamLayout, validation_streams
 
 TINYSHAKESPEARE = "tinyshakespeare"
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -455,6 +457,7 @@ class ByteDataModule(L.LightningDataModule):
         test_path: str | None = None,
         exclude: list[str] | None = None,
         include_hidden: bool = False,
+        sampling: Literal["windows", "streams"] = "windows",
     ):
         """Byte-level language-model data: every byte of the corpus is one token.
 
@@ -477,6 +480,9 @@ class ByteDataModule(L.LightningDataModule):
             exclude: Globs of files and folders to leave out of a directory or glob corpus, matched against
                 the path inside data.path and against the name (e.g. ["*.log", "drafts/*"]).
             include_hidden: Also read hidden files and folders (names starting with '.', e.g. .git) inside a directory.
+            sampling: Training windows: `windows`, drawn at random (the reference's way), or `streams`: each
+                batch row reads its own contiguous stretch of the training split window after window (for
+                model.carry_state, the paper's training on long streams; see streams.py).
         """
         super().__init__()
         for name, value in (("block_size", block_size), ("batch_size", batch_size), ("val_windows", val_windows)):
@@ -501,6 +507,9 @@ class ByteDataModule(L.LightningDataModule):
         self.val_fraction, self.val_windows, self.seed, self.num_workers = val_fraction, val_windows, seed, num_workers
         self.test_fraction, self.test_path = float(test_fraction), test_path
         self.exclude, self.include_hidden = list(exclude or []), include_hidden
+        if sampling not in ("windows", "streams"):
+            raise DataError(f"data.sampling must be windows or streams, got {sampling!r}")
+        self.sampling = sampling
         self.listing = None
         self.corpus = None
         self.test_corpus = None
@@ -646,10 +655,20 @@ class ByteDataModule(L.LightningDataModule):
         rank, _ = self.rank_and_world_size()
         if self.stream is not None:
             return self.stream.train_loader(self.batch_size, self.seed, self.num_workers, self.batches_consumed())
+        if self.sampling == "streams":
+            _, world_size = self.rank_and_world_size()
+            layout = StreamLayout(self.corpus.starts, 0, self.train_size, world_size * self.batch_size, self.block_size)
+            return self.loader(StreamBatches(self.corpus, layout, rank * self.batch_size, self.batch_size, self.batches_consumed()))
         batches = TrainBatches(
             self.corpus, self.train_size, self.block_size, self.batch_size, self.seed, rank, self.batches_consumed()
         )
         return self.loader(batches)
+
+    def validation_streams(self) -> list:
+        """The validation split as contiguous streams (data.val_windows windows in all), for the carried-state
+        figure beside the window-local one (see BDHLitModule.stream_validation)."""
+        self.setup()
+        return validation_streams(self.corpus, self.train_size, self.val_end, self.block_size, self.val_windows)
 
     def eval_loader(self, split: str, corpus: ByteCorpus | None, offsets: np.ndarray | None):
         rank, world_size = self.rank_and_world_size()

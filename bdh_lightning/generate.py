@@ -2,41 +2,20 @@
 
 BDH's attention has no softmax, so it is linear (spec, "The recurrent form"): per layer and head a state
 M (N x D) sums q_s x_sᵀ over the positions read so far, and position t reads y_t = ln(q_t M) before
-adding its own q_t x_tᵀ. Each new byte then costs the same whatever the context length. A prompt is read
+adding its own q_t x_tᵀ (`layer.stream_attention`, through `BDH.forward_stream`, as training with carried
+state uses it). Each new byte then costs the same whatever the context length. A prompt is read
 chunk by chunk: within a chunk the strictly-lower q qᵀ x of the parallel form, plus q M for the earlier
 chunks, so a long prompt needs memory linear in its length.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from .layer import layer_norm, reference_layer, rope_cos_sin
 from .model import BDH
-
-
-def recurrent_read(state: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The attention read of a chunk q (B, H, C, N), x (B, 1, C, D) against the running state M (B, H, N, D):
-    y = ln(q M + strict_lower(q qᵀ) x), then M += qᵀ x in place. The same function as `layer.causal_attention`
-    over everything read so far.
-
-    In float32 whatever the autocast: sums of scores in the hundreds overflow float16, and the state
-    accumulates every position.
-    """
-    B, H, C, N = q.shape
-    D = x.shape[-1]
-    with torch.autocast(q.device.type, enabled=False):
-        q32, x32 = q.float(), x.float()
-        y = q32 @ state  # what the earlier chunks contribute
-        if C > 1:
-            y = y + (q32 @ q32.transpose(-1, -2)).tril(diagonal=-1) @ x32  # within the chunk, strictly causal
-        # M += qᵀ x (one (N x C) @ (C x D) per batch row and head).
-        state.view(B * H, N, D).baddbmm_(q32.transpose(-1, -2).reshape(B * H, N, C), x32.expand(B, H, C, D).reshape(B * H, C, D))
-        return layer_norm(y)
 
 
 class Generator:
@@ -47,23 +26,20 @@ class Generator:
     state and the attention read stay float32).
     """
 
-    def __init__(self, model: BDH, batch_size: int = 1):
+    def __init__(self, model: BDH, batch_size: int = 1, states: list[torch.Tensor] | None = None, position: int = 0):
         self.model = model
         c = model.config
-        device = model.encoder.device
-        shape = (batch_size, c.n_head, c.neurons_per_head, c.n_embd)
-        self.states = [torch.zeros(shape, device=device, dtype=torch.float32) for _ in range(c.n_layer)]
-        self.position = 0
+        if states is None:  # an empty context; or continue a stream from a training run's carried state
+            shape = (batch_size, c.n_head, c.neurons_per_head, c.n_embd)
+            states = [torch.zeros(shape, device=model.encoder.device, dtype=torch.float32) for _ in range(c.n_layer)]
+        self.states = states
+        self.position = position
 
     def forward_chunk(self, idx: torch.Tensor) -> torch.Tensor:
         """Read bytes idx (B, C) at the next C positions, update the states; next-byte logits (B, C, V)."""
-        m = self.model
-        cos, sin = rope_cos_sin(torch.arange(self.position, self.position + idx.shape[1], device=idx.device), m.config.neurons_per_head)
-        x = m.embed_bytes(idx)  # B, 1, C, D
-        for state in self.states:
-            x = reference_layer(x, m.encoder, m.encoder_v, m.decoder, cos, sin, read=partial(recurrent_read, state))
+        logits, self.states = self.model.forward_stream(idx, self.position, self.states, exact=True)
         self.position += idx.shape[1]
-        return m.logits(x)
+        return logits
 
     def prefill(self, idx: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
         """Read a prompt (B, T) chunk by chunk; logits (B, V) for the byte after it."""

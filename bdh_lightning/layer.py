@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 ROPE_THETA = 2.0**16
 LN_EPS = 1e-5
+# Positions from which the rotary phases are computed in float64 (see rope_cos_sin): past every window length
+# the reference is run at, and where float32's error in t * f would reach 1e-3 rad.
+EXACT_PHASES_FROM = 2**13
 
 # read(q, x) -> y: the attention read of queries q (B, H, T, N) over layer inputs x (B, 1, T, D).
 AttentionRead = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,13 +42,20 @@ def rope_frequencies(n: int, device: torch.device | str | None = None) -> torch.
 
 
 def rope_cos_sin(positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary phases, shape (len(positions), n), always float32.
+    """cos and sin of the rotary phases at `positions` (any shape P), shape (*P, n), always float32.
 
-    The phase is 2*pi*frac(t * f) computed in float32: the fractional part is taken before the
-    multiplication by 2*pi so that large positions keep their precision.
+    Below EXACT_PHASES_FROM the phase is the reference's: 2*pi*frac(t * f) with t * f in float32, so the
+    reference's window lengths give the reference's bits. From there on (long streams, long generations)
+    float32 has lost the phase (at t = 10^7 its spacing is about 0.1 of a turn), so t * f is taken in
+    float64 before its fractional part: within 1e-6 rad of exact up to t = 10^9 and beyond.
     """
-    turns = positions.to(torch.float32).unsqueeze(-1) * rope_frequencies(n, positions.device)
-    phases = (turns % 1.0) * (2 * math.pi)
+    f = rope_frequencies(n, positions.device)
+    turns = positions.to(torch.float32).unsqueeze(-1) * f
+    frac = turns % 1.0
+    if positions.numel() and int(positions.max()) >= EXACT_PHASES_FROM:
+        exact = ((positions.to(torch.float64).unsqueeze(-1) * f.to(torch.float64)) % 1.0).to(torch.float32)
+        frac = torch.where(positions.unsqueeze(-1) >= EXACT_PHASES_FROM, exact, frac)
+    phases = frac * (2 * math.pi)
     return torch.cos(phases), torch.sin(phases)
 
 
@@ -71,6 +81,38 @@ def causal_attention(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             return causal_attention(q.float(), x.float()).to(x.dtype)
     scores = (q @ q.transpose(-1, -2)).tril(diagonal=-1)  # strictly causal
     return layer_norm(scores @ x)
+
+
+def stream_attention(state: torch.Tensor | None, states_out: list, exact: bool = False) -> AttentionRead:
+    """The attention read of a window that continues a stream (the paper's carried state, and generation).
+
+    read(q, x) = ln(q M + strict_lower(q qᵀ) x), where M (B, H, N, D, float32 or wider) is the sum of qᵀ x over every
+    earlier byte of the stream (None: the stream starts here). It is a constant: gradients stay within the
+    window (truncated backpropagation through time). The state after the window, M + qᵀ x, is appended to
+    `states_out`. Over a whole stream this is `causal_attention` of one long pass. `exact` computes in float32
+    whatever the autocast (generation); otherwise the dtypes are causal_attention's.
+    """
+
+    def read(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if exact or q.dtype == torch.float16:
+            wide = torch.promote_types(q.dtype, torch.float32)
+            with torch.autocast(q.device.type, enabled=False):
+                y = carried_read(q.to(wide), x.to(wide), state, states_out)
+            return y if exact else y.to(x.dtype)
+        return carried_read(q, x, state, states_out)
+
+    return read
+
+
+def carried_read(q: torch.Tensor, x: torch.Tensor, state: torch.Tensor | None, states_out: list) -> torch.Tensor:
+    y = (q @ q.transpose(-1, -2)).tril(diagonal=-1) @ x  # within the window, strictly causal
+    if state is not None:
+        y = y + q @ state.to(q.dtype)  # every earlier window of the stream
+    with torch.no_grad():
+        wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 when computing in float64
+        written = q.detach().to(wide).transpose(-1, -2) @ x.detach().to(wide)  # (B, H, N, D): this window's qᵀ x
+        states_out.append(written if state is None else state + written)
+    return layer_norm(y)
 
 
 def neuron_activations(

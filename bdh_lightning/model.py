@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .kernels import KERNELS, apply_layer
-from .layer import layer_norm, rope_cos_sin
+from .layer import layer_norm, reference_layer, rope_cos_sin, stream_attention
 
 # The settings that define the function the model computes (and the shapes of its weights). The others
 # (kernel, chunk_size) only choose how it is computed: they belong to the machine, not the checkpoint.
@@ -126,6 +126,35 @@ class BDH(nn.Module):
             x = apply_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, kernel=c.kernel,
                             dropout=c.dropout, training=self.training, chunk_size=c.chunk_size)  # fmt: skip
         return self.logits(x)
+
+    def forward_stream(
+        self,
+        idx: torch.Tensor,
+        start: int | torch.Tensor,
+        states: list[torch.Tensor] | None = None,
+        exact: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A window that continues a stream: bytes (B, T) at positions start.. (an int, or one per row (B,)),
+        each layer's attention reading `states[l]` (B, H, N, D), everything the stream held before (None: a
+        fresh stream). Returns the logits and the states after the window. Windows read one after another
+        this way compute the same function as one forward pass over their concatenation.
+
+        The layers run `reference_layer` (the recurrent read is not in the chunked or fused kernels yet).
+        """
+        c = self.config
+        T = idx.shape[1]
+        if isinstance(start, torch.Tensor):
+            positions = start.to(idx.device).view(-1, 1) + torch.arange(T, device=idx.device)
+            cos, sin = (t.unsqueeze(1) for t in rope_cos_sin(positions, c.neurons_per_head))  # B, 1, T, N
+        else:
+            cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), c.neurons_per_head)
+        x = self.embed_bytes(idx)
+        written: list[torch.Tensor] = []
+        for layer in range(c.n_layer):
+            read = stream_attention(None if states is None else states[layer], written, exact)
+            x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, c.dropout, self.training,
+                                read=read)  # fmt: skip
+        return self.logits(x), written
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, D) last-layer output -> (B, T, 256) next-byte logits."""

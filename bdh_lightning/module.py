@@ -34,6 +34,22 @@ def check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, d
                  hint=" (the floor of the cosine decay, at most model.learning_rate)")  # fmt: skip
 
 
+# The axis of each weight that is D wide: unit-wise clipping takes norms over it (one unit = one neuron or byte).
+D_AXIS = {"embed.weight": 1, "encoder": 1, "encoder_v": 1, "decoder": 1, "lm_head": 0}
+
+
+@torch.no_grad()
+def clip_unitwise(model, clip: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping (Brock et al. 2021): each unit's gradient norm at most clip x its weight norm."""
+    for name, weight in model.named_parameters():
+        if weight.grad is None:
+            continue
+        axis = D_AXIS[name]
+        most = clip * weight.norm(dim=axis, keepdim=True).clamp_min(eps)
+        norm = weight.grad.norm(dim=axis, keepdim=True)
+        weight.grad.mul_(torch.where(norm > most, most / norm.clamp_min(1e-12), torch.ones_like(norm)))
+
+
 class BDHLitModule(L.LightningModule):
     def __init__(
         self,
@@ -53,6 +69,9 @@ class BDHLitModule(L.LightningModule):
         decay_steps: int = 0,
         min_learning_rate: float = 0.0,
         init_from: str | None = None,
+        carry_state: bool = False,
+        decay: Literal["cosine", "linear"] = "cosine",
+        agc_clip: float = 0.0,
     ):
         """BDH with AdamW.
 
@@ -78,6 +97,16 @@ class BDHLitModule(L.LightningModule):
                 (fine-tuning): a reference state_dict (.pt), a safetensors file or hf folder written by
                 export, or another run's .ckpt. Their shapes must fit the model settings; read without
                 unpickling code. On resume (--ckpt_path) the checkpoint's weights replace them.
+            carry_state: Carry each layer's attention state from one window to the next (truncated
+                backpropagation through time, as the paper trained): needs data.sampling streams. Positions
+                continue across windows; gradients stay within a window; a stream's state resets where the
+                stream restarts. Costs batch x n_layer x H x N x D float32 numbers per device.
+            decay: Shape of the decay after warmup over decay_steps: cosine, or linear (the paper's) to
+                min_learning_rate.
+            agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021, as the paper used): each
+                neuron's (or byte's) gradient is scaled down to at most agc_clip times its weights' norm,
+                both over the D-wide axis. 0 = off; 0.01-0.1 are usual. Lightning's
+                trainer.gradient_clip_val clips the global norm instead (both may be used).
         """
         super().__init__()
         check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, decay_steps, min_learning_rate)
@@ -98,6 +127,10 @@ class BDHLitModule(L.LightningModule):
         if init_from is not None:
             self.start_from(init_from)
         self.eval_loss = MeanMetric()
+        if decay not in ("cosine", "linear"):
+            raise ConfigError(f"model.decay must be cosine or linear, got {decay!r}")
+        finite_float("model.agc_clip", agc_clip, 0.0, hint=" (0 = off)")
+        self.stream_states: list[torch.Tensor] | None = None  # carry_state: each layer's state after the last window
 
     def start_from(self, path: str) -> None:
         """Copy the weights of `path` into the model (cast to its dtype); say so if they had another depth."""
@@ -125,6 +158,7 @@ class BDHLitModule(L.LightningModule):
         # Compile the forward only: parameters stay on `self.model`, so checkpoint keys stay plain.
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.model.forward = torch.compile(self.model.forward)
+            self.model.forward_stream = torch.compile(self.model.forward_stream)
             self._compiled = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -144,20 +178,74 @@ class BDHLitModule(L.LightningModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed(int(np.random.SeedSequence([seed, self.global_rank, self.global_step, micro_batch]).generate_state(1)[0]))
 
+    def carried_loss(self, batch) -> torch.Tensor:
+        """The loss of a window that continues each row's stream (data.sampling streams, model.carry_state):
+        the layers read the state the previous window left, reset where a stream starts (position 0)."""
+        x, y, start = batch
+        states = self.stream_states
+        if states is not None and states[0].shape[0] == x.shape[0]:
+            keep = (start != 0).to(device=states[0].device, dtype=states[0].dtype).view(-1, 1, 1, 1)
+            states = [state * keep for state in states]
+        else:
+            states = None
+        logits, written = self.model.forward_stream(x, start, states)
+        self.stream_states = [state.detach() for state in written]
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def on_fit_start(self) -> None:
+        data = self.trainer.datamodule
+        if self.hparams.carry_state and getattr(data, "sampling", None) != "streams":
+            raise ConfigError("model.carry_state needs data.sampling streams (consecutive windows to carry the state across)")
+
     def training_step(self, batch, batch_idx):
-        loss = self.loss(batch)
+        loss = self.carried_loss(batch) if self.hparams.carry_state else self.loss(batch[:2])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         # A mean over all windows weighted by their bytes, synced across devices by torchmetrics.
-        self.eval_loss.update(self.loss(batch), weight=batch[1].numel())
+        self.eval_loss.update(self.loss(batch[:2]), weight=batch[1].numel())
 
     def test_step(self, batch, batch_idx):
         self.validation_step(batch, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_loss("val")
+        if self.hparams.carry_state and not self.trainer.sanity_checking:
+            carried, windowed = self.stream_validation()
+            self.log("val/bpb_carried", carried / math.log(2), sync_dist=True)
+            self.log("val/bpb_windowed", windowed / math.log(2), sync_dist=True)
+
+    @torch.no_grad()
+    def stream_validation(self) -> tuple[float, float]:
+        """(loss with carried state, loss of each window alone) on the same contiguous validation streams."""
+        carried = windowed = 0.0
+        states = None
+        batches = self.trainer.datamodule.validation_streams()
+        with self.trainer.precision_plugin.forward_context():
+            for x, y, start in batches:
+                x, y, start = x.to(self.device), y.to(self.device), start.to(self.device)
+                logits, states = self.model.forward_stream(x, start, states)
+                carried += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+                windowed += F.cross_entropy(self.model(x).float().flatten(0, 1), y.flatten()).item()
+        return carried / len(batches), windowed / len(batches)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Every rank's carried state, so that a resumed run continues each stream exactly (collective: every
+        # rank saves). A checkpoint without it starts the streams' states from zero.
+        if self.stream_states is not None:
+            stacked = torch.stack(self.stream_states)  # L, B, H, N, D
+            gathered = self.all_gather(stacked) if self.trainer.world_size > 1 else stacked.unsqueeze(0)
+            checkpoint["carried_state"] = gathered.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("carried_state")
+        if self.hparams.carry_state and isinstance(saved, torch.Tensor) and saved.shape[0] > self.global_rank:
+            self.stream_states = list(saved[self.global_rank].to(self.device).unbind(0))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.hparams.agc_clip > 0:
+            clip_unitwise(self.model, self.hparams.agc_clip)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval_loss("test")
@@ -178,7 +266,8 @@ class BDHLitModule(L.LightningModule):
         if not hp.decay_steps:
             return hp.learning_rate
         progress = min(1.0, (step - hp.warmup_steps) / hp.decay_steps)
-        return hp.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (hp.learning_rate - hp.min_learning_rate)
+        remaining = 1.0 - progress if hp.get("decay", "cosine") == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return hp.min_learning_rate + remaining * (hp.learning_rate - hp.min_learning_rate)
 
     def configure_optimizers(self):
         hp = self.hparams

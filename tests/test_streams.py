@@ -1,0 +1,209 @@
+"""Training on streams with carried state (issue 20): the stream layout, the same function as one long pass,
+gradients within a window, the generator continuing a stream, exact resume, the schedule options."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARGS, write_letters
+
+from bdh_lightning.cli import BDHCLI
+from bdh_lightning.errors import DataError
+from bdh_lightning.generate import Generator
+from bdh_lightning.layer import layer_norm, rope_cos_sin
+from bdh_lightning.main import main
+from bdh_lightning.model import BDH, BDHConfig
+from bdh_lightning.module import BDHLitModule, clip_unitwise
+from bdh_lightning.streams import StreamBatches, StreamLayout
+
+T = 8
+
+
+def corpus_of(sizes):
+    """A stand-in corpus of files of these sizes whose byte i is i % 251 (so windows can be located)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    data = (np.arange(starts[-1]) % 251).astype(np.int64)
+
+    def windows(offsets, length):
+        return torch.from_numpy(np.stack([data[o : o + length] for o in offsets]))
+
+    return SimpleNamespace(starts=starts, windows=windows)
+
+
+def test_each_row_reads_its_stretch_window_after_window_and_restarts_at_its_end():
+    layout = StreamLayout(np.array([0, 400]), 0, 400, rows=4, block_size=T)  # stretches of 100 bytes
+    for row in range(4):
+        places = [layout.window(row, k) for k in range(30)]
+        per_cycle = (100 - 1) // T  # 12 whole windows of T + 1 bytes in 100 bytes
+        for k, (offset, position) in enumerate(places):
+            assert offset == row * 100 + (k % per_cycle) * T and position == (k % per_cycle) * T
+            assert offset + T + 1 <= (row + 1) * 100  # inside its stretch
+    assert layout.window(1, 12) == (100, 0)  # used up: the stream starts again, at position 0
+
+
+def test_no_window_spans_two_files_and_streams_restart_at_file_boundaries():
+    sizes = [50, 37, 200, 13]
+    corpus = corpus_of(sizes)
+    layout = StreamLayout(corpus.starts, 0, sum(sizes), rows=2, block_size=T)
+    starts = set(int(s) for s in corpus.starts)
+    for row in range(2):
+        previous = None
+        for k in range(60):
+            offset, position = layout.window(row, k)
+            inside = [s for s in starts if offset < s < offset + T + 1]
+            assert not inside, (row, k, offset)
+            if previous is not None and position:
+                assert offset == previous + T  # continues the previous window
+            if position == 0 and previous is not None:
+                assert offset in starts or offset == row * (sum(sizes) // 2)
+            previous = offset
+    batches = StreamBatches(corpus, layout, 0, 2, start=0)
+    x, y, start = batches.batch(5)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, T) and start.shape == (2,)
+    assert torch.equal(StreamBatches(corpus, layout, 0, 2, start=5).batch(5)[0], x)  # batch k is a function of k
+
+
+def test_a_split_too_small_for_its_streams_is_one_line():
+    with pytest.raises(DataError) as error:
+        StreamLayout(np.array([0, 100]), 0, 100, rows=32, block_size=T)
+    assert "streams" in str(error.value) and "\n" not in str(error.value)
+
+
+def tiny_model(dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = BDH(BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, kernel="reference"))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # large enough that every layer's attention matters
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("starts", [[0, 0, 0], [0, 5000, 9000]])
+def test_windows_with_carried_state_equal_one_long_pass(starts):
+    model = tiny_model()
+    B, windows = 3, 4
+    idx = torch.randint(0, 256, (B, windows * T))
+    start = torch.tensor(starts)
+    whole, _ = model.forward_stream(idx, start)  # one pass over the concatenation
+    states, pieces = None, []
+    for k in range(windows):
+        logits, states = model.forward_stream(idx[:, k * T : (k + 1) * T], start + k * T, states)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+    if starts == [0, 0, 0]:
+        torch.testing.assert_close(whole, model(idx), rtol=1e-10, atol=1e-10)  # the plain forward, too
+    # The generator continues the stream from that state: its next logits are the long pass's.
+    longer = torch.cat([idx, torch.randint(0, 256, (B, 1))], dim=1)
+    expected, _ = model.forward_stream(longer, start)
+    generator = Generator(model, B, states=states, position=0)
+    generator.position = windows * T
+    if starts == [0, 0, 0]:
+        with torch.no_grad():
+            got = generator.step(longer[:, -1])
+        torch.testing.assert_close(got, expected[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def plain_window_loss(model, idx, targets, positions, states):
+    """The spec's layer written out with the incoming state M as a constant: y_t = ln(q_t M + sum_{s<t} q_t·q_s x_s)."""
+    c = model.config
+    N = c.neurons_per_head
+    cos, sin = rope_cos_sin(positions, N)
+    x = layer_norm(model.embed(idx))  # B, T, D
+    for layer in range(c.n_layer):
+        u = 0
+        for h in range(c.n_head):
+            a = torch.relu(x @ model.encoder[h])  # B, T, N
+            q = a * cos + torch.stack((-a[..., 1::2], a[..., 0::2]), -1).flatten(-2) * sin
+            y = torch.einsum("btn,bnd->btd", q, states[layer][:, h])
+            scores = torch.einsum("btn,bsn->bts", q, q).tril(-1)
+            y = layer_norm(y + scores @ x)
+            b = torch.relu(y @ model.encoder_v[h])
+            u = u + (a * b) @ model.decoder[h * N : (h + 1) * N]
+        x = layer_norm(x + layer_norm(u))
+    logits = x @ model.lm_head
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def test_gradients_stay_within_the_window():
+    model = tiny_model()
+    idx = torch.randint(0, 256, (2, 3 * T))
+    _, states = model.forward_stream(idx[:, :T], 0)
+    states = [s.double() for s in states]
+    window, targets = idx[:, T : 2 * T], idx[:, T + 1 : 2 * T + 1]
+    logits, _ = model.forward_stream(window, T, states)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    want_loss = plain_window_loss(model, window, targets, torch.arange(T, 2 * T), states)
+    want = torch.autograd.grad(want_loss, list(model.parameters()))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-10)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    assert all(not s.requires_grad for s in states)
+
+
+STREAM_ARGS = [*TINY_ARGS, "--data.sampling", "streams", "--model.carry_state", "true", "--model.dropout", "0.1",
+               "--data.batch_size", "4", "--trainer.val_check_interval", "3", "--checkpoint.every_n_train_steps", "3",
+               "--data.val_windows", "4", "--sample.length", "0", "--sparsity.max_batches", "1"]  # fmt: skip
+
+
+def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    seen: list[float] = []
+    original = BDHLitModule.carried_loss
+
+    def recording(self, batch):
+        loss = original(self, batch)
+        seen.append(round(float(loss), 6))
+        return loss
+
+    monkeypatch.setattr(BDHLitModule, "carried_loss", recording)
+    straight = BDHCLI(args=["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "6",
+                            "--trainer.default_root_dir", "a"])  # fmt: skip
+    first = list(seen)
+    assert len(first) == 6
+    metrics = straight.trainer.callback_metrics
+    assert "val/bpb_carried" in metrics and "val/bpb_windowed" in metrics
+    ckpt = tmp_path / "a/lightning_logs/version_0/checkpoints"
+    halfway = sorted(ckpt.glob("*.ckpt"))
+    assert any("carried_state" in torch.load(p, weights_only=True) for p in halfway)
+    seen.clear()
+    BDHCLI(args=["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "3", "--trainer.default_root_dir", "b"])
+    seen.clear()
+    step3 = tmp_path / "b/lightning_logs/version_0/checkpoints/last.ckpt"
+    BDHCLI(args=["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "6", "--trainer.default_root_dir", "b",
+                 "--ckpt_path", str(step3)])  # fmt: skip
+    assert seen == first[3:]  # the same streams, the same carried state, the same dropout: bit for bit
+
+
+def test_carry_state_without_streams_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    assert main(["fit", "--data.path", "corpus.txt", *TINY_ARGS, "--model.carry_state", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.sampling streams" in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_linear_decay_reaches_the_floor_in_a_straight_line():
+    module = BDHLitModule(n_layer=1, n_embd=8, n_head=1, mlp_internal_dim_multiplier=2, learning_rate=1e-2,
+                          warmup_steps=10, decay_steps=100, min_learning_rate=1e-3, decay="linear")  # fmt: skip
+    for step in (10, 35, 60, 85, 110, 500):
+        progress = min(1.0, (step - 10) / 100)
+        assert math.isclose(module.learning_rate_at(step), 1e-3 + (1 - progress) * 9e-3, rel_tol=1e-12)
+    assert module.learning_rate_at(4) == pytest.approx(1e-2 * 5 / 10)
+
+
+def test_unitwise_clipping_bounds_each_neuron_by_its_weights():
+    model = tiny_model(torch.float32)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 100
+    small = model.encoder.grad[:, :, 0].clone() * 0 + 1e-9
+    model.encoder.grad[:, :, 0] = small  # a unit under its bound keeps its gradient
+    clip_unitwise(model, 0.05)
+    for name, p in model.named_parameters():
+        axis = {"embed.weight": 1, "encoder": 1, "encoder_v": 1, "decoder": 1, "lm_head": 0}[name]
+        bound = 0.05 * p.norm(dim=axis).clamp_min(1e-3)
+        assert (p.grad.norm(dim=axis) <= bound * (1 + 1e-5)).all(), name
+    torch.testing.assert_close(model.encoder.grad[:, :, 0], small)
