@@ -1,7 +1,7 @@
 """Seeing inside a training run: a text sample and the sparsity of BDH's neurons, in TensorBoard.
 
-Throughput and model FLOPs utilisation come from Lightning's `ThroughputMonitor` (wired in cli.py) with
-`BDHLitModule.flops_per_batch`, counted from the spec's cost formulas (`BDHLitModule.training_flops`).
+Throughput and model FLOPs utilisation come from `throughput.ThroughputMonitor` (wired in cli.py), with FLOPs
+counted from the spec's cost formulas (`BDHLitModule.training_flops`, `forward_flops` for validation).
 """
 
 from __future__ import annotations
