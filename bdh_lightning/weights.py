@@ -19,6 +19,7 @@ holds code.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, UsageError
+from .errors import CheckpointError, ConfigError, ResourceError, UsageError, one_line
 from .layer import rope_frequencies
 from .model import ARCHITECTURE, BDH, BDHConfig
 
@@ -496,8 +497,8 @@ def write_weights(
                 sync(folder / name)
         for temporary, target in zip(temporaries, targets):
             replace_atomically(temporary, target)
-    except OSError as error:
-        raise UsageError(f"--output {output}: cannot write it ({error.strerror or error})") from None
+    except (OSError, SafetensorError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        raise write_error(error, output, tensors) from None
     finally:
         for temporary in temporaries:
             if temporary.is_dir():
@@ -505,6 +506,22 @@ def write_weights(
             elif temporary.exists():
                 temporary.unlink()
     return targets
+
+
+def write_error(error: BaseException, output: Path, tensors: dict[str, torch.Tensor]) -> Exception:
+    """One line for a failed write: out of space (ResourceError) or anything else the OS said (UsageError)."""
+    needed = sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        full = shutil.disk_usage(output.parent).free < needed  # the partial file is still there
+    except OSError:
+        full = False
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or full:
+        return ResourceError(
+            f"--output {output}: no space left on the device for {needed / 1e6:.1f} MB of weights; "
+            "free some space or write elsewhere (nothing was written)"
+        )
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else one_line(error)
+    return UsageError(f"--output {output}: cannot write it ({reason}); nothing was written")
 
 
 def parameter_count(tensors: dict[str, torch.Tensor]) -> int:

@@ -6,19 +6,21 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TINY_ARGS, TINY_MODEL, write_letters
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from spec_oracle import oracle_logits, oracle_rope_frequencies
 from torch import nn
 
 from bdh_lightning import __version__
+from bdh_lightning import weights as weights_module
 from bdh_lightning.checkpoints import load_model_from_checkpoint
 from bdh_lightning.cli import BDHCLI
-from bdh_lightning.errors import CheckpointError, UsageError
+from bdh_lightning.errors import CheckpointError, ResourceError, UsageError
 from bdh_lightning.export import export_command
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
@@ -449,3 +451,30 @@ def test_the_export_command_line(run, tmp_path, capsys):
     assert main(["export", "--ckpt_path", str(ckpt), "--format", "onnx", "--output", output]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "onnx" in err, err
+
+
+@pytest.mark.parametrize("format", ["reference", "safetensors", "hf"])
+def test_a_full_disk_is_one_line_and_keeps_the_old_output(run, tmp_path, monkeypatch, format):
+    """Simulated: each writer starts its file, then fails as it does when the disk fills (checked by hand on a
+    64 kB tmpfs: safetensors raises SafetensorError, torch.save RuntimeError)."""
+    _, ckpt, _ = run
+    output = tmp_path / OUTPUTS[format]
+    export_command(str(ckpt), format, str(output))
+    before = {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def full_safetensors(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_torch_save(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 33984 vs 33872")
+
+    monkeypatch.setattr(weights_module, "save_file", full_safetensors)
+    monkeypatch.setattr(weights_module.torch, "save", full_torch_save)
+    monkeypatch.setattr(weights_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
+    with pytest.raises(ResourceError) as error:
+        export_command(str(ckpt), format, str(output), overwrite=True)
+    assert "no space left on the device" in one_line(error)
+    assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # old output whole
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # temporaries removed
