@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, ResourceError, UsageError, one_line
+from .errors import CheckpointError, ConfigError, ResourceError, UsageError, is_int, one_line
 from .layer import rope_frequencies
 from .model import ARCHITECTURE, BDH, BDHConfig
 
@@ -277,8 +277,9 @@ def resolve_config(weights: Weights, settings: dict | None = None) -> BDHConfig:
         H, D, N = encoder.shape
         merged.setdefault("n_head", H)
         merged.setdefault("n_embd", D)
-        if (N * merged["n_head"]) % merged["n_embd"] == 0:
-            merged.setdefault("mlp_internal_dim_multiplier", N * merged["n_head"] // merged["n_embd"])
+        heads, width = merged["n_head"], merged["n_embd"]
+        if is_int(heads) and is_int(width) and width > 0 and (N * heads) % width == 0:  # bad values: BDHConfig's word
+            merged.setdefault("mlp_internal_dim_multiplier", N * heads // width)
     if "n_layer" not in merged:
         where = (
             f"write them beside it as {settings_path(weights.path)} (as `export` does) or give"

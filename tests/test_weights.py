@@ -373,6 +373,22 @@ def test_settings_that_do_not_fit_the_shapes_are_one_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({**TINY_MODEL, "n_embd": 0}, "unusable model settings: model.n_embd must be a positive integer, got 0"),
+        ({**TINY_MODEL, "n_head": "two"}, "model.n_head must be a positive integer, got 'two'"),
+        ([2, 32], "is not a JSON object of model settings"),
+    ],
+)
+def test_unusable_settings_beside_a_state_dict_are_one_line(tmp_path, settings, message):
+    path = reference_file(tmp_path)
+    path.with_suffix(".json").write_text(json.dumps(settings))
+    with pytest.raises(CheckpointError) as error:
+        load_model_from_checkpoint(path)
+    assert message in one_line(error)
+
+
 def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "payload_ran"
     torch.save({"encoder": Payload(marker)}, tmp_path / "payload.pt")
