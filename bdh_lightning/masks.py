@@ -47,23 +47,45 @@ def keep_mask(seed, head, rows, positions, neurons, p: float) -> torch.Tensor:
     (B, T, chunk) block. Each mix runs on the shape of the indices so far, so the prefix up to the
     position is computed once per (head, row, position) and only the last mix runs over the whole block.
     """
-    return (entry_hash(seed, head, rows, positions, neurons) >> 8) >= drop_threshold(p)
+    return survives(mix32(position_hash(seed, head, rows, positions) ^ neurons), p)
+
+
+def position_hash(seed, head, rows, positions):
+    """The hash of (seed, head, row, position): every neuron's hash starts from it."""
+    h = mix32(seed_hash(seed) ^ head)
+    h = mix32(h ^ rows)
+    return mix32(h ^ positions)
 
 
 def entry_hash(seed, head, rows, positions, neurons):
     """The 32-bit hash behind `keep_mask` (the values another implementation must reproduce bit for bit)."""
-    h = mix32(seed_hash(seed) ^ head)
-    h = mix32(h ^ rows)
-    h = mix32(h ^ positions)
-    return mix32(h ^ neurons)
+    return mix32(position_hash(seed, head, rows, positions) ^ neurons)
+
+
+def survives(h, p: float):
+    return (h >> 8) >= drop_threshold(p)
+
+
+# Eager on the CPU, the last mix's dozen integer passes run over row tiles of about this many elements,
+# which stay in cache: 5-7x faster than whole-block passes on the 2-core machine, same values. Compiled
+# (the passes fuse into one loop) and on CUDA the block is one expression.
+CPU_TILE_ELEMENTS = 2**15
 
 
 def block_keep(seed, head, batch: int, length: int, start: int, stop: int, p: float, device=None) -> torch.Tensor:
     """The keep mask of neurons [start, stop) of `head` for every row and position: bool (batch, length, stop - start)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     rows = torch.arange(batch, dtype=torch.int64, device=device).view(batch, 1, 1)
     positions = torch.arange(length, dtype=torch.int64, device=device).view(length, 1)
     neurons = torch.arange(start, stop, dtype=torch.int64, device=device)
-    return keep_mask(seed, head, rows, positions, neurons, p)
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return keep_mask(seed, head, rows, positions, neurons, p)
+    prefix = position_hash(seed, head, rows, positions).view(batch * length, 1)
+    keep = torch.empty(batch * length, stop - start, dtype=torch.bool)
+    tile = max(1, CPU_TILE_ELEMENTS // max(1, stop - start))
+    for r in range(0, batch * length, tile):
+        keep[r : r + tile] = survives(mix32(prefix[r : r + tile] ^ neurons), p)
+    return keep.view(batch, length, stop - start)
 
 
 def dropout_mask(seed, B: int, H: int, T: int, N: int, p: float, device=None) -> torch.Tensor:
