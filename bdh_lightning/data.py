@@ -22,9 +22,10 @@ import stat
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Literal
+from array import array
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -46,26 +47,80 @@ MAX_OPEN_FILES = 64  # descriptors one process keeps open for reading (least rec
 # Listing: which files a data.path names, and what was left out and why.
 
 
-@dataclass
-class Listing:
-    """The regular files behind a data.path, each once, in sorted order, and a count of what was left out."""
+class PathList(Sequence):
+    """File paths kept compactly: one bytes blob of their names after a common prefix, and end offsets.
 
-    path: str
-    files: list[str] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)
-    left_out: Counter = field(default_factory=Counter)  # reason -> count
-    _seen: set = field(default_factory=set, repr=False)  # (st_dev, st_ino) of files taken: links are read once
+    About 25 bytes per file (its name inside the corpus folder plus an offset) instead of a few hundred
+    for a list of str, so a listing of millions of files stays small and pickles cheaply to workers.
+    """
+
+    def __init__(self, prefix: str, blob: bytes, ends: np.ndarray):
+        self.prefix, self.blob, self.ends = prefix, blob, ends
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        start = int(self.ends[i - 1]) if i else 0
+        return self.prefix + os.fsdecode(self.blob[start : int(self.ends[i])])
+
+
+class Listing:
+    """The regular files behind a data.path, each once, in sorted order, and a count of what was left out.
+
+    Files are recorded as they are found (name, size, device and inode, in compact arrays); `finish` drops
+    second links to a file already taken (same device and inode: symbolic or hard links) and makes `files`
+    (a PathList) and `sizes` (int64).
+    """
+
+    def __init__(self, path: str, prefix: str = ""):
+        self.path, self.prefix = path, prefix
+        self._prefix_bytes = os.fsencode(prefix)
+        self._blob, self._ends = bytearray(), array("q")
+        self._sizes, self._devices, self._inodes = array("q"), array("q"), array("q")
+        self.left_out = Counter()  # reason -> count
+        self.files, self.sizes = PathList(prefix, b"", np.zeros(0, np.int64)), np.zeros(0, np.int64)
+        self.identities = None
 
     def add(self, file: str, info: os.stat_result) -> None:
-        key = (info.st_dev, info.st_ino)
-        if key in self._seen:
-            self.left_out["already read through another link"] += 1
-        elif info.st_size == 0:
+        if info.st_size == 0:
             self.left_out["empty"] += 1
+            return
+        name = os.fsencode(file)
+        self._blob += name[len(self._prefix_bytes) :] if name.startswith(self._prefix_bytes) else name
+        self._ends.append(len(self._blob))
+        self._sizes.append(info.st_size)
+        self._devices.append(info.st_dev)
+        self._inodes.append(info.st_ino)
+
+    def finish(self) -> Listing:
+        identities = np.stack([np.frombuffer(self._devices, np.int64), np.frombuffer(self._inodes, np.int64)], axis=1)
+        keep = np.zeros(len(identities), bool)
+        keep[np.unique(identities, axis=0, return_index=True)[1]] = True  # the first of each (device, inode)
+        if not keep.all():
+            self.left_out["already read through another link"] += int((~keep).sum())
+        ends, kept = np.frombuffer(self._ends, np.int64), np.flatnonzero(keep)
+        starts = np.concatenate([[0], ends[:-1]])
+        lengths = (ends - starts)[kept]
+        if keep.all():
+            blob = bytes(self._blob)
         else:
-            self._seen.add(key)
-            self.files.append(file)
-            self.sizes.append(info.st_size)
+            blob = b"".join(self._blob[a:b] for a, b in zip(starts[kept], ends[kept]))
+        self.files = PathList(self.prefix, blob, np.cumsum(lengths))
+        self.sizes = np.frombuffer(self._sizes, np.int64)[kept].copy()
+        self.identities = identities[kept]
+        self._blob = self._ends = self._sizes = self._devices = self._inodes = None
+        return self
+
+    def shared_with(self, other: Listing) -> list[str]:
+        """Files of this listing that are the same files (device and inode) as files of `other`."""
+        mine = {tuple(pair) for pair in self.identities.tolist()}
+        theirs = {tuple(pair) for pair in other.identities.tolist()}
+        return [self.files[i] for i, pair in enumerate(self.identities.tolist()) if tuple(pair) in theirs & mine]
 
 
 def kind_of(mode: int) -> str:
@@ -140,8 +195,8 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
     directory are left out unless `include_hidden`; `exclude` globs leave out more.
     """
     exclude = list(exclude or [])
-    listing = Listing(path)
     expanded = os.path.expanduser(path)
+    listing = Listing(path, os.path.join(expanded, "") if os.path.isdir(expanded) else "")
     try:
         info = os.stat(expanded)
     except FileNotFoundError:
@@ -150,11 +205,11 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
         raise DataError(f"cannot read data.path {path!r}: {error.strerror or error}") from None
     if info is not None and stat.S_ISREG(info.st_mode):
         listing.add(expanded, info)
-        if not listing.files:
+        if not len(listing.finish().files):
             raise DataError(f"data.path {path!r} is an empty file (0 bytes); point data.path at text files")
     elif info is not None and stat.S_ISDIR(info.st_mode):
         walk(expanded, "", listing, exclude, include_hidden, {(info.st_dev, info.st_ino)})
-        if not listing.files:
+        if not len(listing.finish().files):
             raise DataError(
                 f"data.path {path!r} is a directory with no files to read in it{left_out_words(listing)}; point "
                 "data.path at text files"
@@ -187,7 +242,7 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
                 listing.left_out["directories matched by the glob (use ** to read inside)"] += 1
             else:
                 listing.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
-        if not listing.files:
+        if not len(listing.finish().files):
             raise DataError(
                 f"data.path {path!r} is a glob that matches no files to read{left_out_words(listing)}; check "
                 "the pattern"
@@ -206,7 +261,7 @@ def left_out_words(listing: Listing) -> str:
 
 def corpus_files(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> list[str]:
     """The files behind `path` (a file, a directory searched recursively, or a glob), in sorted order."""
-    return list_corpus(path, exclude, include_hidden).files
+    return list(list_corpus(path, exclude, include_hidden).files)
 
 
 def human_bytes(n: int) -> str:
@@ -227,7 +282,7 @@ class ByteCorpus:
     Opening costs one open (and close) per file, so unreadable files are found before any model is built.
     """
 
-    def __init__(self, files: list[str], sizes: list[int] | None = None):
+    def __init__(self, files: Sequence[str], sizes: Sequence[int] | None = None):
         if sizes is None:
             sizes = []
             for file in files:
@@ -237,19 +292,20 @@ class ByteCorpus:
                     raise DataError(
                         f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
                     ) from None
-        self.files, self.sizes = [], []
-        for file, size in zip(files, sizes):
+        for file in files:
             try:
-                with open(file, "rb"):
+                with open(file, "rb", buffering=0):
                     pass
             except OSError as error:
                 raise DataError(
                     f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
                 ) from None
-            if size:  # empty files add nothing
-                self.files.append(str(file))
-                self.sizes.append(size)
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])  # file i: [starts[i], starts[i+1])
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if (sizes == 0).any():  # empty files add nothing (a listing has none)
+            keep = np.flatnonzero(sizes)
+            files, sizes = [str(files[i]) for i in keep], sizes[keep]
+        self.files, self.sizes = files if isinstance(files, PathList) else [str(f) for f in files], sizes
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])  # file i holds bytes [starts[i], starts[i+1])
         self._open = OrderedDict()  # file index -> descriptor, least recently used first
 
     def __len__(self) -> int:
@@ -290,7 +346,7 @@ class ByteCorpus:
         done = 0
         while done < length:
             local = start + done - int(self.starts[i])
-            want = min(length - done, self.sizes[i] - local)
+            want = min(length - done, int(self.sizes[i]) - local)
             got = self.pread_into(i, out[done : done + want], local)
             if got < want:
                 self.shrunk(i)
@@ -522,6 +578,11 @@ class ByteDataModule(L.LightningDataModule):
                     f"data.path {path!r} is a prepared directory, which holds its own test split; leave out "
                     "data.test_fraction and data.test_path"
                 )
+            if sampling != "windows":
+                raise DataError(
+                    f"data.sampling {sampling} reads files directly; data.path {path!r} is a prepared directory, "
+                    "which streams its own shuffled windows: use data.sampling windows, or the source files"
+                )
             self.stream = streaming.open_prepared(path, block_size)
         elif path != TINYSHAKESPEARE:
             self.listing = list_corpus(path, self.exclude, include_hidden)
@@ -533,11 +594,10 @@ class ByteDataModule(L.LightningDataModule):
         if not self.test_path:
             return
         listing = list_corpus(self.test_path, self.exclude, self.include_hidden)
-        shared = listing._seen & self.listing._seen
+        shared = listing.shared_with(self.listing)
         if shared:
-            name = next(f for f in listing.files if (os.stat(f).st_dev, os.stat(f).st_ino) in shared)
             raise DataError(
-                f"data.test_path {self.test_path!r} shares {len(shared)} file(s) with data.path (e.g. {name}); "
+                f"data.test_path {self.test_path!r} shares {len(shared)} file(s) with data.path (e.g. {shared[0]}); "
                 "the test split must hold bytes that training never sees: give it other files"
             )
         self.test_listing = listing
@@ -658,7 +718,8 @@ class ByteDataModule(L.LightningDataModule):
         if self.sampling == "streams":
             _, world_size = self.rank_and_world_size()
             layout = StreamLayout(self.corpus.starts, 0, self.train_size, world_size * self.batch_size, self.block_size)
-            return self.loader(StreamBatches(self.corpus, layout, rank * self.batch_size, self.batch_size, self.batches_consumed()))
+            rows = StreamBatches(self.corpus, layout, rank * self.batch_size, self.batch_size, self.batches_consumed())
+            return self.loader(rows)
         batches = TrainBatches(
             self.corpus, self.train_size, self.block_size, self.batch_size, self.seed, rank, self.batches_consumed()
         )

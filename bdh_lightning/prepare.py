@@ -118,6 +118,7 @@ def plan_units(files: list[str], sizes: list[int], root: str, val_fraction: floa
         open_group[split] = ([], 0)
 
     for file, size in zip(files, sizes):
+        size = int(size)
         relative = os.path.relpath(file, root)
         if is_jsonl(file):
             source_splits.append("-")
@@ -461,7 +462,7 @@ def prepare_command(
         "sources": {
             "file": SOURCES,
             "count": len(listing.files),
-            "bytes": sum(listing.sizes),
+            "bytes": int(listing.sizes.sum()),
             "sha256": sources_sha256,
         },
         "left_out": dict(listing.left_out),
