@@ -358,8 +358,13 @@ def load_weights(path: str | Path, settings: dict | None = None) -> tuple[BDHCon
 def weights_to_start_from(path: str | Path, config: BDHConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """The checked tensors of `path` for a new model of settings `config` (fit --model.init_from), and the
     settings the file states. Weights of another shape are refused, naming the settings they need."""
+    if not Path(path).exists():
+        raise CheckpointError(
+            f"--model.init_from {path}: no such file or folder; give a .pt, .safetensors or .ckpt file or a folder "
+            "written by `export --format hf`"
+        )
     weights = read_weights(path)
-    shaped = ("n_embd", "n_head", "mlp_internal_dim_multiplier", "vocab_size")
+    shaped = ("n_embd", "n_head", "mlp_internal_dim_multiplier")
     differ = [k for k in shaped if k in weights.settings and weights.settings[k] != getattr(config, k)]
     if differ:
         theirs = " ".join(f"--model.{k} {weights.settings[k]}" for k in shaped if k in weights.settings)

@@ -300,7 +300,11 @@ def test_init_from_weights_of_other_settings_is_one_line(run, tmp_path):
     _, ckpt, _ = run
     with pytest.raises(CheckpointError) as error:
         BDHLitModule(**{**TINY_MODEL, "n_embd": 64}, init_from=str(ckpt))
-    assert "n_embd=32 there, not n_embd=64" in one_line(error) and "--model.n_embd 32" in str(error.value)
+    assert "n_embd=32 there, not n_embd=64" in one_line(error)
+    assert "--model.n_embd 32 --model.n_head 2 --model.mlp_internal_dim_multiplier 8" in str(error.value)
+    with pytest.raises(CheckpointError) as error:
+        BDHLitModule(**TINY_MODEL, init_from=str(tmp_path / "moved.safetensors"))
+    assert "--model.init_from" in one_line(error) and "no such file or folder" in str(error.value)
 
 
 def test_init_from_with_another_depth_says_so(run, capsys):
