@@ -108,7 +108,7 @@ def carried_read(q: torch.Tensor, x: torch.Tensor, state: torch.Tensor | None, s
     y = (q @ q.transpose(-1, -2)).tril(diagonal=-1) @ x  # within the window, strictly causal
     if state is not None:
         y = y + q @ state.to(q.dtype)  # every earlier window of the stream
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):  # the state accumulates: never in 16 bits
         wide = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 when computing in float64
         written = q.detach().to(wide).transpose(-1, -2) @ x.detach().to(wide)  # (B, H, N, D): this window's qᵀ x
         states_out.append(written if state is None else state + written)

@@ -207,3 +207,30 @@ def test_unitwise_clipping_bounds_each_neuron_by_its_weights():
         bound = 0.05 * p.norm(dim=axis).clamp_min(1e-3)
         assert (p.grad.norm(dim=axis) <= bound * (1 + 1e-5)).all(), name
     torch.testing.assert_close(model.encoder.grad[:, :, 0], small)
+
+
+def test_every_rank_reads_streams_of_its_own(tmp_path):
+    from bdh_lightning.data import ByteDataModule
+
+    write_letters(tmp_path / "corpus.txt")
+    seen = []
+    for rank in range(2):
+        data = ByteDataModule(path=str(tmp_path / "corpus.txt"), block_size=T, batch_size=3, sampling="streams")
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1)
+        x, _, start = next(iter(data.train_dataloader()))
+        assert torch.equal(start, torch.zeros(3, dtype=torch.long))
+        seen.append(x)
+    rows = torch.cat(seen)
+    assert len({tuple(row.tolist()) for row in rows}) == 6  # six distinct streams, three per rank
+
+
+def test_carried_state_under_bf16_autocast_stays_close_and_float32():
+    model = tiny_model(torch.float32)
+    idx = torch.randint(0, 256, (2, 2 * T))
+    _, exact_states = model.forward_stream(idx[:, :T], 0)
+    want, _ = model.forward_stream(idx[:, T:], T, exact_states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, states = model.forward_stream(idx[:, :T], 0)
+        got, _ = model.forward_stream(idx[:, T:], T, states)
+    assert all(s.dtype == torch.float32 for s in states)
+    assert ((got.float() - want).norm() / want.norm()).item() < 5e-2
