@@ -110,7 +110,9 @@ class BDHLitModule(L.LightningModule):
         """
         super().__init__()
         check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, decay_steps, min_learning_rate)
-        self.save_hyperparameters()
+        # Not init_from: the checkpoint holds the weights themselves, and loading it (load_from_checkpoint, resume)
+        # must not read, or need, the file they started from. config.yaml beside the run still names it.
+        self.save_hyperparameters(ignore=["init_from"])
         self.config = BDHConfig(
             n_layer=n_layer,
             n_embd=n_embd,

@@ -277,7 +277,12 @@ def test_fit_init_from_starts_from_the_exported_weights_with_a_fresh_optimizer(r
     saved = torch.load(Path(cli.trainer.log_dir) / "checkpoints/last.ckpt", weights_only=True)
     assert saved["global_step"] == 2  # a new run, not the old one's step 3 + 2
     assert all(state["step"] == 2 for state in saved["optimizer_states"][0]["state"].values())  # a fresh AdamW
-    assert saved["hyper_parameters"]["init_from"] == str(tmp_path / "start.safetensors")
+    # the new run's checkpoint stands alone: loading it needs (and reads) nothing of the file it started from
+    assert "init_from" not in saved["hyper_parameters"]
+    assert "start.safetensors" in (Path(cli.trainer.log_dir) / "config.yaml").read_text()  # provenance kept here
+    (tmp_path / "start.safetensors").unlink()
+    reloaded = BDHLitModule.load_from_checkpoint(Path(cli.trainer.log_dir) / "checkpoints/last.ckpt")
+    assert torch.equal(reloaded.model.encoder, saved["state_dict"]["model.encoder"])
     # starting from a reference state_dict or another run's checkpoint works the same way
     export_command(str(ckpt), "reference", str(tmp_path / "start.pt"))
     for source in (tmp_path / "start.pt", ckpt):
