@@ -613,7 +613,7 @@ def probe_report(model: BDH, concept: list[bytes], control: list[bytes], signal:
 def new_figure(width: float = 9, height: float = 3.6):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=90, layout="constrained")
+    return Figure(figsize=(width, height), dpi=80, layout="constrained")
 
 
 def save_png(figure, path: Path) -> None:
@@ -679,11 +679,15 @@ def plot_sparsity_layers(trained: dict, init: dict | None):
             continue
         for kind, color in zip(KINDS, ("C0", "C1", "C2")):
             axes[0].plot([row[kind] for row in report["per_layer"]], style, color=color, label=f"{kind} {label}")
-    axes[0].set(yscale="log", xlabel="layer", ylabel="active fraction", title="active fraction per layer")
+    layers = range(len(trained["per_layer"]))
+    axes[0].set(
+        yscale="log", xlabel="layer", ylabel="active fraction", title="active fraction per layer", xticks=layers
+    )
     axes[0].legend(fontsize=7)
     grid = np.array([[cell["ab"] for cell in row] for row in trained["per_layer_head"]])
     image = axes[1].imshow(grid.T, aspect="auto", cmap="viridis")
-    axes[1].set(xlabel="layer", ylabel="head", title="trained: a·b active fraction")
+    axes[1].set(xlabel="layer", ylabel="head", title="trained: a·b active fraction", xticks=layers,
+                yticks=range(grid.shape[1]))  # fmt: skip
     figure.colorbar(image, ax=axes[1])
     return figure
 
