@@ -334,6 +334,35 @@ def test_unreadable_data_file_is_one_line(trained, capsys, monkeypatch):
     assert code == 2 and "\n" not in err and "cannot read data file corpus.txt: Permission denied" in err, err
 
 
+def without_file_permission_override() -> list[str]:
+    """A command prefix under which the OS enforces file modes: none for a normal user; for root, setpriv dropping
+    the capabilities that let root read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH). Skips where neither works."""
+    if os.geteuid() != 0:
+        return []
+    import shutil
+
+    prefix = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root without a working setpriv: the OS would let this process read any file")
+    return prefix
+
+
+def test_unreadable_data_file_is_one_line_for_real(tmp_path):
+    """The same, with the OS refusing for real: a mode-000 corpus read by a process without root's override."""
+    prefix = without_file_permission_override()
+    corpus = write_letters(tmp_path / "corpus.txt")
+    corpus.chmod(0)
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-m", "bdh_lightning", "fit", "--data.path", "corpus.txt", *TINY],
+                                cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        corpus.chmod(0o644)
+    err = error_lines(result.stderr)
+    assert result.returncode == 2 and len(err) == 1, result.stderr[-2000:]
+    assert err[0].startswith("error: cannot read data file corpus.txt: Permission denied"), err
+    assert not (tmp_path / "lightning_logs").exists()  # nothing written
+
+
 def test_read_checkpoint_accepts_what_fit_writes(trained):
     checkpoint = read_checkpoint(trained / "lightning_logs/version_0/checkpoints/last.ckpt")
     assert checkpoint["global_step"] == 3 and "model.encoder" in checkpoint["state_dict"]
