@@ -28,8 +28,7 @@ from .throughput import ThroughputMonitor
 from .monitor import SparsityMonitor, TextSample
 from . import __version__
 from .console import RunReport, device_memory, memory_line
-from .estimate import estimate_memory, format_bytes, largest_batch
-from .kernels import resolve_kernel
+from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .model import ARCHITECTURE, BDHConfig
 from .module import BDHLitModule
 
@@ -334,25 +333,17 @@ def plan_memory(config) -> list[str]:
         BDHConfig.from_dict(model)
     except (BDHError, TypeError, ValueError):
         return []  # the settings themselves are wrong: the module or data module says so in one line
-    kernel = model.get("kernel", "auto")
     c = BDHConfig.from_dict(model)
-    n_wide = data.batch_size * c.n_head * data.block_size * c.neurons_per_head
-    if kernel in report.kernels:
-        candidates, why = [kernel], "as set"
-    elif kernel == "auto" and device.type == "cpu":
-        candidates = [resolve_kernel("auto", device, n_wide)]
-        side = "below" if candidates[0] == "reference" else "at or above"
-        why = f"auto on CPU: B*H*T*N = {n_wide:,} is {side} 2**23, where chunked measured faster"
-    else:  # auto on CUDA: the fastest that fits; fused keeps chunked's bytes
-        candidates, why = list(report.kernels), "auto on CUDA: the reference where it fits, else chunked"
-    best = min(candidates, key=lambda k: report.kernels[k].peak_bytes)
+    have, what = device_memory(device)
+    # The module resolves `auto` the same way when training starts (BDHLitModule.choose_kernel).
+    best, why = choose_kernel(c, data.batch_size, data.block_size, precision, device, have if device.type == "cuda" else None)
+    best = best if best in report.kernels else "chunked"  # fused keeps no more than chunked's bytes
     carried = 0
     if model.get("carry_state"):  # each layer's state per batch row, float32, kept between steps
-        best, why = "reference", "model.carry_state: the carried read runs in the reference schedule"
+        best, why = "reference", "kernel reference: model.carry_state reads the carried state in the reference schedule"
         carried = data.batch_size * c.n_layer * c.n_head * c.neurons_per_head * c.n_embd * 4
         why += f"; the carried state, {format_bytes(carried)}, is included below"
     peak = report.kernels[best].peak_bytes + carried
-    have, what = device_memory(device)
     if have and peak > have and not config.get("force"):
         fits = largest_batch(model, data.block_size, precision, device.type, best, have)
         accumulate = config.trainer.accumulate_grad_batches or 1
@@ -366,7 +357,7 @@ def plan_memory(config) -> list[str]:
             f"this run needs about {format_bytes(peak)} (predicted, kernel {best}, batch {data.batch_size}) but {what} "
             f"{format_bytes(have)}; {advice}; --force starts it anyway"
         )
-    return [f"kernel     {best} ({why})", memory_line(peak, device)]
+    return [f"kernel     {why.removeprefix('kernel ')}", memory_line(peak, device)]
 
 
 def check_cpu_devices(trainer_config) -> None:

@@ -36,7 +36,7 @@ def test_header_progress_and_closing_block_in_a_log_file(finished):
         assert any(line.startswith(head) for line in lines), (head, err)
     assert "version_0" in lines[0] and "checkpoints" in lines[0]
     assert "1 device(s) x 8 windows x 1 accumulated x 32 bytes = 256 bytes per optimizer step" in err
-    assert "kernel     reference (auto on CPU" in err
+    assert "kernel     reference: on the CPU, below 2**23 elements" in err
     progress = [line for line in lines if line.startswith("step ") and "/10" in line]
     assert [line.split()[1] for line in progress] == ["2/10", "4/10", "6/10", "8/10", "10/10"]  # every log_every_n_steps
     assert "\r" not in err  # no redraws in a file
