@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import codecs
+import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -16,10 +18,11 @@ import torch
 
 from .checkpoints import find_last, load_model_from_checkpoint, run_precision
 from .cli import parse_settings
-from .errors import UsageError, positive_int, sampling_settings
-from .estimate import estimate_memory, normalize_precision, parse_bytes, render
-from .generate import Generator
 from .console import device_memory
+from .errors import ResourceError, UsageError, positive_int, sampling_settings
+from .estimate import estimate_memory, format_bytes, normalize_precision, parse_bytes, render
+from .generate import Generator
+from .model import BDHConfig
 from .precision import compute_dtype, default_precision
 
 
@@ -53,6 +56,67 @@ def prompt_bytes(prompt: str | None, prompt_file: str | None) -> bytes:
     return data
 
 
+# On a terminal a model's control bytes (ESC starts escape sequences; CR, BS and C1 controls redraw text) are
+# shown as \xNN: only newline and tab pass through. --raw and --output give the exact bytes.
+CONTROL_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F] if code not in (0x09, 0x0A)},
+    **{code: "".join(f"\\x{b:02x}" for b in chr(code).encode()) for code in range(0x80, 0xA0)},
+}
+MAX_SEED = 2**64 - 1
+
+
+def shown(text: str) -> str:
+    """Text as it is safe to print on a terminal: control characters other than newline and tab escaped."""
+    return text.translate(CONTROL_ESCAPES)
+
+
+def output_paths(output: str, num_samples: int) -> list[Path]:
+    """Where --output writes: FILE itself for one sample, FILE-1.ext ... FILE-n.ext for several."""
+    path = Path(output)
+    if num_samples == 1:
+        paths = [path]
+    else:
+        paths = [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(num_samples)]
+    for target in paths:
+        if target.is_dir():
+            raise UsageError(f"--output {target} is a directory; give a file name")
+        if not target.parent.is_dir():
+            raise UsageError(f"--output {target}: the folder {target.parent} does not exist")
+    return paths
+
+
+def write_failure(what: str, error: OSError) -> ResourceError:
+    return ResourceError(f"cannot write {what} ({error.strerror or error}); nothing more was written")
+
+
+def abandon_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's flush at exit cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def check_sample_memory(model, num_samples: int, prompt_length: int, chunk_size: int, where: torch.device) -> None:
+    """--num_samples runs one batch: refuse, before allocating, a batch whose recurrent state (float32, per
+    layer B x H x N x D) and prompt chunk (the N-wide activations and C x C scores) do not fit in memory."""
+    c = model.config
+    chunk = min(chunk_size, prompt_length)
+    per_sample = 4 * (c.n_layer * c.n_head * c.neurons_per_head * c.n_embd
+                      + 6 * c.n_head * chunk * c.neurons_per_head + 2 * c.n_head * chunk * chunk)  # fmt: skip
+    have, what = device_memory(where)
+    if have and num_samples * per_sample > have:
+        fits = max(1, have // per_sample // 2)
+        raise ResourceError(
+            f"--num_samples {num_samples} needs about {format_bytes(num_samples * per_sample)} "
+            f"({format_bytes(per_sample)} per sample: the recurrent state and a prompt chunk) but {what} "
+            f"{format_bytes(have)}; use at most "
+            f"--num_samples {fits}, or a smaller --chunk_size"
+        )
+
+
 def generate_command(
     ckpt_path: str,
     prompt: str | None = None,
@@ -67,10 +131,13 @@ def generate_command(
     precision: Literal["auto", "32", "bf16", "16"] = "auto",
     chunk_size: int = 256,
     logs_dir: str = "lightning_logs",
+    output: str | None = None,
+    raw: bool = False,
 ) -> int:
     """Sample text from a BDH checkpoint with BDH's recurrent form: the prompt is read in chunks, then each new
     byte updates a fixed-size state per layer, so every byte costs the same whatever the context length. The
-    text streams as it is produced; bytes that are not valid UTF-8 show as \\xNN.
+    text streams as it is produced; bytes that are not valid UTF-8, and control bytes other than newline and
+    tab, show as \\xNN. --output or --raw give the exact bytes.
 
     Args:
         ckpt_path: Checkpoint (.ckpt) written by fit, or `last` for the newest run's last.ckpt.
@@ -82,20 +149,35 @@ def generate_command(
         temperature: Divide logits by this before sampling; 0 = greedy (always the most likely byte).
         top_k: Sample only among the k most likely bytes, 1..256 (default: all).
         top_p: Nucleus sampling: only the most likely bytes whose mass reaches top_p, in (0, 1] (1 = off).
-        seed: Seed for sampling; the same seed, checkpoint and arguments give the same text.
+        seed: Seed for sampling, 0 to 2**64 - 1; the same seed, checkpoint and arguments give the same text.
         device: cpu, cuda, cuda:N, or auto (cuda when available).
         precision: Compute precision on GPU: auto (the run's trainer.precision from its config.yaml, else 32),
             32, bf16 or 16. Always float32 on CPU; the recurrent state is float32 in every case.
         chunk_size: Prompt bytes read per chunk (> 0): memory grows with its square, not the prompt's.
         logs_dir: Where `--ckpt_path last` looks for version_*/checkpoints/last.ckpt.
+        output: Write the exact bytes (prompt and continuation) to this file instead of printing them; with
+            several samples, FILE-1.ext, FILE-2.ext, ... Written to FILE.part and renamed when complete.
+        raw: Write the exact bytes to standard output (one sample), control bytes included.
     """
     data = prompt_bytes(prompt, prompt_file)
     for name in ("max_new_tokens", "num_samples", "chunk_size"):
         positive_int(f"--{name}", locals()[name], UsageError)
     sampling_settings("--", temperature, top_k, top_p, UsageError)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+    if raw and output is not None:
+        raise UsageError("give --raw (exact bytes to standard output) or --output FILE, not both")
+    if raw and num_samples > 1:
+        raise UsageError("--raw writes one sample's exact bytes; for several use --output FILE (FILE-1, FILE-2, ...)")
+    paths = output_paths(output, num_samples) if output is not None else []
+    if not paths and sys.stdout is None:
+        raise UsageError("standard output is closed; give --output FILE to write the text to a file")
     where = resolve_device(device)
     path = find_last(logs_dir) if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last":
+        print(f"--ckpt_path last: {path}", file=sys.stderr)
     model = load_model_from_checkpoint(path, where)
+    check_sample_memory(model, num_samples, len(data), chunk_size, where)
     run = "32"
     if where.type == "cuda":
         run = (run_precision(path) or "32") if precision == "auto" else precision
@@ -107,38 +189,149 @@ def generate_command(
     else:
         generator.seed()
     idx = torch.tensor(list(data), dtype=torch.long, device=where).expand(num_samples, -1)
-    streamed = num_samples == 1
-    decoders = [codecs.getincrementaldecoder("utf-8")(errors="backslashreplace") for _ in range(num_samples)]
-    texts = [decoder.decode(data) for decoder in decoders]
-    out = sys.stdout
-    if hasattr(out, "reconfigure"):  # a terminal that is not UTF-8 shows what it cannot print as escapes
-        out.reconfigure(errors="backslashreplace")
-    if streamed:
-        out.write(texts[0])
-        out.flush()
-
-    start = time.perf_counter()
-    with torch.autocast(where.type, dtype=dtype, enabled=dtype != torch.float32):
-        new_bytes = Generator(model, num_samples).generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size)
-        for byte in new_bytes:
-            for i, value in enumerate(byte.tolist()):
-                piece = decoders[i].decode(bytes([value]))
-                texts[i] += piece
-                if streamed and piece:
-                    out.write(piece)
-                    out.flush()
-    seconds = time.perf_counter() - start
-    tails = [decoder.decode(b"", final=True) for decoder in decoders]  # an unfinished UTF-8 sequence, shown
-    texts = [text + tail for text, tail in zip(texts, tails)]
-    if streamed:
-        out.write(tails[0] + "\n")
+    if paths:
+        sink = FileSink(paths, data)
+    elif raw:
+        sink = RawSink(data)
     else:
-        for i, text in enumerate(texts):
-            out.write(f"--- sample {i + 1}/{num_samples} ---\n{text}\n")
-    out.flush()
+        sink = TextSink(num_samples, data)
+    start = time.perf_counter()
+    try:
+        with torch.autocast(where.type, dtype=dtype, enabled=dtype != torch.float32):
+            generating = Generator(model, num_samples)
+            for byte in generating.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size):
+                sink.add(byte.tolist())
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    seconds = time.perf_counter() - start
     total = max_new_tokens * num_samples
-    print(f"[{total} bytes in {seconds:.2f} s, {total / seconds:.1f} bytes/s, {where}, {dtype}]", file=sys.stderr)
+    wrote = f", written to {', '.join(map(str, paths))}" if paths else ""
+    rate = total / seconds
+    print(f"[{total} bytes in {seconds:.2f} s, {rate:.1f} bytes/s, {where}, {dtype}{wrote}]", file=sys.stderr)
     return 0
+
+
+class TextSink:
+    """Standard output as text: UTF-8 decoded (invalid bytes as \\xNN), control bytes escaped; one sample streams,
+    several are printed one after another at the end."""
+
+    def __init__(self, num_samples: int, prompt: bytes):
+        self.out = sys.stdout
+        if hasattr(self.out, "reconfigure"):  # a terminal that is not UTF-8 shows what it cannot print as escapes
+            self.out.reconfigure(errors="backslashreplace")
+        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="backslashreplace") for _ in range(num_samples)]
+        self.texts = [shown(decoder.decode(prompt)) for decoder in self.decoders]
+        self.streamed = num_samples == 1
+        if self.streamed:
+            self.write(self.texts[0])
+
+    def write(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError:
+            raise  # the reader is gone (`| head`): main ends quietly
+        except OSError as error:
+            abandon_stdout()
+            raise write_failure("the generated text to standard output", error) from None
+
+    def add(self, values: list[int]) -> None:
+        for i, value in enumerate(values):
+            piece = shown(self.decoders[i].decode(bytes([value])))
+            if self.streamed:
+                if piece:
+                    self.write(piece)
+            else:
+                self.texts[i] += piece
+
+    def close(self) -> None:
+        tails = [shown(decoder.decode(b"", final=True)) for decoder in self.decoders]  # an unfinished UTF-8 sequence
+        if self.streamed:
+            self.write(tails[0] + "\n")
+        else:
+            n = len(self.texts)
+            pairs = enumerate(zip(self.texts, tails, strict=True))
+            blocks = [f"--- sample {i + 1}/{n} ---\n{text}{tail}\n" for i, (text, tail) in pairs]
+            self.write("".join(blocks))
+
+    def abort(self) -> None:
+        pass
+
+
+class RawSink(TextSink):
+    """Standard output as bytes: exactly the prompt and the generated bytes, nothing added."""
+
+    def __init__(self, prompt: bytes):
+        self.out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else sys.stdout
+        sys.stdout.flush()
+        self.write(prompt)
+
+    def add(self, values: list[int]) -> None:
+        self.write(bytes(values))
+
+    def close(self) -> None:
+        pass
+
+
+class FileSink:
+    """--output: the exact bytes of each sample to its file, through FILE.part renamed when complete."""
+
+    def __init__(self, paths: list[Path], prompt: bytes):
+        self.paths = paths
+        # A device or FIFO (/dev/stdout, a named pipe) is written itself: a rename would replace it with a file.
+        self.parts = [path.with_name(path.name + ".part") if is_plain_target(path) else path for path in paths]
+        self.files = []
+        try:
+            for part in self.parts:
+                self.files.append(open(part, "wb"))  # noqa: SIM115 -- closed in close() or abort()
+            self.write_all(lambda i: prompt)
+        except OSError as error:
+            self.abort()
+            raise write_failure(f"--output {self.paths[0]}", error) from None
+
+    def write_all(self, piece) -> None:
+        for i, file in enumerate(self.files):
+            file.write(piece(i))
+
+    def add(self, values: list[int]) -> None:
+        try:
+            self.write_all(lambda i: bytes([values[i]]))
+        except OSError as error:
+            self.abort()
+            raise write_failure(f"--output {self.paths[0]}", error) from None
+
+    def close(self) -> None:
+        try:
+            for file, part, path in zip(self.files, self.parts, self.paths):
+                file.flush()
+                if part != path:  # a regular file: on disk before it takes the name (pipes cannot fsync)
+                    os.fsync(file.fileno())
+                file.close()
+                if part != path:
+                    os.replace(part, path)
+        except OSError as error:
+            self.abort()
+            raise write_failure(f"--output {self.paths[0]}", error) from None
+
+    def abort(self) -> None:
+        for file in self.files:
+            try:
+                file.close()
+            except OSError:
+                pass
+        for part, path in zip(self.parts, self.paths, strict=True):
+            if part != path:
+                part.unlink(missing_ok=True)
+
+
+def is_plain_target(path: Path) -> bool:
+    """Whether `path` is a regular file or does not exist yet (so it may be written beside and renamed)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def estimate_command(
@@ -162,7 +355,12 @@ def estimate_command(
         raise UsageError(f"--config {config}: no such file")
     settings = parse_settings(["--config", config])
     model_kwargs = dict(vars(settings.model))
-    batch, block = int(settings.data.batch_size), int(settings.data.block_size)
+    batch = positive_int("data.batch_size", settings.data.batch_size)  # the same rules as fit's, before any arithmetic
+    block = positive_int("data.block_size", settings.data.block_size)
+    accumulate = settings.trainer.get("accumulate_grad_batches")
+    if accumulate is not None:
+        positive_int("trainer.accumulate_grad_batches", accumulate)
+    BDHConfig.from_dict(model_kwargs)  # model.* checked as fit checks them
     here = device == "auto" or (device == "cuda") == torch.cuda.is_available()  # predicting for this machine
     target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     chosen = precision or settings.trainer.precision

@@ -1,0 +1,347 @@
+"""Runs you can trust (issue 9): which checkpoint `--ckpt_path last` means, one last.ckpt per run, saves every k
+steps from the start, one folder per simultaneous run, exact bytes from `generate`, and every bad setting, bad
+checkpoint, full disk or exhausted memory as one line, with nothing written before the settings are known good.
+
+Each case goes through the real command line: `main()` in this process where nothing depends on the process
+itself, `python -m bdh_lightning` in a subprocess where standard output, limits or signals matter.
+"""
+
+import errno
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdh_lightning import checkpoints as checkpoints_module
+from bdh_lightning.main import main
+from conftest import SUBPROCESS_ENV, finish, run_cli, start_cli, stderr_of, write_letters
+from conftest import TINY_ARGS as TINY
+
+QUICK = [*TINY, "--sample.length", "0"]  # no closing sample: nothing here reads it
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def files_under(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def saved_step(path: Path) -> int | None:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):  # not there yet, or mid-rename on a slow disk
+        return None
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run of 3 steps (./lightning_logs/version_0), and checkpoints made from its last.ckpt that Lightning
+    would stop on with a traceback."""
+    folder = tmp_path_factory.mktemp("trust")
+    write_letters(folder / "corpus.txt")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "3"]) == 0
+    finally:
+        os.chdir(cwd)
+    last = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    weights = dict(checkpoint["state_dict"])
+    weights["model.encoder"] = weights["model.encoder"].clone()
+    weights["model.encoder"][0, 0, 0] = float("nan")
+    torch.save({**checkpoint, "state_dict": weights}, folder / "nan.ckpt")
+    torch.save({**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.extra": torch.zeros(3)}}, folder / "extra-key.ckpt")
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer_states"}, folder / "no-optimizer.ckpt")
+    torch.save({**checkpoint, "hyper_parameters": [1, 2]}, folder / "settings-list.ckpt")
+    torch.save({k: v for k, v in checkpoint.items() if k != "pytorch-lightning_version"}, folder / "no-version.ckpt")
+    return folder
+
+
+# ---------------------------------------------------------------- `--ckpt_path last`
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test", "generate"])
+def test_last_is_the_newest_checkpoint_of_the_run_root_this_command_uses(trained, tmp_path, monkeypatch, capsys, command):
+    """An older run in ./lightning_logs must not be picked when the command's runs go elsewhere."""
+    monkeypatch.chdir(trained)
+    other = tmp_path / "other"
+    wanted = other / "lightning_logs/version_0/checkpoints/last.ckpt"
+    wanted.parent.mkdir(parents=True)
+    shutil.copy(trained / "lightning_logs/version_0/checkpoints/last.ckpt", wanted)
+    os.utime(trained / "lightning_logs/version_0/checkpoints/last.ckpt")  # ./lightning_logs holds the newer file
+    if command == "generate":
+        args = ["generate", "--ckpt_path", "last", "--logs_dir", str(other / "lightning_logs"), "--max_new_tokens", "3"]
+    else:
+        args = [command, "--ckpt_path", "last", "--data.path", "corpus.txt", *QUICK, "--trainer.default_root_dir", str(other)]
+        if command == "fit":
+            args += ["--trainer.max_steps", "4"]
+        if command == "test":
+            args += ["--data.test_path", str(write_letters(tmp_path / "held-out.txt", seed=1))]
+    assert main(args) == 0
+    chosen = [line for line in capsys.readouterr().err.splitlines() if line.startswith("--ckpt_path last: ")]
+    assert chosen and chosen[0].startswith(f"--ckpt_path last: {wanted}"), chosen
+    if command == "fit":  # continued that run, in the same root
+        assert saved_step(other / "lightning_logs/version_1/checkpoints/last.ckpt") == 4
+
+
+def test_last_with_no_run_in_this_root_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    code = main(["fit", "--ckpt_path", "last", "--data.path", "corpus.txt", *QUICK, "--trainer.default_root_dir", str(tmp_path / "new")])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 2 and err == [f"error: --ckpt_path last: no {tmp_path / 'new/lightning_logs'}/version_*/checkpoints/last.ckpt found; "
+                                 "train first or give a checkpoint path"]  # fmt: skip
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------- one last.ckpt, saves from the start
+
+
+def test_a_run_ends_with_exactly_one_last_checkpoint(trained, tmp_path, monkeypatch):
+    """No validation at the end (7 steps, validation every 5): Lightning wrote last.ckpt and last-v1.ckpt."""
+    monkeypatch.chdir(trained)
+    assert main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "7", "--trainer.default_root_dir", str(tmp_path)]) == 0
+    folder = tmp_path / "lightning_logs/version_0/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-step5.ckpt", "last.ckpt"]
+    assert saved_step(folder / "last.ckpt") == 7
+
+
+def test_a_data_parallel_run_ends_with_exactly_one_last_checkpoint(tmp_path):
+    write_letters(tmp_path / "corpus.txt")
+    done = run_cli(tmp_path, "fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "7", "--trainer.accelerator", "cpu",
+                   "--trainer.devices", "2", "--trainer.strategy", "ddp")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path / "lightning_logs/version_0/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best-step5.ckpt", "last.ckpt"]
+    assert saved_step(folder / "last.ckpt") == 7
+
+
+def test_every_n_train_steps_saves_before_the_first_validation(trained, tmp_path):
+    """Lightning deferred the save until val/loss existed: a crash before the first validation lost everything."""
+    proc = start_cli(trained, "fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "100000",
+                     "--trainer.val_check_interval", "100000", "--checkpoint.every_n_train_steps", "2",
+                     "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    try:
+        deadline = time.monotonic() + 120
+        while (step := saved_step(last)) is None:
+            assert proc.poll() is None, stderr_of(proc)[-2000:]
+            assert time.monotonic() < deadline, f"no last.ckpt before the first validation: {stderr_of(proc)[-2000:]}"
+            time.sleep(0.05)
+        assert step % 2 == 0 and step > 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_simultaneous_runs_get_one_folder_each(trained, tmp_path):
+    runs = [start_cli(trained, "fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "1",
+                      "--trainer.default_root_dir", str(tmp_path), "--seed_everything", str(seed)) for seed in range(3)]  # fmt: skip
+    for proc in runs:
+        err = finish(proc)
+        assert proc.returncode == 0, err[-2000:]
+    logs = tmp_path / "lightning_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1", "version_2"]
+    seeds = set()
+    for folder in logs.iterdir():
+        assert len(list(folder.glob("events.out.tfevents.*"))) == 1, sorted(p.name for p in folder.iterdir())
+        assert [p.name for p in (folder / "checkpoints").iterdir()] == ["last.ckpt"]
+        seeds.add(next(line for line in (folder / "config.yaml").read_text().splitlines() if line.startswith("seed_everything")))
+    assert len(seeds) == 3  # each folder's config.yaml is its own run's
+
+
+# ---------------------------------------------------------------- settings and checkpoints refused in one line
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        (["--model.learning_rate", "-1"], "model.learning_rate must be in (0, inf), got -1.0"),
+        (["--model.learning_rate", "0"], "model.learning_rate must be in (0, inf), got 0.0"),
+        (["--config", "nan.yaml"], "model.learning_rate must be a finite number, got nan"),
+        (["--model.weight_decay", "-1"], "model.weight_decay must be in [0, inf), got -1.0"),
+        (["--model.betas", "[1.5, 2]"], "model.betas[0] must be in [0, 1), got 1.5"),
+        (["--model.betas", "[0.9, 1]"], "model.betas[1] must be in [0, 1), got 1.0"),
+        (["--model.warmup_steps", "-3"], "model.warmup_steps must be a non-negative integer (0 = no warmup), got -3"),
+        (["--model.decay_steps", "-1"], "model.decay_steps must be a non-negative integer (0 = constant learning rate), got -1"),
+        (["--model.min_learning_rate=-1e-5"], "model.min_learning_rate must be in [0, 0.003], got -1e-05"),
+        (["--model.min_learning_rate", "0.01"], "model.min_learning_rate must be in [0, 0.003], got 0.01"),
+    ],
+    ids=["lr-negative", "lr-zero", "lr-nan-yaml", "weight-decay-negative", "beta-above-1", "beta-1", "warmup-negative",
+         "decay-negative", "min-lr-negative", "min-lr-above-lr"],
+)  # fmt: skip
+def test_bad_optimizer_settings_are_one_line_before_any_run_folder(trained, tmp_path, monkeypatch, capsys, setting, expected):
+    monkeypatch.chdir(trained)
+    (trained / "nan.yaml").write_text("model:\n  learning_rate: .nan\n")
+    code = main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path), *setting])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+@pytest.mark.parametrize(
+    "command, ckpt, expected",
+    [
+        ("fit", "extra-key.ckpt", "checkpoint extra-key.ckpt holds weights BDH does not have (model.extra)"),
+        ("fit", "no-optimizer.ckpt", "checkpoint no-optimizer.ckpt holds no optimizer state, so training cannot continue from it"),
+        ("fit", "settings-list.ckpt", "checkpoint settings-list.ckpt has hyper_parameters that are not a mapping"),
+        ("fit", "no-version.ckpt", "checkpoint no-version.ckpt has no pytorch-lightning_version"),
+        ("fit", "nan.ckpt", "checkpoint nan.ckpt holds non-finite weights (NaN or infinity in model.encoder)"),
+        ("validate", "nan.ckpt", "checkpoint nan.ckpt holds non-finite weights (NaN or infinity in model.encoder)"),
+        ("validate", "extra-key.ckpt", "checkpoint extra-key.ckpt holds weights BDH does not have (model.extra)"),
+        ("generate", "nan.ckpt", "nan.ckpt: encoder has 1 non-finite values (NaN or infinity)"),
+    ],
+    ids=["fit-extra-key", "fit-no-optimizer", "fit-settings-not-a-mapping", "fit-no-lightning-version", "fit-nan",
+         "validate-nan", "validate-extra-key", "generate-nan"],
+)  # fmt: skip
+def test_malformed_or_non_finite_checkpoints_are_one_line(trained, tmp_path, monkeypatch, capsys, command, ckpt, expected):
+    monkeypatch.chdir(trained)
+    before = files_under(trained)
+    if command == "generate":
+        args = ["generate", "--ckpt_path", ckpt, "--max_new_tokens", "3"]
+    else:
+        args = [command, "--ckpt_path", ckpt, "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "5",
+                "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    code = main(args)
+    err = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert files_under(trained) == before and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- full disk, no memory
+
+
+def test_disk_full_while_writing_a_checkpoint_is_one_line_naming_the_last_good_one(trained, tmp_path, monkeypatch, capsys):
+    """The write of the step-4 checkpoint fails with ENOSPC: one line naming this run's step-2 last.ckpt, no .part left."""
+    monkeypatch.chdir(trained)
+    real_save = torch.save
+    saves = []
+
+    def fill_the_disk(checkpoint, file, *args, **kwargs):
+        saves.append(checkpoint["global_step"])
+        if checkpoint["global_step"] >= 4:
+            file.write(b"x" * 1000)  # part of it reached the disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(checkpoint, file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints_module.torch, "save", fill_the_disk)
+    code = main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "2",
+                 "--trainer.val_check_interval", "100", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    monkeypatch.setattr(checkpoints_module.torch, "save", real_save)
+    err = error_lines(capsys.readouterr().err)
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    assert code == 1 and err == [
+        f"error: could not write checkpoint {last} (No space left on device); the last good checkpoint of this run is "
+        f"{last} (step 2); free some space and resume from it with --ckpt_path"
+    ], err
+    assert saved_step(last) == 2
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_out_of_cpu_memory_is_one_line(trained, tmp_path):
+    """A run that fits the machine's RAM (so it is not refused beforehand) in a process limited to 3 GB of
+    address space: torch's allocator fails in the first step."""
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    args = ["fit", "--data.path", "corpus.txt", *QUICK, "--model.n_embd", "64", "--model.mlp_internal_dim_multiplier", "512",
+            "--data.batch_size", "8", "--data.block_size", "512", "--model.kernel", "reference", "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "bdh_lightning", *args], cwd=trained, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_memory)  # fmt: skip
+    err = error_lines(done.stderr)
+    assert done.returncode == 1 and len(err) == 1 and err[0].startswith("error: out of memory;"), done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- generate: exact bytes, safe terminal, closed outputs
+
+
+# Terminal escapes (clear, set the title), UTF-8, an invalid byte, a literal backslash-x-f-f, CR, a C1 control (CSI).
+PROMPT = b"\x1b[2J\x1b]0;owned\x07 caf\xc3\xa9 \xff\\xff\r\xc2\x9b"
+
+
+@pytest.fixture(scope="module")
+def generating(trained):
+    """A prompt file of bytes a terminal would act on, and the generate arguments (greedy: deterministic)."""
+    (trained / "prompt.bin").write_bytes(PROMPT)
+    ckpt = str(trained / "lightning_logs/version_0/checkpoints/last.ckpt")
+    return ["generate", "--ckpt_path", ckpt, "--prompt_file", "prompt.bin", "--max_new_tokens", "300", "--temperature", "0"]
+
+
+def generate_shell(trained: Path, generating: list[str], redirect: str) -> subprocess.CompletedProcess:
+    command = " ".join([sys.executable, "-m", "bdh_lightning", *generating])
+    return subprocess.run(["bash", "-c", f"{command} {redirect}"], cwd=trained, env=SUBPROCESS_ENV, capture_output=True, timeout=300)
+
+
+def test_output_and_raw_write_the_exact_bytes_and_the_terminal_gets_no_control_bytes(trained, generating, monkeypatch, capsysbinary):
+    monkeypatch.chdir(trained)
+    assert main([*generating, "--output", "out.bin"]) == 0
+    exact = (trained / "out.bin").read_bytes()
+    assert exact.startswith(PROMPT) and len(exact) == len(PROMPT) + 300
+    assert not (trained / "out.bin.part").exists()
+    capsysbinary.readouterr()
+
+    assert main([*generating, "--raw"]) == 0
+    assert capsysbinary.readouterr().out == exact  # nothing added, nothing changed
+
+    assert main(generating) == 0
+    shown = capsysbinary.readouterr().out
+    assert not set(shown) & (set(range(0x20)) - {0x09, 0x0A} | {0x7F}), shown[:80]  # no C0 control byte but \t \n
+    assert b"\xc2\x9b" not in shown and shown.startswith(b"\\x1b[2J\\x1b]0;owned\\x07 caf\xc3\xa9 \\xff\\xff\\x0d\\xc2\\x9b")
+
+
+def test_generate_to_a_closed_pipe_ends_quietly(trained, generating):
+    done = generate_shell(trained, generating, "--max_new_tokens 3000 | head -c 10; exit ${PIPESTATUS[0]}")
+    assert done.stdout == b"\\x1b[2J\\x1"
+    assert done.returncode == 141 and done.stderr == b"", done.stderr[-2000:]  # 128 + SIGPIPE, as `yes | head` ends
+
+
+@pytest.mark.parametrize(
+    "redirect, code, expected",
+    [
+        (">&-", 2, "error: standard output is closed; give --output FILE to write the text to a file"),
+        ("> /dev/full", 1, "error: cannot write the generated text to standard output (No space left on device)"),
+        ("--output /dev/full", 1, "error: cannot write --output /dev/full (No space left on device)"),
+        ("--seed 99999999999999999999999", 2, "error: --seed must be an integer from 0 to 2**64 - 1, got 99999999999999999999999"),
+        ("--temperature 1e-45", 2, "error: --temperature 1e-45 is too small to divide logits by"),
+        ("--num_samples 100000000", 1, "error: --num_samples 100000000 needs about"),
+        ("--raw --num_samples 2", 2, "error: --raw writes one sample's exact bytes"),
+    ],
+    ids=["stdout-closed", "stdout-disk-full", "output-disk-full", "seed-too-large", "temperature-tiny", "num-samples-too-many",
+         "raw-several-samples"],
+)  # fmt: skip
+def test_generate_output_problems_are_one_line(trained, generating, redirect, code, expected):
+    done = generate_shell(trained, generating, redirect)
+    err = error_lines(done.stderr.decode())
+    assert done.returncode == code and len(err) == 1 and err[0].startswith(expected), done.stderr[-2000:]
+    assert not list(trained.glob("*.part")) and Path("/dev/full").is_char_device()
+
+
+# ---------------------------------------------------------------- estimate
+
+
+@pytest.mark.parametrize(
+    "yaml, expected",
+    [
+        ("data:\n  block_size: 0\n", "error: data.block_size must be a positive integer, got 0"),
+        ("data:\n  batch_size: -2\n", "error: data.batch_size must be a positive integer, got -2"),
+        ("model:\n  n_head: 0\n", "error: model.n_head must be a positive integer, got 0"),
+    ],
+    ids=["block-size-0", "batch-size-negative", "heads-0"],
+)
+def test_estimate_checks_the_settings_it_computes_with(tmp_path, yaml, expected):
+    (tmp_path / "bad.yaml").write_text(yaml)
+    done = run_cli(tmp_path, "estimate", "--config", "bad.yaml", timeout=120)  # looped forever on block_size 0
+    err = error_lines(done.stderr)
+    assert done.returncode == 2 and err == [expected], done.stderr[-2000:]
