@@ -578,6 +578,62 @@ def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), l
             "n_wide_elements": B * H * T * N}
 
 
+def compile_offline(precision: str = "bf16", tiles: Tiles = Tiles(), D: int = 256, arch: int = 90) -> dict:
+    """Compile the five kernels for an NVIDIA GPU of compute capability `arch` (90: H100) without one,
+    through PTX to a cubin with the ptxas bundled with triton.
+
+    Returns {kernel: {registers, stack_bytes}} per thread as cuobjdump reports them (None where it is
+    missing; the stack holds register spills, so a stack means the tiles want tuning). The GPU code path
+    (tensor-core dots, "ieee" fp32 dots) is what the interpreter never compiles: this catches its
+    compile errors. Not under TRITON_INTERPRET (the kernels are interpreted there)."""
+    import re  # noqa: PLC0415 (tooling, not the layer)
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    if INTERPRETED:
+        raise RuntimeError("compile_offline needs the compiled kernels: run it without TRITON_INTERPRET=1")
+    low = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[precision]
+    att = "*bf16" if precision == "bf16" else "*fp32"
+    common = {"BT": tiles.rows, "BP": tiles.pairs, "BD": tiles.depth, "PREC": precision, "EMULATE": False}
+    wide = {**common, "DP": triton.next_power_of_2(D), "DROPOUT": True}
+    attention = {"ATT": "bf16" if precision == "bf16" else "fp32"}
+    f32 = "*fp32"
+    jobs = {
+        "scores": (_scores_kernel, {"X": low, "E": low, "COS": f32, "SIN": f32, "S": att}, {**common, **attention}),
+        "decode": (_decode_kernel, {"X": low, "Y": f32, "E": low, "EV": low, "DEC": low, "U": f32, "SCALE": "fp32"},
+                   wide),
+        "rows_z": (_rows_z_kernel, {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "DY": f32,
+                                    "DXZ": f32}, wide),
+        "rows_q": (_rows_q_kernel, {"X": low, "E": low, "COS": f32, "SIN": f32, "G": att, "DX": f32},
+                   {**wide, **attention, "DROPOUT": None}),
+        "cols": (_cols_kernel, {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "COS": f32, "SIN": f32,
+                                "G": att, "D_E": f32, "D_EV": f32, "D_DEC": f32}, {**wide, **attention}),
+    }
+    scalars = {"B": "i32", "H": "i32", "T": "i32", "D": "i32", "N": "i32", "THRESHOLD": "i32", "SEED_HASH": "u32"}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    report = {}
+    for name, (kernel, pointers, constants) in jobs.items():
+        constants = {k: v for k, v in constants.items() if k in kernel.arg_names and v is not None}
+        types = {**scalars, **pointers}
+        signature = {a: "constexpr" if a in constants else types[a] for a in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": tiles.num_warps})
+        usage = {"registers": None, "stack_bytes": None}
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                text = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+            found = re.search(r"REG:(\d+).*?STACK:(\d+)", text, re.S)
+            if found:
+                usage = {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
+        report[name] = usage
+    return report
+
+
 GPU_CHECK_TILES = (Tiles(), Tiles(rows=128, pairs=16), Tiles(rows=32, pairs=32, num_warps=4))
 
 

@@ -64,6 +64,20 @@ def test_float64_is_refused_in_one_line(measured):
     assert measured["float64_refused"] == {"refused": 1.0, "one_line": 1.0}
 
 
+def test_the_compiled_kernels_build_for_an_h100_without_one(tmp_path):
+    # The GPU code path (tensor-core bf16 dots) is never compiled by the interpreter: build it for sm_90
+    # through PTX to a cubin with triton's bundled ptxas, in a child without TRITON_INTERPRET.
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    code = "import json; from bdh_lightning import fused; print(json.dumps(fused.compile_offline('bf16')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    usage = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(usage) == ["cols", "decode", "rows_q", "rows_z", "scores"]
+    assert all(u["registers"] is None or 0 < u["registers"] <= 255 for u in usage.values())
+
+
 def test_fused_resolves_on_cuda_and_on_cpu_only_under_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert resolve_kernel("fused", torch.device("cuda")) == "fused"
