@@ -152,3 +152,23 @@ def test_sigterm_to_rank_zero_stops_every_rank_with_one_checkpoint(tmp_path):
     steps = {line.split("after step ")[1].split(";")[0] for line in stops}
     assert len(steps) == 1  # the same step on both ranks
     assert torch.load(last, weights_only=True)["global_step"] == int(steps.pop())
+
+
+def test_dataloader_workers_started_by_spawn_get_the_same_batches(tmp_path):
+    """Workers started with `spawn` (the default on macOS and Windows, and what CUDA needs) receive the dataset
+    pickled: it must survive the trip (no open file handles, memory maps or lambdas) and give the same batches."""
+    from bdh_lightning.data import ByteDataModule
+    from conftest import write_letters
+
+    data = ByteDataModule(str(write_letters(tmp_path / "corpus.txt")), block_size=16, batch_size=4, val_windows=6, num_workers=0)
+    data.setup("fit")
+    in_process_train = data.train_dataloader()
+    in_process_val = data.val_dataloader()
+    expected_train = [batch for _, batch in zip(range(6), in_process_train)]
+    expected_val = list(in_process_val)
+    spawned = dict(batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    got_train = [batch for _, batch in zip(range(6), DataLoader(in_process_train.dataset, **spawned))]
+    got_val = list(DataLoader(in_process_val.dataset, **{**spawned, "num_workers": 1}))  # each spawn costs an import
+    assert len(got_train) == 6 and len(got_val) == len(expected_val) >= 2
+    for got, want in zip(got_train + got_val, expected_train + expected_val):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
