@@ -3,6 +3,7 @@ strictly into a module with the reference's names and gives the same logits, the
 fit --model.init_from starts from exported weights, and bad files get one line."""
 
 import dataclasses
+import importlib
 import json
 import os
 from pathlib import Path
@@ -157,6 +158,27 @@ def test_reference_file_loads_strictly_into_the_reference_shape_and_gives_the_sa
         ReferenceShapedBDH(config).load_state_dict(
             {k: v for k, v in state_dict.items() if k != "attn.freqs"}, strict=True
         )
+
+
+def test_the_reference_implementation_itself(run, tmp_path, monkeypatch):
+    """Runs where BDH_REFERENCE_DIR names a checkout of github.com/pathwaycom/bdh (CI has none). By hand, at
+    its commit 714bc80: strict load and bit-identical logits, both ways."""
+    folder = os.environ.get("BDH_REFERENCE_DIR")
+    if not folder:
+        pytest.skip("set BDH_REFERENCE_DIR to a checkout of pathwaycom/bdh to compare with its bdh.py")
+    monkeypatch.syspath_prepend(folder)
+    reference = importlib.import_module("bdh")
+    _, ckpt, _ = run
+    export_command(str(ckpt), "reference", str(tmp_path / "bdh.pt"))
+    model = reference.BDH(reference.BDHConfig(**json.loads((tmp_path / "bdh.json").read_text()))).eval()
+    model.load_state_dict(torch.load(tmp_path / "bdh.pt", weights_only=True), strict=True)
+    with torch.inference_mode():
+        assert torch.equal(model(random_bytes())[0], logits(ckpt))
+    # the other way: the reference's own (random) weights, read by us
+    fresh = reference.BDH(reference.BDHConfig(**json.loads((tmp_path / "bdh.json").read_text()))).eval()
+    torch.save(fresh.state_dict(), tmp_path / "theirs.pt")
+    with torch.inference_mode():
+        assert torch.equal(fresh(random_bytes())[0], logits(tmp_path / "theirs.pt", n_layer=fresh.config.n_layer))
 
 
 def test_a_reference_state_dict_without_settings_takes_them_from_the_caller(run, tmp_path):
