@@ -1,0 +1,45 @@
+"""benchmarks/gpu_suite.py keeps working without a GPU: --smoke runs every code path on the CPU, and the
+budget stops it cleanly with what it has."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+from conftest import REPO, SUBPROCESS_ENV
+
+
+def test_smoke_runs_every_path_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--smoke", "--out", str(out)],
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped"] is None
+    assert results["tests"]["exit_code"] == 0  # the CUDA tests, skipped here
+    assert any("cuda" in r["test"] for r in results["tests"]["reports"])
+    rows = {(r["precision"], r["kernel"], r["mode"]): r for r in results["train"]}
+    for precision in ("bf16-mixed", "16-mixed"):
+        for kernel in ("reference", "chunked"):
+            for mode in ("eager", "compiled"):
+                row = rows[(precision, kernel, mode)]
+                assert "error" not in row, row
+                assert row["ms_per_step"] > 0 and row["tokens_per_s"] > 0 and row["peak_bytes"] > 0
+    assert rows[("bf16-mixed", "chunked", "compiled")]["compile_s"] is not None
+    assert [r["context"] for r in results["generation"]] == [10, 20, 40]
+    assert all(r["bytes_per_s"] > 0 for r in results["generation"])
+    markdown = (out / "results.md").read_text()
+    assert "| chunked | compiled |" in markdown and "## Generation" in markdown
+    assert markdown in done.stdout
+
+
+def test_budget_stops_cleanly_with_what_it_has(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    out = tmp_path / "out"
+    assert suite.main(["--smoke", "--skip_tests", "--budget", "1.5", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stopped"].startswith("budget of 2 s reached during ")
+    assert len(results["train"]) < 8  # not everything: it stopped
+    assert "Stopped early" in (out / "results.md").read_text()
