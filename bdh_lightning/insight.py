@@ -48,6 +48,7 @@ KINDS = ("a", "b", "ab")  # relu(x E), relu(y Ev), their product a*b (what the d
 ALWAYS_ON = 0.99  # a neuron firing at this share of positions or more counts as always on
 MAX_EDGES_PER_NEURON = 100  # a --graph.threshold that keeps more edges than this per neuron is refused
 ALPHA_MAX = 8.0  # the largest power-law exponent fitted
+MAX_SENTENCE = 1024  # probe sentences are cut to this many bytes
 PASS_FLOPS = 2e12  # the default corpus sample's size: about this many FLOPs per model
 ELEMENT_BUDGET = 1 << 25  # float32 entries of one batch's (positions x H*N) buffer: 128 MB
 
@@ -119,7 +120,8 @@ class ProbeOptions:
     """Neurons that tell concept sentences from control sentences (the paper's monosemanticity test).
 
     Args:
-        concept: Text file, one concept sentence per line (UTF-8; empty lines are skipped).
+        concept: Text file, one concept sentence per line (UTF-8; empty lines are skipped, long ones cut
+            to 1,024 bytes).
         control: Text file, one control sentence per line. Needed with concept.
         top: How many neurons to report, ranked by Mann-Whitney U of their mean value per sentence
             (concept above control), with the two-sided p-value and the rank-biserial correlation.
@@ -153,12 +155,13 @@ def thresholded_edges(
     """
     N = decoder_h.shape[0]
     sources, targets = [], []
-    best_values = torch.empty(0)
-    best_index = torch.empty(0, dtype=torch.long)
+    device = decoder_h.device  # G's blocks are computed where the weights are (a GPU during fit)
+    best_values = torch.empty(0, device=device)
+    best_index = torch.empty(0, dtype=torch.long, device=device)
     kept = 0
     for start in range(0, N, block_rows):
         block = decoder_h[start : start + block_rows] @ encoder_h  # rows, N
-        rows = torch.arange(block.shape[0])
+        rows = torch.arange(block.shape[0], device=device)
         block[rows, rows + start] = -math.inf  # no self-loops
         if threshold is None:
             values, index = block.flatten().topk(min(edges, block.numel()))
@@ -175,10 +178,10 @@ def thresholded_edges(
                     f"graph.threshold {threshold:g} keeps more than {MAX_EDGES_PER_NEURON} edges per neuron; "
                     "raise it, or leave it out to keep graph.mean_degree edges per neuron"
                 )
-            sources.append(hits[:, 0] + start)
-            targets.append(hits[:, 1])
+            sources.append((hits[:, 0] + start).cpu())
+            targets.append(hits[:, 1].cpu())
     if threshold is None:
-        order = best_index.sort().values
+        order = best_index.sort().values.cpu()
         return (order // N).numpy(), (order % N).numpy(), float(best_values.min()) if best_values.numel() else math.inf
     src = torch.cat(sources) if sources else torch.empty(0, dtype=torch.long)
     dst = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
@@ -548,14 +551,14 @@ def finite_or_none(value) -> float | None:
 
 
 def read_sentences(path: str, name: str) -> list[bytes]:
-    """Non-empty lines of a UTF-8 text file, as bytes."""
+    """Non-empty lines of a UTF-8 text file, as bytes, each cut to its first MAX_SENTENCE bytes."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise UsageError(
             f"{name} {path}: cannot read it ({error.strerror or error}); give a text file, one sentence per line"
         ) from None
-    sentences = [line.strip() for line in data.split(b"\n")]
+    sentences = [line.strip()[:MAX_SENTENCE] for line in data.split(b"\n")]
     sentences = [s for s in sentences if s]
     if not sentences:
         raise DataError(f"{name} {path} holds no sentences; write one sentence per line")
@@ -926,7 +929,7 @@ def inspect_command(
     control = read_sentences(probe.control, "probe.control") if probe.control else None
 
     model = load_model_from_checkpoint(ckpt)
-    step = read_checkpoint(ckpt).get("global_step")
+    step = read_checkpoint(ckpt).get("global_step") if ckpt.suffix == ".ckpt" else None  # exported weights: none
     settings = run_settings(ckpt)
     sample, corpus_name = open_sample(data, settings, model)
     run_seed = settings.get("seed_everything")

@@ -3,8 +3,9 @@
 For each config: the neuron graph of one model (every head: G = decoder_h @ encoder_h in row blocks, the
 top mean_degree * N entries, Louvain on it and on a degree-matched random graph, the degree fits), and the
 activation pass (sparsity counts, per-neuron values pooled over layers, selectivity top-k) per 1,000
-corpus positions. `inspect` does each twice (trained model and the model at initialisation), plus the
-probe sentences if given.
+corpus positions; wall-clock and CPU time of this process (on a machine shared with other jobs, the
+CPU time is what a quiet core would take). `inspect` does each twice (trained model and the model at
+initialisation), plus the probe sentences if given.
 
     OMP_NUM_THREADS=2 python benchmarks/insight.py --configs 8gb 24gb
 """
@@ -46,17 +47,19 @@ def main() -> None:
     for name in args.configs:
         model = model_from_config(name)
         c = model.config
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         graph = graph_report(model, GraphOptions())
-        graph_seconds = time.perf_counter() - start
+        graph_seconds, graph_cpu = time.perf_counter() - start, time.process_time() - cpu
         sample = CorpusSample(corpus, args.block_size, args.windows, 0.1)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         sparsity_report(model, sample, NeuronOptions())
-        pass_seconds = time.perf_counter() - start
+        pass_seconds, pass_cpu = time.perf_counter() - start, time.process_time() - cpu
         positions = len(sample.offsets) * args.block_size
-        print(f"{name}: L{c.n_layer} D{c.n_embd} H{c.n_head} N={c.neurons_per_head}: graph {graph_seconds:.1f} s "
-              f"({graph['edges']} edges, modularity {graph['modularity']:.3f}); activations "
-              f"{pass_seconds / positions * 1000:.1f} s per 1,000 positions ({positions} timed)", flush=True)  # fmt: skip
+        print(f"{name}: L{c.n_layer} D{c.n_embd} H{c.n_head} N={c.neurons_per_head}: graph {graph_seconds:.1f} s wall, "
+              f"{graph_cpu:.1f} s CPU ({graph['edges']} edges, modularity {graph['modularity']:.3f}, random graph "
+              f"{graph['null_modularity']:.3f}); activations {pass_seconds / positions * 1000:.1f} s wall, "
+              f"{pass_cpu / positions * 1000:.1f} s CPU per 1,000 positions ({positions} timed)",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
