@@ -1,0 +1,328 @@
+"""Checkpoints (bdh_lightning/checkpoints.py) in process: reading without running code, finding `last`, the shape and
+loadability checks and their one-line messages, atomic writes, the precision of the run that wrote one."""
+
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+
+from bdh_lightning.checkpoints import (
+    AtomicCheckpointIO,
+    check_loadable,
+    check_model_shape,
+    find_last,
+    last_good_checkpoint,
+    load_model_from_checkpoint,
+    read_checkpoint,
+    run_precision,
+    write_failure,
+)
+from bdh_lightning.errors import CheckpointError, ResourceError
+from bdh_lightning.module import BDHLitModule
+from conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A checkpoint a Lightning Trainer wrote for a tiny BDHLitModule after 2 steps, and the module."""
+    folder = tmp_path_factory.mktemp("written")
+    L.seed_everything(0)
+    module = BDHLitModule(**TINY_MODEL)
+    data = torch.randint(0, 256, (16, 17))
+    trainer = L.Trainer(max_steps=2, default_root_dir=folder, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(list(zip(data[:, :-1], data[:, 1:])), batch_size=8))
+    path = folder / "run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def message(error_info) -> str:
+    text = str(error_info.value)
+    assert "\n" not in text, text
+    return text
+
+
+# ---------------------------------------------------------------- read_checkpoint
+
+
+def test_read_checkpoint_returns_what_was_written(written):
+    path, module = written
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["global_step"] == 2 and checkpoint["hyper_parameters"]["n_embd"] == 32
+    for name, value in module.state_dict().items():
+        assert torch.equal(checkpoint["state_dict"][name], value), name
+    assert read_checkpoint(str(path))["global_step"] == 2  # a str path too
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_read_checkpoint_refuses_a_pickled_call_naming_it(tmp_path):
+    path = tmp_path / "payload.ckpt"
+    torch.save({"state_dict": {}, "note": Payload()}, path)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    assert message(error) == (f"checkpoint {path} contains a pickled reference to posix.getcwd, which loading would run; "
+                              "refused (only tensors and plain values are loaded): use a checkpoint written by `fit`")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"not a checkpoint\n", "is truncated, corrupt or not a PyTorch checkpoint; use another one (e.g. an earlier .ckpt"),
+        (b"", "is truncated, corrupt or not a PyTorch checkpoint"),
+    ],
+)
+def test_read_checkpoint_of_foreign_bytes_is_one_line(tmp_path, content, expected):
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    assert message(error).startswith(f"checkpoint {path} ") and expected in message(error)
+
+
+def test_read_checkpoint_of_a_truncated_file(tmp_path, written):
+    path = tmp_path / "truncated.ckpt"
+    path.write_bytes(written[0].read_bytes()[:4000])
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    assert "is truncated, corrupt or not a PyTorch checkpoint" in message(error)
+
+
+def test_read_checkpoint_of_a_missing_file_or_a_folder(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path / "missing.ckpt")
+    assert message(error) == f"cannot read checkpoint {tmp_path / 'missing.ckpt'}: No such file or directory"
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(tmp_path)
+    assert message(error).startswith(f"cannot read checkpoint {tmp_path}: ")
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], {"weights": {}}, {"state_dict": [1]}])
+def test_read_checkpoint_wants_a_lightning_state_dict(tmp_path, content):
+    path = tmp_path / "plain.ckpt"
+    torch.save(content, path)
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(path)
+    assert message(error) == f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`"
+
+
+# ---------------------------------------------------------------- find_last
+
+
+def touch(path: Path, age: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_find_last_picks_the_newest_run(tmp_path):
+    touch(tmp_path / "version_0/checkpoints/last.ckpt", 100)
+    newest = touch(tmp_path / "version_1/checkpoints/last.ckpt", 10)
+    touch(tmp_path / "version_2/checkpoints/last.ckpt", 300)
+    touch(tmp_path / "version_3/checkpoints/best.ckpt", 0)  # not a last.ckpt
+    assert find_last(tmp_path) == newest
+    assert find_last(str(tmp_path)) == newest
+    loose = touch(tmp_path / "checkpoints/last.ckpt", 1)  # a command without a logger
+    assert find_last(tmp_path) == loose
+
+
+def test_find_last_with_no_run_says_what_to_do(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        find_last(tmp_path / "logs")
+    assert message(error) == (f"--ckpt_path last: no {tmp_path / 'logs'}/version_*/checkpoints/last.ckpt found; train first "
+                              "or give a checkpoint path")  # fmt: skip
+
+
+def test_find_last_default_root_is_lightning_logs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    newest = touch(tmp_path / "lightning_logs/version_4/checkpoints/last.ckpt", 0)
+    assert find_last().resolve() == newest
+
+
+# ---------------------------------------------------------------- check_model_shape, check_loadable
+
+
+def test_check_model_shape_accepts_the_settings_it_was_trained_with(written):
+    check_model_shape(read_checkpoint(written[0]), written[0], {**TINY_MODEL, "n_layer": 5})  # depth: no shape
+
+
+def test_check_model_shape_names_the_weight_and_the_trained_settings(written, tmp_path):
+    checkpoint = read_checkpoint(written[0])
+    with pytest.raises(CheckpointError) as error:
+        check_model_shape(checkpoint, written[0], {**TINY_MODEL, "n_embd": 64})
+    assert message(error) == (
+        f"checkpoint {written[0]} holds a model of another shape: model.encoder is (2, 32, 128) there but (2, 64, 256) "
+        "with these settings; use the model settings it was trained with (n_embd=32, n_head=2, "
+        "mlp_internal_dim_multiplier=8)"
+    )
+    (written[0].parent.parent / "config.yaml").write_text("model: {}\n")
+    try:
+        with pytest.raises(CheckpointError) as error:
+            check_model_shape(checkpoint, written[0], {**TINY_MODEL, "mlp_internal_dim_multiplier": 4})
+        assert message(error).endswith(f" (e.g. --config {written[0].parent.parent / 'config.yaml'})")
+        assert "model.encoder is (2, 32, 128) there but (2, 32, 64)" in message(error)
+    finally:
+        (written[0].parent.parent / "config.yaml").unlink()
+    bare = {"state_dict": checkpoint["state_dict"]}
+    with pytest.raises(CheckpointError) as error:
+        check_model_shape(bare, "bare.ckpt", {**TINY_MODEL, "n_head": 4})
+    assert message(error).endswith("with these settings; use the model settings it was trained with")
+
+
+def test_check_model_shape_refuses_other_models_and_extra_weights(written):
+    checkpoint = read_checkpoint(written[0])
+    with pytest.raises(CheckpointError) as error:
+        check_model_shape({"state_dict": {"a.weight": torch.zeros(2), "b": 3}}, "other.ckpt", TINY_MODEL)
+    assert message(error) == "checkpoint other.ckpt holds no BDH weights (['a.weight']...); use one written by `fit`"
+    extra = {"state_dict": {**checkpoint["state_dict"], "model.extra": torch.zeros(1), "model.more": torch.zeros(1)}}
+    with pytest.raises(CheckpointError) as error:
+        check_model_shape(extra, "edited.ckpt", TINY_MODEL)
+    assert message(error) == ("checkpoint edited.ckpt holds weights BDH does not have (model.extra, model.more); it is of "
+                              "another model or was edited: use one written by `fit`")  # fmt: skip
+
+
+def test_check_loadable_accepts_what_fit_writes_for_resume_too(written):
+    checkpoint = read_checkpoint(written[0])
+    check_loadable(checkpoint, written[0], resume=False)
+    check_loadable(checkpoint, written[0], resume=True)
+
+
+@pytest.mark.parametrize(
+    "change, resume, expected",
+    [
+        (lambda c: c.pop("pytorch-lightning_version"), False,
+         "has no pytorch-lightning_version: it was not written by `fit`; use one that was (to start a new run from its "
+         "weights: --model.init_from P)"),
+        (lambda c: c.update(hyper_parameters=[1]), False, "has hyper_parameters that are not a mapping; use one written by `fit`"),
+        (lambda c: c.pop("optimizer_states"), True,
+         "holds no optimizer state, so training cannot continue from it; start a new run from its weights with "
+         "--model.init_from P (fresh optimizer, step 0)"),
+        (lambda c: c.update(optimizer_states=[]), True, "holds no optimizer state"),
+        (lambda c: c.update(optimizer_states=[1]), True, "holds no optimizer state"),
+        (lambda c: c.update(global_step="2"), True, "has a global_step that is not a int; use one written by `fit`"),
+        (lambda c: c.update(epoch=0.5), True, "has a epoch that is not a int"),
+        (lambda c: c.update(loops=[]), True, "has a loops that is not a dict"),
+        (lambda c: c.update(lr_schedulers={}), True, "has a lr_schedulers that is not a list"),
+        (lambda c: c["state_dict"].update({"model.lm_head": torch.full((32, 256), float("nan"))}), False,
+         "holds non-finite weights (NaN or infinity in model.lm_head); use an earlier checkpoint"),
+        (lambda c: c["state_dict"].update({"model.decoder": torch.tensor([1.0, float("inf")])}), False,
+         "holds non-finite weights (NaN or infinity in model.decoder)"),
+        (lambda c: c["state_dict"].update({"model.decoder": torch.tensor([-float("inf"), 0.0])}), False,
+         "holds non-finite weights"),
+    ],
+    ids=["no-version", "hparams-not-mapping", "no-optimizer", "empty-optimizer", "optimizer-not-dict", "step-str",
+         "epoch-float", "loops-list", "schedulers-dict", "nan", "inf", "minus-inf"],
+)  # fmt: skip
+def test_check_loadable_refuses_in_one_line(written, change, resume, expected):
+    checkpoint = dict(read_checkpoint(written[0]))
+    checkpoint["state_dict"] = dict(checkpoint["state_dict"])
+    change(checkpoint)
+    with pytest.raises(CheckpointError) as error:
+        check_loadable(checkpoint, "P", resume=resume)
+    assert message(error).startswith("checkpoint P ") and expected in message(error)
+
+
+def test_check_loadable_without_resume_ignores_the_training_state(written):
+    checkpoint = {k: v for k, v in read_checkpoint(written[0]).items() if k not in ("optimizer_states", "loops")}
+    checkpoint["global_step"] = "not checked"
+    check_loadable(checkpoint, "P", resume=False)
+    checkpoint["state_dict"] = {**checkpoint["state_dict"], "model.steps": torch.tensor([3]), "model.none": torch.zeros(0)}
+    check_loadable(checkpoint, "P", resume=False)  # integer and empty tensors are not checked for finiteness
+
+
+# ---------------------------------------------------------------- loading the model, the run's precision
+
+
+def test_load_model_from_checkpoint_is_float32_eval_with_the_weights(written):
+    path, module = written
+    model = load_model_from_checkpoint(path)
+    assert not model.training and model.encoder.dtype == torch.float32 and model.encoder.device.type == "cpu"
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    deeper = load_model_from_checkpoint(path, settings={"n_layer": 4})
+    assert deeper.config.n_layer == 4 and model.config.n_layer == 2
+
+
+def test_run_precision_reads_the_config_beside_the_run(tmp_path):
+    ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    config = tmp_path / "version_0" / "config.yaml"
+    assert run_precision(ckpt) is None  # no config.yaml
+    config.write_text("trainer:\n  precision: bf16-mixed\n")
+    assert run_precision(ckpt) == "bf16-mixed"
+    config.write_text("trainer:\n  precision: 32\n")
+    assert run_precision(ckpt) == "32"
+    for text in ("trainer: {}\n", "", "model: {n_layer: 2}\n", "trainer: [1, 2]\n", "a: [unclosed\n"):
+        config.write_text(text)
+        assert run_precision(ckpt) is None, text
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_replaces_the_file_and_leaves_no_part(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "deep" / "folder" / "last.ckpt"  # folders are made
+    io.save_checkpoint({"global_step": 1, "w": torch.arange(3.0)}, path)
+    io.save_checkpoint({"global_step": 2, "w": torch.arange(4.0)}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["global_step"] == 2 and torch.equal(loaded["w"], torch.arange(4.0))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    other = tmp_path / "best.ckpt"
+    io.save_checkpoint({"global_step": 3}, str(other))
+    assert io.written == [(str(path), 2), (str(other), 3)]  # one entry per path, newest last
+    assert io.last_good_words() == (f"the last good checkpoint of this run is {other} (step 3); free some space and resume "
+                                    "from it with --ckpt_path")  # fmt: skip
+
+
+def test_a_failed_write_removes_its_part_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import bdh_lightning.checkpoints as checkpoints
+
+    io = AtomicCheckpointIO()
+    assert io.last_good_words() == "this run saved no checkpoint before it; free some space and start again"
+    good = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 5}, good)
+
+    def full_disk(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    with pytest.raises(ResourceError) as error:
+        io.save_checkpoint({"global_step": 6}, tmp_path / "step6.ckpt")
+    assert message(error) == (f"could not write checkpoint {tmp_path / 'step6.ckpt'} (No space left on device); the last "
+                              f"good checkpoint of this run is {good} (step 5); free some space and resume from it with "
+                              "--ckpt_path")  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no .part left
+    good.unlink()
+    assert io.last_good_words() == "this run saved no checkpoint before it; free some space and start again"
+
+
+def test_write_failure_words():
+    assert write_failure(OSError(28, "No space left on device")) == "No space left on device"
+    assert write_failure(OSError("plain")) == "plain"
+    assert write_failure(OSError()) == "OSError"
+    assert write_failure(RuntimeError("write failed\nat byte 7")) == "write failed at byte 7"
+
+
+def test_last_good_checkpoint_is_this_runs_newest_on_disk(tmp_path):
+    io = AtomicCheckpointIO()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(checkpoint_io=io))
+    assert last_good_checkpoint(trainer) is None
+    first, second = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    io.save_checkpoint({"global_step": 3}, first)
+    io.save_checkpoint({"global_step": 6}, second)
+    assert last_good_checkpoint(trainer) == (str(second), 6)
+    second.unlink()
+    assert last_good_checkpoint(trainer) == (str(first), 3)
+    assert last_good_checkpoint(SimpleNamespace(strategy=SimpleNamespace())) is None
