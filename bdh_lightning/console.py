@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar
 
 from .estimate import format_bytes
+from .precision import cuda_total_memory
 
 # Lightning's notices that say nothing about this run (each checked against Lightning 2.6's wording).
 QUIET_MESSAGES = (
@@ -66,8 +67,9 @@ def rate(bytes_per_second: float) -> str:
 
 def device_memory(device: torch.device) -> tuple[int | None, str]:
     """(bytes this device can give a run, what it is called): the GPU's total memory, or the CPU's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, "the GPU has"
+    if device.type == "cuda":  # read through NVML: a CUDA context here would break ddp_fork's ranks
+        total = cuda_total_memory(device.index or 0)
+        return (total, "the GPU has") if total else (None, "")
     try:
         with open("/proc/meminfo") as info:
             for line in info:

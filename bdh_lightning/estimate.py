@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .errors import UsageError as EstimateError
 from .model import BDHConfig
 from .precision import PRECISIONS as PRECISION_TABLE
-from .precision import precision
+from .precision import cuda_total_memory, precision
 
 # Lightning precision -> (bytes per parameter, bytes per activation element, autocast on)
 PRECISIONS = {name: (p.param_bytes, p.activation_bytes, p.autocast) for name, p in PRECISION_TABLE.items()}
@@ -333,8 +333,14 @@ AUTO_FIXED_MARGIN = 2**30
 
 
 def device_memory_bytes(device: torch.device) -> int:
-    """Total memory of a CUDA device (what `auto` compares the predicted peak with)."""
-    return torch.cuda.get_device_properties(device).total_memory
+    """Total memory of a CUDA device (what `auto` compares the predicted peak with), read through NVML where
+    CUDA is not initialised yet: the launching process must not create a CUDA context (ddp_fork)."""
+    total = cuda_total_memory(device.index or 0)
+    if total is not None:
+        return total
+    if torch.cuda.device_count() == 0:
+        return 0  # no GPU visible: Lightning refuses the run in its own words when it builds the trainer
+    return torch.cuda.get_device_properties(device).total_memory  # NVML unreadable: this creates a CUDA context
 
 
 def fits_device(peak_bytes: int, device_bytes: int) -> bool:

@@ -74,6 +74,21 @@ def default_precision(accelerator=None) -> str:
     return "bf16-mixed" if capabilities and min(capabilities)[0] >= 8 else "16-mixed"
 
 
+def cuda_present() -> bool:
+    """Whether a CUDA GPU is visible, asked without initialising CUDA: `torch.cuda.device_count` reads NVML,
+    where `torch.cuda.is_available` calls cuInit, after which a forked rank (ddp_fork) cannot use CUDA."""
+    return torch.cuda.device_count() > 0
+
+
+def cuda_total_memory(index: int = 0) -> int | None:
+    """Total bytes of visible GPU `index`, without creating a CUDA context (NVML); from torch when this process
+    has initialised CUDA already; None when neither can say."""
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_properties(index).total_memory
+    totals = nvml_total_memory()
+    return totals[index] if totals and index < len(totals) else None
+
+
 def gpu_capabilities() -> list[tuple[int, int]]:
     """(major, minor) compute capability of each visible GPU, without creating a CUDA context here.
 
