@@ -23,7 +23,7 @@ from .data import ByteDataModule
 from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
 from .checkpoints import AtomicCheckpointIO, RunCheckpoint, check_loadable, check_model_shape, find_last, read_checkpoint
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
-from .precision import TF32, default_precision
+from .precision import TF32, cuda_present, default_precision
 from .throughput import ThroughputMonitor
 from .monitor import SparsityMonitor, TextSample
 from . import __version__
@@ -317,7 +317,7 @@ def nothing_left_to_do(checkpoint: dict, config) -> None:
 
 def run_device(trainer_config) -> torch.device:
     accelerator = str(trainer_config.accelerator)
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda_present()):  # no cuInit: ddp_fork can fork
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -362,7 +362,7 @@ def plan_memory(config) -> list[str]:
 
 def check_cpu_devices(trainer_config) -> None:
     """Lightning runs any number of CPU "devices" (one process each); more than the cores here is a mistake."""
-    on_cpu = trainer_config.accelerator == "cpu" or (trainer_config.accelerator == "auto" and not torch.cuda.is_available())
+    on_cpu = trainer_config.accelerator == "cpu" or (trainer_config.accelerator == "auto" and not cuda_present())
     devices = trainer_config.devices
     cores = len(os.sched_getaffinity(0))
     if on_cpu and str(devices).isdigit() and int(devices) > cores:
