@@ -81,3 +81,18 @@ def test_tf32_is_set_in_the_rank_on_cuda_only(allow):
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_gpu_memory_is_read_without_a_cuda_context(no_cuda_context, monkeypatch):
+    """What the launcher asks (the header's "the GPU has", auto's kernel choice) comes from NVML."""
+    from bdh_lightning import console, estimate
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(precision, "nvml_total_memory", lambda: [80 * 2**30, 40 * 2**30])
+    assert precision.cuda_present() and precision.cuda_total_memory(1) == 40 * 2**30
+    assert console.device_memory(torch.device("cuda", 0)) == (80 * 2**30, "the GPU has")
+    assert estimate.device_memory_bytes(torch.device("cuda", 1)) == 40 * 2**30
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(precision, "nvml_total_memory", lambda: None)
+    assert not precision.cuda_present() and precision.cuda_total_memory() is None
+    assert estimate.device_memory_bytes(torch.device("cuda")) == 0  # Lightning then refuses the run itself
