@@ -300,7 +300,10 @@ def split_stats(folder: str, window: int) -> dict:
 
 
 class Progress:
-    """A progress bar of source bytes read (with bytes/s and time left), fed from the workers' shared counter."""
+    """A progress bar of bytes read (with bytes/s and time left), fed from the workers' shared counter.
+
+    A .jsonl is read once for each split (each keeps its own lines), so it counts for up to three times its size.
+    """
 
     def __init__(self, total: int, counter, enabled: bool):
         from tqdm import tqdm
@@ -478,8 +481,9 @@ def prepare_command(
         for s in SPLITS
         if splits[s]["documents"]
     )
+    rate = human_bytes(int(listing.sizes.sum() / max(seconds, 1e-9)))
     print(
-        f"prepared {output}: {parts} in {seconds:.1f} s ({human_bytes(int(planned / max(seconds, 1e-9)))}/s); "
+        f"prepared {output}: {parts} in {seconds:.1f} s ({rate}/s of source); "
         f"train with --data.path {output} --data.block_size {data.block_size}",
         file=sys.stderr,
     )

@@ -386,7 +386,7 @@ def test_the_progress_bar_counts_bytes(tmp_path, capsys):
     data = PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3)
     assert prepare_command(data, str(tmp_path / "out"), num_workers=1) == 0
     err = capsys.readouterr().err
-    assert "prepare: 100%" in err and "B/s" in err and "/s); train with --data.path" in err
+    assert "prepare: 100%" in err and "B/s" in err and "/s of source); train with --data.path" in err
 
 
 def test_the_split_hash_is_stable():
