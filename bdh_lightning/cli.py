@@ -30,6 +30,7 @@ from . import __version__
 from .console import RunReport, device_memory, memory_line
 from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .model import ARCHITECTURE, BDHConfig
+from .weights import read_weights
 from .module import BDHLitModule
 
 DESCRIPTION = (
@@ -180,12 +181,18 @@ class BDHCLI(LightningCLI):
         last = config.get("ckpt_path") == "last"
         if last:
             config.ckpt_path = str(resolve_last(config))
+        elif config.get("ckpt_path") and exported_weights(config.ckpt_path):
+            if self.config.get("subcommand") == "fit":
+                raise UsageError(f"--ckpt_path {config.ckpt_path} holds exported weights, not a training checkpoint to "
+                                 f"resume; start a run from them with --model.init_from {config.ckpt_path}")  # fmt: skip
+            config.model.init_from, config.ckpt_path = config.ckpt_path, None  # validate/test score these weights
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
             raise UsageError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
         if config.get("ckpt_path"):
             self.checkpoint = read_checkpoint(config.ckpt_path)  # memory-mapped: cheap to keep until the shape check
             check_loadable(self.checkpoint, config.ckpt_path, resume=self.config.get("subcommand") == "fit")
             self.model_settings_given = config.model.as_dict()
+            config.model.init_from = None  # the checkpoint's weights replace them: do not read that file again
             if last and rank_zero_only.rank == 0:
                 print(f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr)
 
@@ -290,6 +297,17 @@ def parse_settings(args: list[str]):
         return SettingsOnly(args=[*args, "--seed_everything", "false"], run=False).config
 
 
+def exported_weights(path: str) -> bool:
+    """Whether --ckpt_path names weights written by `export` (or a reference state_dict), not a fit checkpoint."""
+    where = Path(path)
+    if not (where.is_dir() or where.suffix in (".safetensors", ".pt", ".pth", ".bin")):
+        return False
+    try:
+        return read_weights(where).kind != "lightning"
+    except BDHError:
+        return False  # let the checkpoint reader say what is wrong with it
+
+
 def comparable(value):
     return list(value) if isinstance(value, tuple) else value  # YAML gives lists where Python gave tuples
 
@@ -343,7 +361,7 @@ def plan_memory(config) -> list[str]:
         best, why = "reference", "kernel reference: model.carry_state reads the carried state in the reference schedule"
         carried = data.batch_size * c.n_layer * c.n_head * c.neurons_per_head * c.n_embd * 4
         why += f"; the carried state, {format_bytes(carried)}, is included below"
-    peak = report.kernels[best].peak_bytes + carried
+    peak = report.kernels[best].device_bytes + carried  # on CUDA with the context, workspaces and allocator slack
     if have and peak > have and not config.get("force"):
         fits = largest_batch(model, data.block_size, precision, device.type, best, have)
         accumulate = config.trainer.accumulate_grad_batches or 1

@@ -321,6 +321,13 @@ def test_validate_init_from_an_export_equals_validate_of_the_checkpoint(run, tmp
     of_checkpoint = BDHCLI(args=[*common, "--ckpt_path", str(ckpt)]).trainer.callback_metrics["val/loss"]
     of_export = BDHCLI(args=[*common, "--model.init_from", str(tmp_path / "hf")]).trainer.callback_metrics["val/loss"]
     assert torch.equal(of_export, of_checkpoint)
+    # --ckpt_path takes an export too: validate scores its weights; fit says to start from them instead.
+    export_command(str(ckpt), "safetensors", str(tmp_path / "w.safetensors"))
+    direct = BDHCLI(args=[*common, "--ckpt_path", str(tmp_path / "w.safetensors")]).trainer.callback_metrics["val/loss"]
+    assert torch.equal(direct, of_checkpoint)
+    from bdh_lightning.main import main
+
+    assert main(["fit", "--data.path", str(corpus), *TINY_ARGS, "--ckpt_path", str(tmp_path / "w.safetensors")]) == 2
 
 
 def test_init_from_weights_of_other_settings_is_one_line(run, tmp_path):
