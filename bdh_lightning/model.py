@@ -38,7 +38,7 @@ class BDHConfig:
         kernel: Layer implementation: reference (plain autograd), chunked (recomputes the N-wide
             activations in backward, chunk by chunk: far less memory), fused (Triton, CUDA only), or
             auto (the best available). Checkpoints do not depend on it.
-        chunk_size: Neurons per chunk for the chunked/fused kernels (0 = choose automatically).
+        chunk_size: Neurons per chunk for the chunked kernel (0 = choose automatically; fused has its own tiles).
     """
 
     n_layer: int = 6

@@ -84,7 +84,7 @@ class BDHLitModule(L.LightningModule):
             vocab_size: 256 (bytes).
             kernel: Layer implementation: auto, reference, chunked (recomputes N-wide activations in backward:
                 far less memory) or fused (CUDA). Checkpoints do not depend on it.
-            chunk_size: Neurons per chunk for chunked/fused (0 = automatic).
+            chunk_size: Neurons per chunk for chunked (0 = automatic; fused has its own tiles).
             compile: Compile the model with torch.compile (checkpoint keys stay plain).
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay (applied to every parameter, as the reference does).
