@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from .checkpoints import last_good_checkpoint
 from .errors import NonFiniteError, TrainingInterrupted
 
 # How often the non-finite check looks when logging is off (trainer.log_every_n_steps 0).
@@ -58,13 +59,12 @@ def last_checkpoint_path(trainer) -> str | None:
 class StopOnSignal(Callback):
     """SIGTERM (pre-emption, `scancel`, `kill`) or Ctrl-C: finish the current optimizer step, save last.ckpt, stop.
 
-    Also saves last.ckpt when training ends at a step no checkpoint holds yet (max_steps between two saves).
     A second Ctrl-C aborts at once, without saving.
     """
 
     def __init__(self):
         self.signum: int | None = None
-        self.saved_step: int | None = None
+        self.trainer = None
         self.group = None  # a gloo process group for the ranks' vote (multi-process runs)
         self.vote = None  # (the all-reduce in flight, its tensor)
 
@@ -72,6 +72,7 @@ class StopOnSignal(Callback):
         # Installed after Lightning's SIGTERM handler (set when fit starts), which would stop without saving;
         # Lightning puts the original handlers back when fit ends.
         self.signum = None
+        self.trainer = trainer
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -84,9 +85,13 @@ class StopOnSignal(Callback):
 
     def request_stop(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum is not None:
-            raise KeyboardInterrupt
+            # Not KeyboardInterrupt: Lightning turns that into exit code 1. A write cut short leaves no .part.
+            found = last_good_checkpoint(self.trainer) if self.trainer is not None else None
+            kept = f"the last good checkpoint is {found[0]} (step {found[1]})" if found else "this run saved no checkpoint"
+            raise TrainingInterrupted(f"stopped by a second Ctrl-C without saving; {kept}", signal.SIGINT)
         self.signum = signum
-        sys.stderr.write(f"{signal.Signals(signum).name} received: saving a checkpoint after this step (Ctrl-C again aborts without saving)\n")
+        if signum == signal.SIGINT:  # someone at a terminal waits for the step to end; SIGTERM gets one line, at the stop
+            sys.stderr.write("Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts without saving)\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -126,14 +131,8 @@ class StopOnSignal(Callback):
         work.wait()
         return bool(flag.item())
 
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self.saved_step = trainer.global_step
-
     def on_train_end(self, trainer, pl_module) -> None:
-        self.finish_vote()
-        path = last_checkpoint_path(trainer)
-        if path and trainer.checkpoint_callback.save_last and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(path, weights_only=False)
+        self.finish_vote()  # (the final step's last.ckpt: checkpoints.RunCheckpoint)
 
 
 class StopOnNonFinite(Callback):
@@ -181,12 +180,12 @@ class StopOnNonFinite(Callback):
 
     @staticmethod
     def advice(trainer) -> str:
-        callback = trainer.checkpoint_callback
-        last_good = (callback.last_model_path or callback.best_model_path) if callback else ""
+        found = last_good_checkpoint(trainer)  # one this run wrote: never another run's, nor the one it resumed from
         remedy = "a lower model.learning_rate, or trainer.precision bf16-mixed or 32-true"
-        if last_good:
-            return f"the last good checkpoint is {last_good}; resume from it (--ckpt_path) with {remedy}"
-        return f"no checkpoint was saved in this run; start again with {remedy}"
+        if found:
+            return f"the last good checkpoint is {found[0]} (step {found[1]}); resume from it (--ckpt_path) with {remedy}"
+        resumed = f" (it resumed from {trainer.ckpt_path})" if trainer.ckpt_path else ""
+        return f"no checkpoint was saved in this run{resumed}; start again with {remedy}"
 
 
 class StopEveryRank(Callback):

@@ -50,6 +50,22 @@ def run_command(name: str, argv: list[str]) -> int:
     return function(**{k: v for k, v in vars(init).items() if not k.startswith("__")})
 
 
+# What gloo and NCCL say when the process at the other end of a collective has gone (killed, crashed).
+PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
+                     "NCCL communicator was aborted")  # fmt: skip
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    return any(marker in str(error) for marker in PEER_LOST_MARKERS)
+
+
+def peer_lost_words(error: BaseException) -> str:
+    for marker in PEER_LOST_MARKERS:
+        if marker in str(error):
+            return marker[0].lower() + marker[1:]
+    return one_line(error)[:200]
+
+
 def main(argv: list[str] | None = None) -> int:
     """The exit code: 0 done, 2 a user mistake, 1 a failure of the run (non-finite loss, out of memory),
     128 + N stopped by signal N."""
@@ -72,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         report(f"error: {one_line(error)}")
         return 2
     except RuntimeError as error:  # torch's allocator, or cuBLAS/cuDNN/NCCL failing to get memory: one line
+        if is_peer_lost(error):
+            report(f"error: another process of this run stopped ({peer_lost_words(error)}); see its own output for why, "
+                   "then resume with --ckpt_path last")  # fmt: skip
+            return 1
         if not is_out_of_memory(error):
             raise
         report(f"error: {OUT_OF_MEMORY}")

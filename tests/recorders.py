@@ -68,3 +68,15 @@ class StallAt(Callback):
 
             print(f"stalled at step {self.step}", file=sys.stderr, flush=True)
             time.sleep(3600)
+
+
+class SlowSteps(Callback):
+    """Sleeps `seconds` before every training batch: a signal sent mid-step then reliably arrives mid-step."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import time
+
+        time.sleep(self.seconds)

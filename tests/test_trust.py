@@ -21,7 +21,7 @@ import torch
 
 from bdh_lightning import checkpoints as checkpoints_module
 from bdh_lightning.main import main
-from conftest import SUBPROCESS_ENV, finish, run_cli, start_cli, stderr_of, write_letters
+from conftest import SUBPROCESS_ENV, finish, run_cli, start_cli, stderr_of, wait_for_line, write_letters
 from conftest import TINY_ARGS as TINY
 
 QUICK = [*TINY, "--sample.length", "0"]  # no closing sample: nothing here reads it
@@ -345,3 +345,80 @@ def test_estimate_checks_the_settings_it_computes_with(tmp_path, yaml, expected)
     done = run_cli(tmp_path, "estimate", "--config", "bad.yaml", timeout=120)  # looped forever on block_size 0
     err = error_lines(done.stderr)
     assert done.returncode == 2 and err == [expected], done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the last good checkpoint, signals, a lost rank
+
+
+def test_a_non_finite_loss_names_only_a_checkpoint_this_run_wrote(trained, tmp_path, monkeypatch, capsys):
+    """Resumed into a shared checkpoint.dirpath, Lightning's ModelCheckpoint state names the other run's last.ckpt."""
+    monkeypatch.chdir(trained)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copy(trained / "lightning_logs/version_0/checkpoints/last.ckpt", shared / "last.ckpt")
+    (tmp_path / "poison.yaml").write_text("trainer:\n  callbacks:\n    - class_path: recorders.PoisonWeights\n"
+                                          "      init_args: {step: 3, where: loss}\n")  # fmt: skip
+    code = main(["fit", "--config", str(tmp_path / "poison.yaml"), "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "6",
+                 "--ckpt_path", str(shared / "last.ckpt"), "--checkpoint.dirpath", str(shared),
+                 "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    err = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: training loss is nan at step 3"), err
+    assert f"no checkpoint was saved in this run (it resumed from {shared / 'last.ckpt'})" in err[0], err
+    assert "last good checkpoint is" not in err[0]
+
+
+SLOW = "trainer:\n  callbacks:\n    - class_path: recorders.SlowSteps\n      init_args: {seconds: 0.3}\n"
+
+
+def start_slow_run(folder: Path, *extra: str):
+    """A run whose steps take 0.3 s, saving every 2 steps; returns it once its first checkpoint exists."""
+    (folder / "slow.yaml").write_text(SLOW)
+    write_letters(folder / "corpus.txt")
+    proc = start_cli(folder, "fit", "--config", "slow.yaml", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "100000",
+                     "--checkpoint.every_n_train_steps", "2", *extra)  # fmt: skip
+    last = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 180
+    while saved_step(last) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, stderr_of(proc)[-2000:]
+        time.sleep(0.05)
+    return proc, last
+
+
+def test_sigterm_prints_one_line(tmp_path):
+    proc, last = start_slow_run(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    err = finish(proc, timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    about_it = [line for line in err.splitlines() if "SIGTERM" in line]
+    assert len(about_it) == 1 and about_it[0].startswith("stopped by SIGTERM after step "), err[-2000:]
+    assert f"saved {last}" in about_it[0]
+
+
+def test_a_second_ctrl_c_exits_130_without_saving(tmp_path):
+    proc, last = start_slow_run(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    wait_for_line(proc, "Ctrl-C: saving a checkpoint after this step")
+    proc.send_signal(signal.SIGINT)
+    err = finish(proc, timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    stopped = [line for line in error_lines(err) + err.splitlines() if line.startswith("stopped by")]
+    assert stopped and stopped[0].startswith("stopped by a second Ctrl-C without saving; the last good checkpoint is "), err[-2000:]
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_killing_one_data_parallel_rank_is_one_line_on_the_other(tmp_path):
+    proc, _ = start_slow_run(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == proc.pid]
+    assert len(children) == 1, children  # Lightning started rank 1 as a child of rank 0
+    os.kill(children[0], signal.SIGKILL)
+    err = finish(proc, timeout=180)
+    lines = error_lines(err)
+    assert proc.returncode == 1 and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: another process of this run stopped (") and lines[0].endswith("resume with --ckpt_path last")
+
+
+def parent_of(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
