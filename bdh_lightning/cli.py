@@ -30,6 +30,7 @@ from . import __version__
 from .console import RunReport, device_memory, memory_line
 from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .model import ARCHITECTURE, BDHConfig
+from .weights import read_weights
 from .module import BDHLitModule
 
 DESCRIPTION = (
@@ -180,12 +181,18 @@ class BDHCLI(LightningCLI):
         last = config.get("ckpt_path") == "last"
         if last:
             config.ckpt_path = str(resolve_last(config))
+        elif config.get("ckpt_path") and exported_weights(config.ckpt_path):
+            if self.config.get("subcommand") == "fit":
+                raise UsageError(f"--ckpt_path {config.ckpt_path} holds exported weights, not a training checkpoint to "
+                                 f"resume; start a run from them with --model.init_from {config.ckpt_path}")  # fmt: skip
+            config.model.init_from, config.ckpt_path = config.ckpt_path, None  # validate/test score these weights
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
             raise UsageError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
         if config.get("ckpt_path"):
             self.checkpoint = read_checkpoint(config.ckpt_path)  # memory-mapped: cheap to keep until the shape check
             check_loadable(self.checkpoint, config.ckpt_path, resume=self.config.get("subcommand") == "fit")
             self.model_settings_given = config.model.as_dict()
+            config.model.init_from = None  # the checkpoint's weights replace them: do not read that file again
             if last and rank_zero_only.rank == 0:
                 print(f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr)
 
@@ -288,6 +295,17 @@ def parse_settings(args: list[str]):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LightningCLI's note that args differ from sys.argv
         return SettingsOnly(args=[*args, "--seed_everything", "false"], run=False).config
+
+
+def exported_weights(path: str) -> bool:
+    """Whether --ckpt_path names weights written by `export` (or a reference state_dict), not a fit checkpoint."""
+    where = Path(path)
+    if not (where.is_dir() or where.suffix in (".safetensors", ".pt", ".pth", ".bin")):
+        return False
+    try:
+        return read_weights(where).kind != "lightning"
+    except BDHError:
+        return False  # let the checkpoint reader say what is wrong with it
 
 
 def comparable(value):
