@@ -109,6 +109,21 @@ def score(statuses: dict[str, str]) -> dict:
     }
 
 
+SHOW = """
+import json, sys
+from pathlib import Path
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+names, source, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+out.write_text("".join(f"# {name}\\n{get_diff_for_mutant(name, path=source)}\\n\\n" for name in names))
+"""
+
+
+def write_survivors(work: Path, module: str, names: list[str], env: dict) -> None:
+    """The diff of every surviving mutant, in one process (`mutmut show` per mutant costs an interpreter each)."""
+    subprocess.run([sys.executable, "-c", SHOW, json.dumps(names), f"bdh_lightning/{module}.py", str(work / "survivors.txt")],
+                   cwd=work, env=env, check=True)  # fmt: skip
+
+
 def run_module(module: str, max_children: int) -> dict:
     work = prepare(module)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -121,10 +136,17 @@ def run_module(module: str, max_children: int) -> dict:
     if code != 0:
         print(f"{module}: mutmut exited {code}; see {work / 'mutmut.log'}", file=sys.stderr)
     summary = {"module": module, "seconds": round(seconds), **score(results(work, module))}
-    with (work / "survivors.txt").open("w") as out:
-        for name in summary["survived"]:
-            diff = subprocess.run([*mutmut, "show", name], cwd=work, env=env, capture_output=True, text=True).stdout
-            out.write(diff + "\n")
+    write_survivors(work, module, summary["survived"], env)
+    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def report(module: str) -> dict:
+    """The score of an earlier run from its records (`--report`), survivors' diffs rewritten."""
+    work = REPO / "mutants" / module
+    summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").exists() else {"seconds": 0}
+    summary = {"module": module, "seconds": summary["seconds"], **score(results(work, module))}
+    write_survivors(work, module, summary["survived"], {**os.environ})
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -133,8 +155,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", default=list(TESTS), choices=list(TESTS))
     parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (1 on a shared 2-core machine)")
+    parser.add_argument("--report", action="store_true", help="only print the scores of the last run (after EQUIVALENT edits)")
     args = parser.parse_args()
-    rows = [run_module(module, args.max_children) for module in args.modules]
+    rows = [report(m) if args.report else run_module(m, args.max_children) for m in args.modules]
     print(f"{'module':<12} {'mutants':>7} {'equiv.':>6} {'killed':>6} {'survived':>8} {'score':>6} {'time':>7}")
     for r in rows:
         print(f"{r['module']:<12} {r['mutants']:>7} {r['equivalent']:>6} {r['killed']:>6} {len(r['survived']):>8} "

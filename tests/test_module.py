@@ -251,3 +251,137 @@ def test_flops_formula():
     per_token = 3 * (6 * H * D * N + 2 * H * N * T + 2 * H * D * T) + 2 * D * V
     assert module.forward_flops(4, T) == 4 * T * per_token
     assert module.training_flops(4, T) == 3 * 4 * T * per_token
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (dict(learning_rate=0.0), "model.learning_rate must be in (0, inf), got 0.0"),
+        (dict(learning_rate=-1e-3), "model.learning_rate must be in (0, inf), got -0.001"),
+        (dict(learning_rate=float("nan")), "model.learning_rate must be a finite number, got nan"),
+        (dict(weight_decay=-0.1), "model.weight_decay must be in [0, inf), got -0.1 (0 = none)"),
+        (dict(weight_decay=float("inf")), "model.weight_decay must be a finite number, got inf (0 = none)"),
+        (dict(betas=(0.9,)), "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got (0.9,)"),
+        (dict(betas=0.9), "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got 0.9"),
+        (dict(betas=[0.9, 0.99, 0.999]), "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got [0.9, 0.99, 0.999]"),
+        (dict(betas=(1.0, 0.9)), "model.betas[0] must be in [0, 1), got 1.0"),
+        (dict(betas=(0.9, -0.1)), "model.betas[1] must be in [0, 1), got -0.1"),
+        (dict(betas=(0.9, 1.5)), "model.betas[1] must be in [0, 1), got 1.5"),
+        (dict(warmup_steps=-1), "model.warmup_steps must be a non-negative integer (0 = no warmup), got -1"),
+        (dict(warmup_steps=1.5), "model.warmup_steps must be a non-negative integer (0 = no warmup), got 1.5"),
+        (dict(decay_steps=-2), "model.decay_steps must be a non-negative integer (0 = constant learning rate), got -2"),
+        (dict(min_learning_rate=2e-3), "model.min_learning_rate must be in [0, 0.001], got 0.002 (the floor of the cosine "
+                                       "decay, at most model.learning_rate)"),
+        (dict(min_learning_rate=-1e-4), "model.min_learning_rate must be in [0, 0.001], got -0.0001 (the floor of the "
+                                        "cosine decay, at most model.learning_rate)"),
+    ],
+)  # fmt: skip
+def test_optimizer_settings_errors_are_one_line_naming_the_setting(settings, expected):
+    from bdh_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        tiny_module(**settings)
+    assert str(error.value) == expected
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(learning_rate=1e-9), dict(weight_decay=0.0), dict(betas=[0.0, 0.5]), dict(betas=(0.999, 0.9999)),
+     dict(min_learning_rate=1e-3), dict(warmup_steps=0, decay_steps=0), dict(warmup_steps=10**6)],
+)  # fmt: skip
+def test_edge_optimizer_settings_are_accepted(settings):
+    tiny_module(**settings)
+
+
+def test_linear_decay_goes_straight_to_the_floor():
+    module = tiny_module(learning_rate=1e-3, warmup_steps=2, decay_steps=10, min_learning_rate=1e-4, decay="linear")
+    for step in range(20):
+        if step < 2:
+            want = 1e-3 * (step + 1) / 2
+        else:
+            want = 1e-4 + (1e-3 - 1e-4) * max(0.0, 1 - (step - 2) / 10)
+        assert module.learning_rate_at(step) == pytest.approx(want, rel=1e-12), step
+
+
+class LogRecorder:
+    def __init__(self):
+        self.calls = {}
+
+    def __call__(self, name, value, **kwargs):
+        self.calls[name] = (float(value), kwargs)
+
+
+def test_losses_are_logged_under_their_names_on_the_progress_bar_and_synced(monkeypatch):
+    module = tiny_module(dropout=0.0)
+    log = LogRecorder()
+    monkeypatch.setattr(module, "log", log)
+    data = torch.randint(0, 256, (2, 9))
+    x, y = data[:, :-1], data[:, 1:]
+    loss = module.training_step((x, y), 0)
+    assert log.calls == {"train/loss": (pytest.approx(loss.item()), {"prog_bar": True})}
+    module.validation_step((x, y), 0)
+    module._log_eval_loss("val")
+    with torch.no_grad():
+        want = module.loss((x, y)).item()
+    assert log.calls["val/loss"] == (pytest.approx(want), {"prog_bar": True, "sync_dist": True})
+    assert log.calls["val/bpb"] == (pytest.approx(want / math.log(2)), {"sync_dist": True})
+    module.test_step((x, y), 0)
+    module._log_eval_loss("test")  # the metric was reset after val: the mean of this batch alone
+    assert log.calls["test/loss"][0] == pytest.approx(want)
+
+
+def test_a_batch_with_stream_starts_trains_and_validates_on_its_windows(monkeypatch):
+    """data.sampling streams yields (x, y, start); without model.carry_state the loss is the windows' own."""
+    module = tiny_module(dropout=0.0)
+    monkeypatch.setattr(module, "log", LogRecorder())
+    data = torch.randint(0, 256, (2, 9))
+    x, y, start = data[:, :-1], data[:, 1:], torch.tensor([0, 8])
+    with torch.no_grad():
+        want = module.loss((x, y))
+        assert torch.equal(module.training_step((x, y, start), 0), want)
+    module.validation_step((x, y, start), 0)
+    assert module.eval_loss.compute().item() == pytest.approx(want.item())
+
+
+def test_dropout_seed_without_a_global_seed_is_seed_zeros(keep_global_seed):
+    module = tiny_module()
+    with_zero = seed_after_batch_start(module, 1, 4, 0, global_seed="0")
+    os.environ.pop("PL_GLOBAL_SEED", None)
+    module._trainer = SimpleNamespace(accumulate_grad_batches=1, global_rank=1, global_step=4)
+    try:
+        module.on_train_batch_start(None, 0)
+    finally:
+        module._trainer = None
+    assert torch.initial_seed() == with_zero
+
+
+def test_compile_wraps_the_plain_forward(monkeypatch):
+    module = tiny_module(compile=True)
+    plain = module.model.forward
+    module.configure_model()
+    assert module.model.forward._torchdynamo_orig_callable == plain
+
+
+@pytest.fixture(scope="module")
+def two_layer_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("init_from")
+    L.seed_everything(0)
+    module = tiny_module()
+    data = torch.randint(0, 256, (8, 17))
+    trainer = L.Trainer(max_steps=1, default_root_dir=folder, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, DataLoader(list(zip(data[:, :-1], data[:, 1:])), batch_size=8))
+    trainer.save_checkpoint(folder / "two.ckpt")
+    return folder / "two.ckpt", module
+
+
+def test_init_from_copies_the_weights_and_notes_another_depth(two_layer_checkpoint, capsys):
+    path, trained = two_layer_checkpoint
+    same = tiny_module(init_from=str(path))
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(same.model.state_dict()[name], value), name
+    assert capsys.readouterr().err == ""  # same depth: nothing to say
+    deeper = tiny_module(n_layer=4, init_from=str(path))
+    assert torch.equal(deeper.model.encoder, trained.model.encoder)
+    assert capsys.readouterr().err == (f"note: --model.init_from {path} was trained with n_layer=2; this model applies its "
+                                       "layer 4 times\n")  # fmt: skip
