@@ -303,26 +303,47 @@ class Progress:
     """A progress bar of bytes read (with bytes/s and time left), fed from the workers' shared counter.
 
     A .jsonl is read once for each split (each keeps its own lines), so it counts for up to three times its size.
+    On a terminal it redraws in place; in a log file it writes one line every LOG_EVERY seconds.
     """
+
+    LOG_EVERY = 10.0
 
     def __init__(self, total: int, counter, enabled: bool):
         from tqdm import tqdm
 
         self.counter, self.done = counter, threading.Event()
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not enabled, smoothing=0.1)
+        self.terminal = sys.stderr.isatty()
+        shown = enabled and self.terminal
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not shown)
+        self.total, self.enabled, self.started = total, enabled, time.monotonic()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
+    def line(self) -> str:
+        from tqdm import tqdm
+
+        elapsed = time.monotonic() - self.started
+        # ncols=0: no bar, "prepare:  48% 115k/242k [00:01<00:01, 95.8kB/s]" (done, elapsed<left, rate)
+        done = self.counter.value
+        return tqdm.format_meter(done, self.total, elapsed, unit="B", unit_scale=True, prefix="prepare", ncols=0)
+
     def run(self) -> None:
+        last = time.monotonic()
         while not self.done.wait(0.5):
-            self.bar.n = self.counter.value
-            self.bar.refresh()
+            if self.terminal:
+                self.bar.n = self.counter.value
+                self.bar.refresh()
+            elif self.enabled and time.monotonic() - last >= self.LOG_EVERY:
+                last = time.monotonic()
+                print(self.line(), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.done.set()
         self.thread.join()
         self.bar.n = self.counter.value
         self.bar.close()
+        if self.enabled and not self.terminal:
+            print(self.line(), file=sys.stderr, flush=True)
 
 
 def prepare_command(

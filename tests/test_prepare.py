@@ -406,3 +406,23 @@ def test_units_group_small_files_and_cut_large_ones(tmp_path, monkeypatch):
     pieces = [[(os.path.basename(f), start, length) for f, start, length in unit[1]] for unit in units["train"]]
     assert pieces == [[("f0", 0, 400), ("f1", 0, 400)], [("f2", 0, 1000)], [("f2", 1000, 1000)],
                       [("f2", 2000, 500), ("f3", 0, 100)]]  # fmt: skip
+
+
+def test_prepare_and_fit_through_the_real_command_line(tmp_path):
+    from conftest import TINY_ARGS, run_cli
+
+    write_documents(tmp_path / "src", count=40)
+    done = run_cli(tmp_path, "prepare", "--data.path", "src", "--output", "out", "--data.block_size", "32",
+                   "--data.val_fraction", "0.2", "--data.test_fraction", "0.1", "--num_workers", "2")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-2].startswith("prepare: 100%") and "B/s" in lines[-2]  # a log file gets lines, not redraws
+    assert lines[-1].startswith(f"prepared {tmp_path / 'out'}: train ") and "--data.block_size 32" in lines[-1]
+    again = run_cli(tmp_path, "prepare", "--data.path", "src", "--output", "out", "--data.block_size", "32")
+    refused = f"error: --output {tmp_path / 'out'} is already a prepared directory"
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"{refused}; give another --output, or --overwrite to replace it"
+    ]
+    fit = run_cli(tmp_path, "fit", "--data.path", "out", *TINY_ARGS, "--trainer.max_steps", "6")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert list((tmp_path / "lightning_logs").glob("version_*/checkpoints/last.ckpt"))
