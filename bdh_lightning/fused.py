@@ -46,15 +46,18 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """Tile sizes: `rows` positions (BT), `pairs` rotary pairs = 2 * pairs neurons (BP), `depth` of the
-    D contraction (BD). Powers of two, at least 16 (tl.dot's smallest). Untuned: no GPU has run them."""
+    D contraction (BD). `wide_rows` is BT for the decode and rows_z kernels: they hold (BT, D) float32
+    accumulators but never remake q, so small row tiles cost them no FLOPs and spare registers. Powers
+    of two, at least 16 (tl.dot's smallest). Untuned: no GPU has run them."""
 
     rows: int = 64
     pairs: int = 32
     depth: int = 64
+    wide_rows: int = 32
     num_warps: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("rows", "pairs", "depth"):
+        for name in ("rows", "pairs", "depth", "wide_rows"):
             size = getattr(self, name)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"Tiles.{name} must be a power of two of at least 16, got {size}")
@@ -502,9 +505,9 @@ class FusedLayer(torch.autograd.Function):
             y, _, rstd = torch.native_layer_norm((scores @ xc.to(att).unsqueeze(1)).to(acc), (D,), None, None, LN_EPS)
             y = y.contiguous()
             u = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
-            _decode_kernel[(rows, B)](xc, y, enc, enc_v, dec, u, masks.seed_hash(seed), masks.drop_threshold(dropout),
-                                      1.0 / (1.0 - dropout), H, T, D, N, DROPOUT=dropout > 0,
-                                      **_without(meta, "ATT"))
+            _decode_kernel[(triton.cdiv(T, tiles.wide_rows), B)](
+                xc, y, enc, enc_v, dec, u, masks.seed_hash(seed), masks.drop_threshold(dropout), 1.0 / (1.0 - dropout),
+                H, T, D, N, DROPOUT=dropout > 0, **{**_without(meta, "ATT"), "BT": tiles.wide_rows})
         ctx.save_for_backward(x, encoder, encoder_v, decoder, cos, sin, scores, y, rstd)
         ctx.dropout, ctx.seed, ctx.tiles, ctx.dtypes = dropout, seed, tiles, (dtype, acc)
         return u.to(dtype).unsqueeze(1)
@@ -527,8 +530,9 @@ class FusedLayer(torch.autograd.Function):
             du = (grad_u.squeeze(1) / (1.0 - dropout)).to(dtype).contiguous()  # dropout's scale, as in forward
             dy = torch.empty(B, H, T, D, dtype=torch.float32, device=x.device)
             dx_heads = torch.empty_like(dy)  # per head: the share through z, then through the scores
-            _rows_z_kernel[(rows, B * H)](xc, y, du, enc, enc_v, dec, dy, dx_heads, seed_hash, threshold, H, T, D, N,
-                                          DROPOUT=dropout > 0, **_without(meta, "ATT"))
+            _rows_z_kernel[(triton.cdiv(T, tiles.wide_rows), B * H)](
+                xc, y, du, enc, enc_v, dec, dy, dx_heads, seed_hash, threshold, H, T, D, N, DROPOUT=dropout > 0,
+                **{**_without(meta, "ATT"), "BT": tiles.wide_rows})
             # y = ln(S x) with S = tril(q q^T): back through the layer norm to S x, then to x and S.
             dy = dy.to(acc)
             dy_pre = rstd * (dy - dy.mean(-1, keepdim=True) - y * (dy * y).mean(-1, keepdim=True))
@@ -560,9 +564,10 @@ def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), l
     score = 2 * BT * BT * n_pad  # one (BT x BT) tile of q q^T or G q, all neuron tiles
     s_x = 2 * B * H * T * T * D  # S @ x (and each of the backward's two T x T x D products), in PyTorch
     pairs = nt * (nt + 1) // 2
+    wide_tiles = triton.cdiv(T, tiles.wide_rows) * 2 * tiles.wide_rows * D * n_pad  # all rows, wide_rows tiles
     # q is made for both sides of each tile pair, once on the diagonal
-    forward = B * H * (nt * nt * tile + pairs * score) + B * nt * H * 3 * tile + s_x
-    rows_z = B * H * nt * 5 * tile  # a, b, dz again; dy and dx through z
+    forward = B * H * (nt * nt * tile + pairs * score + 3 * wide_tiles) + s_x
+    rows_z = B * H * 5 * wide_tiles  # a, b, dz again; dy and dx through z
     rows_q = B * H * nt * (2 * tile + (nt - 1) * tile + nt * score)  # a; dx; q per other column tile; G q
     cols = B * H * nt * (6 * tile + (nt - 1) * tile + nt * score)  # a, b, dz; 3 weight gradients; q; G q
     backward = rows_z + rows_q + cols + 2 * s_x
@@ -599,14 +604,15 @@ def compile_offline(precision: str = "bf16", tiles: Tiles = Tiles(), D: int = 25
     att = "*bf16" if precision == "bf16" else "*fp32"
     common = {"BT": tiles.rows, "BP": tiles.pairs, "BD": tiles.depth, "PREC": precision, "EMULATE": False}
     wide = {**common, "DP": triton.next_power_of_2(D), "DROPOUT": True}
+    narrow_rows = {**wide, "BT": tiles.wide_rows}  # decode and rows_z
     attention = {"ATT": "bf16" if precision == "bf16" else "fp32"}
     f32 = "*fp32"
     jobs = {
         "scores": (_scores_kernel, {"X": low, "E": low, "COS": f32, "SIN": f32, "S": att}, {**common, **attention}),
         "decode": (_decode_kernel, {"X": low, "Y": f32, "E": low, "EV": low, "DEC": low, "U": f32, "SCALE": "fp32"},
-                   wide),
+                   narrow_rows),
         "rows_z": (_rows_z_kernel, {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "DY": f32,
-                                    "DXZ": f32}, wide),
+                                    "DXZ": f32}, narrow_rows),
         "rows_q": (_rows_q_kernel, {"X": low, "E": low, "COS": f32, "SIN": f32, "G": att, "DX": f32},
                    {**wide, **attention, "DROPOUT": None}),
         "cols": (_cols_kernel, {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "COS": f32, "SIN": f32,

@@ -24,7 +24,7 @@ from bdh_lightning.model import BDH, BDHConfig
 # Checked after the imports, which are harmless without it: the process stops here instead.
 assert fused.INTERPRETED, "run with TRITON_INTERPRET=1 (see the module docstring)"
 
-SMALL_TILES = fused.Tiles(rows=16, pairs=16, depth=16)  # several tiles of T and N at test sizes
+SMALL_TILES = fused.Tiles(rows=16, pairs=16, depth=16, wide_rows=16)  # several tiles of T and N at test sizes
 
 
 def random_layer(B, T, D, H, N, dtype=torch.float32, seed=0):
@@ -152,8 +152,9 @@ def check_float64_refused():
 
 
 CHECKS = {
-    # float32, no dropout: 3 row tiles (T = 35 over 16), 2 neuron tiles (18 pairs over 16), 3 heads
-    "fp32": lambda: compare_layer(B=1, T=35, D=16, H=3, N=36),
+    # float32, no dropout: 3 row tiles (T = 35 over 16; 2 of 32 for decode and rows_z), 2 neuron tiles
+    # (18 pairs over 16), 3 heads
+    "fp32": lambda: compare_layer(B=1, T=35, D=16, H=3, N=36, tiles=fused.Tiles(16, 16, 16, wide_rows=32)),
     # float32 with dropout: 3 batch rows, 2 row tiles, 2 neuron tiles, 2 steps of the D contraction
     "fp32_dropout": lambda: compare_layer(B=3, T=19, D=24, H=2, N=40, p=0.3),
     # bfloat16 weights and inputs (bf16-true); larger row tiles keep the interpreter quick
