@@ -426,3 +426,35 @@ def test_prepare_and_fit_through_the_real_command_line(tmp_path):
     fit = run_cli(tmp_path, "fit", "--data.path", "out", *TINY_ARGS, "--trainer.max_steps", "6")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert list((tmp_path / "lightning_logs").glob("version_*/checkpoints/last.ckpt"))
+
+
+def test_two_cpu_ranks_stream_disjoint_windows_of_a_prepared_directory(tmp_path):
+    """Real DDP (two gloo processes): LitData shards the training windows between the ranks; validation too."""
+    from conftest import run_cli
+
+    write_documents(tmp_path / "src", count=40)
+    prepare(tmp_path / "src", tmp_path / "out", block_size=32, val_fraction=0.25)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+trainer:
+  accelerator: cpu
+  devices: 2
+  strategy: ddp
+  max_steps: 8
+  val_check_interval: 4
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: recorders.WindowRecorder
+      init_args: {{out_dir: {tmp_path / "seen"}}}
+model: {{n_layer: 1, n_embd: 32, n_head: 2, mlp_internal_dim_multiplier: 4}}
+data: {{path: out, block_size: 32, batch_size: 8, val_windows: 8}}
+""")
+    fit = run_cli(tmp_path, "fit", "--config", str(config))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"seen/rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == 8
+    assert not set(ranks[0]["train"]) & set(ranks[1]["train"])
+    val0, val1 = set(ranks[0]["val"]), set(ranks[1]["val"])
+    assert len(val0) == len(val1) == 4 and not val0 & val1
