@@ -326,3 +326,55 @@ def test_last_good_checkpoint_is_this_runs_newest_on_disk(tmp_path):
     second.unlink()
     assert last_good_checkpoint(trainer) == (str(first), 3)
     assert last_good_checkpoint(SimpleNamespace(strategy=SimpleNamespace())) is None
+
+
+# ---------------------------------------------------------------- RunCheckpoint
+
+
+class RecordingIO(AtomicCheckpointIO):
+    def __init__(self):
+        super().__init__()
+        self.saves = []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        super().save_checkpoint(checkpoint, path, storage_options)
+        self.saves.append((Path(path).name, checkpoint["global_step"]))
+
+
+def fit_with_run_checkpoint(folder: Path, max_steps: int, **settings):
+    from bdh_lightning.checkpoints import RunCheckpoint
+
+    L.seed_everything(0)
+    module = BDHLitModule(**TINY_MODEL)
+    data = torch.randint(0, 256, (16, 17))
+    pairs = list(zip(data[:, :-1], data[:, 1:]))
+    checkpoint = RunCheckpoint(dirpath=folder, **settings)
+    io = RecordingIO()
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=5, default_root_dir=folder, logger=False, callbacks=[checkpoint],
+                        plugins=[io], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(pairs, batch_size=2)
+    trainer.fit(module, loader, torch.utils.data.DataLoader(pairs[:4], batch_size=2))
+    return io.saves, checkpoint
+
+
+def test_run_checkpoint_saves_last_from_the_start_and_at_the_end(tmp_path):
+    settings = dict(monitor="val/loss", save_last=True, every_n_train_steps=3, filename="best-step{step}", auto_insert_metric_name=False)
+    (tmp_path / "last.ckpt").write_bytes(b"a last.ckpt this run did not write")
+    saves, checkpoint = fit_with_run_checkpoint(tmp_path, 7, **settings)
+    last_steps = [step for name, step in saves if name == "last.ckpt"]
+    assert last_steps[0] == 3  # before the first validation: Lightning's own would wait for val/loss
+    assert last_steps[-1] == 7  # the final step, between two saves
+    assert ("best-step6.ckpt", 6) in saves  # the monitored save once val/loss exists
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step6.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 7
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    assert checkpoint.state_key == ModelCheckpoint(dirpath=tmp_path, **settings).state_key  # resumable either way
+
+
+def test_run_checkpoint_without_save_last_or_steps(tmp_path):
+    saves, _ = fit_with_run_checkpoint(tmp_path, 6, monitor="val/loss", save_last=False, every_n_train_steps=3,
+                                       filename="best-step{step}", auto_insert_metric_name=False)  # fmt: skip
+    assert saves == [("best-step6.ckpt", 6)]  # no last.ckpt at all; step 3 had no val/loss yet
+    saves, _ = fit_with_run_checkpoint(tmp_path / "plain", 5, save_last=True)
+    assert [name for name, _ in saves].count("last.ckpt") >= 1 and saves[-1] == ("last.ckpt", 5)
