@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = {
     "layer": ["tests/test_layer.py", "tests/test_model.py"],
     "model": ["tests/test_model.py", "tests/test_layer.py"],
-    "module": ["tests/test_module.py"],
+    "module": ["tests/test_module.py", "tests/test_streams.py"],  # test_streams: carried state, linear decay, AGC
     "checkpoints": ["tests/test_checkpoints.py"],
     "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],
     "data": ["tests/test_data.py"],
