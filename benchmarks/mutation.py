@@ -46,8 +46,50 @@ DESELECT = {
 # would fail on the unmutated code. What it builds is checked by test_module.py and mutated in model.py.
 NOT_MUTATED = {"module": ["BDHLitModule.__init__"]}
 
-# Mutants that cannot change what the code computes or reports, by name, with the reason (docs/testing.md).
-EQUIVALENT: dict[str, str] = {}
+# Equivalent mutants: they cannot change what the code computes or reports, so no test can kill them. Each is
+# (module, function, text of the mutated line, why); matched on the mutant's diff, not its number, which
+# changes whenever the file does. docs/testing.md lists them.
+CPU_ONLY = "device= only matters off the CPU; the GPU runs (benchmarks/gpu_suite.py) cover it"
+EQUIVALENT = [
+    ("layer", "causal_attention", "q.transpose(-1, +2)", "dimension 2 of the 4-D q is dimension -2"),
+    ("layer", "layer_norm", "F.layer_norm(x, x.shape[-1:], )", "F.layer_norm's default eps is 1e-5, LN_EPS"),
+    ("layer", "reference_layer", "elif training and dropout >= 0:", "F.dropout with p = 0 is the identity"),
+    ("layer", "reference_layer", "z = F.dropout(z, dropout, )", "F.dropout's training defaults to True"),
+    ("layer", "rope_cos_sin", "positions.to(None)", "integer positions become float32 in the product anyway"),
+    ("layer", "rope_cos_sin", "unsqueeze(+1)", "positions are 1-D: dimension 1 is dimension -1"),
+    ("layer", "rope_cos_sin", "rope_frequencies(n, None)", CPU_ONLY),
+    ("layer", "rope_cos_sin", "rope_frequencies(n, )", CPU_ONLY),
+    ("layer", "rope_frequencies", "dtype=None", "int64 k gives the same float32 k / n"),
+    ("layer", "rope_frequencies", "torch.arange(n, device=device)", "int64 k gives the same float32 k / n"),
+    ("layer", "rope_frequencies", "device=None", CPU_ONLY),
+    ("layer", "rope_frequencies", "torch.arange(n, dtype=torch.float32, )", CPU_ONLY),
+    ("model", "__post_init__", "self.neurons_per_head <= 1", "N = 1 is odd: refused by the parity test either way"),
+    ("model", "__init__", "nn.init.normal_(p, std=0.02)", "normal_'s mean defaults to 0"),
+    ("model", "forward", "torch.arange(idx.shape[1], )", CPU_ONLY),
+    ("model", "forward", "device=None", CPU_ONLY),
+    (
+        "module",
+        "on_train_batch_start",
+        "generate_state(2)[0]",
+        "the first word of SeedSequence's state does not depend on how many are drawn",
+    ),
+    ("module", "test_step", "self.validation_step(batch, None)", "validation_step does not read batch_idx"),
+    ("module", "configure_model", 'getattr(self, "_compiled", None)', "None and False are both false"),
+    ("module", "learning_rate_at", 'hp.get("decay", None)', "hparams always hold decay (the constructor's default)"),
+    ("module", "learning_rate_at", 'hp.get("decay", )', "hparams always hold decay (the constructor's default)"),
+    (
+        "module",
+        "learning_rate_at",
+        'hp.get("decay", "XXcosineXX")',
+        "hparams always hold decay (the constructor's default)",
+    ),
+    (
+        "module",
+        "learning_rate_at",
+        'hp.get("decay", "COSINE")',
+        "hparams always hold decay (the constructor's default)",
+    ),
+]
 
 
 def write_config(work: Path, module: str) -> None:
@@ -82,7 +124,9 @@ def skip_function(path: Path, name: str) -> None:
     """Mark `def name(...)` with mutmut's `# pragma: no mutate block` (on the line ending its signature)."""
     lines = path.read_text().splitlines(keepends=True)
     start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"def {name}("))
-    end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith(":") and not lines[i].lstrip().startswith("#"))
+    end = next(
+        i for i in range(start, len(lines)) if lines[i].rstrip().endswith(":") and not lines[i].lstrip().startswith("#")
+    )
     lines[end] = lines[end].rstrip("\n") + "  # pragma: no mutate block\n"
     path.write_text("".join(lines))
 
@@ -95,33 +139,59 @@ def results(work: Path, module: str) -> dict[str, str]:
     return {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
 
 
-def score(statuses: dict[str, str]) -> dict:
-    equivalent = [name for name in statuses if name in EQUIVALENT]
-    counted = {name: s for name, s in statuses.items() if name not in EQUIVALENT}
-    killed = sum(s in ("killed", "timeout", "segfault") for s in counted.values())
-    survived = sorted(name for name, s in counted.items() if s not in ("killed", "timeout", "segfault"))
+KILLED = ("killed", "timeout", "segfault")  # a timeout or crash is a test noticing the mutant too
+
+DIFFS = """
+import json, sys
+from pathlib import Path
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+names, source, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+out.write_text(json.dumps({name: get_diff_for_mutant(name, path=source) for name in names}))
+"""
+
+
+def diffs_of(work: Path, module: str, names: list[str], env: dict) -> dict[str, str]:
+    """{mutant: its diff}, in one process (`mutmut show` per mutant costs an interpreter each)."""
+    out = work / "diffs.json"
+    subprocess.run(
+        [sys.executable, "-c", DIFFS, json.dumps(names), f"bdh_lightning/{module}.py", str(out)],
+        cwd=work,
+        env=env,
+        check=True,
+    )
+    return json.loads(out.read_text())
+
+
+def why_equivalent(module: str, name: str, diff: str) -> str | None:
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    for where, function, text, why in EQUIVALENT:
+        if where == module and f"{function}__mutmut_" in name and any(text in line for line in added):
+            return why
+    return None
+
+
+def score(work: Path, module: str, env: dict) -> dict:
+    statuses = results(work, module)
+    not_killed = sorted(name for name, status in statuses.items() if status not in KILLED)
+    diffs = diffs_of(work, module, not_killed, env)
+    equivalent = {name: why for name in not_killed if (why := why_equivalent(module, name, diffs[name]))}
+    survived = [name for name in not_killed if name not in equivalent]
+    with (work / "survivors.txt").open("w") as out:
+        for name in survived:
+            out.write(f"# {name}: {statuses[name]}\n{diffs[name]}\n\n")
+    with (work / "equivalent.txt").open("w") as out:
+        for name, why in equivalent.items():
+            out.write(f"# {name}: {why}\n{diffs[name]}\n\n")
+    counted = len(statuses) - len(equivalent)
+    killed = counted - len(survived)
     return {
         "mutants": len(statuses),
         "equivalent": len(equivalent),
         "killed": killed,
         "survived": survived,
-        "score": killed / len(counted) if counted else 1.0,
+        "no_tests": sum(statuses[name] == "no tests" for name in survived),
+        "score": killed / counted if counted else 1.0,
     }
-
-
-SHOW = """
-import json, sys
-from pathlib import Path
-from mutmut.mutation.diff_apply import get_diff_for_mutant
-names, source, out = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-out.write_text("".join(f"# {name}\\n{get_diff_for_mutant(name, path=source)}\\n\\n" for name in names))
-"""
-
-
-def write_survivors(work: Path, module: str, names: list[str], env: dict) -> None:
-    """The diff of every surviving mutant, in one process (`mutmut show` per mutant costs an interpreter each)."""
-    subprocess.run([sys.executable, "-c", SHOW, json.dumps(names), f"bdh_lightning/{module}.py", str(work / "survivors.txt")],
-                   cwd=work, env=env, check=True)  # fmt: skip
 
 
 def run_module(module: str, max_children: int) -> dict:
@@ -131,12 +201,13 @@ def run_module(module: str, max_children: int) -> dict:
     mutmut = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
     start = time.monotonic()
     log = (work / "mutmut.log").open("w")
-    code = subprocess.call([*mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+    code = subprocess.call(
+        [*mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     seconds = time.monotonic() - start
     if code != 0:
         print(f"{module}: mutmut exited {code}; see {work / 'mutmut.log'}", file=sys.stderr)
-    summary = {"module": module, "seconds": round(seconds), **score(results(work, module))}
-    write_survivors(work, module, summary["survived"], env)
+    summary = {"module": module, "seconds": round(seconds), **score(work, module, env)}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -145,8 +216,7 @@ def report(module: str) -> dict:
     """The score of an earlier run from its records (`--report`), survivors' diffs rewritten."""
     work = REPO / "mutants" / module
     summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").exists() else {"seconds": 0}
-    summary = {"module": module, "seconds": summary["seconds"], **score(results(work, module))}
-    write_survivors(work, module, summary["survived"], {**os.environ})
+    summary = {"module": module, "seconds": summary["seconds"], **score(work, module, {**os.environ})}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -154,14 +224,23 @@ def report(module: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", default=list(TESTS), choices=list(TESTS))
-    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (1 on a shared 2-core machine)")
-    parser.add_argument("--report", action="store_true", help="only print the scores of the last run (after EQUIVALENT edits)")
+    parser.add_argument(
+        "--max-children", type=int, default=1, help="mutants tested at once (1 on a shared 2-core machine)"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="only print the scores of the last run (after EQUIVALENT edits)"
+    )
     args = parser.parse_args()
     rows = [report(m) if args.report else run_module(m, args.max_children) for m in args.modules]
-    print(f"{'module':<12} {'mutants':>7} {'equiv.':>6} {'killed':>6} {'survived':>8} {'score':>6} {'time':>7}")
+    print(
+        f"{'module':<12} {'mutants':>7} {'equiv.':>6} {'killed':>6} {'survived':>8} {'(no test)':>9} "
+        f"{'score':>6} {'time':>7}"
+    )
     for r in rows:
-        print(f"{r['module']:<12} {r['mutants']:>7} {r['equivalent']:>6} {r['killed']:>6} {len(r['survived']):>8} "
-              f"{r['score']:>6.1%} {r['seconds'] / 60:>6.1f}m")  # fmt: skip
+        print(
+            f"{r['module']:<12} {r['mutants']:>7} {r['equivalent']:>6} {r['killed']:>6} {len(r['survived']):>8} "
+            f"{r['no_tests']:>9} {r['score']:>6.1%} {r['seconds'] / 60:>6.1f}m"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from bdh_lightning.checkpoints import (
     AtomicCheckpointIO,
@@ -23,7 +24,6 @@ from bdh_lightning.checkpoints import (
 )
 from bdh_lightning.errors import CheckpointError, ResourceError
 from bdh_lightning.module import BDHLitModule
-from conftest import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,14 @@ def written(tmp_path_factory):
     L.seed_everything(0)
     module = BDHLitModule(**TINY_MODEL)
     data = torch.randint(0, 256, (16, 17))
-    trainer = L.Trainer(max_steps=2, default_root_dir=folder, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2,
+        default_root_dir=folder,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(list(zip(data[:, :-1], data[:, 1:])), batch_size=8))
     path = folder / "run" / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True)
@@ -70,14 +76,19 @@ def test_read_checkpoint_refuses_a_pickled_call_naming_it(tmp_path):
     torch.save({"state_dict": {}, "note": Payload()}, path)
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(path)
-    assert message(error) == (f"checkpoint {path} contains a pickled reference to posix.getcwd, which loading would run; "
-                              "refused (only tensors and plain values are loaded): use a checkpoint written by `fit`")  # fmt: skip
+    assert message(error) == (
+        f"checkpoint {path} contains a pickled reference to posix.getcwd, which loading would run; "
+        "refused (only tensors and plain values are loaded): use a checkpoint written by `fit`"
+    )
 
 
 @pytest.mark.parametrize(
     "content, expected",
     [
-        (b"not a checkpoint\n", "is truncated, corrupt or not a PyTorch checkpoint; use another one (e.g. an earlier .ckpt"),
+        (
+            b"not a checkpoint\n",
+            "is truncated, corrupt or not a PyTorch checkpoint; use another one (e.g. an earlier .ckpt",
+        ),
         (b"", "is truncated, corrupt or not a PyTorch checkpoint"),
     ],
 )
@@ -112,7 +123,9 @@ def test_read_checkpoint_wants_a_lightning_state_dict(tmp_path, content):
     torch.save(content, path)
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(path)
-    assert message(error) == f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`"
+    assert (
+        message(error) == f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`"
+    )
 
 
 # ---------------------------------------------------------------- find_last
@@ -139,8 +152,10 @@ def test_find_last_picks_the_newest_run(tmp_path):
 def test_find_last_with_no_run_says_what_to_do(tmp_path):
     with pytest.raises(CheckpointError) as error:
         find_last(tmp_path / "logs")
-    assert message(error) == (f"--ckpt_path last: no {tmp_path / 'logs'}/version_*/checkpoints/last.ckpt found; train first "
-                              "or give a checkpoint path")  # fmt: skip
+    assert message(error) == (
+        f"--ckpt_path last: no {tmp_path / 'logs'}/version_*/checkpoints/last.ckpt found; train first "
+        "or give a checkpoint path"
+    )
 
 
 def test_find_last_default_root_is_lightning_logs(tmp_path, monkeypatch):
@@ -187,8 +202,10 @@ def test_check_model_shape_refuses_other_models_and_extra_weights(written):
     extra = {"state_dict": {**checkpoint["state_dict"], "model.extra": torch.zeros(1), "model.more": torch.zeros(1)}}
     with pytest.raises(CheckpointError) as error:
         check_model_shape(extra, "edited.ckpt", TINY_MODEL)
-    assert message(error) == ("checkpoint edited.ckpt holds weights BDH does not have (model.extra, model.more); it is of "
-                              "another model or was edited: use one written by `fit`")  # fmt: skip
+    assert message(error) == (
+        "checkpoint edited.ckpt holds weights BDH does not have (model.extra, model.more); it is of "
+        "another model or was edited: use one written by `fit`"
+    )
 
 
 def test_check_loadable_accepts_what_fit_writes_for_resume_too(written):
@@ -200,29 +217,60 @@ def test_check_loadable_accepts_what_fit_writes_for_resume_too(written):
 @pytest.mark.parametrize(
     "change, resume, expected",
     [
-        (lambda c: c.pop("pytorch-lightning_version"), False,
-         "has no pytorch-lightning_version: it was not written by `fit`; use one that was (to start a new run from its "
-         "weights: --model.init_from P)"),
-        (lambda c: c.update(hyper_parameters=[1]), False, "has hyper_parameters that are not a mapping; use one written by `fit`"),
-        (lambda c: c.pop("optimizer_states"), True,
-         "holds no optimizer state, so training cannot continue from it; start a new run from its weights with "
-         "--model.init_from P (fresh optimizer, step 0)"),
+        (
+            lambda c: c.pop("pytorch-lightning_version"),
+            False,
+            "has no pytorch-lightning_version: it was not written by `fit`; use one that was "
+            "(to start a new run from its weights: --model.init_from P)",
+        ),
+        (
+            lambda c: c.update(hyper_parameters=[1]),
+            False,
+            "has hyper_parameters that are not a mapping; use one written by `fit`",
+        ),
+        (
+            lambda c: c.pop("optimizer_states"),
+            True,
+            "holds no optimizer state, so training cannot continue from it; start a new run from its weights with "
+            "--model.init_from P (fresh optimizer, step 0)",
+        ),
         (lambda c: c.update(optimizer_states=[]), True, "holds no optimizer state"),
         (lambda c: c.update(optimizer_states=[1]), True, "holds no optimizer state"),
         (lambda c: c.update(global_step="2"), True, "has a global_step that is not a int; use one written by `fit`"),
         (lambda c: c.update(epoch=0.5), True, "has a epoch that is not a int"),
         (lambda c: c.update(loops=[]), True, "has a loops that is not a dict"),
         (lambda c: c.update(lr_schedulers={}), True, "has a lr_schedulers that is not a list"),
-        (lambda c: c["state_dict"].update({"model.lm_head": torch.full((32, 256), float("nan"))}), False,
-         "holds non-finite weights (NaN or infinity in model.lm_head); use an earlier checkpoint"),
-        (lambda c: c["state_dict"].update({"model.decoder": torch.tensor([1.0, float("inf")])}), False,
-         "holds non-finite weights (NaN or infinity in model.decoder)"),
-        (lambda c: c["state_dict"].update({"model.decoder": torch.tensor([-float("inf"), 0.0])}), False,
-         "holds non-finite weights"),
+        (
+            lambda c: c["state_dict"].update({"model.lm_head": torch.full((32, 256), float("nan"))}),
+            False,
+            "holds non-finite weights (NaN or infinity in model.lm_head); use an earlier checkpoint",
+        ),
+        (
+            lambda c: c["state_dict"].update({"model.decoder": torch.tensor([1.0, float("inf")])}),
+            False,
+            "holds non-finite weights (NaN or infinity in model.decoder)",
+        ),
+        (
+            lambda c: c["state_dict"].update({"model.decoder": torch.tensor([-float("inf"), 0.0])}),
+            False,
+            "holds non-finite weights",
+        ),
     ],
-    ids=["no-version", "hparams-not-mapping", "no-optimizer", "empty-optimizer", "optimizer-not-dict", "step-str",
-         "epoch-float", "loops-list", "schedulers-dict", "nan", "inf", "minus-inf"],
-)  # fmt: skip
+    ids=[
+        "no-version",
+        "hparams-not-mapping",
+        "no-optimizer",
+        "empty-optimizer",
+        "optimizer-not-dict",
+        "step-str",
+        "epoch-float",
+        "loops-list",
+        "schedulers-dict",
+        "nan",
+        "inf",
+        "minus-inf",
+    ],
+)
 def test_check_loadable_refuses_in_one_line(written, change, resume, expected):
     checkpoint = dict(read_checkpoint(written[0]))
     checkpoint["state_dict"] = dict(checkpoint["state_dict"])
@@ -236,7 +284,11 @@ def test_check_loadable_without_resume_ignores_the_training_state(written):
     checkpoint = {k: v for k, v in read_checkpoint(written[0]).items() if k not in ("optimizer_states", "loops")}
     checkpoint["global_step"] = "not checked"
     check_loadable(checkpoint, "P", resume=False)
-    checkpoint["state_dict"] = {**checkpoint["state_dict"], "model.steps": torch.tensor([3]), "model.none": torch.zeros(0)}
+    checkpoint["state_dict"] = {
+        **checkpoint["state_dict"],
+        "model.steps": torch.tensor([3]),
+        "model.none": torch.zeros(0),
+    }
     check_loadable(checkpoint, "P", resume=False)  # integer and empty tensors are not checked for finiteness
 
 
@@ -281,8 +333,9 @@ def test_atomic_write_replaces_the_file_and_leaves_no_part(tmp_path):
     other = tmp_path / "best.ckpt"
     io.save_checkpoint({"global_step": 3}, str(other))
     assert io.written == [(str(path), 2), (str(other), 3)]  # one entry per path, newest last
-    assert io.last_good_words() == (f"the last good checkpoint of this run is {other} (step 3); free some space and resume "
-                                    "from it with --ckpt_path")  # fmt: skip
+    assert io.last_good_words() == (
+        f"the last good checkpoint of this run is {other} (step 3); free some space and resume from it with --ckpt_path"
+    )
 
 
 def test_a_failed_write_removes_its_part_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -300,9 +353,11 @@ def test_a_failed_write_removes_its_part_and_names_the_last_good_checkpoint(tmp_
     monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     with pytest.raises(ResourceError) as error:
         io.save_checkpoint({"global_step": 6}, tmp_path / "step6.ckpt")
-    assert message(error) == (f"could not write checkpoint {tmp_path / 'step6.ckpt'} (No space left on device); the last "
-                              f"good checkpoint of this run is {good} (step 5); free some space and resume from it with "
-                              "--ckpt_path")  # fmt: skip
+    assert message(error) == (
+        f"could not write checkpoint {tmp_path / 'step6.ckpt'} (No space left on device); the last "
+        f"good checkpoint of this run is {good} (step 5); free some space and resume from it with "
+        "--ckpt_path"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no .part left
     good.unlink()
     assert io.last_good_words() == "this run saved no checkpoint before it; free some space and start again"
@@ -350,15 +405,30 @@ def fit_with_run_checkpoint(folder: Path, max_steps: int, **settings):
     pairs = list(zip(data[:, :-1], data[:, 1:]))
     checkpoint = RunCheckpoint(dirpath=folder, **settings)
     io = RecordingIO()
-    trainer = L.Trainer(max_steps=max_steps, val_check_interval=5, default_root_dir=folder, logger=False, callbacks=[checkpoint],
-                        plugins=[io], enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        val_check_interval=5,
+        default_root_dir=folder,
+        logger=False,
+        callbacks=[checkpoint],
+        plugins=[io],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     loader = torch.utils.data.DataLoader(pairs, batch_size=2)
     trainer.fit(module, loader, torch.utils.data.DataLoader(pairs[:4], batch_size=2))
     return io.saves, checkpoint
 
 
 def test_run_checkpoint_saves_last_from_the_start_and_at_the_end(tmp_path):
-    settings = dict(monitor="val/loss", save_last=True, every_n_train_steps=3, filename="best-step{step}", auto_insert_metric_name=False)
+    settings = dict(
+        monitor="val/loss",
+        save_last=True,
+        every_n_train_steps=3,
+        filename="best-step{step}",
+        auto_insert_metric_name=False,
+    )
     (tmp_path / "last.ckpt").write_bytes(b"a last.ckpt this run did not write")
     saves, checkpoint = fit_with_run_checkpoint(tmp_path, 7, **settings)
     last_steps = [step for name, step in saves if name == "last.ckpt"]
@@ -373,8 +443,15 @@ def test_run_checkpoint_saves_last_from_the_start_and_at_the_end(tmp_path):
 
 
 def test_run_checkpoint_without_save_last_or_steps(tmp_path):
-    saves, _ = fit_with_run_checkpoint(tmp_path, 6, monitor="val/loss", save_last=False, every_n_train_steps=3,
-                                       filename="best-step{step}", auto_insert_metric_name=False)  # fmt: skip
+    saves, _ = fit_with_run_checkpoint(
+        tmp_path,
+        6,
+        monitor="val/loss",
+        save_last=False,
+        every_n_train_steps=3,
+        filename="best-step{step}",
+        auto_insert_metric_name=False,
+    )
     assert saves == [("best-step6.ckpt", 6)]  # no last.ckpt at all; step 3 had no val/loss yet
     saves, _ = fit_with_run_checkpoint(tmp_path / "plain", 5, save_last=True)
     assert [name for name, _ in saves].count("last.ckpt") >= 1 and saves[-1] == ("last.ckpt", 5)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from spec_oracle import oracle_layer, oracle_layer_norm, oracle_rope
 
 from bdh_lightning.layer import (
     LN_EPS,
@@ -20,7 +21,6 @@ from bdh_lightning.layer import (
     rope_cos_sin,
     rope_frequencies,
 )
-from spec_oracle import oracle_layer, oracle_layer_norm, oracle_rope
 
 B, H, T, D, N = 2, 3, 11, 12, 10
 
@@ -213,7 +213,9 @@ def test_reference_layer_drops_out_only_when_training_with_p_above_zero():
     a, b = oracle_activations(x, encoder, encoder_v)
     torch.manual_seed(20)
     z = torch.nn.functional.dropout(a * b, 0.5, training=True)
-    torch.testing.assert_close(dropped, oracle_layer_norm(x + oracle_layer_norm(decode(z, decoder))), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        dropped, oracle_layer_norm(x + oracle_layer_norm(decode(z, decoder))), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_reference_layer_defaults_are_no_dropout_and_the_causal_read():
@@ -221,8 +223,12 @@ def test_reference_layer_defaults_are_no_dropout_and_the_causal_read():
     plain = oracle_layer(x[:, 0], encoder, encoder_v, decoder).unsqueeze(1)
     torch.testing.assert_close(reference_layer(x, encoder, encoder_v, decoder, cos, sin), plain, rtol=1e-12, atol=1e-12)
     # training=True alone (dropout defaults to 0) and dropout alone (training defaults to False) drop nothing.
-    torch.testing.assert_close(reference_layer(x, encoder, encoder_v, decoder, cos, sin, training=True), plain, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout=0.4), plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        reference_layer(x, encoder, encoder_v, decoder, cos, sin, training=True), plain, rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout=0.4), plain, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_reference_layer_passes_its_read_on():

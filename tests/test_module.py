@@ -10,13 +10,13 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_ARGS, TINY_MODEL, scalars
+from spec_oracle import oracle_logits_of, oracle_loss
 from torch.utils.data import DataLoader
 
 from bdh_lightning.errors import BDHError
 from bdh_lightning.main import main
 from bdh_lightning.module import BDHLitModule
-from conftest import TINY_ARGS, TINY_MODEL, scalars
-from spec_oracle import oracle_logits_of, oracle_loss
 
 
 def schedule_formula(step, peak, warmup, decay, floor):
@@ -49,7 +49,9 @@ def tiny_module(**settings):
 @pytest.mark.parametrize("settings", SCHEDULES, ids=lambda s: f"w{s['warmup_steps']}-d{s['decay_steps']}")
 def test_learning_rate_at_follows_the_formula_at_every_step(settings):
     module = tiny_module(**settings)
-    peak, warmup, decay, floor = (settings[k] for k in ("learning_rate", "warmup_steps", "decay_steps", "min_learning_rate"))
+    peak, warmup, decay, floor = (
+        settings[k] for k in ("learning_rate", "warmup_steps", "decay_steps", "min_learning_rate")
+    )
     for step in range(warmup + decay + 30):
         want = schedule_formula(step, peak, warmup, decay, floor)
         assert module.learning_rate_at(step) == pytest.approx(want, rel=1e-12, abs=1e-15), step
@@ -95,9 +97,28 @@ def test_logged_learning_rate_of_a_real_run_follows_the_formula(tmp_path, monkey
 
     monkeypatch.chdir(tmp_path)
     write_letters(tmp_path / "corpus.txt", size=20000)
-    args = ["fit", "--data.path", "corpus.txt", *TINY_ARGS, "--model.learning_rate", "2e-3", "--model.warmup_steps", "3",
-            "--model.decay_steps", "6", "--model.min_learning_rate", "4e-4", "--trainer.max_steps", "12",
-            "--trainer.val_check_interval", "12", "--data.val_windows", "2", "--model.n_layer", "1"]  # fmt: skip
+    args = [
+        "fit",
+        "--data.path",
+        "corpus.txt",
+        *TINY_ARGS,
+        "--model.learning_rate",
+        "2e-3",
+        "--model.warmup_steps",
+        "3",
+        "--model.decay_steps",
+        "6",
+        "--model.min_learning_rate",
+        "4e-4",
+        "--trainer.max_steps",
+        "12",
+        "--trainer.val_check_interval",
+        "12",
+        "--data.val_windows",
+        "2",
+        "--model.n_layer",
+        "1",
+    ]
     assert main(args) == 0
     logged = scalars(tmp_path / "lightning_logs/version_0", "train/lr")
     assert sorted(logged) == list(range(12))
@@ -164,7 +185,9 @@ def test_dropout_seed_differs_per_rank_step_and_micro_batch(keep_global_seed):
     for rank in range(4):
         for step in range(3):
             for micro in range(3):
-                seeds[rank, step, micro] = seed_after_batch_start(module, rank, step, batch_idx=step * 3 + micro, accumulate=3)
+                seeds[rank, step, micro] = seed_after_batch_start(
+                    module, rank, step, batch_idx=step * 3 + micro, accumulate=3
+                )
     assert len(set(seeds.values())) == len(seeds)  # no two (rank, step, micro-batch) draw the same masks
     # A function of (global seed, rank, step, micro-batch) only: a resumed run draws the same masks.
     assert seed_after_batch_start(module, 2, 1, batch_idx=4, accumulate=3) == seeds[2, 1, 1]
@@ -197,8 +220,13 @@ def test_validation_loss_is_weighted_by_bytes_when_the_last_batch_is_smaller(tmp
     module = tiny_module(dropout=0.0)
     data = torch.randint(0, 256, (5, 21), generator=torch.Generator().manual_seed(4))
     windows = list(zip(data[:, :-1], data[:, 1:]))
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     (result,) = trainer.validate(module, DataLoader(windows, batch_size=2))  # batches of 2, 2 and 1 windows
     with torch.no_grad():
         per_batch = [module.loss((data[i : i + 2, :-1], data[i : i + 2, 1:])).item() for i in (0, 2, 4)]
@@ -263,19 +291,28 @@ def test_flops_formula():
         (dict(weight_decay=float("inf")), "model.weight_decay must be a finite number, got inf (0 = none)"),
         (dict(betas=(0.9,)), "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got (0.9,)"),
         (dict(betas=0.9), "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got 0.9"),
-        (dict(betas=[0.9, 0.99, 0.999]), "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got [0.9, 0.99, 0.999]"),
+        (
+            dict(betas=[0.9, 0.99, 0.999]),
+            "model.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got [0.9, 0.99, 0.999]",
+        ),
         (dict(betas=(1.0, 0.9)), "model.betas[0] must be in [0, 1), got 1.0"),
         (dict(betas=(0.9, -0.1)), "model.betas[1] must be in [0, 1), got -0.1"),
         (dict(betas=(0.9, 1.5)), "model.betas[1] must be in [0, 1), got 1.5"),
         (dict(warmup_steps=-1), "model.warmup_steps must be a non-negative integer (0 = no warmup), got -1"),
         (dict(warmup_steps=1.5), "model.warmup_steps must be a non-negative integer (0 = no warmup), got 1.5"),
         (dict(decay_steps=-2), "model.decay_steps must be a non-negative integer (0 = constant learning rate), got -2"),
-        (dict(min_learning_rate=2e-3), "model.min_learning_rate must be in [0, 0.001], got 0.002 (the floor of the cosine "
-                                       "decay, at most model.learning_rate)"),
-        (dict(min_learning_rate=-1e-4), "model.min_learning_rate must be in [0, 0.001], got -0.0001 (the floor of the "
-                                        "cosine decay, at most model.learning_rate)"),
+        (
+            dict(min_learning_rate=2e-3),
+            "model.min_learning_rate must be in [0, 0.001], got 0.002 (the floor of the cosine "
+            "decay, at most model.learning_rate)",
+        ),
+        (
+            dict(min_learning_rate=-1e-4),
+            "model.min_learning_rate must be in [0, 0.001], got -0.0001 (the floor of the "
+            "cosine decay, at most model.learning_rate)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_optimizer_settings_errors_are_one_line_naming_the_setting(settings, expected):
     from bdh_lightning.errors import ConfigError
 
@@ -286,9 +323,16 @@ def test_optimizer_settings_errors_are_one_line_naming_the_setting(settings, exp
 
 @pytest.mark.parametrize(
     "settings",
-    [dict(learning_rate=1e-9), dict(weight_decay=0.0), dict(betas=[0.0, 0.5]), dict(betas=(0.999, 0.9999)),
-     dict(min_learning_rate=1e-3), dict(warmup_steps=0, decay_steps=0), dict(warmup_steps=10**6)],
-)  # fmt: skip
+    [
+        dict(learning_rate=1e-9),
+        dict(weight_decay=0.0),
+        dict(betas=[0.0, 0.5]),
+        dict(betas=(0.999, 0.9999)),
+        dict(min_learning_rate=1e-3),
+        dict(warmup_steps=0, decay_steps=0),
+        dict(warmup_steps=10**6),
+    ],
+)
 def test_edge_optimizer_settings_are_accepted(settings):
     tiny_module(**settings)
 
@@ -368,8 +412,14 @@ def two_layer_checkpoint(tmp_path_factory):
     L.seed_everything(0)
     module = tiny_module()
     data = torch.randint(0, 256, (8, 17))
-    trainer = L.Trainer(max_steps=1, default_root_dir=folder, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        default_root_dir=folder,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, DataLoader(list(zip(data[:, :-1], data[:, 1:])), batch_size=8))
     trainer.save_checkpoint(folder / "two.ckpt")
     return folder / "two.ckpt", module
@@ -383,5 +433,6 @@ def test_init_from_copies_the_weights_and_notes_another_depth(two_layer_checkpoi
     assert capsys.readouterr().err == ""  # same depth: nothing to say
     deeper = tiny_module(n_layer=4, init_from=str(path))
     assert torch.equal(deeper.model.encoder, trained.model.encoder)
-    assert capsys.readouterr().err == (f"note: --model.init_from {path} was trained with n_layer=2; this model applies its "
-                                       "layer 4 times\n")  # fmt: skip
+    assert capsys.readouterr().err == (
+        f"note: --model.init_from {path} was trained with n_layer=2; this model applies its layer 4 times\n"
+    )
