@@ -58,14 +58,6 @@ RESUMED_FROM_CHECKPOINT = (*ARCHITECTURE, "learning_rate", "weight_decay", "beta
                            "min_learning_rate")  # fmt: skip
 
 
-def bytes_per_batch(batch) -> int:
-    return batch[0].numel()
-
-
-def windows_per_batch(batch) -> int:
-    return batch[0].shape[0]
-
-
 class BDHCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True, **kwargs):
         super().__init__(
@@ -340,6 +332,13 @@ def run_device(trainer_config) -> torch.device:
     return torch.device("cpu")
 
 
+def world_size(trainer_config) -> int:
+    """Devices x nodes, where the settings say it plainly (DDP's buckets and buffers depend on it)."""
+    devices = trainer_config.devices
+    count = int(devices) if str(devices).isdigit() else len(devices) if isinstance(devices, (list, tuple)) else 1
+    return max(1, count) * max(1, int(trainer_config.num_nodes or 1))
+
+
 def plan_memory(config) -> list[str]:
     """The predicted peak of this run against the device's memory: a header line, or ConfigError (before anything
     is written) when it cannot fit, with the batch size and accumulation that would. `--force` starts it anyway."""
@@ -347,7 +346,7 @@ def plan_memory(config) -> list[str]:
     model, data = config.model.as_dict(), config.data
     precision = str(config.trainer.precision)
     try:
-        report = estimate_memory(model, data.batch_size, data.block_size, precision, device.type)
+        report = estimate_memory(model, data.batch_size, data.block_size, precision, device.type, world_size(config.trainer))
         BDHConfig.from_dict(model)
     except (BDHError, TypeError, ValueError):
         return []  # the settings themselves are wrong: the module or data module says so in one line
@@ -363,7 +362,7 @@ def plan_memory(config) -> list[str]:
         why += f"; the carried state, {format_bytes(carried)}, is included below"
     peak = report.kernels[best].device_bytes + carried  # on CUDA with the context, workspaces and allocator slack
     if have and peak > have and not config.get("force"):
-        fits = largest_batch(model, data.block_size, precision, device.type, best, have)
+        fits = largest_batch(model, data.block_size, precision, device.type, best, have, world_size(config.trainer))
         accumulate = config.trainer.accumulate_grad_batches or 1
         if fits:
             same = -(-data.batch_size * accumulate // fits)

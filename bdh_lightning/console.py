@@ -157,7 +157,10 @@ class RunReport(ProgressBar):
             return
         step = trainer.global_step
         every = max(1, trainer.log_every_n_steps)
-        if self.tty or step % every == 0 or step == trainer.max_steps:
+        # Reading the loss syncs the GPU: a terminal is redrawn at most twice a second, a file every log interval.
+        redraw = self.tty and time.perf_counter() - self.last_time >= 0.5
+        if redraw or step % every == 0 or step == trainer.max_steps:
+            self.last_time = time.perf_counter()
             self.show(trainer, step)
 
     def show(self, trainer, step: int) -> None:

@@ -17,6 +17,7 @@ from torchmetrics import MeanMetric
 from .errors import ConfigError, finite_float, non_negative_int
 from .kernels import resolve_kernel
 from .model import BDH, BDHConfig
+from .precision import cuda_present
 from .weights import weights_to_start_from
 
 
@@ -124,7 +125,7 @@ class BDHLitModule(L.LightningModule):
             chunk_size=chunk_size,
         )
         if kernel == "fused":  # refuse it now where this machine cannot run it, not at the first forward pass
-            resolve_kernel(kernel, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            resolve_kernel(kernel, torch.device("cuda" if cuda_present() else "cpu"))
         self.model = BDH(self.config)
         if init_from is not None:
             self.start_from(init_from)
