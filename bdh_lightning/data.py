@@ -7,7 +7,7 @@ split a corpus of its own instead). Bytes are read with pread through a small ca
 corpus of any number of files holds at most MAX_OPEN_FILES descriptors, and a file that shrinks under a
 running job is a one-line DataError rather than a SIGBUS.
 
-A directory made by `prepare` (prepare.py) is streamed with LitData instead (streaming.py).
+A directory made by `prepare` (prepare.py) is streamed with LitData instead (litstream.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from . import streaming
+from . import litstream
 from .errors import DataError, finite_float, is_int
 from .streams import StreamBatches, StreamLayout, validation_streams
 
@@ -569,10 +569,10 @@ class ByteDataModule(L.LightningDataModule):
         self.listing = None
         self.corpus = None
         self.test_corpus = None
-        self.stream = None  # a prepared directory (streaming.Prepared) instead of a corpus of files
+        self.stream = None  # a prepared directory (litstream.Prepared) instead of a corpus of files
         self.restored = None  # the data state of a checkpoint being resumed or evaluated
         # Local corpora are checked now (stat only), before a model is built; tiny Shakespeare once it is downloaded.
-        if streaming.is_prepared(path):
+        if litstream.is_prepared(path):
             if test_fraction or test_path:
                 raise DataError(
                     f"data.path {path!r} is a prepared directory, which holds its own test split; leave out "
@@ -583,7 +583,7 @@ class ByteDataModule(L.LightningDataModule):
                     f"data.sampling {sampling} reads files directly; data.path {path!r} is a prepared directory, "
                     "which streams its own shuffled windows: use data.sampling windows, or the source files"
                 )
-            self.stream = streaming.open_prepared(path, block_size)
+            self.stream = litstream.open_prepared(path, block_size)
         elif path != TINYSHAKESPEARE:
             self.listing = list_corpus(path, self.exclude, include_hidden)
             self.corpus = ByteCorpus(self.listing.files, self.listing.sizes)

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import streaming
+from . import litstream
 from .data import ByteCorpus, human_bytes, list_corpus
 from .errors import DataError, UsageError, finite_float, positive_int
-from .streaming import INCOMPLETE, MANIFEST, SPLITS
+from .litstream import INCOMPLETE, MANIFEST, SPLITS
 
 UNIT_BYTES = 16 << 20  # most source bytes one work unit reads (and one item of a chunk holds)
 CHUNK_BYTES = 64 << 20  # target size of a chunk file (LitData downloads and caches whole chunks)
@@ -368,7 +368,7 @@ def prepare_command(
     Returns:
         0 when OUTPUT is complete.
     """
-    litdata = streaming.require_litdata("prepare")
+    litdata = litstream.require_litdata("prepare")
     from litdata import TokensLoader, optimize
 
     positive_int("data.block_size", data.block_size, DataError)
@@ -381,9 +381,9 @@ def prepare_command(
         )
     if not isinstance(num_workers, int) or num_workers < 0:
         raise UsageError(f"--num_workers must be a non-negative integer (0 = one per core), got {num_workers!r}")
-    if streaming.is_prepared(data.path):
+    if litstream.is_prepared(data.path):
         raise DataError(f"data.path {data.path!r} is already a prepared directory; give the source files")
-    if streaming.is_url(output):
+    if litstream.is_url(output):
         raise UsageError(
             f"--output {output}: prepare writes to a local directory; copy it to object storage afterwards "
             f"(e.g. aws s3 sync DIR s3://bucket/DIR) and train with --data.path s3://bucket/DIR"
@@ -472,8 +472,8 @@ def prepare_command(
                 "raise data.val_fraction, lower data.block_size or give more data"
             )
     manifest = {
-        "format": streaming.FORMAT,
-        "version": streaming.FORMAT_VERSION,
+        "format": litstream.FORMAT,
+        "version": litstream.FORMAT_VERSION,
         "block_size": data.block_size,
         "source": {
             "path": data.path,

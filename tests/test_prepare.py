@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from bdh_lightning import litstream
 from bdh_lightning import prepare as prepare_module
-from bdh_lightning import streaming
 from bdh_lightning.data import ByteDataModule
 from bdh_lightning.errors import DataError, UsageError
 from bdh_lightning.prepare import PrepareData, document_split, prepare_command
@@ -69,9 +69,9 @@ def document_of(window: bytes, docs: dict[str, bytes]) -> str | None:
 
 
 def test_every_document_goes_whole_to_the_split_its_path_hashes_to(prepared):
-    manifest = json.loads((prepared.out / streaming.MANIFEST).read_text())
+    manifest = json.loads((prepared.out / litstream.MANIFEST).read_text())
     expected = {name: document_split(name, 0.2, 0.1) for name in prepared.docs}
-    for split in streaming.SPLITS:
+    for split in litstream.SPLITS:
         names = [n for n, s in expected.items() if s == split]
         assert manifest["splits"][split]["documents"] == len(names) > 0
         assert manifest["splits"][split]["bytes"] == sum(len(prepared.docs[n]) for n in names)
@@ -84,7 +84,7 @@ def test_every_document_goes_whole_to_the_split_its_path_hashes_to(prepared):
         "bytes": sum(map(len, prepared.docs.values())),
         "sha256": hashlib.sha256(sources.encode()).hexdigest(),
     }
-    assert manifest["block_size"] == T and not (prepared.out / streaming.INCOMPLETE).exists()
+    assert manifest["block_size"] == T and not (prepared.out / litstream.INCOMPLETE).exists()
     # What each split's LitData dataset streams back lies inside documents of that split only.
     dm = ByteDataModule(str(prepared.out), block_size=T, batch_size=B, val_windows=40)
     for split, loader in (("validation", dm.val_dataloader()), ("test", dm.test_dataloader())):
@@ -166,7 +166,7 @@ def test_a_resumed_fit_streams_the_batches_of_an_uninterrupted_one(prepared, tmp
     assert state["train_batches"] == 6 and state["stream"]["batches"] == 6
     assert state["splits"] == {
         "kind": "prepared",
-        "id": json.loads((prepared.out / streaming.MANIFEST).read_text())["sources"]["sha256"],
+        "id": json.loads((prepared.out / litstream.MANIFEST).read_text())["sources"]["sha256"],
     }
     _, rest = fit(prepared.out, tmp_path / "c", max_steps=6, ckpt_path=tmp_path / "step3.ckpt")
     assert len(uninterrupted) == 12 and len(first) == 6 and len(rest) == 6
@@ -193,7 +193,7 @@ def test_jsonl_documents_are_lines_split_one_by_one(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
     assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.25) == 0
-    manifest = json.loads((tmp_path / "out" / streaming.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "out" / litstream.MANIFEST).read_text())
     offsets, at = [], 0
     for line in lines:
         offsets.append(at)
@@ -251,7 +251,7 @@ def test_a_killed_prepare_never_loads_as_complete_and_a_rerun_finishes_it(tmp_pa
     dm = ByteDataModule(str(tmp_path / "out"), block_size=T, batch_size=B)
     assert len(list(dm.val_dataloader())) > 0
     # Other settings with an unfinished directory: it starts again.
-    (tmp_path / "out" / streaming.INCOMPLETE).write_text(json.dumps({"plan": "another", "finished": {"train": {}}}))
+    (tmp_path / "out" / litstream.INCOMPLETE).write_text(json.dumps({"plan": "another", "finished": {"train": {}}}))
     calls.clear()
     assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3) == 0
     assert [os.path.basename(c) for c in calls] == ["train", "validation"]
@@ -269,7 +269,7 @@ def test_output_is_never_someone_elses_directory(tmp_path, prepared):
     with pytest.raises(UsageError, match="already a prepared directory.*--overwrite"):
         prepare(tmp_path / "src", copy)
     assert prepare(tmp_path / "src", copy, overwrite=True) == 0
-    assert json.loads((copy / streaming.MANIFEST).read_text())["sources"]["count"] == 20
+    assert json.loads((copy / litstream.MANIFEST).read_text())["sources"]["count"] == 20
     with pytest.raises(UsageError, match="inside data.path"):
         prepare(tmp_path / "src", tmp_path / "src" / "out")
     with pytest.raises(UsageError, match="local directory"):
@@ -293,7 +293,7 @@ def copy_of(prepared, tmp_path):
 
 
 def edit_manifest(folder, **changes):
-    path = folder / streaming.MANIFEST
+    path = folder / litstream.MANIFEST
     manifest = json.loads(path.read_text())
     for key, value in changes.items():
         target = manifest
@@ -328,10 +328,10 @@ def test_bad_prepared_directories_are_one_line_each(copy_of):
     edit_manifest(copy_of, version=99)
     one_line_data_error("prepared by another version of bdh-lightning.*format 99", str(copy_of), block_size=T)
     edit_manifest(
-        copy_of, version=streaming.FORMAT_VERSION, **{"splits.validation.windows": 0, "splits.validation.documents": 0}
+        copy_of, version=litstream.FORMAT_VERSION, **{"splits.validation.windows": 0, "splits.validation.documents": 0}
     )
     one_line_data_error("the validation split of .* is empty", str(copy_of), block_size=T)
-    (copy_of / streaming.MANIFEST).unlink()
+    (copy_of / litstream.MANIFEST).unlink()
     one_line_data_error("has no bdh_prepared.json", str(copy_of), block_size=T)
 
 
