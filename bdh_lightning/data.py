@@ -648,7 +648,8 @@ class ByteDataModule(L.LightningDataModule):
         sizes = self.split_sizes()
         needed = {name: size for name, size in sizes.items() if name != "test" or self.has_test_split}
         if min(needed.values()) < window:
-            splits = ", ".join(f"{size} for {name}" for name, size in needed.items())
+            parts = [f"{size} for {'training' if name == 'train' else name}" for name, size in needed.items()]
+            splits = " and ".join(parts) if len(parts) == 2 else f"{parts[0]}, {parts[1]} and {parts[2]}"
             test_hint = ", data.test_fraction" if self.test_fraction else ""
             if self.test_path and sizes["test"] < window:
                 raise DataError(

@@ -508,7 +508,7 @@ def test_without_a_test_split_test_refuses_in_one_line(corpus):
     "setting, match",
     [({"test_fraction": -0.1}, "data.test_fraction"), ({"test_fraction": 1.0}, "data.test_fraction"),
      ({"val_fraction": 0.5, "test_fraction": 0.5}, "below 1"),
-     ({"test_fraction": 0.0001}, "2000 for validation, 2 for test")],
+     ({"test_fraction": 0.0001}, "17998 for training, 2000 for validation and 2 for test")],
 )  # fmt: skip
 def test_bad_test_split_settings(corpus, setting, match):
     assert_one_line_error(match, str(corpus[0]), block_size=T, **setting)
