@@ -455,3 +455,111 @@ def test_run_checkpoint_without_save_last_or_steps(tmp_path):
     assert saves == [("best-step6.ckpt", 6)]  # no last.ckpt at all; step 3 had no val/loss yet
     saves, _ = fit_with_run_checkpoint(tmp_path / "plain", 5, save_last=True)
     assert [name for name, _ in saves].count("last.ckpt") >= 1 and saves[-1] == ("last.ckpt", 5)
+
+
+# ---------------------------------------------------------------- what the first mutation run left
+
+
+def test_an_unpickling_error_without_a_payload_is_corrupt(tmp_path):
+    import zipfile
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {}}, good)
+    names = zipfile.ZipFile(good).namelist()
+    bad = tmp_path / "bad.ckpt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for name in names:  # an INST opcode: refused by the weights-only unpickler, naming no global
+            dst.writestr(name, b"\x80\x02(I1\ni." if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(CheckpointError) as error:
+        read_checkpoint(bad)
+    assert message(error) == f"checkpoint {bad} is corrupt or not a PyTorch checkpoint; use another one"
+
+
+def test_foreign_names_are_listed_three_at_most():
+    foreign = {f"w{i}": torch.zeros(1) for i in range(5)}
+    with pytest.raises(CheckpointError) as error:
+        check_model_shape({"state_dict": foreign}, "f.ckpt", TINY_MODEL)
+    assert "(['w0', 'w1', 'w2']...)" in message(error)
+
+
+def test_extra_names_are_listed_three_at_most(written):
+    state = dict(read_checkpoint(written[0])["state_dict"])
+    state.update({f"model.extra{i}": torch.zeros(1) for i in range(4)})
+    with pytest.raises(CheckpointError) as error:
+        check_model_shape({"state_dict": state}, "e.ckpt", TINY_MODEL)
+    assert "(model.extra0, model.extra1, model.extra2); it is" in message(error)
+
+
+def test_find_last_skips_a_run_removed_while_it_looks(tmp_path, monkeypatch):
+    gone = touch(tmp_path / "version_0/checkpoints/last.ckpt", 10)
+    kept = touch(tmp_path / "version_1/checkpoints/last.ckpt", 20)
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == gone:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    assert find_last(tmp_path) == kept
+
+
+def test_remote_paths_and_storage_options_go_to_lightnings_writer(tmp_path):
+    import fsspec
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 4, "w": torch.arange(3.0)}, "memory://bdh-test/last.ckpt")
+    with fsspec.open("memory://bdh-test/last.ckpt", "rb") as file:
+        assert torch.load(file, weights_only=True)["global_step"] == 4
+    with pytest.raises(TypeError, match="storage_options"):  # Lightning's local writer takes no storage options
+        io.save_checkpoint({"global_step": 5}, tmp_path / "local.ckpt", storage_options={"compression": None})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_part_file_sits_beside_the_checkpoint_while_it_is_written(tmp_path, monkeypatch):
+    import bdh_lightning.checkpoints as checkpoints
+
+    real_save = checkpoints.torch.save
+    seen = []
+
+    def watching_save(obj, file, *args, **kwargs):
+        seen.append(sorted(os.listdir(tmp_path)))
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", watching_save)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert seen == [["last.ckpt.part"]] and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+def test_a_folder_that_cannot_be_made_is_a_resource_error(tmp_path):
+    # Fails today: removing the .part (under a file, not a folder) raises NotADirectoryError over the ResourceError.
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ResourceError) as error:
+        AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "file" / "last.ckpt")
+    assert message(error).startswith(f"could not write checkpoint {tmp_path / 'file' / 'last.ckpt'} (")
+
+
+def test_torch_write_failures_are_resource_errors_and_other_errors_pass(tmp_path, monkeypatch):
+    import bdh_lightning.checkpoints as checkpoints
+
+    def failing(error):
+        def save(obj, file, *args, **kwargs):
+            file.write(b"partial")
+            raise error
+
+        return save
+
+    io = AtomicCheckpointIO()
+    monkeypatch.setattr(checkpoints.torch, "save", failing(RuntimeError("[enforce fail] file write failed\nat 0")))
+    with pytest.raises(ResourceError) as error:
+        io.save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
+    assert message(error).startswith(
+        f"could not write checkpoint {tmp_path / 'a.ckpt'} ([enforce fail] file write failed at 0); "
+    )
+    monkeypatch.setattr(checkpoints.torch, "save", failing(RuntimeError("a bug, not the disk")))
+    with pytest.raises(RuntimeError, match="^a bug, not the disk$"):
+        io.save_checkpoint({"global_step": 1}, tmp_path / "b.ckpt")
+    monkeypatch.setattr(checkpoints.torch, "save", failing(ValueError("writing went wrong")))
+    with pytest.raises(ValueError):
+        io.save_checkpoint({"global_step": 1}, tmp_path / "c.ckpt")
+    assert not list(tmp_path.iterdir())  # every .part removed
