@@ -181,6 +181,8 @@ def why_equivalent(module: str, name: str, diff: str) -> str | None:
 
 def score(work: Path, module: str, env: dict) -> dict:
     statuses = results(work, module)
+    unchecked = [name for name, status in statuses.items() if status == "not checked"]  # a run cut short
+    statuses = {name: status for name, status in statuses.items() if status != "not checked"}
     not_killed = sorted(name for name, status in statuses.items() if status not in KILLED)
     diffs = diffs_of(work, module, not_killed, env)
     equivalent = {name: why for name in not_killed if (why := why_equivalent(module, name, diffs[name]))}
@@ -195,6 +197,7 @@ def score(work: Path, module: str, env: dict) -> dict:
     killed = counted - len(survived)
     return {
         "mutants": len(statuses),
+        "not_checked": len(unchecked),
         "equivalent": len(equivalent),
         "killed": killed,
         "survived": survived,
@@ -246,6 +249,8 @@ def main() -> None:
         f"{'score':>6} {'time':>7}"
     )
     for r in rows:
+        if r["not_checked"]:
+            print(f"{r['module']}: {r['not_checked']} mutants not checked yet (a run cut short): scored without them")
         print(
             f"{r['module']:<12} {r['mutants']:>7} {r['equivalent']:>6} {r['killed']:>6} {len(r['survived']):>8} "
             f"{r['no_tests']:>9} {r['score']:>6.1%} {r['seconds'] / 60:>6.1f}m"
