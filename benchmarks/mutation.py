@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # the module's math against the spec oracle.
 TESTS = {
     "layer": ["tests/test_layer.py", "tests/test_model.py", "tests/test_streams.py"],  # streams: stream_attention
-    "model": ["tests/test_model.py", "tests/test_layer.py"],
+    "model": ["tests/test_model.py", "tests/test_layer.py", "tests/test_streams.py"],  # streams: forward_stream
     "module": ["tests/test_module.py", "tests/test_streams.py"],  # test_streams: carried state, linear decay, AGC
     "checkpoints": ["tests/test_checkpoints.py"],
     "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],
