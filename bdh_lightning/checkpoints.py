@@ -61,7 +61,9 @@ def read_checkpoint(path: str | Path) -> dict:
             "(e.g. an earlier .ckpt in the same checkpoints/ folder)"
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`")
+        raise CheckpointError(
+            f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`"
+        )
     return checkpoint
 
 
@@ -72,7 +74,9 @@ def check_model_shape(checkpoint: dict, path: str | Path, model_args: dict) -> N
         expected = {f"model.{name}": tuple(t.shape) for name, t in BDH(config).state_dict().items()}
     saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items() if torch.is_tensor(t)}
     if not expected.keys() <= saved.keys():
-        raise CheckpointError(f"checkpoint {path} holds no BDH weights ({sorted(saved)[:3]}...); use one written by `fit`")
+        raise CheckpointError(
+            f"checkpoint {path} holds no BDH weights ({sorted(saved)[:3]}...); use one written by `fit`"
+        )
     extra = sorted(checkpoint["state_dict"].keys() - expected.keys())
     if extra:  # Lightning loads strictly: it would stop with a traceback
         raise CheckpointError(
@@ -82,12 +86,15 @@ def check_model_shape(checkpoint: dict, path: str | Path, model_args: dict) -> N
     for name, shape in expected.items():
         if saved[name] != shape:
             trained = checkpoint.get("hyper_parameters", {})
-            settings = ", ".join(f"{k}={trained[k]}" for k in ("n_embd", "n_head", "mlp_internal_dim_multiplier") if k in trained)
+            settings = ", ".join(
+                f"{k}={trained[k]}" for k in ("n_embd", "n_head", "mlp_internal_dim_multiplier") if k in trained
+            )
             config_yaml = Path(path).parent.parent / "config.yaml"
             hint = f" (e.g. --config {config_yaml})" if config_yaml.is_file() else ""
             raise CheckpointError(
                 f"checkpoint {path} holds a model of another shape: {name} is {saved[name]} there but {shape} with "
-                f"these settings; use the model settings it was trained with{f' ({settings})' if settings else ''}{hint}"
+                f"these settings; use the model settings it was trained with{f' ({settings})' if settings else ''}"
+                f"{hint}"
             )
 
 
@@ -101,7 +108,9 @@ def check_loadable(checkpoint: dict, path: str | Path, resume: bool) -> None:
             f"(to start a new run from its weights: --model.init_from {path})"
         )
     if not isinstance(checkpoint.get("hyper_parameters", {}), dict):
-        raise CheckpointError(f"checkpoint {path} has hyper_parameters that are not a mapping; use one written by `fit`")
+        raise CheckpointError(
+            f"checkpoint {path} has hyper_parameters that are not a mapping; use one written by `fit`"
+        )
     if resume:
         states = checkpoint.get("optimizer_states")
         if not isinstance(states, list) or not states or not all(isinstance(state, dict) for state in states):
@@ -111,7 +120,9 @@ def check_loadable(checkpoint: dict, path: str | Path, resume: bool) -> None:
             )
         for key, kind in (("global_step", int), ("epoch", int), ("loops", dict), ("lr_schedulers", list)):
             if key in checkpoint and not isinstance(checkpoint[key], kind):
-                raise CheckpointError(f"checkpoint {path} has a {key} that is not a {kind.__name__}; use one written by `fit`")
+                raise CheckpointError(
+                    f"checkpoint {path} has a {key} that is not a {kind.__name__}; use one written by `fit`"
+                )
     for name, tensor in checkpoint["state_dict"].items():
         if torch.is_tensor(tensor) and tensor.is_floating_point() and tensor.numel():
             low, high = torch.aminmax(tensor.detach().float())  # NaN propagates into both
@@ -199,7 +210,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException as error:
             partial.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
             if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
-                raise ResourceError(f"could not write checkpoint {path} ({write_failure(error)}); {self.last_good_words()}") from None
+                raise ResourceError(
+                    f"could not write checkpoint {path} ({write_failure(error)}); {self.last_good_words()}"
+                ) from None
             raise
         step = checkpoint.get("global_step")
         self.written = [entry for entry in self.written if entry[0] != str(path)] + [(str(path), step)]
@@ -207,7 +220,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def last_good_words(self) -> str:
         for written, step in reversed(self.written):
             if os.path.isfile(written):
-                return f"the last good checkpoint of this run is {written} (step {step}); free some space and resume from it with --ckpt_path"
+                return (
+                    f"the last good checkpoint of this run is {written} (step {step}); free some space and resume "
+                    "from it with --ckpt_path"
+                )
         return "this run saved no checkpoint before it; free some space and start again"
 
 

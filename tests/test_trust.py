@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV, finish, run_cli, start_cli, stderr_of, wait_for_line, write_letters
+from conftest import TINY_ARGS as TINY
 
 from bdh_lightning import checkpoints as checkpoints_module
 from bdh_lightning.main import main
-from conftest import SUBPROCESS_ENV, finish, run_cli, start_cli, stderr_of, wait_for_line, write_letters
-from conftest import TINY_ARGS as TINY
 
 QUICK = [*TINY, "--sample.length", "0"]  # no closing sample: nothing here reads it
 
@@ -61,7 +61,10 @@ def trained(tmp_path_factory):
     weights["model.encoder"] = weights["model.encoder"].clone()
     weights["model.encoder"][0, 0, 0] = float("nan")
     torch.save({**checkpoint, "state_dict": weights}, folder / "nan.ckpt")
-    torch.save({**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.extra": torch.zeros(3)}}, folder / "extra-key.ckpt")
+    torch.save(
+        {**checkpoint, "state_dict": {**checkpoint["state_dict"], "model.extra": torch.zeros(3)}},
+        folder / "extra-key.ckpt",
+    )
     torch.save({k: v for k, v in checkpoint.items() if k != "optimizer_states"}, folder / "no-optimizer.ckpt")
     torch.save({**checkpoint, "hyper_parameters": [1, 2]}, folder / "settings-list.ckpt")
     torch.save({k: v for k, v in checkpoint.items() if k != "pytorch-lightning_version"}, folder / "no-version.ckpt")
@@ -72,7 +75,9 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.parametrize("command", ["fit", "validate", "test", "generate"])
-def test_last_is_the_newest_checkpoint_of_the_run_root_this_command_uses(trained, tmp_path, monkeypatch, capsys, command):
+def test_last_is_the_newest_checkpoint_of_the_run_root_this_command_uses(
+    trained, tmp_path, monkeypatch, capsys, command
+):
     """An older run in ./lightning_logs must not be picked when the command's runs go elsewhere."""
     monkeypatch.chdir(trained)
     other = tmp_path / "other"
@@ -83,7 +88,16 @@ def test_last_is_the_newest_checkpoint_of_the_run_root_this_command_uses(trained
     if command == "generate":
         args = ["generate", "--ckpt_path", "last", "--logs_dir", str(other / "lightning_logs"), "--max_new_tokens", "3"]
     else:
-        args = [command, "--ckpt_path", "last", "--data.path", "corpus.txt", *QUICK, "--trainer.default_root_dir", str(other)]
+        args = [
+            command,
+            "--ckpt_path",
+            "last",
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.default_root_dir",
+            str(other),
+        ]
         if command == "fit":
             args += ["--trainer.max_steps", "4"]
         if command == "test":
@@ -97,10 +111,23 @@ def test_last_is_the_newest_checkpoint_of_the_run_root_this_command_uses(trained
 
 def test_last_with_no_run_in_this_root_is_one_line(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(trained)
-    code = main(["fit", "--ckpt_path", "last", "--data.path", "corpus.txt", *QUICK, "--trainer.default_root_dir", str(tmp_path / "new")])
+    code = main(
+        [
+            "fit",
+            "--ckpt_path",
+            "last",
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.default_root_dir",
+            str(tmp_path / "new"),
+        ]
+    )
     err = error_lines(capsys.readouterr().err)
-    assert code == 2 and err == [f"error: --ckpt_path last: no {tmp_path / 'new/lightning_logs'}/version_*/checkpoints/last.ckpt found; "
-                                 "train first or give a checkpoint path"]  # fmt: skip
+    assert code == 2 and err == [
+        f"error: --ckpt_path last: no {tmp_path / 'new/lightning_logs'}/version_*/checkpoints/last.ckpt found; "
+        "train first or give a checkpoint path"
+    ]
     assert not (tmp_path / "new").exists()
 
 
@@ -110,7 +137,21 @@ def test_last_with_no_run_in_this_root_is_one_line(trained, tmp_path, monkeypatc
 def test_a_run_ends_with_exactly_one_last_checkpoint(trained, tmp_path, monkeypatch):
     """No validation at the end (7 steps, validation every 5): Lightning wrote last.ckpt and last-v1.ckpt."""
     monkeypatch.chdir(trained)
-    assert main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "7", "--trainer.default_root_dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--data.path",
+                "corpus.txt",
+                *QUICK,
+                "--trainer.max_steps",
+                "7",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "lightning_logs/version_0/checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-step5.ckpt", "last.ckpt"]
     assert saved_step(folder / "last.ckpt") == 7
@@ -118,8 +159,21 @@ def test_a_run_ends_with_exactly_one_last_checkpoint(trained, tmp_path, monkeypa
 
 def test_a_data_parallel_run_ends_with_exactly_one_last_checkpoint(tmp_path):
     write_letters(tmp_path / "corpus.txt")
-    done = run_cli(tmp_path, "fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "7", "--trainer.accelerator", "cpu",
-                   "--trainer.devices", "2", "--trainer.strategy", "ddp")  # fmt: skip
+    done = run_cli(
+        tmp_path,
+        "fit",
+        "--data.path",
+        "corpus.txt",
+        *QUICK,
+        "--trainer.max_steps",
+        "7",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "lightning_logs/version_0/checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best-step5.ckpt", "last.ckpt"]
@@ -128,9 +182,21 @@ def test_a_data_parallel_run_ends_with_exactly_one_last_checkpoint(tmp_path):
 
 def test_every_n_train_steps_saves_before_the_first_validation(trained, tmp_path):
     """Lightning deferred the save until val/loss existed: a crash before the first validation lost everything."""
-    proc = start_cli(trained, "fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "100000",
-                     "--trainer.val_check_interval", "100000", "--checkpoint.every_n_train_steps", "2",
-                     "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    proc = start_cli(
+        trained,
+        "fit",
+        "--data.path",
+        "corpus.txt",
+        *QUICK,
+        "--trainer.max_steps",
+        "100000",
+        "--trainer.val_check_interval",
+        "100000",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    )
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     try:
         deadline = time.monotonic() + 120
@@ -145,8 +211,22 @@ def test_every_n_train_steps_saves_before_the_first_validation(trained, tmp_path
 
 
 def test_simultaneous_runs_get_one_folder_each(trained, tmp_path):
-    runs = [start_cli(trained, "fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "1",
-                      "--trainer.default_root_dir", str(tmp_path), "--seed_everything", str(seed)) for seed in range(3)]  # fmt: skip
+    runs = [
+        start_cli(
+            trained,
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.max_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--seed_everything",
+            str(seed),
+        )
+        for seed in range(3)
+    ]
     for proc in runs:
         err = finish(proc)
         assert proc.returncode == 0, err[-2000:]
@@ -156,7 +236,11 @@ def test_simultaneous_runs_get_one_folder_each(trained, tmp_path):
     for folder in logs.iterdir():
         assert len(list(folder.glob("events.out.tfevents.*"))) == 1, sorted(p.name for p in folder.iterdir())
         assert [p.name for p in (folder / "checkpoints").iterdir()] == ["last.ckpt"]
-        seeds.add(next(line for line in (folder / "config.yaml").read_text().splitlines() if line.startswith("seed_everything")))
+        seeds.add(
+            next(
+                line for line in (folder / "config.yaml").read_text().splitlines() if line.startswith("seed_everything")
+            )
+        )
     assert len(seeds) == 3  # each folder's config.yaml is its own run's
 
 
@@ -173,17 +257,44 @@ def test_simultaneous_runs_get_one_folder_each(trained, tmp_path):
         (["--model.betas", "[1.5, 2]"], "model.betas[0] must be in [0, 1), got 1.5"),
         (["--model.betas", "[0.9, 1]"], "model.betas[1] must be in [0, 1), got 1.0"),
         (["--model.warmup_steps", "-3"], "model.warmup_steps must be a non-negative integer (0 = no warmup), got -3"),
-        (["--model.decay_steps", "-1"], "model.decay_steps must be a non-negative integer (0 = constant learning rate), got -1"),
+        (
+            ["--model.decay_steps", "-1"],
+            "model.decay_steps must be a non-negative integer (0 = constant learning rate), got -1",
+        ),
         (["--model.min_learning_rate=-1e-5"], "model.min_learning_rate must be in [0, 0.003], got -1e-05"),
         (["--model.min_learning_rate", "0.01"], "model.min_learning_rate must be in [0, 0.003], got 0.01"),
     ],
-    ids=["lr-negative", "lr-zero", "lr-nan-yaml", "weight-decay-negative", "beta-above-1", "beta-1", "warmup-negative",
-         "decay-negative", "min-lr-negative", "min-lr-above-lr"],
-)  # fmt: skip
-def test_bad_optimizer_settings_are_one_line_before_any_run_folder(trained, tmp_path, monkeypatch, capsys, setting, expected):
+    ids=[
+        "lr-negative",
+        "lr-zero",
+        "lr-nan-yaml",
+        "weight-decay-negative",
+        "beta-above-1",
+        "beta-1",
+        "warmup-negative",
+        "decay-negative",
+        "min-lr-negative",
+        "min-lr-above-lr",
+    ],
+)
+def test_bad_optimizer_settings_are_one_line_before_any_run_folder(
+    trained, tmp_path, monkeypatch, capsys, setting, expected
+):
     monkeypatch.chdir(trained)
     (trained / "nan.yaml").write_text("model:\n  learning_rate: .nan\n")
-    code = main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path), *setting])
+    code = main(
+        [
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.max_steps",
+            "1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *setting,
+        ]
+    )
     err = error_lines(capsys.readouterr().err)
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert list(tmp_path.iterdir()) == []  # no run folder
@@ -193,7 +304,11 @@ def test_bad_optimizer_settings_are_one_line_before_any_run_folder(trained, tmp_
     "command, ckpt, expected",
     [
         ("fit", "extra-key.ckpt", "checkpoint extra-key.ckpt holds weights BDH does not have (model.extra)"),
-        ("fit", "no-optimizer.ckpt", "checkpoint no-optimizer.ckpt holds no optimizer state, so training cannot continue from it"),
+        (
+            "fit",
+            "no-optimizer.ckpt",
+            "checkpoint no-optimizer.ckpt holds no optimizer state, so training cannot continue from it",
+        ),
         ("fit", "settings-list.ckpt", "checkpoint settings-list.ckpt has hyper_parameters that are not a mapping"),
         ("fit", "no-version.ckpt", "checkpoint no-version.ckpt has no pytorch-lightning_version"),
         ("fit", "nan.ckpt", "checkpoint nan.ckpt holds non-finite weights (NaN or infinity in model.encoder)"),
@@ -201,17 +316,37 @@ def test_bad_optimizer_settings_are_one_line_before_any_run_folder(trained, tmp_
         ("validate", "extra-key.ckpt", "checkpoint extra-key.ckpt holds weights BDH does not have (model.extra)"),
         ("generate", "nan.ckpt", "nan.ckpt: encoder has 1 non-finite values (NaN or infinity)"),
     ],
-    ids=["fit-extra-key", "fit-no-optimizer", "fit-settings-not-a-mapping", "fit-no-lightning-version", "fit-nan",
-         "validate-nan", "validate-extra-key", "generate-nan"],
-)  # fmt: skip
-def test_malformed_or_non_finite_checkpoints_are_one_line(trained, tmp_path, monkeypatch, capsys, command, ckpt, expected):
+    ids=[
+        "fit-extra-key",
+        "fit-no-optimizer",
+        "fit-settings-not-a-mapping",
+        "fit-no-lightning-version",
+        "fit-nan",
+        "validate-nan",
+        "validate-extra-key",
+        "generate-nan",
+    ],
+)
+def test_malformed_or_non_finite_checkpoints_are_one_line(
+    trained, tmp_path, monkeypatch, capsys, command, ckpt, expected
+):
     monkeypatch.chdir(trained)
     before = files_under(trained)
     if command == "generate":
         args = ["generate", "--ckpt_path", ckpt, "--max_new_tokens", "3"]
     else:
-        args = [command, "--ckpt_path", ckpt, "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "5",
-                "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+        args = [
+            command,
+            "--ckpt_path",
+            ckpt,
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.max_steps",
+            "5",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
     code = main(args)
     err = error_lines(capsys.readouterr().err)
     assert code == 2 and len(err) == 1 and expected in err[0], err
@@ -221,8 +356,10 @@ def test_malformed_or_non_finite_checkpoints_are_one_line(trained, tmp_path, mon
 # ---------------------------------------------------------------- full disk, no memory
 
 
-def test_disk_full_while_writing_a_checkpoint_is_one_line_naming_the_last_good_one(trained, tmp_path, monkeypatch, capsys):
-    """The write of the step-4 checkpoint fails with ENOSPC: one line naming this run's step-2 last.ckpt, no .part left."""
+def test_disk_full_while_writing_a_checkpoint_is_one_line_naming_the_last_good_one(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """The step-4 checkpoint's write fails with ENOSPC: one line naming this run's step-2 last.ckpt, no .part left."""
     monkeypatch.chdir(trained)
     real_save = torch.save
     saves = []
@@ -235,8 +372,22 @@ def test_disk_full_while_writing_a_checkpoint_is_one_line_naming_the_last_good_o
         return real_save(checkpoint, file, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints_module.torch, "save", fill_the_disk)
-    code = main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "2",
-                 "--trainer.val_check_interval", "100", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    code = main(
+        [
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.max_steps",
+            "10",
+            "--checkpoint.every_n_train_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "100",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     monkeypatch.setattr(checkpoints_module.torch, "save", real_save)
     err = error_lines(capsys.readouterr().err)
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
@@ -255,11 +406,35 @@ def test_out_of_cpu_memory_is_one_line(trained, tmp_path):
     def limit_memory():
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
 
-    args = ["fit", "--data.path", "corpus.txt", *QUICK, "--model.n_embd", "64", "--model.mlp_internal_dim_multiplier", "512",
-            "--data.batch_size", "8", "--data.block_size", "512", "--model.kernel", "reference", "--trainer.max_steps", "1",
-            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "bdh_lightning", *args], cwd=trained, env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=300, preexec_fn=limit_memory)  # fmt: skip
+    args = [
+        "fit",
+        "--data.path",
+        "corpus.txt",
+        *QUICK,
+        "--model.n_embd",
+        "64",
+        "--model.mlp_internal_dim_multiplier",
+        "512",
+        "--data.batch_size",
+        "8",
+        "--data.block_size",
+        "512",
+        "--model.kernel",
+        "reference",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "bdh_lightning", *args],
+        cwd=trained,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_memory,
+    )
     err = error_lines(done.stderr)
     assert done.returncode == 1 and len(err) == 1 and err[0].startswith("error: out of memory;"), done.stderr[-3000:]
 
@@ -276,15 +451,29 @@ def generating(trained):
     """A prompt file of bytes a terminal would act on, and the generate arguments (greedy: deterministic)."""
     (trained / "prompt.bin").write_bytes(PROMPT)
     ckpt = str(trained / "lightning_logs/version_0/checkpoints/last.ckpt")
-    return ["generate", "--ckpt_path", ckpt, "--prompt_file", "prompt.bin", "--max_new_tokens", "300", "--temperature", "0"]
+    return [
+        "generate",
+        "--ckpt_path",
+        ckpt,
+        "--prompt_file",
+        "prompt.bin",
+        "--max_new_tokens",
+        "300",
+        "--temperature",
+        "0",
+    ]
 
 
 def generate_shell(trained: Path, generating: list[str], redirect: str) -> subprocess.CompletedProcess:
     command = " ".join([sys.executable, "-m", "bdh_lightning", *generating])
-    return subprocess.run(["bash", "-c", f"{command} {redirect}"], cwd=trained, env=SUBPROCESS_ENV, capture_output=True, timeout=300)
+    return subprocess.run(
+        ["bash", "-c", f"{command} {redirect}"], cwd=trained, env=SUBPROCESS_ENV, capture_output=True, timeout=300
+    )
 
 
-def test_output_and_raw_write_the_exact_bytes_and_the_terminal_gets_no_control_bytes(trained, generating, monkeypatch, capsysbinary):
+def test_output_and_raw_write_the_exact_bytes_and_the_terminal_gets_no_control_bytes(
+    trained, generating, monkeypatch, capsysbinary
+):
     monkeypatch.chdir(trained)
     assert main([*generating, "--output", "out.bin"]) == 0
     exact = (trained / "out.bin").read_bytes()
@@ -298,7 +487,9 @@ def test_output_and_raw_write_the_exact_bytes_and_the_terminal_gets_no_control_b
     assert main(generating) == 0
     shown = capsysbinary.readouterr().out
     assert not set(shown) & (set(range(0x20)) - {0x09, 0x0A} | {0x7F}), shown[:80]  # no C0 control byte but \t \n
-    assert b"\xc2\x9b" not in shown and shown.startswith(b"\\x1b[2J\\x1b]0;owned\\x07 caf\xc3\xa9 \\xff\\xff\\x0d\\xc2\\x9b")
+    assert b"\xc2\x9b" not in shown and shown.startswith(
+        b"\\x1b[2J\\x1b]0;owned\\x07 caf\xc3\xa9 \\xff\\xff\\x0d\\xc2\\x9b"
+    )
 
 
 def test_generate_to_a_closed_pipe_ends_quietly(trained, generating):
@@ -313,14 +504,25 @@ def test_generate_to_a_closed_pipe_ends_quietly(trained, generating):
         (">&-", 2, "error: standard output is closed; give --output FILE to write the text to a file"),
         ("> /dev/full", 1, "error: cannot write the generated text to standard output (No space left on device)"),
         ("--output /dev/full", 1, "error: cannot write --output /dev/full (No space left on device)"),
-        ("--seed 99999999999999999999999", 2, "error: --seed must be an integer from 0 to 2**64 - 1, got 99999999999999999999999"),
+        (
+            "--seed 99999999999999999999999",
+            2,
+            "error: --seed must be an integer from 0 to 2**64 - 1, got 99999999999999999999999",
+        ),
         ("--temperature 1e-45", 2, "error: --temperature 1e-45 is too small to divide logits by"),
         ("--num_samples 100000000", 1, "error: --num_samples 100000000 needs about"),
         ("--raw --num_samples 2", 2, "error: --raw writes one sample's exact bytes"),
     ],
-    ids=["stdout-closed", "stdout-disk-full", "output-disk-full", "seed-too-large", "temperature-tiny", "num-samples-too-many",
-         "raw-several-samples"],
-)  # fmt: skip
+    ids=[
+        "stdout-closed",
+        "stdout-disk-full",
+        "output-disk-full",
+        "seed-too-large",
+        "temperature-tiny",
+        "num-samples-too-many",
+        "raw-several-samples",
+    ],
+)
 def test_generate_output_problems_are_one_line(trained, generating, redirect, code, expected):
     done = generate_shell(trained, generating, redirect)
     err = error_lines(done.stderr.decode())
@@ -356,11 +558,27 @@ def test_a_non_finite_loss_names_only_a_checkpoint_this_run_wrote(trained, tmp_p
     shared = tmp_path / "shared"
     shared.mkdir()
     shutil.copy(trained / "lightning_logs/version_0/checkpoints/last.ckpt", shared / "last.ckpt")
-    (tmp_path / "poison.yaml").write_text("trainer:\n  callbacks:\n    - class_path: recorders.PoisonWeights\n"
-                                          "      init_args: {step: 3, where: loss}\n")  # fmt: skip
-    code = main(["fit", "--config", str(tmp_path / "poison.yaml"), "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "6",
-                 "--ckpt_path", str(shared / "last.ckpt"), "--checkpoint.dirpath", str(shared),
-                 "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    (tmp_path / "poison.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: recorders.PoisonWeights\n      init_args: {step: 3, where: loss}\n"
+    )
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(tmp_path / "poison.yaml"),
+            "--data.path",
+            "corpus.txt",
+            *QUICK,
+            "--trainer.max_steps",
+            "6",
+            "--ckpt_path",
+            str(shared / "last.ckpt"),
+            "--checkpoint.dirpath",
+            str(shared),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     err = error_lines(capsys.readouterr().err)
     assert code == 1 and len(err) == 1 and err[0].startswith("error: training loss is nan at step 3"), err
     assert f"no checkpoint was saved in this run (it resumed from {shared / 'last.ckpt'})" in err[0], err
@@ -374,8 +592,20 @@ def start_slow_run(folder: Path, *extra: str):
     """A run whose steps take 0.3 s, saving every 2 steps; returns it once its first checkpoint exists."""
     (folder / "slow.yaml").write_text(SLOW)
     write_letters(folder / "corpus.txt")
-    proc = start_cli(folder, "fit", "--config", "slow.yaml", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "100000",
-                     "--checkpoint.every_n_train_steps", "2", *extra)  # fmt: skip
+    proc = start_cli(
+        folder,
+        "fit",
+        "--config",
+        "slow.yaml",
+        "--data.path",
+        "corpus.txt",
+        *QUICK,
+        "--trainer.max_steps",
+        "100000",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        *extra,
+    )
     last = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
     deadline = time.monotonic() + 180
     while saved_step(last) is None:
@@ -402,19 +632,25 @@ def test_a_second_ctrl_c_exits_130_without_saving(tmp_path):
     err = finish(proc, timeout=120)
     assert proc.returncode == 130, err[-2000:]
     stopped = [line for line in error_lines(err) + err.splitlines() if line.startswith("stopped by")]
-    assert stopped and stopped[0].startswith("stopped by a second Ctrl-C without saving; the last good checkpoint is "), err[-2000:]
+    assert stopped and stopped[0].startswith(
+        "stopped by a second Ctrl-C without saving; the last good checkpoint is "
+    ), err[-2000:]
     assert not list(tmp_path.rglob("*.part"))
 
 
 def test_killing_one_data_parallel_rank_is_one_line_on_the_other(tmp_path):
-    proc, _ = start_slow_run(tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc, _ = start_slow_run(
+        tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
+    )
     children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == proc.pid]
     assert len(children) == 1, children  # Lightning started rank 1 as a child of rank 0
     os.kill(children[0], signal.SIGKILL)
     err = finish(proc, timeout=180)
     lines = error_lines(err)
     assert proc.returncode == 1 and len(lines) == 1, err[-3000:]
-    assert lines[0].startswith("error: another process of this run stopped (") and lines[0].endswith("resume with --ckpt_path last")
+    assert lines[0].startswith("error: another process of this run stopped (") and lines[0].endswith(
+        "resume with --ckpt_path last"
+    )
 
 
 def parent_of(proc_dir: Path) -> int | None:
