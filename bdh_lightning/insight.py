@@ -38,6 +38,7 @@ from .errors import (
     DataError,
     UsageError,
     finite_float,
+    is_int,
     non_negative_int,
     positive_int,
 )
@@ -452,8 +453,9 @@ def sparsity_report(model: BDH, sample: CorpusSample, neurons: NeuronOptions | N
         counts = counts + seen.counts
         fires = fires + seen.fires
         positions += idx.numel()
-        active_per_position.append(seen.position_active.reshape(3, -1))
-        loss_per_position.append(seen.loss.reshape(-1))
+        # Position 0 is left out: with nothing before it to attend to, y = 0 and b = 0 there by construction.
+        active_per_position.append(seen.position_active[:, :, 1:].reshape(3, -1))
+        loss_per_position.append(seen.loss[:, 1:].reshape(-1))
         if neurons:
             values = seen.pooled.reshape(-1, H * N)  # positions, H*N
             total += values.sum(0)
@@ -875,7 +877,8 @@ def open_sample(data: DataOptions, settings: dict, model: BDH) -> tuple[CorpusSa
         hint = "" if data.path else " (the run's data.path; give --data.path)"
         raise DataError(f"{error}{hint}") from None
     block = data.block_size or min(int(run_data.get("block_size") or 256), 256)
-    positive_int("data.block_size", block, UsageError)
+    if not is_int(block) or block < 2:
+        raise UsageError(f"data.block_size must be an integer of at least 2 (bytes per window), got {block!r}")
     windows = data.windows
     if windows is None:
         c = model.config

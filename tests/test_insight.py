@@ -281,6 +281,7 @@ BAD_INPUT = {  # arguments, and a word the one-line message must hold
     "short corpus": (["--data.path", "short.txt"], "fewer than one window"),
     "probe without control": (["--probe.concept", "empty.txt"], "--probe.control"),
     "output is a file": (["--output", "a_file"], "is a file"),
+    "one-byte windows": (["--data.block_size", "1"], "at least 2"),
 }
 
 
