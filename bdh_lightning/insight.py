@@ -182,6 +182,8 @@ def thresholded_edges(
             sources.append((hits[:, 0] + start).cpu())
             targets.append(hits[:, 1].cpu())
     if threshold is None:
+        best_index = best_index[best_values > -math.inf]  # never the diagonal, even when edges > N * (N - 1)
+        best_values = best_values[best_values > -math.inf]
         order = best_index.sort().values.cpu()
         return (order // N).numpy(), (order % N).numpy(), float(best_values.min()) if best_values.numel() else math.inf
     src = torch.cat(sources) if sources else torch.empty(0, dtype=torch.long)
@@ -297,7 +299,7 @@ def graph_report(
             src, dst, threshold = thresholded_edges(decoder_h, encoder_h, threshold=options.threshold)
         else:
             src, dst, threshold = thresholded_edges(decoder_h, encoder_h, edges=max(1, round(options.mean_degree * N)))
-        modularity, communities = louvain_modularity(src, dst, N, options.seed)
+        head_modularity, communities = louvain_modularity(src, dst, N, options.seed)
         sizes = [len(community) for community in communities]
         null_modularity = None
         if null:
@@ -306,7 +308,7 @@ def graph_report(
         in_degrees.append(d_in)
         out_degrees.append(d_out)
         heads.append({
-            "head": h, "edges": int(src.size), "threshold": threshold, "modularity": modularity,
+            "head": h, "edges": int(src.size), "threshold": threshold, "modularity": head_modularity,
             "null_modularity": null_modularity, "communities": sum(1 for s in sizes if s >= 2),
             "community_sizes": sizes[:20], "isolated": int(((d_in + d_out) == 0).sum()),
         })  # fmt: skip
@@ -570,21 +572,31 @@ def read_sentences(path: str, name: str) -> list[bytes]:
 @torch.no_grad()
 def sentence_values(model: BDH, sentences: list[bytes], signal: str) -> torch.Tensor:
     """(sentences, H*N): each neuron's value averaged over the sentence's positions (each sentence read alone,
-    from position 0; right padding cannot change earlier positions, attention being causal)."""
+    from position 0; right padding cannot change earlier positions, attention being causal). Sentences are
+    batched by length, so little is spent on padding."""
     c = model.config
-    longest = max(len(s) for s in sentences)
-    per_batch = max(1, ELEMENT_BUDGET // (longest * c.n_head * c.neurons_per_head))
-    out = []
-    for i in range(0, len(sentences), per_batch):
-        batch = sentences[i : i + per_batch]
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    values = torch.empty(len(sentences), c.n_head * c.neurons_per_head)
+    start = 0
+    while start < len(order):
+        # As many of the next-shortest sentences as fit the buffer at the length of the longest of them.
+        end = start + 1
+        while (
+            end < len(order)
+            and (end - start + 1) * len(sentences[order[end]]) * c.n_head * c.neurons_per_head <= ELEMENT_BUDGET
+        ):
+            end += 1
+        batch = [sentences[i] for i in order[start:end]]
+        longest = len(batch[-1])
         idx = torch.zeros(len(batch), longest, dtype=torch.long)
         mask = torch.zeros(len(batch), longest)
-        for row, s in enumerate(batch):
-            idx[row, : len(s)] = torch.frombuffer(bytearray(s), dtype=torch.uint8).long()
-            mask[row, : len(s)] = 1
+        for row, sentence in enumerate(batch):
+            idx[row, : len(sentence)] = torch.frombuffer(bytearray(sentence), dtype=torch.uint8).long()
+            mask[row, : len(sentence)] = 1
         pooled = activation_pass(model, idx, signal=signal).pooled.flatten(2)  # B, T, H*N
-        out.append((pooled * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(out)
+        values[order[start:end]] = (pooled * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        start = end
+    return values
 
 
 def probe_report(model: BDH, concept: list[bytes], control: list[bytes], signal: str, top: int) -> dict:

@@ -75,6 +75,8 @@ def test_thresholded_edges_are_the_largest_entries_of_the_dense_product():
     assert threshold == pytest.approx(float(dense.flatten().topk(300).values.min()))
     src, dst, _ = thresholded_edges(decoder, encoder, threshold=2.0, block_rows=10)
     assert set(zip(src.tolist(), dst.tolist())) == {tuple(e) for e in (dense > 2.0).nonzero().tolist()}
+    src, dst, _ = thresholded_edges(decoder[:5], encoder[:, :5], edges=100)  # more than the 20 off-diagonal entries
+    assert len(src) == 20 and not (src == dst).any()
 
 
 def test_louvain_finds_planted_communities_and_random_init_has_no_excess_modularity():
@@ -169,6 +171,20 @@ def test_a_neuron_wired_to_one_byte_is_found_by_probe_and_contexts(tmp_path, sig
     contexts = strongest_contexts(report, sample, best["index"], width=10)
     assert [c["byte"] for c in contexts] == ["Q"] * 8
     assert all(sample.corpus.read(c["offset"], 1)[0] == Q for c in contexts)
+
+
+def test_sentence_values_are_each_sentence_read_alone(monkeypatch):
+    import bdh_lightning.insight as insight
+
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(**TINY_MODEL)).eval()
+    texts = [b"a longer sentence here", b"short", b"mid length one", b"x", b"another fairly long sentence"]
+    monkeypatch.setattr(insight, "ELEMENT_BUDGET", 3 * 14 * 2 * 128)  # several batches of unequal lengths
+    batched = insight.sentence_values(model, texts, "ab")
+    for row, text in enumerate(texts):
+        idx = torch.tensor([list(text)])
+        alone = activation_pass(model, idx, signal="ab").pooled.flatten(2).mean(1)[0]
+        assert torch.allclose(batched[row], alone, atol=1e-6), text
 
 
 def test_sparsity_counts_equal_the_monitors():
