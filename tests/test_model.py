@@ -358,3 +358,23 @@ def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
     model.eval()(random_bytes(1, 5))
     want = dict(kernel="chunked", dropout=0.3, chunk_size=32)
     assert calls == [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
+
+
+def test_forward_stream_exact_reads_in_float32_under_autocast_and_drops_out_in_training():
+    torch.manual_seed(11)
+    model = tiny_model(dropout=0.5, weight_std=0.3).eval()
+    idx = random_bytes(2, 24, seed=12)
+    with torch.no_grad():
+        full, _ = model.forward_stream(idx, 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = model.forward_stream(idx, 0)  # exact defaults to False: the read in bfloat16 too
+            exact, _ = model.forward_stream(idx, 0, exact=True)
+    assert not torch.equal(low, exact)  # (neither is reliably closer to float32: the N-wide products are bf16 in both)
+    for got in (low, exact):
+        assert (got.float() - full).abs().max() < 0.05 * full.abs().max()
+    model.train()
+    with torch.no_grad():
+        first, _ = model.forward_stream(idx, 0)
+        second, _ = model.forward_stream(idx, 0)
+    assert (first - second).abs().max() > 1e-3  # dropout=0.5 while training
+    assert (first - full).abs().max() > 1e-3
