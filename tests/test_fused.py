@@ -18,6 +18,7 @@ from conftest import REPO, SUBPROCESS_ENV
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.kernels import KERNELS, resolve_kernel
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine")
 CHECKS = ("fp32", "fp32_dropout", "bf16", "autocast_bf16", "autocast_fp16", "hash", "model", "float64_refused")
 GRADIENTS = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
 
@@ -94,3 +95,32 @@ def test_auto_never_picks_fused(monkeypatch):
     for device in ("cpu", "cuda"):
         for n_wide in (0, 2**20, 2**23, 2**30):
             assert resolve_kernel("auto", torch.device(device), n_wide=n_wide) != "fused"
+
+
+@CUDA
+@pytest.mark.parametrize("autocast,tol", [(None, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_cuda_compiled_fused_equals_the_cpu_reference(autocast, tol, small_tiles):
+    # The compiled kernels (tensor-core dots), which the interpreter never runs. The reference runs on the
+    # CPU: benchmarks/gpu_suite.py turns TF32 on for CUDA float32 matmuls, which would blur a 1e-4 check.
+    from bdh_lightning import fused, masks
+    from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin
+
+    B, T, D, H, N, p, seed = 3, 200, 96, 2, 1000, 0.2, 1234  # ragged ends on every tile size
+    gen = torch.Generator().manual_seed(0)
+    x = layer_norm(torch.randn(B, 1, T, D, generator=gen)).requires_grad_()
+    weights = [(torch.randn(H, D, N, generator=gen) * 0.1).requires_grad_() for _ in range(2)]
+    weights.append((torch.randn(H * N, D, generator=gen) * 0.05).requires_grad_())
+    cos, sin = rope_cos_sin(torch.arange(T), N)
+    grad_out = torch.randn(B, 1, T, D, generator=gen)
+    tiles = fused.Tiles(rows=32, pairs=16, depth=32, wide_rows=16) if small_tiles else fused.Tiles()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+        expected = reference_layer(x, *weights, cos, sin, p, True, dropout_mask=masks.dropout_mask(seed, B, H, T, N, p))
+    inputs = [t.detach().cuda().requires_grad_() for t in (x, *weights)]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
+        got = fused.fused_layer(*inputs, cos.cuda(), sin.cuda(), p, seed=seed, tiles=tiles)
+    assert ((got.float().cpu() - expected.float()).norm() / expected.float().norm()).item() <= tol
+    want = torch.autograd.grad(expected, [x, *weights], grad_out.to(expected.dtype))
+    have = torch.autograd.grad(got, inputs, grad_out.cuda().to(got.dtype))
+    for g, e in zip(have, want):
+        assert ((g.float().cpu() - e.float()).norm() / e.float().norm()).item() <= tol
