@@ -11,27 +11,34 @@ import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import ActionYesNo
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
-from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from . import __version__
+from .checkpoints import (
+    AtomicCheckpointIO,
+    RunCheckpoint,
+    check_loadable,
+    check_model_shape,
+    find_last,
+    read_checkpoint,
+)
+from .console import RunReport, device_memory, memory_line
 from .data import ByteDataModule
 from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
-from .checkpoints import AtomicCheckpointIO, RunCheckpoint, check_loadable, check_model_shape, find_last, read_checkpoint
+from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
+from .model import ARCHITECTURE, BDHConfig
+from .module import BDHLitModule
+from .monitor import SparsityMonitor, TextSample
 from .precision import TF32, cuda_present, default_precision
 from .throughput import ThroughputMonitor
-from .monitor import SparsityMonitor, TextSample
-from . import __version__
-from .console import RunReport, device_memory, memory_line
-from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
-from .model import ARCHITECTURE, BDHConfig
 from .weights import read_weights
-from .module import BDHLitModule
 
 DESCRIPTION = (
     "Train BDH (Baby Dragon Hatchling), Pathway's byte-level language model, with PyTorch Lightning. "
@@ -46,16 +53,35 @@ TRAINER_COMMANDS = {
 # parsers are built from the function's signature when the command runs (main.py); here only the help
 # line is needed, so listing them costs no import.
 COMMANDS = {
-    "generate": ("bdh_lightning.commands:generate_command", "Sample text from a checkpoint (recurrent, O(1) per byte)."),
+    "generate": (
+        "bdh_lightning.commands:generate_command",
+        "Sample text from a checkpoint (recurrent, O(1) per byte).",
+    ),
     "estimate": ("bdh_lightning.commands:estimate_command", "Predict the memory of a training step from a config."),
-    "inspect": ("bdh_lightning.insight:inspect_command", "Report what a checkpoint learned: neuron graph, sparsity, selective neurons."),
-    "export": ("bdh_lightning.export:export_command", "Write a checkpoint's weights for the reference, safetensors or Hugging Face."),
-    "prepare": ("bdh_lightning.prepare:prepare_command", "Pack a corpus into LitData's streaming format, split by document."),
+    "inspect": (
+        "bdh_lightning.insight:inspect_command",
+        "Report what a checkpoint learned: neuron graph, sparsity, selective neurons.",
+    ),
+    "export": (
+        "bdh_lightning.export:export_command",
+        "Write a checkpoint's weights for the reference, safetensors or Hugging Face.",
+    ),
+    "prepare": (
+        "bdh_lightning.prepare:prepare_command",
+        "Pack a corpus into LitData's streaming format, split by document.",
+    ),
 }
 # On resume these come from the checkpoint: the function the model computes and its optimizer and schedule.
 # Everything else (kernel, chunk_size, compile, precision, devices) is this machine's choice.
-RESUMED_FROM_CHECKPOINT = (*ARCHITECTURE, "learning_rate", "weight_decay", "betas", "warmup_steps", "decay_steps",
-                           "min_learning_rate")  # fmt: skip
+RESUMED_FROM_CHECKPOINT = (
+    *ARCHITECTURE,
+    "learning_rate",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "decay_steps",
+    "min_learning_rate",
+)
 
 
 class BDHCLI(LightningCLI):
@@ -115,7 +141,9 @@ class BDHCLI(LightningCLI):
             return
         hparams = self.checkpoint.get("hyper_parameters") or {}
         if not isinstance(hparams, dict):
-            raise CheckpointError(f"checkpoint {config.ckpt_path} has hyper_parameters that are not a mapping; use one written by `fit`")
+            raise CheckpointError(
+                f"checkpoint {config.ckpt_path} has hyper_parameters that are not a mapping; use one written by `fit`"
+            )
         for key in RESUMED_FROM_CHECKPOINT:
             if key in hparams:
                 config.model[key] = list(hparams[key]) if key == "betas" else hparams[key]
@@ -124,12 +152,23 @@ class BDHCLI(LightningCLI):
         return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--force", action=ActionYesNo, default=False,
-                            help="Start even where the predicted memory exceeds the device's (it is a prediction).")  # fmt: skip
-        parser.add_argument("--quiet", action=ActionYesNo, default=True,
-                            help="Hide the framework's own notices and warnings; --no_quiet shows them.")  # fmt: skip
         parser.add_argument(
-            "--tf32", type=bool, default=True, help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)"
+            "--force",
+            action=ActionYesNo,
+            default=False,
+            help="Start even where the predicted memory exceeds the device's (it is a prediction).",
+        )
+        parser.add_argument(
+            "--quiet",
+            action=ActionYesNo,
+            default=True,
+            help="Hide the framework's own notices and warnings; --no_quiet shows them.",
+        )
+        parser.add_argument(
+            "--tf32",
+            type=bool,
+            default=True,
+            help="On CUDA, allow TF32 in float32 matmuls and cuDNN (faster, ~1e-3 rel.)",
         )
         parser.add_lightning_class_args(TextSample, "sample")
         parser.add_lightning_class_args(SparsityMonitor, "sparsity")
@@ -159,7 +198,9 @@ class BDHCLI(LightningCLI):
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_cpu_devices(config.trainer)
         if config.model.get("carry_state") and config.data.get("sampling") != "streams":
-            raise ConfigError("model.carry_state true needs data.sampling streams (consecutive windows to carry the state across)")
+            raise ConfigError(
+                "model.carry_state true needs data.sampling streams (consecutive windows to carry the state across)"
+            )
         if self.subcommand == "fit":
             if config.get("ckpt_path"):
                 nothing_left_to_do(self.checkpoint, config)
@@ -175,8 +216,10 @@ class BDHCLI(LightningCLI):
             config.ckpt_path = str(resolve_last(config))
         elif config.get("ckpt_path") and exported_weights(config.ckpt_path):
             if self.config.get("subcommand") == "fit":
-                raise UsageError(f"--ckpt_path {config.ckpt_path} holds exported weights, not a training checkpoint to "
-                                 f"resume; start a run from them with --model.init_from {config.ckpt_path}")  # fmt: skip
+                raise UsageError(
+                    f"--ckpt_path {config.ckpt_path} holds exported weights, not a training checkpoint to "
+                    f"resume; start a run from them with --model.init_from {config.ckpt_path}"
+                )
             config.model.init_from, config.ckpt_path = config.ckpt_path, None  # validate/test score these weights
         elif config.get("ckpt_path") and not Path(config.ckpt_path).is_file():
             raise UsageError(f"--ckpt_path {config.ckpt_path}: no such checkpoint file")
@@ -186,12 +229,17 @@ class BDHCLI(LightningCLI):
             self.model_settings_given = config.model.as_dict()
             config.model.init_from = None  # the checkpoint's weights replace them: do not read that file again
             if last and rank_zero_only.rank == 0:
-                print(f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr)
+                print(
+                    f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr
+                )
 
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("enable_progress_bar") is not False:  # our progress, header and closing block
-            kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), RunReport(getattr(self, "header_lines", []))]
+            kwargs["callbacks"] = [
+                *(trainer_config.get("callbacks") or []),
+                RunReport(getattr(self, "header_lines", [])),
+            ]
         if self.subcommand in ("validate", "test"):
             kwargs["logger"] = False
         try:
@@ -206,7 +254,6 @@ class BDHCLI(LightningCLI):
             if isinstance(logger, TensorBoardLogger):
                 logger._default_hp_metric = False  # no `hp_metric = -1` scalar in TensorBoard
         return trainer
-
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -243,7 +290,9 @@ def resolve_last(config) -> Path:
     if dirpath:
         path = Path(dirpath) / "last.ckpt"
         if not path.is_file():
-            raise CheckpointError(f"--ckpt_path last: no last.ckpt in checkpoint.dirpath {dirpath}; train first or give a checkpoint path")
+            raise CheckpointError(
+                f"--ckpt_path last: no last.ckpt in checkpoint.dirpath {dirpath}; train first or give a checkpoint path"
+            )
     else:
         path = find_last(run_root(config))
     os.environ["BDH_CKPT_PATH_LAST"], os.environ["BDH_CKPT_PATH_LAST_PARENT"] = str(path), str(os.getpid())
@@ -346,14 +395,18 @@ def plan_memory(config) -> list[str]:
     model, data = config.model.as_dict(), config.data
     precision = str(config.trainer.precision)
     try:
-        report = estimate_memory(model, data.batch_size, data.block_size, precision, device.type, world_size(config.trainer))
+        report = estimate_memory(
+            model, data.batch_size, data.block_size, precision, device.type, world_size(config.trainer)
+        )
         BDHConfig.from_dict(model)
     except (BDHError, TypeError, ValueError):
         return []  # the settings themselves are wrong: the module or data module says so in one line
     c = BDHConfig.from_dict(model)
     have, what = device_memory(device)
     # The module resolves `auto` the same way when training starts (BDHLitModule.choose_kernel).
-    best, why = choose_kernel(c, data.batch_size, data.block_size, precision, device, have if device.type == "cuda" else None)
+    best, why = choose_kernel(
+        c, data.batch_size, data.block_size, precision, device, have if device.type == "cuda" else None
+    )
     best = best if best in report.kernels else "chunked"  # fused keeps no more than chunked's bytes
     carried = 0
     if model.get("carry_state"):  # each layer's state per batch row, float32, kept between steps
@@ -366,8 +419,10 @@ def plan_memory(config) -> list[str]:
         accumulate = config.trainer.accumulate_grad_batches or 1
         if fits:
             same = -(-data.batch_size * accumulate // fits)
-            advice = (f"use --data.batch_size {fits} --trainer.accumulate_grad_batches {same} (about the same global "
-                      f"batch), or a smaller data.block_size")  # fmt: skip
+            advice = (
+                f"use --data.batch_size {fits} --trainer.accumulate_grad_batches {same} (about the same global "
+                f"batch), or a smaller data.block_size"
+            )
         else:
             advice = "no batch size fits: use a smaller data.block_size or model, or model.kernel chunked"
         raise ConfigError(
@@ -383,4 +438,6 @@ def check_cpu_devices(trainer_config) -> None:
     devices = trainer_config.devices
     cores = len(os.sched_getaffinity(0))
     if on_cpu and str(devices).isdigit() and int(devices) > cores:
-        raise UsageError(f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}")
+        raise UsageError(
+            f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}"
+        )

@@ -42,7 +42,13 @@ def quiet() -> None:
     """Silence the framework's noise (warnings from its own modules, its info logs); keep the user's warnings."""
     for pattern in QUIET_MESSAGES:
         warnings.filterwarnings("ignore", message=pattern)
-    for module in (r"lightning(\..*)?", r"pytorch_lightning(\..*)?", r"torch(\..*)?", r"jsonargparse(\..*)?", r"torchmetrics(\..*)?"):
+    for module in (
+        r"lightning(\..*)?",
+        r"pytorch_lightning(\..*)?",
+        r"torch(\..*)?",
+        r"jsonargparse(\..*)?",
+        r"torchmetrics(\..*)?",
+    ):
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
@@ -128,12 +134,16 @@ class RunReport(ProgressBar):
         c = pl_module.config
         callback = trainer.checkpoint_callback
         run_dir = trainer.log_dir or trainer.default_root_dir
-        lines = [f"run        {run_dir}" + (f"   (checkpoints: {callback.dirpath})" if callback and callback.dirpath else "")]
+        lines = [
+            f"run        {run_dir}" + (f"   (checkpoints: {callback.dirpath})" if callback and callback.dirpath else "")
+        ]
         device = trainer.strategy.root_device
         nodes = f" x {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
         lines.append(f"device     {trainer.num_devices} x {device.type}{nodes}, precision {trainer.precision}")
-        lines.append(f"model      {c.num_parameters:,} parameters: {c.n_layer} layers, D {c.n_embd}, {c.n_head} heads x "
-                     f"N {c.neurons_per_head} neurons, dropout {c.dropout}")  # fmt: skip
+        lines.append(
+            f"model      {c.num_parameters:,} parameters: {c.n_layer} layers, D {c.n_embd}, {c.n_head} heads x "
+            f"N {c.neurons_per_head} neurons, dropout {c.dropout}"
+        )
         if data is not None:
             per_step = bytes_per_step(trainer, data)
             lines.append(
@@ -147,8 +157,10 @@ class RunReport(ProgressBar):
         todo = (trainer.max_steps - trainer.global_step) if trainer.max_steps and trainer.max_steps > 0 else None
         if todo is not None:
             resumed = f", resuming at step {trainer.global_step}" if trainer.global_step else ""
-            lines.append(f"training   {todo} steps to step {trainer.max_steps}{resumed}; validation every "
-                         f"{trainer.val_check_interval} batches")  # fmt: skip
+            lines.append(
+                f"training   {todo} steps to step {trainer.max_steps}{resumed}; validation every "
+                f"{trainer.val_check_interval} batches"
+            )
         return lines
 
     # -- progress ------------------------------------------------------------------------------------
@@ -225,7 +237,9 @@ class RunReport(ProgressBar):
         last = ""
         if callback is not None:
             last = callback.last_model_path or (
-                os.path.join(callback.dirpath, "last.ckpt") if callback.dirpath and os.path.exists(os.path.join(callback.dirpath, "last.ckpt")) else ""
+                os.path.join(callback.dirpath, "last.ckpt")
+                if callback.dirpath and os.path.exists(os.path.join(callback.dirpath, "last.ckpt"))
+                else ""
             )
             if callback.best_model_path:
                 lines.append(f"best       {callback.best_model_path}")
@@ -235,7 +249,9 @@ class RunReport(ProgressBar):
             logs = Path(trainer.log_dir).parent
             lines.append(f"next       tensorboard --logdir {shlex.quote(str(logs))}")
         if last:
-            lines.append(f"           python -m bdh_lightning generate --ckpt_path {shlex.quote(last)} --prompt \"To be\"")
+            lines.append(
+                f'           python -m bdh_lightning generate --ckpt_path {shlex.quote(last)} --prompt "To be"'
+            )
         return lines
 
 

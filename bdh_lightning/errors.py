@@ -84,8 +84,17 @@ def non_negative_int(name: str, value, error: type[BDHError] = ConfigError, zero
     return value
 
 
-def finite_float(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-                 high_open: bool = False, error: type[BDHError] = ConfigError, hint: str = "") -> float:  # fmt: skip
+def finite_float(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    error: type[BDHError] = ConfigError,
+    hint: str = "",
+) -> float:
     """`value` as a float inside [low, high] (open ends where asked); NaN and infinities are refused."""
     try:
         number = float(value)
@@ -107,7 +116,9 @@ def sampling_settings(prefix: str, temperature, top_k, top_p=1.0, error: type[BD
     """The rules every sampler shares (the `generate` command, the training sample, inspect)."""
     finite_float(f"{prefix}temperature", temperature, 0.0, 1e4, error=error, hint=" (0 = greedy)")
     if 0 < float(temperature) < 1e-4:
-        raise error(f"{prefix}temperature {temperature!r} is too small to divide logits by; use 0 for greedy or at least 1e-4")
+        raise error(
+            f"{prefix}temperature {temperature!r} is too small to divide logits by; use 0 for greedy or at least 1e-4"
+        )
     if top_k is not None and (not is_int(top_k) or not 1 <= top_k <= 256):
         raise error(f"{prefix}top_k must be in 1..256 (there are 256 bytes), got {top_k!r}")
     finite_float(f"{prefix}top_p", top_p, 0.0, 1.0, low_open=True, error=error)

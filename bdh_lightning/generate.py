@@ -115,7 +115,9 @@ def generate_text(
     else:
         generator.seed()
     idx = torch.tensor(list(prompt), dtype=torch.long, device=device).expand(num_samples, -1)
-    new = list(Generator(model, num_samples).generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size))
+    new = list(
+        Generator(model, num_samples).generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size)
+    )
     return [bytes(row) for row in torch.stack(new, dim=1).tolist()]
 
 

@@ -13,7 +13,7 @@ import sys
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from .cli import COMMANDS, BDHCLI
+from .cli import BDHCLI, COMMANDS
 from .console import quiet
 from .errors import BDHError, one_line
 from .faults import OUT_OF_MEMORY, is_out_of_memory
@@ -44,15 +44,22 @@ def bare_flags(function, argv: list[str]) -> list[str]:
 def run_command(name: str, argv: list[str]) -> int:
     """Parse argv against the command's signature and call it."""
     function = command_function(name)
-    parser = ArgumentParser(prog=f"python -m bdh_lightning {name}", exit_on_error=False, description=function.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(
+        prog=f"python -m bdh_lightning {name}", exit_on_error=False, description=function.__doc__.split("\n\n")[0]
+    )
     parser.add_function_arguments(function, as_group=False)
     init = parser.instantiate_classes(parser.parse_args(bare_flags(function, argv)))
     return function(**{k: v for k, v in vars(init).items() if not k.startswith("__")})
 
 
 # What gloo and NCCL say when the process at the other end of a collective has gone (killed, crashed).
-PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
-                     "NCCL communicator was aborted")  # fmt: skip
+PEER_LOST_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+)
 
 
 def is_peer_lost(error: BaseException) -> bool:
@@ -89,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as error:  # torch's allocator, or cuBLAS/cuDNN/NCCL failing to get memory: one line
         if is_peer_lost(error):
-            report(f"error: another process of this run stopped ({peer_lost_words(error)}); see its own output for why, "
-                   "then resume with --ckpt_path last")  # fmt: skip
+            report(
+                f"error: another process of this run stopped ({peer_lost_words(error)}); see its own output for why, "
+                "then resume with --ckpt_path last"
+            )
             return 1
         if not is_out_of_memory(error):
             raise
@@ -108,4 +117,3 @@ def main(argv: list[str] | None = None) -> int:
         report("interrupted")
         return 130
     return 0
-

@@ -69,7 +69,9 @@ class BDHConfig:
         if self.kernel not in KERNELS:
             raise ConfigError(f"model.kernel must be one of {', '.join(KERNELS)}; got {self.kernel!r}")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 0:
-            raise ConfigError(f"model.chunk_size must be a non-negative integer (0 = automatic), got {self.chunk_size!r}")
+            raise ConfigError(
+                f"model.chunk_size must be a non-negative integer (0 = automatic), got {self.chunk_size!r}"
+            )
 
     @classmethod
     def from_dict(cls, settings: dict) -> "BDHConfig":
@@ -123,8 +125,18 @@ class BDH(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.neurons_per_head)
         x = self.embed_bytes(idx)
         for _ in range(c.n_layer):
-            x = apply_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, kernel=c.kernel,
-                            dropout=c.dropout, training=self.training, chunk_size=c.chunk_size)  # fmt: skip
+            x = apply_layer(
+                x,
+                self.encoder,
+                self.encoder_v,
+                self.decoder,
+                cos,
+                sin,
+                kernel=c.kernel,
+                dropout=c.dropout,
+                training=self.training,
+                chunk_size=c.chunk_size,
+            )
         return self.logits(x)
 
     def forward_stream(
@@ -152,8 +164,9 @@ class BDH(nn.Module):
         written: list[torch.Tensor] = []
         for layer in range(c.n_layer):
             read = stream_attention(None if states is None else states[layer], written, exact)
-            x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, c.dropout, self.training,
-                                read=read)  # fmt: skip
+            x = reference_layer(
+                x, self.encoder, self.encoder_v, self.decoder, cos, sin, c.dropout, self.training, read=read
+            )
         return self.logits(x), written
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .generate import generate_text
 from .errors import ConfigError
+from .generate import generate_text
 from .layer import decode, layer_output, neuron_activations, rope_cos_sin
 from .model import BDH
 
@@ -22,7 +22,14 @@ def logged_step(trainer) -> int:
 
 
 class TextSample(Callback):
-    def __init__(self, prompt: str = "\n", length: int = 200, temperature: float = 0.8, top_k: int | None = None, seed: int = 1337):
+    def __init__(
+        self,
+        prompt: str = "\n",
+        length: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 1337,
+    ):
         """A text sample from the model at each validation (TensorBoard text `sample`) and at the end of fit (printed).
 
         Uses the recurrent generator (generate.py), in the run's precision, on global rank 0 only; the same

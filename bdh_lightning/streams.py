@@ -21,7 +21,9 @@ class StreamLayout:
     """Where each row's windows lie: per row the pieces of its stretch between file boundaries, and how many
     whole windows (block_size + 1 bytes, the last one the next window's first) each piece holds."""
 
-    def __init__(self, file_starts: np.ndarray, begin: int, end: int, rows: int, block_size: int, what: str = "training"):
+    def __init__(
+        self, file_starts: np.ndarray, begin: int, end: int, rows: int, block_size: int, what: str = "training"
+    ):
         self.block_size, self.rows = block_size, rows
         length = (end - begin) // rows
         if length < block_size + 1:
@@ -62,7 +64,13 @@ class StreamBatches(IterableDataset):
     """Endless batches (inputs, targets, start positions): row b reads window k of its own stream."""
 
     def __init__(self, corpus, layout: StreamLayout, first_row: int, batch_size: int, start: int):
-        self.corpus, self.layout, self.first_row, self.batch_size, self.start = corpus, layout, first_row, batch_size, start
+        self.corpus, self.layout, self.first_row, self.batch_size, self.start = (
+            corpus,
+            layout,
+            first_row,
+            batch_size,
+            start,
+        )
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = range(self.first_row, self.first_row + self.batch_size)

@@ -26,8 +26,10 @@ sys.path.insert(0, str(REPO))
 from bdh_lightning.cli import BDHCLI  # noqa: E402
 from bdh_lightning.console import quiet  # noqa: E402
 
-MODEL = ["--model.n_layer", "4", "--model.n_embd", "192", "--model.n_head", "4", "--model.mlp_internal_dim_multiplier", "64",
-         "--model.dropout", "0.1", "--model.learning_rate", "1e-3"]  # fmt: skip
+MODEL = (
+    "--model.n_layer 4 --model.n_embd 192 --model.n_head 4 --model.mlp_internal_dim_multiplier 64 "
+    "--model.dropout 0.1 --model.learning_rate 1e-3"
+).split()
 MODES = {
     "random windows": ["--data.sampling", "windows"],
     "streams, no state": ["--data.sampling", "streams"],
@@ -37,20 +39,50 @@ MODES = {
 
 def run(mode: str, seed: int, args, root: Path) -> dict:
     start = time.perf_counter()
-    cli = BDHCLI(args=["fit", "--data.path", str(REPO / "data" / "tinyshakespeare.txt"), *MODEL, *MODES[mode],
-                       "--data.batch_size", str(args.batch), "--data.block_size", str(args.block),
-                       "--data.val_windows", "32", "--trainer.max_steps", str(args.steps),
-                       "--trainer.val_check_interval", str(args.steps), "--trainer.log_every_n_steps", "50",
-                       "--trainer.enable_progress_bar", "false", "--sample.length", "0", "--sparsity.max_batches", "1",
-                       "--seed_everything", str(seed), "--data.seed", str(seed), "--model.carry_state",
-                       "true" if "carried" in mode else "false",
-                       "--trainer.default_root_dir", str(root / f"{mode}-{seed}")])  # fmt: skip
+    cli = BDHCLI(
+        args=[
+            "fit",
+            "--data.path",
+            str(REPO / "data" / "tinyshakespeare.txt"),
+            *MODEL,
+            *MODES[mode],
+            "--data.batch_size",
+            str(args.batch),
+            "--data.block_size",
+            str(args.block),
+            "--data.val_windows",
+            "32",
+            "--trainer.max_steps",
+            str(args.steps),
+            "--trainer.val_check_interval",
+            str(args.steps),
+            "--trainer.log_every_n_steps",
+            "50",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--sample.length",
+            "0",
+            "--sparsity.max_batches",
+            "1",
+            "--seed_everything",
+            str(seed),
+            "--data.seed",
+            str(seed),
+            "--model.carry_state",
+            "true" if "carried" in mode else "false",
+            "--trainer.default_root_dir",
+            str(root / f"{mode}-{seed}"),
+        ]
+    )
     seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     module = cli.model
     if not module.hparams.carry_state:  # the same stream figures for the runs that did not carry
         carried, windowed = module.to("cpu").eval().stream_validation()
-        metrics["val/bpb_carried"], metrics["val/bpb_windowed"] = carried / 0.6931471805599453, windowed / 0.6931471805599453
+        metrics["val/bpb_carried"], metrics["val/bpb_windowed"] = (
+            carried / 0.6931471805599453,
+            windowed / 0.6931471805599453,
+        )
     return {"seconds": seconds, **metrics}
 
 
@@ -69,9 +101,13 @@ def main() -> None:
             for mode in MODES:
                 results[mode].append(run(mode, seed, args, Path(folder)))
                 print(mode, seed, results[mode][-1], flush=True)
-    print(f"\n{args.steps} steps x {args.batch} windows x {args.block} bytes, seeds {args.seeds}, "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}\n")  # fmt: skip
-    print("| mode | val/bpb (random windows) | val/bpb on streams, window-local | val/bpb on streams, carried | s/run |")
+    print(
+        f"\n{args.steps} steps x {args.batch} windows x {args.block} bytes, seeds {args.seeds}, "
+        f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}\n"
+    )
+    print(
+        "| mode | val/bpb (random windows) | val/bpb on streams, window-local | val/bpb on streams, carried | s/run |"
+    )
     print("| --- | --- | --- | --- | --- |")
     for mode, runs in results.items():
         cells = []

@@ -22,13 +22,12 @@ SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(RE
 
 # The smallest BDH worth training, as model settings and as CLI arguments for a whole tiny run.
 TINY_MODEL = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
-TINY_ARGS = [
-    "--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2",
-    "--model.mlp_internal_dim_multiplier", "8", "--model.learning_rate", "3e-3",
-    "--data.block_size", "32", "--data.batch_size", "8", "--data.val_windows", "8",
-    "--trainer.val_check_interval", "5", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]  # fmt: skip
+TINY_ARGS = (
+    "--model.n_layer 2 --model.n_embd 32 --model.n_head 2 --model.mlp_internal_dim_multiplier 8 "
+    "--model.learning_rate 3e-3 --data.block_size 32 --data.batch_size 8 --data.val_windows 8 "
+    "--trainer.val_check_interval 5 --trainer.log_every_n_steps 1 "
+    "--trainer.enable_progress_bar false --trainer.enable_model_summary false"
+).split()
 
 
 def write_letters(path: Path, size: int = 60000, seed: int = 0) -> Path:
@@ -41,7 +40,10 @@ def write_letters(path: Path, size: int = 60000, seed: int = 0) -> Path:
 def write_phrases(path: Path, size: int = 60000, seed: int = 0) -> Path:
     """A repeated random phrase book: structure a tiny model learns within a few dozen steps."""
     gen = torch.Generator().manual_seed(seed)
-    words = [bytes(torch.randint(97, 123, (int(n),), generator=gen).tolist()) for n in torch.randint(2, 8, (40,), generator=gen)]
+    words = [
+        bytes(torch.randint(97, 123, (int(n),), generator=gen).tolist())
+        for n in torch.randint(2, 8, (40,), generator=gen)
+    ]
     order = torch.randint(0, len(words), (size // 4,), generator=gen).tolist()
     path.write_bytes(b" ".join(words[i] for i in order)[:size])
     return path
@@ -56,8 +58,14 @@ def corpus(tmp_path, monkeypatch):
 
 def run_cli(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m bdh_lightning ARGS` in a fresh process; output captured (pipes drained by communicate)."""
-    return subprocess.run([sys.executable, "-m", "bdh_lightning", *args], cwd=cwd, env=SUBPROCESS_ENV, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bdh_lightning", *args],
+        cwd=cwd,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_process(argv: list[str], cwd: Path) -> subprocess.Popen:

@@ -13,9 +13,10 @@ from bdh_lightning import cli as cli_module
 from bdh_lightning.main import main
 
 # TINY_ARGS without its "no progress bar": the report is the progress bar.
-RUN = ["--model.n_layer", "2", "--model.n_embd", "32", "--model.n_head", "2", "--model.mlp_internal_dim_multiplier", "8",
-       "--data.block_size", "32", "--data.batch_size", "8", "--data.val_windows", "8", "--trainer.val_check_interval", "5",
-       "--trainer.log_every_n_steps", "2"]  # fmt: skip
+RUN = (
+    "--model.n_layer 2 --model.n_embd 32 --model.n_head 2 --model.mlp_internal_dim_multiplier 8 --data.block_size 32 "
+    "--data.batch_size 8 --data.val_windows 8 --trainer.val_check_interval 5 --trainer.log_every_n_steps 2"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,9 @@ def finished(tmp_path_factory):
     """One 10-step run through the real CLI, its stderr read as a log file (not a terminal)."""
     folder = tmp_path_factory.mktemp("console")
     write_letters(folder / "corpus.txt")
-    done = run_cli(folder, "fit", "--data.path", "corpus.txt", *RUN, "--trainer.max_steps", "10", "--sample.length", "20")
+    done = run_cli(
+        folder, "fit", "--data.path", "corpus.txt", *RUN, "--trainer.max_steps", "10", "--sample.length", "20"
+    )
     assert done.returncode == 0, done.stderr
     return folder, done
 
@@ -38,10 +41,16 @@ def test_header_progress_and_closing_block_in_a_log_file(finished):
     assert "1 device(s) x 8 windows x 1 accumulated x 32 bytes = 256 bytes per optimizer step" in err
     assert "kernel     reference: on the CPU, below 2**23 elements" in err
     progress = [line for line in lines if line.startswith("step ") and "/10" in line]
-    assert [line.split()[1] for line in progress] == ["2/10", "4/10", "6/10", "8/10", "10/10"]  # every log_every_n_steps
+    assert [line.split()[1] for line in progress] == [
+        "2/10",
+        "4/10",
+        "6/10",
+        "8/10",
+        "10/10",
+    ]  # every log_every_n_steps
     assert "\r" not in err  # no redraws in a file
     assert "step 5: val/loss" in err and "step 10: val/loss" in err
-    closing = err[err.index("done "):]
+    closing = err[err.index("done ") :]
     assert "10 steps" in closing and "val/bpb" in closing and "last.ckpt" in closing and "best-step10.ckpt" in closing
     assert "tensorboard --logdir" in closing and "generate --ckpt_path" in closing
 
@@ -71,9 +80,25 @@ def test_tensorboard_steps_agree_and_no_hp_metric(finished):
 def test_a_terminal_gets_one_redrawn_progress_line(tmp_path):
     write_letters(tmp_path / "corpus.txt")
     main_fd, child_fd = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "bdh_lightning", "fit", "--data.path", "corpus.txt", *RUN,
-                             "--trainer.max_steps", "4", "--sample.length", "0"], cwd=tmp_path, env=SUBPROCESS_ENV,
-                            stdout=subprocess.DEVNULL, stderr=child_fd)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bdh_lightning",
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *RUN,
+            "--trainer.max_steps",
+            "4",
+            "--sample.length",
+            "0",
+        ],
+        cwd=tmp_path,
+        env=SUBPROCESS_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=child_fd,
+    )
     os.close(child_fd)
     chunks = []
     while True:

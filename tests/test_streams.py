@@ -73,7 +73,9 @@ def test_a_split_too_small_for_its_streams_is_one_line():
 
 def tiny_model(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    model = BDH(BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, kernel="reference"))
+    model = BDH(
+        BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, kernel="reference")
+    )
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)  # large enough that every layer's attention matters
     return model.to(dtype).eval()
@@ -142,9 +144,14 @@ def test_gradients_stay_within_the_window():
     assert all(not s.requires_grad for s in states)
 
 
-STREAM_ARGS = [*TINY_ARGS, "--data.sampling", "streams", "--model.carry_state", "true", "--model.dropout", "0.1",
-               "--data.batch_size", "4", "--trainer.val_check_interval", "3", "--checkpoint.every_n_train_steps", "3",
-               "--data.val_windows", "4", "--sample.length", "0", "--sparsity.max_batches", "1"]  # fmt: skip
+STREAM_ARGS = (
+    TINY_ARGS
+    + (
+        "--data.sampling streams --model.carry_state true --model.dropout 0.1 --data.batch_size 4 "
+        "--trainer.val_check_interval 3 --checkpoint.every_n_train_steps 3 --data.val_windows 4 --sample.length 0 "
+        "--sparsity.max_batches 1"
+    ).split()
+)
 
 
 def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp_path, monkeypatch):
@@ -159,8 +166,18 @@ def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp
         return loss
 
     monkeypatch.setattr(BDHLitModule, "carried_loss", recording)
-    straight = BDHCLI(args=["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "6",
-                            "--trainer.default_root_dir", "a"])  # fmt: skip
+    straight = BDHCLI(
+        args=[
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *STREAM_ARGS,
+            "--trainer.max_steps",
+            "6",
+            "--trainer.default_root_dir",
+            "a",
+        ]
+    )
     first = list(seen)
     assert len(first) == 6
     metrics = straight.trainer.callback_metrics
@@ -169,11 +186,34 @@ def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp
     halfway = sorted(ckpt.glob("*.ckpt"))
     assert any("carried_state" in torch.load(p, weights_only=True) for p in halfway)
     seen.clear()
-    BDHCLI(args=["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "3", "--trainer.default_root_dir", "b"])
+    BDHCLI(
+        args=[
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *STREAM_ARGS,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            "b",
+        ]
+    )
     seen.clear()
     step3 = tmp_path / "b/lightning_logs/version_0/checkpoints/last.ckpt"
-    BDHCLI(args=["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "6", "--trainer.default_root_dir", "b",
-                 "--ckpt_path", str(step3)])  # fmt: skip
+    BDHCLI(
+        args=[
+            "fit",
+            "--data.path",
+            "corpus.txt",
+            *STREAM_ARGS,
+            "--trainer.max_steps",
+            "6",
+            "--trainer.default_root_dir",
+            "b",
+            "--ckpt_path",
+            str(step3),
+        ]
+    )
     assert seen == first[3:]  # the same streams, the same carried state, the same dropout: bit for bit
 
 
@@ -187,8 +227,17 @@ def test_carry_state_without_streams_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_linear_decay_reaches_the_floor_in_a_straight_line():
-    module = BDHLitModule(n_layer=1, n_embd=8, n_head=1, mlp_internal_dim_multiplier=2, learning_rate=1e-2,
-                          warmup_steps=10, decay_steps=100, min_learning_rate=1e-3, decay="linear")  # fmt: skip
+    module = BDHLitModule(
+        n_layer=1,
+        n_embd=8,
+        n_head=1,
+        mlp_internal_dim_multiplier=2,
+        learning_rate=1e-2,
+        warmup_steps=10,
+        decay_steps=100,
+        min_learning_rate=1e-3,
+        decay="linear",
+    )
     for step in (10, 35, 60, 85, 110, 500):
         progress = min(1.0, (step - 10) / 100)
         assert math.isclose(module.learning_rate_at(step), 1e-3 + (1 - progress) * 9e-3, rel_tol=1e-12)
