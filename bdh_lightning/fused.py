@@ -121,8 +121,22 @@ def _keep_pairs(row_hash, positions, pairs, THRESHOLD):
 
 
 @triton.jit
-def _pair_product(A, rows, row_ok, W, w_d, w_n, pairs, pair_ok, D,
-                  BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+def _pair_product(
+    A,
+    rows,
+    row_ok,
+    W,
+    w_d,
+    w_n,
+    pairs,
+    pair_ok,
+    D,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """(A[rows] @ W[:, 2p], A[rows] @ W[:, 2p + 1]) for pairs p: A is (T, D) row-major, W[d, n] sits at
     W + d * w_d + n * w_n. Two (BT, BP) fp32 tiles, rounded to PREC as the product's output is."""
     even = tl.zeros((BT, BP), dtype=tl.float32)
@@ -152,16 +166,44 @@ def _cos_sin(COS, SIN, rows, row_ok, pairs, pair_ok, N):
 
 
 @triton.jit
-def _activations(A, rows, row_ok, W, pairs, pair_ok, D, N,
-                 BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+def _activations(
+    A,
+    rows,
+    row_ok,
+    W,
+    pairs,
+    pair_ok,
+    D,
+    N,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """relu(A[rows] @ W) for an (H-sliced) encoder W of shape (D, N): the even and odd halves."""
     even, odd = _pair_product(A, rows, row_ok, W, N, 1, pairs, pair_ok, D, BT, BP, BD, PREC, EMULATE)
     return tl.maximum(even, 0.0), tl.maximum(odd, 0.0)
 
 
 @triton.jit
-def _queries(X, E, COS, SIN, rows, row_ok, pairs, pair_ok, D, N,
-             BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, EMULATE: tl.constexpr):
+def _queries(
+    X,
+    E,
+    COS,
+    SIN,
+    rows,
+    row_ok,
+    pairs,
+    pair_ok,
+    D,
+    N,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """q = rope(relu(x E)) for rows and pairs."""
     a_even, a_odd = _activations(X, rows, row_ok, E, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
     return _rotate(a_even, a_odd, COS, SIN, rows, row_ok, pairs, pair_ok, N, PREC)
@@ -177,9 +219,29 @@ def _rotate(a_even, a_odd, COS, SIN, rows, row_ok, pairs, pair_ok, N, PREC: tl.c
 
 
 @triton.jit
-def _query_grads(X, E, COS, SIN, G, a_even, a_odd, row_start, rows, row_ok, pairs, pair_ok, T, D, N,
-                 BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, ATT: tl.constexpr,
-                 EMULATE: tl.constexpr):
+def _query_grads(
+    X,
+    E,
+    COS,
+    SIN,
+    G,
+    a_even,
+    a_odd,
+    row_start,
+    rows,
+    row_ok,
+    pairs,
+    pair_ok,
+    T,
+    D,
+    N,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    ATT: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """da's share through the scores for rows and pairs: rope^T(G q) * (a > 0), G = dS + dS^T (T, T);
     a = relu(x E) of the rows, which start at row_start.
 
@@ -209,9 +271,28 @@ def _query_grads(X, E, COS, SIN, G, a_even, a_odd, row_start, rows, row_ok, pair
 
 
 @triton.jit
-def _z_path(X, Y, DU, E, EV, DEC, rows, row_ok, pairs, pair_ok, row_hash, THRESHOLD, D, N,
-            DROPOUT: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-            EMULATE: tl.constexpr):
+def _z_path(
+    X,
+    Y,
+    DU,
+    E,
+    EV,
+    DEC,
+    rows,
+    row_ok,
+    pairs,
+    pair_ok,
+    row_hash,
+    THRESHOLD,
+    D,
+    N,
+    DROPOUT: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """The z = a * b * mask path of one (rows, pairs) tile: a, z, db = dz a (b > 0), da_z = dz b (a > 0),
     each as (even, odd); dz = du Dec^T (du already carries dropout's 1 / (1 - p))."""
     a_even, a_odd = _activations(X, rows, row_ok, E, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
@@ -254,9 +335,23 @@ def _full_rows(A, rows, row_ok, dims, dim_ok, D):
 
 
 @triton.jit
-def _scores_kernel(X, E, COS, SIN, S, H, T, D, N,
-                   BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr, ATT: tl.constexpr,
-                   EMULATE: tl.constexpr):
+def _scores_kernel(
+    X,
+    E,
+    COS,
+    SIN,
+    S,
+    H,
+    T,
+    D,
+    N,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+    ATT: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """S[b, h, i-tile, j-tile] = strict_lower(sum over neuron tiles of q_i q_j^T); tiles above the diagonal
     are left as allocated (zeros)."""
     i = tl.program_id(0)
@@ -275,13 +370,15 @@ def _scores_kernel(X, E, COS, SIN, S, H, T, D, N,
         for p0 in range(0, N // 2, BP):
             pairs = p0 + tl.arange(0, BP)
             pair_ok = pairs < N // 2
-            qr_even, qr_odd = _queries(X_b, E_h, COS, SIN, rows, row_ok, pairs, pair_ok, D, N,
-                                       BT, BP, BD, PREC, EMULATE)
+            qr_even, qr_odd = _queries(
+                X_b, E_h, COS, SIN, rows, row_ok, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE
+            )
             if i == j:  # a diagonal tile: the columns are the rows
                 qc_even, qc_odd = qr_even, qr_odd
             else:
-                qc_even, qc_odd = _queries(X_b, E_h, COS, SIN, cols, col_ok, pairs, pair_ok, D, N,
-                                           BT, BP, BD, PREC, EMULATE)
+                qc_even, qc_odd = _queries(
+                    X_b, E_h, COS, SIN, cols, col_ok, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE
+                )
             acc += _mm(qr_even, tl.trans(qc_even), ATT, EMULATE)
             acc += _mm(qr_odd, tl.trans(qc_odd), ATT, EMULATE)
         acc = tl.where(rows[:, None] > cols[None, :], _round(acc, ATT), 0.0)  # strictly causal
@@ -289,9 +386,28 @@ def _scores_kernel(X, E, COS, SIN, S, H, T, D, N,
 
 
 @triton.jit(do_not_specialize=["SEED_HASH", "THRESHOLD"])
-def _decode_kernel(X, Y, E, EV, DEC, U, SEED_HASH, THRESHOLD, SCALE, H, T, D, N,
-                   DROPOUT: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr,
-                   PREC: tl.constexpr, EMULATE: tl.constexpr):
+def _decode_kernel(
+    X,
+    Y,
+    E,
+    EV,
+    DEC,
+    U,
+    SEED_HASH,
+    THRESHOLD,
+    SCALE,
+    H,
+    T,
+    D,
+    N,
+    DROPOUT: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """U[b, i-tile] = SCALE * sum over heads and neuron tiles of (a * b * mask) @ Dec, fp32."""
     i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -326,9 +442,29 @@ def _decode_kernel(X, Y, E, EV, DEC, U, SEED_HASH, THRESHOLD, SCALE, H, T, D, N,
 
 
 @triton.jit(do_not_specialize=["SEED_HASH", "THRESHOLD"])
-def _rows_z_kernel(X, Y, DU, E, EV, DEC, DY, DXZ, SEED_HASH, THRESHOLD, H, T, D, N,
-                   DROPOUT: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr,
-                   PREC: tl.constexpr, EMULATE: tl.constexpr):
+def _rows_z_kernel(
+    X,
+    Y,
+    DU,
+    E,
+    EV,
+    DEC,
+    DY,
+    DXZ,
+    SEED_HASH,
+    THRESHOLD,
+    H,
+    T,
+    D,
+    N,
+    DROPOUT: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """For one (row tile, b, h): DY = sum_n db Ev^T (the gradient at y) and DXZ = sum_n da_z E^T, fp32."""
     i = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -351,8 +487,27 @@ def _rows_z_kernel(X, Y, DU, E, EV, DEC, DY, DXZ, SEED_HASH, THRESHOLD, H, T, D,
         pairs = p0 + tl.arange(0, BP)
         pair_ok = pairs < N // 2
         _, _, _, _, db_even, db_odd, da_even, da_odd = _z_path(
-            X_b, Y_bh, DU_b, E_h, EV_h, DEC_h, rows, row_ok, pairs, pair_ok, row_hash, THRESHOLD, D, N,
-            DROPOUT, BT, BP, BD, PREC, EMULATE)
+            X_b,
+            Y_bh,
+            DU_b,
+            E_h,
+            EV_h,
+            DEC_h,
+            rows,
+            row_ok,
+            pairs,
+            pair_ok,
+            row_hash,
+            THRESHOLD,
+            D,
+            N,
+            DROPOUT,
+            BT,
+            BP,
+            BD,
+            PREC,
+            EMULATE,
+        )
         ev_even, ev_odd = _weight_rows(EV_h, pairs, pair_ok, dims, dim_ok, N)
         dy += _mm(db_even, ev_even, PREC, EMULATE) + _mm(db_odd, ev_odd, PREC, EMULATE)
         e_even, e_odd = _weight_rows(E_h, pairs, pair_ok, dims, dim_ok, N)
@@ -364,9 +519,25 @@ def _rows_z_kernel(X, Y, DU, E, EV, DEC, DY, DXZ, SEED_HASH, THRESHOLD, H, T, D,
 
 
 @triton.jit
-def _rows_q_kernel(X, E, COS, SIN, G, DX, H, T, D, N,
-                   BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr, PREC: tl.constexpr,
-                   ATT: tl.constexpr, EMULATE: tl.constexpr):
+def _rows_q_kernel(
+    X,
+    E,
+    COS,
+    SIN,
+    G,
+    DX,
+    H,
+    T,
+    D,
+    N,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    ATT: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """For one (row tile, b, h): DX += sum_n da_q E^T, x's gradient through the scores, fp32 (DX holds
     the share through z from _rows_z_kernel; this program owns the tile, so no other writes it)."""
     i = tl.program_id(0)
@@ -385,8 +556,29 @@ def _rows_q_kernel(X, E, COS, SIN, G, DX, H, T, D, N,
         pairs = p0 + tl.arange(0, BP)
         pair_ok = pairs < N // 2
         a_even, a_odd = _activations(X_b, rows, row_ok, E_h, pairs, pair_ok, D, N, BT, BP, BD, PREC, EMULATE)
-        da_even, da_odd = _query_grads(X_b, E_h, COS, SIN, G_bh, a_even, a_odd, i * BT, rows, row_ok, pairs, pair_ok,
-                                       T, D, N, BT, BP, BD, PREC, ATT, EMULATE)
+        da_even, da_odd = _query_grads(
+            X_b,
+            E_h,
+            COS,
+            SIN,
+            G_bh,
+            a_even,
+            a_odd,
+            i * BT,
+            rows,
+            row_ok,
+            pairs,
+            pair_ok,
+            T,
+            D,
+            N,
+            BT,
+            BP,
+            BD,
+            PREC,
+            ATT,
+            EMULATE,
+        )
         e_even, e_odd = _weight_rows(E_h, pairs, pair_ok, dims, dim_ok, N)
         dx += _mm(da_even, e_even, PREC, EMULATE) + _mm(da_odd, e_odd, PREC, EMULATE)
     at = DX + bh * T * D + rows[:, None] * D + dims[None, :]
@@ -395,9 +587,35 @@ def _rows_q_kernel(X, E, COS, SIN, G, DX, H, T, D, N,
 
 
 @triton.jit(do_not_specialize=["SEED_HASH", "THRESHOLD"])
-def _cols_kernel(X, Y, DU, E, EV, DEC, COS, SIN, G, D_E, D_EV, D_DEC, SEED_HASH, THRESHOLD, B, H, T, D, N,
-                 DROPOUT: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr, DP: tl.constexpr,
-                 PREC: tl.constexpr, ATT: tl.constexpr, EMULATE: tl.constexpr):
+def _cols_kernel(
+    X,
+    Y,
+    DU,
+    E,
+    EV,
+    DEC,
+    COS,
+    SIN,
+    G,
+    D_E,
+    D_EV,
+    D_DEC,
+    SEED_HASH,
+    THRESHOLD,
+    B,
+    H,
+    T,
+    D,
+    N,
+    DROPOUT: tl.constexpr,
+    BT: tl.constexpr,
+    BP: tl.constexpr,
+    BD: tl.constexpr,
+    DP: tl.constexpr,
+    PREC: tl.constexpr,
+    ATT: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
     """For one (neuron tile, h): the gradients of E, Ev (D, 2 BP) and Dec (2 BP, D), summed over b and rows."""
     pb = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -424,10 +642,50 @@ def _cols_kernel(X, Y, DU, E, EV, DEC, COS, SIN, G, D_E, D_EV, D_DEC, SEED_HASH,
             rows = t0 + tl.arange(0, BT)
             row_ok = rows < T
             a_even, a_odd, z_even, z_odd, db_even, db_odd, da_even, da_odd = _z_path(
-                X_b, Y_bh, DU_b, E_h, EV_h, DEC_h, rows, row_ok, pairs, pair_ok, row_hash, THRESHOLD, D, N,
-                DROPOUT, BT, BP, BD, PREC, EMULATE)
-            dq_even, dq_odd = _query_grads(X_b, E_h, COS, SIN, G_bh, a_even, a_odd, t0, rows, row_ok, pairs, pair_ok,
-                                           T, D, N, BT, BP, BD, PREC, ATT, EMULATE)
+                X_b,
+                Y_bh,
+                DU_b,
+                E_h,
+                EV_h,
+                DEC_h,
+                rows,
+                row_ok,
+                pairs,
+                pair_ok,
+                row_hash,
+                THRESHOLD,
+                D,
+                N,
+                DROPOUT,
+                BT,
+                BP,
+                BD,
+                PREC,
+                EMULATE,
+            )
+            dq_even, dq_odd = _query_grads(
+                X_b,
+                E_h,
+                COS,
+                SIN,
+                G_bh,
+                a_even,
+                a_odd,
+                t0,
+                rows,
+                row_ok,
+                pairs,
+                pair_ok,
+                T,
+                D,
+                N,
+                BT,
+                BP,
+                BD,
+                PREC,
+                ATT,
+                EMULATE,
+            )
             da_even = _round(da_even + dq_even, PREC)
             da_odd = _round(da_odd + dq_odd, PREC)
             du = _full_rows(DU_b, rows, row_ok, dims, dim_ok, D)
@@ -467,10 +725,19 @@ def compute_dtypes(x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
 
 def _meta(dtype: torch.dtype, D: int, tiles: Tiles) -> dict:
     if dtype not in PRECISIONS:
-        raise ConfigError(f"model.kernel=fused computes in float32, bfloat16 or float16, not {dtype}; "
-                          "use model.kernel=chunked for other precisions")
-    meta = {"BT": tiles.rows, "BP": tiles.pairs, "BD": tiles.depth, "DP": triton.next_power_of_2(D),
-            "PREC": PRECISIONS[dtype], "ATT": PRECISIONS[attention_dtype(dtype)], "EMULATE": INTERPRETED}
+        raise ConfigError(
+            f"model.kernel=fused computes in float32, bfloat16 or float16, not {dtype}; "
+            "use model.kernel=chunked for other precisions"
+        )
+    meta = {
+        "BT": tiles.rows,
+        "BP": tiles.pairs,
+        "BD": tiles.depth,
+        "DP": triton.next_power_of_2(D),
+        "PREC": PRECISIONS[dtype],
+        "ATT": PRECISIONS[attention_dtype(dtype)],
+        "EMULATE": INTERPRETED,
+    }
     if not INTERPRETED:
         meta["num_warps"] = tiles.num_warps
     return meta
@@ -506,8 +773,22 @@ class FusedLayer(torch.autograd.Function):
             y = y.contiguous()
             u = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
             _decode_kernel[(triton.cdiv(T, tiles.wide_rows), B)](
-                xc, y, enc, enc_v, dec, u, masks.seed_hash(seed), masks.drop_threshold(dropout), 1.0 / (1.0 - dropout),
-                H, T, D, N, DROPOUT=dropout > 0, **{**_without(meta, "ATT"), "BT": tiles.wide_rows})
+                xc,
+                y,
+                enc,
+                enc_v,
+                dec,
+                u,
+                masks.seed_hash(seed),
+                masks.drop_threshold(dropout),
+                1.0 / (1.0 - dropout),
+                H,
+                T,
+                D,
+                N,
+                DROPOUT=dropout > 0,
+                **{**_without(meta, "ATT"), "BT": tiles.wide_rows},
+            )
         ctx.save_for_backward(x, encoder, encoder_v, decoder, cos, sin, scores, y, rstd)
         ctx.dropout, ctx.seed, ctx.tiles, ctx.dtypes = dropout, seed, tiles, (dtype, acc)
         return u.to(dtype).unsqueeze(1)
@@ -531,8 +812,23 @@ class FusedLayer(torch.autograd.Function):
             dy = torch.empty(B, H, T, D, dtype=torch.float32, device=x.device)
             dx_heads = torch.empty_like(dy)  # per head: the share through z, then through the scores
             _rows_z_kernel[(triton.cdiv(T, tiles.wide_rows), B * H)](
-                xc, y, du, enc, enc_v, dec, dy, dx_heads, seed_hash, threshold, H, T, D, N, DROPOUT=dropout > 0,
-                **{**_without(meta, "ATT"), "BT": tiles.wide_rows})
+                xc,
+                y,
+                du,
+                enc,
+                enc_v,
+                dec,
+                dy,
+                dx_heads,
+                seed_hash,
+                threshold,
+                H,
+                T,
+                D,
+                N,
+                DROPOUT=dropout > 0,
+                **{**_without(meta, "ATT"), "BT": tiles.wide_rows},
+            )
             # y = ln(S x) with S = tril(q q^T): back through the layer norm to S x, then to x and S.
             dy = dy.to(acc)
             dy_pre = rstd * (dy - dy.mean(-1, keepdim=True) - y * (dy * y).mean(-1, keepdim=True))
@@ -545,11 +841,40 @@ class FusedLayer(torch.autograd.Function):
             d_enc_v = torch.empty_like(d_enc)
             d_dec = torch.empty(H, N, D, dtype=torch.float32, device=x.device)
             _cols_kernel[(triton.cdiv(N // 2, tiles.pairs), H)](
-                xc, y, du, enc, enc_v, dec, cos, sin, g, d_enc, d_enc_v, d_dec, seed_hash, threshold, B, H, T, D, N,
-                DROPOUT=dropout > 0, **meta)
+                xc,
+                y,
+                du,
+                enc,
+                enc_v,
+                dec,
+                cos,
+                sin,
+                g,
+                d_enc,
+                d_enc_v,
+                d_dec,
+                seed_hash,
+                threshold,
+                B,
+                H,
+                T,
+                D,
+                N,
+                DROPOUT=dropout > 0,
+                **meta,
+            )
             dx = dx_s + dx_heads.sum(1).to(acc)
-        return (dx.unsqueeze(1).to(x.dtype), d_enc.to(encoder.dtype), d_enc_v.to(encoder_v.dtype),
-                d_dec.view(H * N, D).to(decoder.dtype), None, None, None, None, None)
+        return (
+            dx.unsqueeze(1).to(x.dtype),
+            d_enc.to(encoder.dtype),
+            d_enc_v.to(encoder_v.dtype),
+            d_dec.view(H * N, D).to(decoder.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), low_bytes: int = 2) -> dict:
@@ -579,8 +904,12 @@ def layer_cost(B: int, T: int, D: int, H: int, N: int, tiles: Tiles = Tiles(), l
         + 2 * B * H * T * T * low_bytes * 3  # S and G: written once, read twice each
         + B * H * T * D * 4 * (3 + 3 * 2)  # y: written, read twice; dy and the two dx parts: written, read
     )
-    return {"spec_flops": spec, "fused_flops": forward + backward, "floor_bytes": floor,
-            "n_wide_elements": B * H * T * N}
+    return {
+        "spec_flops": spec,
+        "fused_flops": forward + backward,
+        "floor_bytes": floor,
+        "n_wide_elements": B * H * T * N,
+    }
 
 
 def compile_offline(precision: str = "bf16", tiles: Tiles = Tiles(), D: int = 256, arch: int = 90) -> dict:
@@ -609,14 +938,39 @@ def compile_offline(precision: str = "bf16", tiles: Tiles = Tiles(), D: int = 25
     f32 = "*fp32"
     jobs = {
         "scores": (_scores_kernel, {"X": low, "E": low, "COS": f32, "SIN": f32, "S": att}, {**common, **attention}),
-        "decode": (_decode_kernel, {"X": low, "Y": f32, "E": low, "EV": low, "DEC": low, "U": f32, "SCALE": "fp32"},
-                   narrow_rows),
-        "rows_z": (_rows_z_kernel, {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "DY": f32,
-                                    "DXZ": f32}, narrow_rows),
-        "rows_q": (_rows_q_kernel, {"X": low, "E": low, "COS": f32, "SIN": f32, "G": att, "DX": f32},
-                   {**wide, **attention, "DROPOUT": None}),
-        "cols": (_cols_kernel, {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "COS": f32, "SIN": f32,
-                                "G": att, "D_E": f32, "D_EV": f32, "D_DEC": f32}, {**wide, **attention}),
+        "decode": (
+            _decode_kernel,
+            {"X": low, "Y": f32, "E": low, "EV": low, "DEC": low, "U": f32, "SCALE": "fp32"},
+            narrow_rows,
+        ),
+        "rows_z": (
+            _rows_z_kernel,
+            {"X": low, "Y": f32, "DU": low, "E": low, "EV": low, "DEC": low, "DY": f32, "DXZ": f32},
+            narrow_rows,
+        ),
+        "rows_q": (
+            _rows_q_kernel,
+            {"X": low, "E": low, "COS": f32, "SIN": f32, "G": att, "DX": f32},
+            {**wide, **attention, "DROPOUT": None},
+        ),
+        "cols": (
+            _cols_kernel,
+            {
+                "X": low,
+                "Y": f32,
+                "DU": low,
+                "E": low,
+                "EV": low,
+                "DEC": low,
+                "COS": f32,
+                "SIN": f32,
+                "G": att,
+                "D_E": f32,
+                "D_EV": f32,
+                "D_DEC": f32,
+            },
+            {**wide, **attention},
+        ),
     }
     scalars = {"B": "i32", "H": "i32", "T": "i32", "D": "i32", "N": "i32", "THRESHOLD": "i32", "SEED_HASH": "u32"}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -625,8 +979,11 @@ def compile_offline(precision: str = "bf16", tiles: Tiles = Tiles(), D: int = 25
         constants = {k: v for k, v in constants.items() if k in kernel.arg_names and v is not None}
         types = {**scalars, **pointers}
         signature = {a: "constexpr" if a in constants else types[a] for a in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": tiles.num_warps})
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constants),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": tiles.num_warps},
+        )
         usage = {"registers": None, "stack_bytes": None}
         if os.path.exists(cuobjdump):
             with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -645,8 +1002,9 @@ def compile_offline(precision: str = "bf16", tiles: Tiles = Tiles(), D: int = 25
 GPU_CHECK_TILES = (Tiles(), Tiles(rows=32, pairs=16), Tiles(rows=128, pairs=16))
 
 
-def gpu_check(baselines: dict | None = None, iterations: int = 10,
-              tile_choices: tuple[Tiles, ...] = GPU_CHECK_TILES) -> dict:
+def gpu_check(
+    baselines: dict | None = None, iterations: int = 10, tile_choices: tuple[Tiles, ...] = GPU_CHECK_TILES
+) -> dict:
     """What only a GPU can tell (benchmarks/gpu_suite.py runs it; no GPU has yet): a JSON-able dict.
 
     1. `correct`: the compiled kernels (tensor-core bf16 dots, "ieee" fp32 dots, which the interpreter
@@ -691,8 +1049,10 @@ def gpu_check(baselines: dict | None = None, iterations: int = 10,
 
     B, T, D, H, N = 16, 384, 256, 4, 6144  # configs/14gb.yaml
     cost = layer_cost(B, T, D, H, N)
-    kernels = {"reference": lambda *a: reference_layer(*a, 0.1, True),
-               "reference+compile": torch.compile(lambda *a: reference_layer(*a, 0.1, True))}
+    kernels = {
+        "reference": lambda *a: reference_layer(*a, 0.1, True),
+        "reference+compile": torch.compile(lambda *a: reference_layer(*a, 0.1, True)),
+    }
     kernels.update({name: (lambda f: lambda *a: f(*a, 0.1))(f) for name, f in (baselines or {}).items()})
     kernels.update({f"fused {t}": (lambda t: lambda *a: fused_layer(*a, 0.1, tiles=t))(t) for t in tile_choices})
     for name, fn in kernels.items():
@@ -709,8 +1069,11 @@ def gpu_check(baselines: dict | None = None, iterations: int = 10,
             end.record()
             torch.cuda.synchronize()
             ms = start.elapsed_time(end) / iterations
-            results["speed"][name] = {"ms": ms, "peak_bytes": torch.cuda.max_memory_allocated() - base,
-                                      "spec_tflops": cost["spec_flops"] / ms / 1e9}
+            results["speed"][name] = {
+                "ms": ms,
+                "peak_bytes": torch.cuda.max_memory_allocated() - base,
+                "spec_tflops": cost["spec_flops"] / ms / 1e9,
+            }
         except Exception as error:  # a benchmark reports what failed and goes on to the next kernel
             results["speed"][name] = {"error": f"{type(error).__name__}: {error}"[:300]}
     return results
@@ -738,8 +1101,10 @@ def fused_layer(
     """
     del chunk_size
     if x.device.type != "cuda" and not INTERPRETED:
-        raise ConfigError("model.kernel=fused runs on CPU tensors only under Triton's interpreter: set "
-                          "TRITON_INTERPRET=1 before the first import (tests), or use a CUDA device")
+        raise ConfigError(
+            "model.kernel=fused runs on CPU tensors only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before the first import (tests), or use a CUDA device"
+        )
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item()) if dropout > 0 else 0  # as kernels.draw_seed
     seed = int(seed)  # an int or an int64 tensor (kernels.draw_seed's): the kernels take its hash as a scalar

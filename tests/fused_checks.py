@@ -94,8 +94,9 @@ def check_hash():
         for p in (0.1, 0.5, 0.9):
             out_hash = torch.zeros(H, B, T, N, dtype=torch.int64)
             out_keep = torch.zeros(H, B, T, N, dtype=torch.int8)
-            _hash_kernel[(H, B)](out_hash, out_keep, masks.seed_hash(seed), masks.drop_threshold(p), T, N // 2,
-                                 BT=16, BP=16)
+            _hash_kernel[(H, B)](
+                out_hash, out_keep, masks.seed_hash(seed), masks.drop_threshold(p), T, N // 2, BT=16, BP=16
+            )
             heads = torch.arange(H).view(H, 1, 1, 1)
             rows = torch.arange(B).view(1, B, 1, 1)
             positions = torch.arange(T).view(T, 1)
@@ -158,14 +159,17 @@ CHECKS = {
     # float32 with dropout: 3 batch rows, 2 row tiles, 2 neuron tiles, 2 steps of the D contraction
     "fp32_dropout": lambda: compare_layer(B=3, T=19, D=24, H=2, N=40, p=0.3),
     # bfloat16 weights and inputs (bf16-true); larger row tiles keep the interpreter quick
-    "bf16": lambda: compare_layer(B=2, T=21, D=24, H=2, N=40, p=0.2, dtype=torch.bfloat16,
-                                  tiles=fused.Tiles(rows=32, pairs=32, depth=32)),
+    "bf16": lambda: compare_layer(
+        B=2, T=21, D=24, H=2, N=40, p=0.2, dtype=torch.bfloat16, tiles=fused.Tiles(rows=32, pairs=32, depth=32)
+    ),
     # float32 weights under bf16 autocast (bf16-mixed): the products in bf16, norms and sums in float32
-    "autocast_bf16": lambda: compare_layer(B=2, T=21, D=24, H=2, N=40, p=0.2, autocast=torch.bfloat16,
-                                           tiles=fused.Tiles(rows=32, pairs=32, depth=32)),
+    "autocast_bf16": lambda: compare_layer(
+        B=2, T=21, D=24, H=2, N=40, p=0.2, autocast=torch.bfloat16, tiles=fused.Tiles(rows=32, pairs=32, depth=32)
+    ),
     # float16 autocast (16-mixed): scores and S @ x in float32
-    "autocast_fp16": lambda: compare_layer(B=2, T=21, D=24, H=2, N=40, p=0.2, autocast=torch.float16,
-                                           tiles=fused.Tiles(rows=32, pairs=32, depth=32)),
+    "autocast_fp16": lambda: compare_layer(
+        B=2, T=21, D=24, H=2, N=40, p=0.2, autocast=torch.float16, tiles=fused.Tiles(rows=32, pairs=32, depth=32)
+    ),
     "hash": check_hash,
     "model": check_model,
     "float64_refused": check_float64_refused,
