@@ -259,3 +259,51 @@ def test_rope_keeps_a_16_bit_dtype(dtype):
     got = rope(v, *rope_cos_sin(positions, N))
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), oracle_rope(v.float(), positions), rtol=2e-2, atol=2e-2)
+
+
+def test_rope_cos_sin_stays_float32_past_the_exact_phase_threshold_and_takes_no_positions():
+    from bdh_lightning.layer import EXACT_PHASES_FROM
+
+    positions = torch.tensor([3, EXACT_PHASES_FROM - 1, EXACT_PHASES_FROM + 1, 10**8 + 7])
+    cos, sin = rope_cos_sin(positions, N)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (4, N)
+    turns = (positions.double()[:, None] * rope_frequencies(N).double()) % 1.0
+    exact = torch.cos(2 * math.pi * turns)
+    torch.testing.assert_close(cos.double()[:2], exact[:2], rtol=0, atol=1e-3)  # float32 t * f: the reference's bits
+    torch.testing.assert_close(cos.double()[2:], exact[2:], rtol=0, atol=1e-5)  # float64 t * f from the threshold
+    empty_cos, empty_sin = rope_cos_sin(torch.zeros(0, dtype=torch.long), N)
+    assert empty_cos.shape == empty_sin.shape == (0, N)
+
+
+def stream_inputs(dtype, scale=1.0):
+    x = layer_norm(randn(B, 1, T, D, seed=30, dtype=torch.float32)).to(dtype)
+    q = (randn(B, H, T, N, seed=31, dtype=torch.float32).relu() * scale).to(dtype)
+    state = randn(B, H, N, D, seed=32, dtype=torch.float32)
+    return x, q, state
+
+
+def wide_read(x, q, state):
+    x, q = x.double(), q.double()
+    y = ((q @ q.transpose(-1, -2)).tril(diagonal=-1) @ x) + q @ state.double()
+    return oracle_layer_norm(y), state.double() + q.transpose(-1, -2) @ x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_stream_attention_dtypes(dtype, under_autocast):
+    """The read keeps 16-bit inputs' dtype (float16 computed in float32: its range), `exact` reads in float32 whatever
+    the autocast; the carried state is always float32."""
+    from bdh_lightning.layer import stream_attention
+
+    x, q, state = stream_inputs(dtype, scale=30.0 if dtype == torch.float16 else 1.0)
+    want, want_state = wide_read(x, q, state)
+    for exact in (False, True):
+        written = []
+        with torch.autocast("cpu", dtype=dtype, enabled=under_autocast):
+            y = stream_attention(state, written, exact)(q, x) if exact else stream_attention(state, written)(q, x)
+        assert y.dtype == (torch.float32 if exact else dtype), (exact, y.dtype)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), want, rtol=0, atol=0.1)
+        (new_state,) = written
+        assert new_state.dtype == torch.float32
+        torch.testing.assert_close(new_state.double(), want_state, rtol=2e-2, atol=1e-3 * want_state.abs().max().item())
