@@ -50,13 +50,13 @@ NOT_MUTATED = {"module": ["BDHLitModule.__init__"]}
 # Equivalent mutants: they cannot change what the code computes or reports, so no test can kill them. Each is
 # (module, function, text of the mutated line, why); matched on the mutant's diff, not its number, which
 # changes whenever the file does. docs/testing.md lists them.
-CPU_ONLY = "device= only matters off the CPU; the GPU runs (benchmarks/gpu_suite.py) cover it"
+CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices (benchmarks/gpu_suite.py runs there)"
 EQUIVALENT = [
     ("layer", "causal_attention", "q.transpose(-1, +2)", "dimension 2 of the 4-D q is dimension -2"),
     ("layer", "layer_norm", "F.layer_norm(x, x.shape[-1:], )", "F.layer_norm's default eps is 1e-5, LN_EPS"),
     ("layer", "reference_layer", "elif training and dropout >= 0:", "F.dropout with p = 0 is the identity"),
     ("layer", "reference_layer", "z = F.dropout(z, dropout, )", "F.dropout's training defaults to True"),
-    ("layer", "rope_cos_sin", "positions.to(None)", "integer positions become float32 in the product anyway"),
+    ("layer", "rope_cos_sin", "positions.to(None)", "integer positions take the float type of f in the product anyway"),
     ("layer", "rope_cos_sin", "unsqueeze(+1)", "positions are 1-D: dimension 1 is dimension -1"),
     ("layer", "rope_cos_sin", "rope_frequencies(n, None)", CPU_ONLY),
     ("layer", "rope_cos_sin", "rope_frequencies(n, )", CPU_ONLY),
@@ -250,6 +250,30 @@ def report(module: str) -> dict:
     return summary
 
 
+def markdown(rows: list[dict]) -> str:
+    """The scores as docs/testing.md shows them, and the equivalent mutants with their reasons."""
+    lines = [
+        "| module | mutants | equivalent | killed | survived (no test reaches it) | score | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['module']}.py | {r['mutants']} | {r['equivalent']} | {r['killed']} | {len(r['survived'])} "
+                     f"({r['no_tests']}) | {r['score']:.1%} | {r['seconds'] / 60:.1f} min |")  # fmt: skip
+    lines.append("")
+    for r in rows:
+        text = (REPO / "mutants" / r["module"] / "equivalent.txt").read_text()
+        for block in text.split("\n\n"):
+            if block.startswith("# "):
+                name, why = block.splitlines()[0][2:].split(": ", 1)
+                added = [
+                    line[1:].strip()
+                    for line in block.splitlines()
+                    if line.startswith("+") and not line.startswith("+++")
+                ]
+                lines.append(f"- `{name.split('.')[-1]}` → `{added[0] if added else '?'}`: {why}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", default=list(TESTS), choices=list(TESTS))
@@ -259,8 +283,12 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only print the scores of the last run (after EQUIVALENT edits)"
     )
+    parser.add_argument("--markdown", action="store_true", help="the table and equivalents for docs/testing.md")
     args = parser.parse_args()
     rows = [report(m) if args.report else run_module(m, args.max_children) for m in args.modules]
+    if args.markdown:
+        print(markdown(rows))
+        return
     print(
         f"{'module':<12} {'mutants':>7} {'equiv.':>6} {'killed':>6} {'survived':>8} {'(no test)':>9} "
         f"{'score':>6} {'time':>7}"
