@@ -7,6 +7,7 @@ settings `BDHLitModule` was built with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -208,7 +209,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             finally:
                 os.close(folder)
         except BaseException as error:
-            partial.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
+            with contextlib.suppress(OSError):  # (no folder to hold it: nothing to remove)
+                partial.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
             if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
                 raise ResourceError(
                     f"could not write checkpoint {path} ({write_failure(error)}); {self.last_good_words()}"

@@ -119,6 +119,8 @@ def test_last_with_no_run_in_this_root_is_one_line(trained, tmp_path, monkeypatc
             "--data.path",
             "corpus.txt",
             *QUICK,
+            "--trainer.max_steps",
+            "4",
             "--trainer.default_root_dir",
             str(tmp_path / "new"),
         ]
