@@ -341,8 +341,13 @@ def test_checkpoints_load_with_any_kernel(tmp_path):
 def test_compile_trains_and_keeps_checkpoint_keys_plain(tmp_path):
     """model.compile: true on the CPU (inductor needs a C compiler): a two-step fit of the whole model
     with chunked layers and dropout, then the saved keys."""
-    module, path = fit_tiny(tmp_path, kernel="chunked", compile=True)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    module, path = fit_tiny(tmp_path, kernel="chunked", compile=True, n_layer=1, n_head=1)  # small: compile time
     assert module._compiled
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the whole model, chunked layer included
+    assert counters["stats"]["unique_graphs"] >= 1
     keys = set(torch.load(path, weights_only=False)["state_dict"])
     assert {"model.embed.weight", "model.encoder", "model.encoder_v", "model.decoder", "model.lm_head"} <= keys
     assert not any("_orig_mod" in k for k in keys)
