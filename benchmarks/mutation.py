@@ -64,7 +64,13 @@ EQUIVALENT = [
     ("layer", "rope_frequencies", "torch.arange(n, device=device)", "int64 k gives the same float32 k / n"),
     ("layer", "rope_frequencies", "device=None", CPU_ONLY),
     ("layer", "rope_frequencies", "torch.arange(n, dtype=torch.float32, )", CPU_ONLY),
-    ("layer", "carried_read", "q.transpose(-1, +2)", "dimension 2 of the 4-D q is dimension -2"),
+    ("layer", "carried_read", ".transpose(-1, +2)", "dimension 2 of the 4-D q is dimension -2"),
+    (
+        "layer",
+        "rope_cos_sin",
+        "% 2.0).to(torch.float32)",
+        "cos and sin have period 2 pi: one float32 ulp of the phase at most",
+    ),
     ("layer", "rope_cos_sin", "f.to(None)) % 1.0", "float64 positions times float32 f is a float64 product anyway"),
     (
         "layer",
