@@ -180,7 +180,7 @@ class Suite:
             traceback.print_exc()
             row["error"] = f"{type(error).__name__}: {one_line(str(error))}"
         finally:
-            del setup
+            setup = None  # let the model, its gradients and AdamW state go before the next setup
             free_memory(device)
         return row
 

@@ -453,9 +453,9 @@ def test_auto_on_cuda_takes_the_reference_where_it_fits(monkeypatch):
 def test_auto_choice_for_the_configs():
     """The configs on an 80 GB GPU: 8gb and 14gb fit the reference, 24gb needs chunked (over 190 GiB)."""
     import yaml
+    from conftest import REPO
 
     from bdh_lightning.estimate import choose_kernel
-    from conftest import REPO
 
     expected = {"8gb": "reference", "14gb": "reference", "24gb": "chunked"}
     for name, kernel in expected.items():
