@@ -491,25 +491,31 @@ def test_extra_names_are_listed_three_at_most(written):
 
 
 def test_find_last_skips_a_run_removed_while_it_looks(tmp_path, monkeypatch):
-    gone = touch(tmp_path / "version_0/checkpoints/last.ckpt", 10)
-    kept = touch(tmp_path / "version_1/checkpoints/last.ckpt", 20)
+    runs = [touch(tmp_path / f"version_{v}/checkpoints/last.ckpt", 10 * v) for v in range(3)]
     real_stat = Path.stat
+    vanished = []
 
     def stat(self, *args, **kwargs):
-        if self == gone:
+        if self.name == "last.ckpt" and not vanished:  # whichever run find_last looks at first is gone
+            vanished.append(self)
             raise FileNotFoundError(2, "No such file or directory", str(self))
         return real_stat(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "stat", stat)
-    assert find_last(tmp_path) == kept
+    found = find_last(tmp_path)
+    assert len(vanished) == 1  # version_0 is the newest (age 0); the others are 10 and 20 s old
+    assert found == min((p for p in runs if p != vanished[0]), key=lambda p: int(p.parts[-3][8:]))
 
 
 def test_remote_paths_and_storage_options_go_to_lightnings_writer(tmp_path):
+    import uuid
+
     import fsspec
 
+    remote = f"memory://bdh-test-{uuid.uuid4().hex}/last.ckpt"  # fresh: the memory file system outlives a test
     io = AtomicCheckpointIO()
-    io.save_checkpoint({"global_step": 4, "w": torch.arange(3.0)}, "memory://bdh-test/last.ckpt")
-    with fsspec.open("memory://bdh-test/last.ckpt", "rb") as file:
+    io.save_checkpoint({"global_step": 4, "w": torch.arange(3.0)}, remote)
+    with fsspec.open(remote, "rb") as file:
         assert torch.load(file, weights_only=True)["global_step"] == 4
     with pytest.raises(TypeError, match="storage_options"):  # Lightning's local writer takes no storage options
         io.save_checkpoint({"global_step": 5}, tmp_path / "local.ckpt", storage_options={"compression": None})
@@ -563,3 +569,18 @@ def test_torch_write_failures_are_resource_errors_and_other_errors_pass(tmp_path
     with pytest.raises(ValueError):
         io.save_checkpoint({"global_step": 1}, tmp_path / "c.ckpt")
     assert not list(tmp_path.iterdir())  # every .part removed
+
+
+def test_run_checkpoint_every_step_and_a_last_name_with_the_step(tmp_path):
+    from bdh_lightning.checkpoints import RunCheckpoint
+
+    saves, _ = fit_with_run_checkpoint(tmp_path, 2, monitor="val/loss", save_last=True, every_n_train_steps=1)
+    assert [s for s in saves if s[0] == "last.ckpt"][:2] == [("last.ckpt", 1), ("last.ckpt", 2)]  # from step 1 on
+    RunCheckpoint.CHECKPOINT_NAME_LAST = "last-{step}"
+    try:
+        saves, _ = fit_with_run_checkpoint(
+            tmp_path / "named", 4, monitor="val/loss", save_last=True, every_n_train_steps=3
+        )
+    finally:
+        RunCheckpoint.CHECKPOINT_NAME_LAST = "last"
+    assert ("last-step=3.ckpt", 3) in saves and saves[-1] == ("last-step=4.ckpt", 4)  # the name's metrics filled in
