@@ -137,7 +137,7 @@ def test_last_with_no_run_in_this_root_is_one_line(trained, tmp_path, monkeypatc
 
 
 def test_a_run_ends_with_exactly_one_last_checkpoint(trained, tmp_path, monkeypatch):
-    """No validation at the end (7 steps, validation every 5): Lightning wrote last.ckpt and last-v1.ckpt."""
+    """No validation before the end (3 steps, validation every 5): Lightning wrote last.ckpt and last-v1.ckpt."""
     monkeypatch.chdir(trained)
     assert (
         main(
@@ -147,7 +147,7 @@ def test_a_run_ends_with_exactly_one_last_checkpoint(trained, tmp_path, monkeypa
                 "corpus.txt",
                 *QUICK,
                 "--trainer.max_steps",
-                "7",
+                "3",
                 "--trainer.default_root_dir",
                 str(tmp_path),
             ]
@@ -155,8 +155,8 @@ def test_a_run_ends_with_exactly_one_last_checkpoint(trained, tmp_path, monkeypa
         == 0
     )
     folder = tmp_path / "lightning_logs/version_0/checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["best-step5.ckpt", "last.ckpt"]
-    assert saved_step(folder / "last.ckpt") == 7
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert saved_step(folder / "last.ckpt") == 3
 
 
 def test_a_data_parallel_run_ends_with_exactly_one_last_checkpoint(tmp_path):
@@ -168,7 +168,7 @@ def test_a_data_parallel_run_ends_with_exactly_one_last_checkpoint(tmp_path):
         "corpus.txt",
         *QUICK,
         "--trainer.max_steps",
-        "7",
+        "3",
         "--trainer.accelerator",
         "cpu",
         "--trainer.devices",
@@ -178,8 +178,8 @@ def test_a_data_parallel_run_ends_with_exactly_one_last_checkpoint(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     folder = tmp_path / "lightning_logs/version_0/checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == ["best-step5.ckpt", "last.ckpt"]
-    assert saved_step(folder / "last.ckpt") == 7
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert saved_step(folder / "last.ckpt") == 3
 
 
 def test_every_n_train_steps_saves_before_the_first_validation(trained, tmp_path):
