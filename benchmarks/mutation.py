@@ -158,6 +158,7 @@ def write_config(work: Path, module: str) -> None:
     text += (
         "\n[tool.mutmut]\n"
         'source_paths = ["bdh_lightning"]\n'
+        'also_copy = ["configs"]\n'
         f'only_mutate = ["bdh_lightning/{module}.py"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(selection)}\n"
         "timeout_multiplier = 5.0\n"
@@ -172,6 +173,7 @@ def prepare(module: str) -> Path:
     work.mkdir(parents=True)
     shutil.copytree(REPO / "bdh_lightning", work / "bdh_lightning", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "configs", work / "configs")  # tests read the shipped configs
     write_config(work, module)
     for qualified in NOT_MUTATED.get(module, []):
         skip_function(work / "bdh_lightning" / f"{module}.py", qualified.rsplit(".", 1)[-1])
