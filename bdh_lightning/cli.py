@@ -35,6 +35,7 @@ from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batc
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
 from .model import ARCHITECTURE, BDHConfig
 from .module import BDHLitModule
+from .insight import InsightMonitor
 from .monitor import SparsityMonitor, TextSample
 from .precision import TF32, cuda_present, default_precision
 from .throughput import ThroughputMonitor
@@ -172,6 +173,7 @@ class BDHCLI(LightningCLI):
         )
         parser.add_lightning_class_args(TextSample, "sample")
         parser.add_lightning_class_args(SparsityMonitor, "sparsity")
+        parser.add_lightning_class_args(InsightMonitor, "inspect")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")  # ModelCheckpoint, one last.ckpt per run
         parser.set_defaults(
             {

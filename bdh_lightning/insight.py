@@ -44,6 +44,7 @@ from .errors import (
 )
 from .layer import decode, layer_output, neuron_activations, rope_cos_sin
 from .model import BDH, BDHConfig
+from .monitor import logged_step
 
 KINDS = ("a", "b", "ab")  # relu(x E), relu(y Ev), their product a*b (what the decoder reads)
 ALWAYS_ON = 0.99  # a neuron firing at this share of positions or more counts as always on
@@ -1087,7 +1088,7 @@ class InsightMonitor(Callback):
         }
         if fit:
             scalars["insight/out_degree_alpha"] = fit["alpha"]
-        step = trainer.global_step
+        step = logged_step(trainer)  # the step of this validation's scalars
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_scalar"):

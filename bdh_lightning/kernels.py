@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .layer import LN_EPS, attention_dtype, layer_output, reference_layer, rope
+from .layer import stream_attention, LN_EPS, attention_dtype, layer_output, reference_layer, rope
 from .masks import block_keep
 
 # The layer implementations `model.kernel` can name; `auto` picks one of the others per device and size.
@@ -88,11 +88,25 @@ def apply_layer(
     dropout: float = 0.0,
     training: bool = False,
     chunk_size: int = 0,
+    state: torch.Tensor | None = None,
+    states_out: list | None = None,
 ) -> torch.Tensor:
-    """One layer on x: (B, 1, T, D) with the implementation `kernel` stands for here (weights in, not a module)."""
+    """One layer on x: (B, 1, T, D) with the implementation `kernel` stands for here (weights in, not a module).
+
+    With `states_out` (a list) the window continues a stream: the attention also reads `state` (B, H, N, D,
+    the earlier windows' sum of qᵀ x; None = a new stream), and the state after the window is appended to
+    `states_out` (see layer.stream_attention). The fused kernel does not read a carried state: `fused`
+    runs chunked then.
+    """
     B, _, T, _ = x.shape
     H, _, N = encoder.shape
     chosen = resolve_kernel(kernel, x.device, n_wide=B * H * T * N)
+    if states_out is not None:
+        if chosen == "reference":
+            read = stream_attention(state, states_out)
+            return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training, read=read)
+        p = dropout if training else 0.0
+        return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, p, chunk_size=chunk_size, state=state, states_out=states_out)
     if chosen == "reference":
         return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training)
     if chosen == "fused":
@@ -135,8 +149,13 @@ def chunked_layer(
     dropout: float = 0.0,
     seed: int | torch.Tensor | None = None,
     chunk_size: int = 0,
+    state: torch.Tensor | None = None,
+    states_out: list | None = None,
 ) -> torch.Tensor:
     """The same function as `reference_layer`, without keeping N-wide tensors for backward.
+
+    With `states_out`, the window continues a stream as in `apply_layer`: the attention adds q @ state, and
+    the state after the window is appended to `states_out`.
 
     `dropout` is the probability actually applied (0 outside training); masks come from `seed` (an int
     or int64 tensor; `masks.dropout_mask(seed, ...)` is the full mask), drawn by `draw_seed` when None.
@@ -148,7 +167,9 @@ def chunked_layer(
     B, _, T, D = x.shape
     N = encoder.shape[-1]
     width = chunk_width(chunk_size, B * T, N)
-    u = ChunkedLayer.apply(x, encoder, encoder_v, decoder, cos, sin, seed, float(dropout), width)
+    if cos.dim() == 4:  # per-row positions (B, 1, T, N): the kernel works on (B, T, chunk) tensors
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
+    u = ChunkedLayer.apply(x, encoder, encoder_v, decoder, cos, sin, seed, float(dropout), width, state, states_out)
     return layer_output(x, u)
 
 
@@ -175,7 +196,7 @@ class ChunkedLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, seed, dropout, width):
+    def forward(ctx, x, encoder, encoder_v, decoder, cos, sin, seed, dropout, width, state=None, states_out=None):
         dtype, acc = compute_dtypes(x)
         att = attention_dtype(dtype)
         B, _, T, D = x.shape
@@ -187,15 +208,26 @@ class ChunkedLayer(torch.autograd.Function):
             device_seed = seed.to(x.device)
             scores, ys, rstds = [], [], []
             u = torch.zeros(B, T, D, dtype=acc, device=x.device)
+            if states_out is not None:  # the state after this window, in float32 (or wider)
+                wide = torch.promote_types(dtype, torch.float32)
+                written = torch.zeros(B, H, N, D, dtype=wide, device=x.device) if state is None else state.to(wide).clone()
             for h in range(H):
                 S = torch.zeros(B, T, T, dtype=acc, device=x.device)
+                carried = torch.zeros(B, T, D, dtype=acc, device=x.device) if state is not None else None
                 for n0, n1 in chunks:
                     a = F.relu(xc @ enc[h, :, n0:n1])
-                    q = rope(a, cos[:, n0:n1], sin[:, n0:n1]).to(att)
+                    q = rope(a, cos[..., n0:n1], sin[..., n0:n1]).to(att)
                     S += q @ q.transpose(-1, -2)
+                    if state is not None:  # what the earlier windows of the stream give this chunk's queries
+                        carried += q @ state[:, h, n0:n1].to(att)
+                    if states_out is not None:
+                        written[:, h, n0:n1] += q.to(wide).transpose(-1, -2) @ xc.to(wide)
                 S = S.tril_(diagonal=-1).to(att)
                 # The attention read in `att` (float32 under float16), its norm always in float32.
-                y, _, rstd = torch.native_layer_norm((S @ xc.to(att)).to(acc), (D,), None, None, LN_EPS)
+                read = (S @ xc.to(att)).to(acc)
+                if carried is not None:
+                    read = read + carried
+                y, _, rstd = torch.native_layer_norm(read, (D,), None, None, LN_EPS)
                 scores.append(S), ys.append(y), rstds.append(rstd)
                 yc = y.to(dtype)
                 for n0, n1 in chunks:
@@ -207,13 +239,15 @@ class ChunkedLayer(torch.autograd.Function):
                     u += z @ dec[h, n0:n1]
             u /= 1.0 - dropout  # dropout's scale, applied to the D-wide sum instead of every z
         scores, ys, rstds = torch.stack(scores, 1), torch.stack(ys, 1), torch.stack(rstds, 1)
-        ctx.save_for_backward(x, encoder, encoder_v, decoder, cos, sin, seed, scores, ys, rstds)
+        if states_out is not None:
+            states_out.append(written)
+        ctx.save_for_backward(x, encoder, encoder_v, decoder, cos, sin, seed, scores, ys, rstds, state)
         ctx.dropout, ctx.width, ctx.dtypes = dropout, width, (dtype, acc)
         return u.to(dtype).unsqueeze(1)
 
     @staticmethod
     def backward(ctx, grad_u):
-        x, encoder, encoder_v, decoder, cos, sin, seed, scores, ys, rstds = ctx.saved_tensors
+        x, encoder, encoder_v, decoder, cos, sin, seed, scores, ys, rstds, state = ctx.saved_tensors
         dtype, acc = ctx.dtypes  # the forward's: the backward runs outside autocast
         att = attention_dtype(dtype)
         dropout, width = ctx.dropout, ctx.width
@@ -262,12 +296,15 @@ class ChunkedLayer(torch.autograd.Function):
                 for n0, n1 in chunks:
                     if not one_chunk:
                         a = F.relu(xc @ enc[h, :, n0:n1])
-                    q = rope(a, cos[:, n0:n1], sin[:, n0:n1])
-                    dq = (dS @ q.to(att)).to(dtype)
-                    da = rope(dq, cos[:, n0:n1], -sin[:, n0:n1]) * (a > 0)  # rope's inverse rotation
+                    q = rope(a, cos[..., n0:n1], sin[..., n0:n1])
+                    dq = dS @ q.to(att)
+                    if state is not None:  # y's pre-norm input also holds q @ state (a constant)
+                        dq = dq + dy_pre @ state[:, h, n0:n1].to(att).transpose(-1, -2)
+                    dq = dq.to(dtype)
+                    da = rope(dq, cos[..., n0:n1], -sin[..., n0:n1]) * (a > 0)  # rope's inverse rotation
                     if one_chunk:
                         da = da + da_from_z
                     d_enc[h, :, n0:n1] += x_flat.T @ da.reshape(B * T, -1)
                     dx += da @ enc[h, :, n0:n1].T
         grads = dx.unsqueeze(1).to(x.dtype), d_enc.to(encoder.dtype), d_enc_v.to(encoder_v.dtype)
-        return *grads, d_dec.view(H * N, D).to(decoder.dtype), None, None, None, None, None
+        return *grads, d_dec.view(H * N, D).to(decoder.dtype), None, None, None, None, None, None, None

@@ -151,7 +151,8 @@ class BDH(nn.Module):
         fresh stream). Returns the logits and the states after the window. Windows read one after another
         this way compute the same function as one forward pass over their concatenation.
 
-        The layers run `reference_layer` (the recurrent read is not in the chunked or fused kernels yet).
+        The layers run the configured kernel (reference or chunked; fused runs chunked here); `exact`
+        (generation) reads in float32 through `reference_layer`.
         """
         c = self.config
         T = idx.shape[1]
@@ -163,10 +164,14 @@ class BDH(nn.Module):
         x = self.embed_bytes(idx)
         written: list[torch.Tensor] = []
         for layer in range(c.n_layer):
-            read = stream_attention(None if states is None else states[layer], written, exact)
-            x = reference_layer(
-                x, self.encoder, self.encoder_v, self.decoder, cos, sin, c.dropout, self.training, read=read
-            )
+            state = None if states is None else states[layer]
+            if exact:  # generation: the read in float32 whatever the autocast
+                read = stream_attention(state, written, exact=True)
+                x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, read=read)
+            else:
+                x = apply_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, kernel=c.kernel,
+                                dropout=c.dropout, training=self.training, chunk_size=c.chunk_size, state=state,
+                                states_out=written)  # fmt: skip
         return self.logits(x), written
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -283,3 +283,42 @@ def test_carried_state_under_bf16_autocast_stays_close_and_float32():
         got, _ = model.forward_stream(idx[:, T:], T, states)
     assert all(s.dtype == torch.float32 for s in states)
     assert ((got.float() - want).norm() / want.norm()).item() < 5e-2
+
+
+@pytest.mark.parametrize("chunk_size", [0, 6])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_the_chunked_kernel_carries_the_state_as_the_reference_does(chunk_size, p):
+    from bdh_lightning.kernels import chunked_layer
+    from bdh_lightning.layer import reference_layer, stream_attention
+    from bdh_lightning.masks import dropout_mask
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, D, N = 2, 2, 8, 16
+    x = layer_norm(torch.randn(B, 1, T, D, dtype=torch.float64, generator=gen)).requires_grad_()
+    weights = [(torch.randn(*shape, dtype=torch.float64, generator=gen) * 0.3).requires_grad_()
+               for shape in ((H, D, N), (H, D, N), (H * N, D))]  # fmt: skip
+    state = torch.randn(B, H, N, D, dtype=torch.float64, generator=gen)
+    positions = torch.tensor([[40], [0]]) + torch.arange(T)
+    cos, sin = (t.unsqueeze(1) for t in rope_cos_sin(positions, N))
+    mask = dropout_mask(77, B, H, T, N, p).double() if p else None
+    want_states, got_states = [], []
+    read = stream_attention(state, want_states)
+    want = reference_layer(x, *weights, cos, sin, p, True, dropout_mask=mask, read=read)
+    got = chunked_layer(x, *weights, cos, sin, p, seed=77, chunk_size=chunk_size, state=state, states_out=got_states)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_states[0], want_states[0], rtol=1e-10, atol=1e-10)
+    g = torch.randn(got.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, [x, *weights], g), torch.autograd.grad(want, [x, *weights], g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_windows_with_carried_state_equal_one_long_pass_with_the_chunked_kernel():
+    model = tiny_model()
+    model.config.kernel, model.config.chunk_size = "chunked", 6
+    idx = torch.randint(0, 256, (2, 3 * T))
+    whole, _ = model.forward_stream(idx, torch.tensor([0, 100]))
+    states, pieces = None, []
+    for k in range(3):
+        logits, states = model.forward_stream(idx[:, k * T : (k + 1) * T], torch.tensor([0, 100]) + k * T, states)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
