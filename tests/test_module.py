@@ -436,3 +436,77 @@ def test_init_from_copies_the_weights_and_notes_another_depth(two_layer_checkpoi
     assert capsys.readouterr().err == (
         f"note: --model.init_from {path} was trained with n_layer=2; this model applies its layer 4 times\n"
     )
+
+
+# ---------------------------------------------------------------- carried state, AGC (what mutation found untested)
+
+
+def test_carried_loss_continues_each_rows_stream_and_resets_where_it_restarts():
+    module = tiny_module(dropout=0.0, carry_state=True)
+    data = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(7))
+    x1, y1, x2, y2 = data[:, :16], data[:, 1:17], data[:, 16:32], data[:, 17:33]
+    start1, start2 = torch.tensor([0, 0]), torch.tensor([16, 0])  # row 1 restarts its stream in the second window
+    with torch.no_grad():
+        module.carried_loss((x1, y1, start1))
+        _, states = module.model.forward_stream(x1, start1, None)
+        keep = torch.tensor([1.0, 0.0]).view(-1, 1, 1, 1)
+        logits, _ = module.model.forward_stream(x2, start2, [state * keep for state in states])
+        want = F.cross_entropy(logits.flatten(0, 1), y2.flatten())
+        fresh_logits, _ = module.model.forward_stream(x2, start2, None)
+        fresh = F.cross_entropy(fresh_logits.flatten(0, 1), y2.flatten())
+        got = module.carried_loss((x2, y2, start2))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert abs(got.item() - fresh.item()) > 1e-4  # the carried state mattered
+    assert all(not s.requires_grad for s in module.stream_states)  # truncated backpropagation
+    with torch.no_grad():  # a batch of another size (the last of an epoch) starts afresh
+        small = module.carried_loss((x2[:1], y2[:1], start2[:1]))
+        alone, _ = module.model.forward_stream(x2[:1], start2[:1], None)
+    assert small.item() == pytest.approx(F.cross_entropy(alone.flatten(0, 1), y2[:1].flatten()).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("agc_clip, calls", [(0.0, []), (0.05, [0.05]), (2.0, [2.0])])
+def test_unitwise_clipping_runs_before_each_step_when_asked(monkeypatch, agc_clip, calls):
+    import bdh_lightning.module as module_file
+
+    seen = []
+    monkeypatch.setattr(module_file, "clip_unitwise", lambda model, clip: seen.append((model, clip)))
+    module = tiny_module(agc_clip=agc_clip)
+    module.on_before_optimizer_step(None)
+    assert [clip for _, clip in seen] == calls and all(model is module.model for model, _ in seen)
+
+
+def test_carry_state_needs_streams_in_one_line():
+    from bdh_lightning.errors import ConfigError
+
+    module = tiny_module(carry_state=True)
+    for data in (SimpleNamespace(sampling="windows"), SimpleNamespace()):
+        module._trainer = SimpleNamespace(datamodule=data)
+        try:
+            with pytest.raises(ConfigError) as error:
+                module.on_fit_start()
+        finally:
+            module._trainer = None
+        assert str(error.value) == (
+            "model.carry_state needs data.sampling streams (consecutive windows to carry the state across)"
+        )
+    module._trainer = SimpleNamespace(datamodule=SimpleNamespace(sampling="streams"))
+    module.on_fit_start()
+    module._trainer = None
+
+
+def test_carried_state_is_loaded_for_this_rank_only_when_carrying(monkeypatch):
+    saved = torch.randn(1, 2, 3, 2, 32, 32)  # world 1, L = 2 layers, B, H, N, D
+    carrying = tiny_module(carry_state=True)
+    carrying.on_load_checkpoint({"carried_state": saved})
+    assert len(carrying.stream_states) == 2 and torch.equal(carrying.stream_states[1], saved[0, 1])
+    carrying.stream_states = None
+    carrying._trainer = SimpleNamespace(global_rank=1)
+    try:
+        carrying.on_load_checkpoint({"carried_state": saved})  # no share for rank 1: start afresh
+    finally:
+        carrying._trainer = None
+    assert carrying.stream_states is None
+    plain = tiny_module()
+    plain.on_load_checkpoint({"carried_state": saved})
+    plain.on_load_checkpoint({})
+    assert plain.stream_states is None
