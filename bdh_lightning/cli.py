@@ -412,7 +412,6 @@ def plan_memory(config) -> list[str]:
     best = best if best in report.kernels else "chunked"  # fused keeps no more than chunked's bytes
     carried = 0
     if model.get("carry_state"):  # each layer's state per batch row, float32, kept between steps
-        best, why = "reference", "kernel reference: model.carry_state reads the carried state in the reference schedule"
         carried = data.batch_size * c.n_layer * c.n_head * c.neurons_per_head * c.n_embd * 4
         why += f"; the carried state, {format_bytes(carried)}, is included below"
     peak = report.kernels[best].device_bytes + carried  # on CUDA with the context, workspaces and allocator slack
