@@ -120,6 +120,7 @@ def measure_setups(setups: list[Setup], idx: torch.Tensor, steps: int, rounds: i
     first = {}
     for s in setups:
         first[(s.kernel, s.mode)] = timed(s.step, device)
+        print(f"{s.kernel}/{s.mode}: first step {first[(s.kernel, s.mode)]:.1f} s", file=sys.stderr, flush=True)
         s.step()  # a second warm step: AdamW's state exists, autotuning and recompiles are done
     times = {(s.kernel, s.mode): [] for s in setups}
     for r in range(rounds):
@@ -127,6 +128,8 @@ def measure_setups(setups: list[Setup], idx: torch.Tensor, steps: int, rounds: i
             break
         for s in setups:
             times[(s.kernel, s.mode)].append(timed(lambda: [s.step() for _ in range(steps)], device) / steps)
+            print(f"{s.kernel}/{s.mode}: round {r + 1} {times[(s.kernel, s.mode)][-1] * 1e3:.0f} ms/step", file=sys.stderr,
+                  flush=True)  # fmt: skip
     return first, times
 
 
