@@ -510,3 +510,28 @@ def test_carried_state_is_loaded_for_this_rank_only_when_carrying(monkeypatch):
     plain.on_load_checkpoint({"carried_state": saved})
     plain.on_load_checkpoint({})
     assert plain.stream_states is None
+
+
+def test_configure_model_chooses_the_kernel_once_from_the_data_and_precision(monkeypatch):
+    module = tiny_module(compile=True)
+    seen = []
+    monkeypatch.setattr(
+        module, "choose_kernel", lambda *args: seen.append(args) or setattr(module, "kernel_reason", "r")
+    )
+    data = SimpleNamespace(batch_size=3, block_size=17)
+    module._trainer = SimpleNamespace(datamodule=data, precision="bf16-mixed",
+                                      strategy=SimpleNamespace(root_device=torch.device("cpu")))  # fmt: skip
+    try:
+        module.configure_model()
+        module.configure_model()
+    finally:
+        module._trainer = None
+    assert seen == [(3, 17, "bf16-mixed", torch.device("cpu"))]  # once: Lightning may call configure_model again
+    assert callable(module.model.forward_stream) and hasattr(module.model.forward_stream, "_torchdynamo_orig_callable")
+    without_data = tiny_module()
+    without_data._trainer = SimpleNamespace(datamodule=SimpleNamespace(), precision="32-true")
+    try:
+        without_data.configure_model()  # loaders given directly: nothing to size the choice by
+    finally:
+        without_data._trainer = None
+    assert getattr(without_data, "kernel_reason", None) is None
