@@ -540,7 +540,6 @@ def test_the_part_file_sits_beside_the_checkpoint_while_it_is_written(tmp_path, 
 
 
 def test_a_folder_that_cannot_be_made_is_a_resource_error(tmp_path):
-    # Fails today: removing the .part (under a file, not a folder) raises NotADirectoryError over the ResourceError.
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ResourceError) as error:
         AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "file" / "last.ckpt")
