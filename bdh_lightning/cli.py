@@ -394,6 +394,8 @@ def plan_memory(config) -> list[str]:
     """The predicted peak of this run against the device's memory: a header line, or ConfigError (before anything
     is written) when it cannot fit, with the batch size and accumulation that would. `--force` starts it anyway."""
     device = run_device(config.trainer)
+    if device.type == "cuda" and not cuda_present():
+        return []  # asked for a GPU this machine lacks: Lightning's trainer says so in one line
     model, data = config.model.as_dict(), config.data
     precision = str(config.trainer.precision)
     try:
