@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from . import litstream
+from .litstream import human_bytes
 from .errors import DataError, finite_float, is_int
 from .streams import StreamBatches, StreamLayout, validation_streams
 
@@ -262,15 +263,6 @@ def left_out_words(listing: Listing) -> str:
 def corpus_files(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> list[str]:
     """The files behind `path` (a file, a directory searched recursively, or a glob), in sorted order."""
     return list(list_corpus(path, exclude, include_hidden).files)
-
-
-def human_bytes(n: int) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as disks and `ls -h --si` count)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 # Reading: one stream of bytes over many files.

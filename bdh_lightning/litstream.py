@@ -33,6 +33,15 @@ URL_SCHEMES = ("s3", "gs", "r2")
 INSTALL = "pip install 'bdh-lightning[stream]'"
 
 
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as disks and `ls -h --si` count)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
 def is_url(path: str) -> bool:
     return urlparse(str(path)).scheme in URL_SCHEMES
 
@@ -115,7 +124,6 @@ class Prepared:
 
     def describe(self) -> str:
         m = self.manifest
-        from .data import human_bytes
 
         splits = m["splits"]
         parts = [

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bdh_lightning.checkpoints import load_model_from_checkpoint
+from bdh_lightning.commands import shown
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.generate import (
     Generator,
@@ -163,7 +164,8 @@ def test_generate_command_streams_the_prompt_and_continuation(tmp_path, capsys):
     out = capsys.readouterr().out
     # Random-ish weights give bytes >= 128 that are not valid UTF-8: they must show, not crash.
     (new,) = generate_text(load_model_from_checkpoint(path), b"To be or ", 80, temperature=1.0, seed=1)
-    assert out == (b"To be or " + new).decode("utf-8", errors="backslashreplace") + "\n"
+    # Control bytes other than newline and tab are shown escaped (a model's output could drive the terminal).
+    assert out == shown((b"To be or " + new).decode("utf-8", errors="backslashreplace")) + "\n"
     assert cli_main(["generate", *args]) == 0 and capsys.readouterr().out == out  # same seed, same text
 
 
