@@ -33,9 +33,9 @@ from .data import ByteDataModule
 from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
 from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
+from .insight import InsightMonitor
 from .model import ARCHITECTURE, BDHConfig
 from .module import BDHLitModule
-from .insight import InsightMonitor
 from .monitor import SparsityMonitor, TextSample
 from .precision import TF32, cuda_present, default_precision
 from .throughput import ThroughputMonitor

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from . import litstream
-from .litstream import human_bytes
 from .errors import DataError, finite_float, is_int
+from .litstream import human_bytes
 from .streams import StreamBatches, StreamLayout, validation_streams
 
 TINYSHAKESPEARE = "tinyshakespeare"

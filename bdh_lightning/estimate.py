@@ -22,15 +22,14 @@ assumed to be 1-byte bools (the CPU path keeps a full float noise tensor).
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from dataclasses import dataclass, field
 
 import torch
 
-from .kernels import chunk_width
 from .errors import ConfigError
 from .errors import UsageError as EstimateError
+from .kernels import chunk_width
 from .model import BDHConfig
 from .precision import PRECISIONS as PRECISION_TABLE
 from .precision import cuda_total_memory, precision
@@ -49,7 +48,18 @@ def normalize_precision(name) -> str:
 
 def parse_bytes(text: str) -> int:
     """'14GB' (10^9), '14GiB' (2^30), '512MB', '8e9' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
         raise EstimateError(f"--budget {text!r} is not a size; write it like 14GB, 14GiB or 8e9 (bytes)")
@@ -188,7 +198,9 @@ def estimate_memory(
     cfg = BDHConfig(**{k: v for k, v in model_kwargs.items() if k in names})
     p = PRECISIONS[precision][0]
     params = cfg.num_parameters
-    report = MemoryReport(params, params * p, params * p, 2 * params * p, batch_size, block_size, precision, device_type)
+    report = MemoryReport(
+        params, params * p, params * p, 2 * params * p, batch_size, block_size, precision, device_type
+    )
     # DDP (gradient_as_bucket_view=False, as Lightning builds it) copies the gradients into its all-reduce
     # buckets, in the parameters' dtype: "the saved memory size will be equal to the total gradients size"
     # with bucket views on (torch.nn.parallel.DistributedDataParallel's documentation).

@@ -29,7 +29,12 @@ CHECK_EVERY_WITHOUT_LOGGING = 100
 # The out-of-memory line: the same for torch's allocator, cuBLAS/cuDNN workspaces and NCCL buffers.
 OUT_OF_MEMORY = ("out of memory; lower data.batch_size or data.block_size, use model.kernel chunked, "
                  "or check a setting first with `estimate`")  # fmt: skip
-OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "can't allocate memory")
+OUT_OF_MEMORY_MARKERS = (
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "can't allocate memory",
+)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -53,7 +58,9 @@ def last_checkpoint_path(trainer) -> str | None:
     callback = trainer.checkpoint_callback
     if callback is None or not callback.dirpath:
         return None
-    return callback.last_model_path or os.path.join(callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION)
+    return callback.last_model_path or os.path.join(
+        callback.dirpath, callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+    )
 
 
 class StopOnSignal(Callback):
@@ -87,10 +94,14 @@ class StopOnSignal(Callback):
         if signum == signal.SIGINT and self.signum is not None:
             # Not KeyboardInterrupt: Lightning turns that into exit code 1. A write cut short leaves no .part.
             found = last_good_checkpoint(self.trainer) if self.trainer is not None else None
-            kept = f"the last good checkpoint is {found[0]} (step {found[1]})" if found else "this run saved no checkpoint"
+            kept = (
+                f"the last good checkpoint is {found[0]} (step {found[1]})" if found else "this run saved no checkpoint"
+            )
             raise TrainingInterrupted(f"stopped by a second Ctrl-C without saving; {kept}", signal.SIGINT)
         self.signum = signum
-        if signum == signal.SIGINT:  # someone at a terminal waits for the step to end; SIGTERM gets one line, at the stop
+        if (
+            signum == signal.SIGINT
+        ):  # someone at a terminal waits for the step to end; SIGTERM gets one line, at the stop
             sys.stderr.write("Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts without saving)\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -102,9 +113,13 @@ class StopOnSignal(Callback):
         how = signal.Signals(signum).name if self.signum else "a signal to another rank"
         path = last_checkpoint_path(trainer)
         if path is None:
-            raise TrainingInterrupted(f"stopped by {how} after step {trainer.global_step}; checkpointing is off, nothing saved", signum)
+            raise TrainingInterrupted(
+                f"stopped by {how} after step {trainer.global_step}; checkpointing is off, nothing saved", signum
+            )
         trainer.save_checkpoint(path, weights_only=False)
-        raise TrainingInterrupted(f"stopped by {how} after step {trainer.global_step}; saved {path}; continue with --ckpt_path last", signum)
+        raise TrainingInterrupted(
+            f"stopped by {how} after step {trainer.global_step}; saved {path}; continue with --ckpt_path last", signum
+        )
 
     def stop_agreed(self, trainer) -> bool:
         """All ranks decide together: a signal that reached one rank stops every rank after the same step.
@@ -167,23 +182,33 @@ class StopOnNonFinite(Callback):
         """NonFiniteError if any rank saw a non-finite loss (all ranks decide together: none is left waiting)."""
         step = int(self.bad_step.item()) if self.bad_step is not None else -1
         if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
-            seen = f"training loss is {self.bad_loss.item()} at step {step}" if step >= 0 else "training loss is not finite on another rank"
+            seen = (
+                f"training loss is {self.bad_loss.item()} at step {step}"
+                if step >= 0
+                else "training loss is not finite on another rank"
+            )
             raise NonFiniteError(f"{seen}; stopped without saving; {self.advice(trainer)}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         if trainer.state.fn == "fit":  # every rank saves together (Lightning dumps the checkpoint on each)
             self.stop_if_non_finite(trainer)
         weights = [t for t in checkpoint["state_dict"].values() if torch.is_floating_point(t) and t.numel()]
-        extremes = torch.stack([torch.stack(torch.aminmax(t)) for t in weights])  # NaN propagates; 5x faster than isfinite
+        extremes = torch.stack(
+            [torch.stack(torch.aminmax(t)) for t in weights]
+        )  # NaN propagates; 5x faster than isfinite
         if not torch.isfinite(extremes).all():
-            raise NonFiniteError(f"the weights became NaN or infinite at step {trainer.global_step}; not saving them; {self.advice(trainer)}")
+            raise NonFiniteError(
+                f"the weights became NaN or infinite at step {trainer.global_step}; not saving them; {self.advice(trainer)}"
+            )
 
     @staticmethod
     def advice(trainer) -> str:
         found = last_good_checkpoint(trainer)  # one this run wrote: never another run's, nor the one it resumed from
         remedy = "a lower model.learning_rate, or trainer.precision bf16-mixed or 32-true"
         if found:
-            return f"the last good checkpoint is {found[0]} (step {found[1]}); resume from it (--ckpt_path) with {remedy}"
+            return (
+                f"the last good checkpoint is {found[0]} (step {found[1]}); resume from it (--ckpt_path) with {remedy}"
+            )
         resumed = f" (it resumed from {trainer.ckpt_path})" if trainer.ckpt_path else ""
         return f"no checkpoint was saved in this run{resumed}; start again with {remedy}"
 

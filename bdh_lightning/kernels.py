@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-from .layer import stream_attention, LN_EPS, attention_dtype, layer_output, reference_layer, rope
+from .layer import LN_EPS, attention_dtype, layer_output, reference_layer, rope, stream_attention
 from .masks import block_keep
 
 # The layer implementations `model.kernel` can name; `auto` picks one of the others per device and size.
@@ -72,8 +72,10 @@ def fused_unavailable(device: torch.device) -> str | None:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    return (f"it needs a CUDA device; on {device.type} tensors it runs only under TRITON_INTERPRET=1 "
-            "(Triton's interpreter: slow, for tests)")
+    return (
+        f"it needs a CUDA device; on {device.type} tensors it runs only under TRITON_INTERPRET=1 "
+        "(Triton's interpreter: slow, for tests)"
+    )
 
 
 def apply_layer(
@@ -106,13 +108,17 @@ def apply_layer(
             read = stream_attention(state, states_out)
             return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training, read=read)
         p = dropout if training else 0.0
-        return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, p, chunk_size=chunk_size, state=state, states_out=states_out)
+        return chunked_layer(
+            x, encoder, encoder_v, decoder, cos, sin, p, chunk_size=chunk_size, state=state, states_out=states_out
+        )
     if chosen == "reference":
         return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training)
     if chosen == "fused":
         from .fused import fused_layer  # imports triton: only when asked for
 
-        return fused_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
+        return fused_layer(
+            x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size
+        )
     return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
 
 
@@ -210,7 +216,9 @@ class ChunkedLayer(torch.autograd.Function):
             u = torch.zeros(B, T, D, dtype=acc, device=x.device)
             if states_out is not None:  # the state after this window, in float32 (or wider)
                 wide = torch.promote_types(dtype, torch.float32)
-                written = torch.zeros(B, H, N, D, dtype=wide, device=x.device) if state is None else state.to(wide).clone()
+                written = (
+                    torch.zeros(B, H, N, D, dtype=wide, device=x.device) if state is None else state.to(wide).clone()
+                )
             for h in range(H):
                 S = torch.zeros(B, T, T, dtype=acc, device=x.device)
                 carried = torch.zeros(B, T, D, dtype=acc, device=x.device) if state is not None else None

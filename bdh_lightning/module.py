@@ -179,7 +179,9 @@ class BDHLitModule(L.LightningModule):
         # checkpoint draws the same masks as an uninterrupted one, and every rank draws its own.
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(int(np.random.SeedSequence([seed, self.global_rank, self.global_step, micro_batch]).generate_state(1)[0]))
+        torch.manual_seed(
+            int(np.random.SeedSequence([seed, self.global_rank, self.global_step, micro_batch]).generate_state(1)[0])
+        )
 
     def carried_loss(self, batch) -> torch.Tensor:
         """The loss of a window that continues each row's stream (data.sampling streams, model.carry_state):
@@ -198,7 +200,9 @@ class BDHLitModule(L.LightningModule):
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
         if self.hparams.carry_state and getattr(data, "sampling", None) != "streams":
-            raise ConfigError("model.carry_state needs data.sampling streams (consecutive windows to carry the state across)")
+            raise ConfigError(
+                "model.carry_state needs data.sampling streams (consecutive windows to carry the state across)"
+            )
 
     def training_step(self, batch, batch_idx):
         loss = self.carried_loss(batch) if self.hparams.carry_state else self.loss(batch[:2])
@@ -269,7 +273,9 @@ class BDHLitModule(L.LightningModule):
         if not hp.decay_steps:
             return hp.learning_rate
         progress = min(1.0, (step - hp.warmup_steps) / hp.decay_steps)
-        remaining = 1.0 - progress if hp.get("decay", "cosine") == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        remaining = (
+            1.0 - progress if hp.get("decay", "cosine") == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        )
         return hp.min_learning_rate + remaining * (hp.learning_rate - hp.min_learning_rate)
 
     def configure_optimizers(self):
@@ -277,7 +283,9 @@ class BDHLitModule(L.LightningModule):
         optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=hp.learning_rate, betas=tuple(hp.betas), weight_decay=hp.weight_decay
         )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.learning_rate_at(step) / hp.learning_rate)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: self.learning_rate_at(step) / hp.learning_rate
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     # FLOPs for throughput.ThroughputMonitor (FLOP/s and MFU): validation and test batches cost a forward.

@@ -160,9 +160,7 @@ def nvml_total_memory() -> list[int] | None:
     return nvml_each(total)
 
 
-CAPABILITY_PROBE = (
-    "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]))"
-)
+CAPABILITY_PROBE = "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]))"
 
 
 def child_process_capabilities() -> list[tuple[int, int]]:

@@ -41,7 +41,9 @@ class Peak:
 
 
 # Sources. Datasheets give the sparse figure ("*with sparsity"); the dense one is half of it.
-_H100_WHITEPAPER = "NVIDIA H100 Tensor Core GPU Architecture whitepaper, table 'NVIDIA H100 specifications' (dense column)"
+_H100_WHITEPAPER = (
+    "NVIDIA H100 Tensor Core GPU Architecture whitepaper, table 'NVIDIA H100 specifications' (dense column)"
+)
 _H100_DATASHEET = "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100), H100 NVL column, sparse figure / 2"
 _H200_DATASHEET = "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200), sparse figure / 2"
 _GH200_DATASHEET = "NVIDIA GH200 Grace Hopper Superchip datasheet, GPU figures, sparse / 2"
@@ -50,7 +52,9 @@ _ADA_WHITEPAPER = "NVIDIA Ada GPU Architecture whitepaper v2.1, appendix tables 
 _L40S_DATASHEET = "NVIDIA L40S datasheet, sparse figure / 2"
 _L40_DATASHEET = "NVIDIA L40 datasheet, sparse figure / 2"
 _A10_DATASHEET = "NVIDIA A10 datasheet, dense figures"
-_GA102_WHITEPAPER = "NVIDIA Ampere GA102 GPU Architecture whitepaper v2, appendix A (FP16/BF16 with FP32 accumulate, dense)"
+_GA102_WHITEPAPER = (
+    "NVIDIA Ampere GA102 GPU Architecture whitepaper v2, appendix A (FP16/BF16 with FP32 accumulate, dense)"
+)
 _GEFORCE_RATIO = ("NVIDIA's FP32 (shader) figure for the card; tensor figures at its architecture's GeForce ratio "
                   "(FP16/BF16 with FP32 accumulate = 2x FP32, TF32 = 1x), as the whitepaper's cards")  # fmt: skip
 
@@ -111,7 +115,9 @@ def device_peak_flops(device: torch.device, precision) -> tuple[float | None, st
     if peak is None:
         return None, (f"note: no MFU: {name!r} is not in the table of dense peak FLOP/s (bdh_lightning/throughput.py "
                       f"PEAKS); bytes/s and FLOP/s are still logged")  # fmt: skip
-    flops = dense_peak_flops(peak, dtype, tf32_enabled(), torch.cuda.get_device_properties(device).multi_processor_count)
+    flops = dense_peak_flops(
+        peak, dtype, tf32_enabled(), torch.cuda.get_device_properties(device).multi_processor_count
+    )
     if flops is None:
         return None, f"note: no MFU for {precision}: the table has no {dtype} peak for the {peak.name}"
     return flops, None

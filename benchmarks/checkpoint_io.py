@@ -24,7 +24,10 @@ def default_checkpoint() -> dict:
 
     model = BDH(BDHConfig())
     params = dict(model.named_parameters())
-    state = {i: {"step": torch.tensor(10.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)} for i, p in enumerate(params.values())}
+    state = {
+        i: {"step": torch.tensor(10.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+        for i, p in enumerate(params.values())
+    }
     return {
         "global_step": 10,
         "state_dict": {f"model.{k}": v.detach() for k, v in params.items()},
@@ -82,7 +85,9 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(3):
             StopOnNonFinite().on_save_checkpoint(trainer, None, checkpoint)
-        print(f"finite-weights check before a save (25.3 M parameters): {(time.perf_counter() - start) / 3 * 1000:.1f} ms")
+        print(
+            f"finite-weights check before a save (25.3 M parameters): {(time.perf_counter() - start) / 3 * 1000:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

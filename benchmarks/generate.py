@@ -92,7 +92,9 @@ def benchmark(name: str, args) -> tuple[list[str], list[str]]:
         assert same, "recurrent and full-prefix greedy generation disagree"
     else:
         first, last = args.prompt_bytes, args.prompt_bytes + args.new_bytes - 1
-        points = sorted({round(first + i * (last - first) / (args.baseline_points - 1)) for i in range(args.baseline_points)})
+        points = sorted(
+            {round(first + i * (last - first) / (args.baseline_points - 1)) for i in range(args.baseline_points)}
+        )
         seconds = [full_prefix_seconds_at(model, t) for t in points]
         for t, s in zip(points, seconds):
             print(f"full prefix: one byte at context {t}: {s:.2f} s", flush=True)
@@ -126,7 +128,9 @@ def main() -> None:
         help="time the full-prefix run at this many context lengths only (0 = the whole run; default: 0 for tiny, 6 otherwise)",
     )  # fmt: skip
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, float32 CPU")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, float32 CPU"
+    )
     print(f"load average at start (other processes share the CPU): {os.getloadavg()}")
     totals, contexts = [], []
     requested = args.baseline_points
@@ -137,7 +141,9 @@ def main() -> None:
         contexts += context_rows
     print("\n| size | recurrent bytes/s | full-prefix bytes/s | speed-up |\n| --- | --- | --- | --- |")
     print("\n".join(totals))
-    print("\n| size | context (bytes) | recurrent bytes/s | full-prefix bytes/s | speed-up |\n| --- | --- | --- | --- | --- |")
+    print(
+        "\n| size | context (bytes) | recurrent bytes/s | full-prefix bytes/s | speed-up |\n| --- | --- | --- | --- | --- |"
+    )
     print("\n".join(contexts))
     print(f"load average at end: {os.getloadavg()}")
 

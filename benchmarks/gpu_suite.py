@@ -95,7 +95,11 @@ class Suite:
         selection = ["-k", "cuda and not test_gpu_suite", str(where)]
         start = time.monotonic()
         code = pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), *selection], plugins=[outcomes])
-        self.results["tests"] = {"exit_code": int(code), "seconds": time.monotonic() - start, "reports": outcomes.reports}
+        self.results["tests"] = {
+            "exit_code": int(code),
+            "seconds": time.monotonic() - start,
+            "reports": outcomes.reports,
+        }
         if code == pytest.ExitCode.INTERRUPTED:
             raise BudgetReached()
 
@@ -241,8 +245,15 @@ class Suite:
                   "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
         for row in r["train"]:
             lines.append(table_row(row))
-        lines += ["", "fits label: max reserved + 600 MiB CUDA context <= the config's label x 10^9 bytes.", "",
-                  "## Generation (recurrent, bf16 autocast)", "", "| config | context bytes | bytes/s |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "fits label: max reserved + 600 MiB CUDA context <= the config's label x 10^9 bytes.",
+            "",
+            "## Generation (recurrent, bf16 autocast)",
+            "",
+            "| config | context bytes | bytes/s |",
+            "|---|---:|---:|",
+        ]
         for row in r["generation"]:
             value = f"{row['bytes_per_s']:.1f}" if "bytes_per_s" in row else row.get("error", "-")
             lines.append(f"| {row['config']} | {row['context']} | {value} |")
@@ -250,7 +261,9 @@ class Suite:
 
 
 def table_row(row: dict) -> str:
-    head = f"| {row['config']} | {row['batch']} x {row['block']} | {row['precision']} | {row['kernel']} | {row['mode']} |"
+    head = (
+        f"| {row['config']} | {row['batch']} x {row['block']} | {row['precision']} | {row['kernel']} | {row['mode']} |"
+    )
     if "skipped" in row or "error" in row:
         text = f"skipped: {row['skipped']}" if "skipped" in row else f"error: {row['error']}"
         return head + f" {text} | | | | | {format_bytes(row['predicted_peak_bytes'])} | | | |"

@@ -48,7 +48,9 @@ class Setup:
     step: callable  # one training step on the benchmark's bytes
 
 
-def build(model_kwargs: dict, kernel: str, mode: str, idx: torch.Tensor, precision: str, backend: str = "inductor") -> Setup:
+def build(
+    model_kwargs: dict, kernel: str, mode: str, idx: torch.Tensor, precision: str, backend: str = "inductor"
+) -> Setup:
     """A model, its AdamW and a step function as a Lightning run at `precision` would train it
     (`compiled`: the forward through torch.compile with `backend`, as model.compile: true does)."""
     row = precision_row(precision)

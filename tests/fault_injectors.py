@@ -18,7 +18,11 @@ class OutOfMemoryOnRank(Callback):
         if trainer.global_step != self.step:
             return
         if trainer.global_rank == self.rank:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if self.message is None else RuntimeError(self.message)
+            raise (
+                torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                if self.message is None
+                else RuntimeError(self.message)
+            )
         time.sleep(600)
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, scalar_tags, scalars, write_phrases
+from conftest import TINY_ARGS as TINY
 
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH
-from conftest import REPO, scalar_tags, scalars, write_phrases
-from conftest import TINY_ARGS as TINY
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

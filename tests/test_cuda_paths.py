@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV, TINY_ARGS, scalars, write_letters
 
 from bdh_lightning import estimate
 from bdh_lightning.estimate import estimate_memory, measure_step
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.throughput import dense_peak_flops, find_peak, tf32_enabled
-from conftest import SUBPROCESS_ENV, TINY_ARGS, scalars, write_letters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_suite.py)")
 
@@ -49,7 +49,9 @@ def test_the_dense_peak_bounds_a_large_matmul(dtype):
     torch.set_float32_matmul_precision("high")  # TF32, as fit's default --tf32 true
     try:
         achieved = matmul_flops_per_second(dtype)
-        peak = dense_peak_flops(peak_row, dtype, tf32_enabled(), torch.cuda.get_device_properties(0).multi_processor_count)
+        peak = dense_peak_flops(
+            peak_row, dtype, tf32_enabled(), torch.cuda.get_device_properties(0).multi_processor_count
+        )
     finally:
         torch.set_float32_matmul_precision(before)
     print(f"{name} {dtype}: {achieved / 1e12:.1f} TFLOP/s measured, table {peak / 1e12:.1f} ({achieved / peak:.0%})")

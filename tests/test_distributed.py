@@ -11,11 +11,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from conftest import SUBPROCESS_ENV, finish, scalars, start_process
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from bdh_lightning.module import BDHLitModule
-from conftest import SUBPROCESS_ENV, finish, scalars, start_process
 
 ENV = SUBPROCESS_ENV
 
@@ -150,7 +150,9 @@ def test_sigterm_to_rank_zero_stops_every_rank_with_one_checkpoint(tmp_path):
     stderr = finish(fit, timeout=120)
     assert fit.returncode == 143, stderr[-3000:]
     stops = [line for line in stderr.splitlines() if line.startswith("stopped by")]
-    assert len(stops) == 2 and stops[0].startswith("stopped by SIGTERM") != stops[1].startswith("stopped by SIGTERM"), stderr[-4000:]
+    assert len(stops) == 2 and stops[0].startswith("stopped by SIGTERM") != stops[1].startswith("stopped by SIGTERM"), (
+        stderr[-4000:]
+    )
     steps = {line.split("after step ")[1].split(";")[0] for line in stops}
     assert len(steps) == 1  # the same step on both ranks
     assert torch.load(last, weights_only=True)["global_step"] == int(steps.pop())
@@ -159,10 +161,13 @@ def test_sigterm_to_rank_zero_stops_every_rank_with_one_checkpoint(tmp_path):
 def test_dataloader_workers_started_by_spawn_get_the_same_batches(tmp_path):
     """Workers started with `spawn` (the default on macOS and Windows, and what CUDA needs) receive the dataset
     pickled: it must survive the trip (no open file handles, memory maps or lambdas) and give the same batches."""
-    from bdh_lightning.data import ByteDataModule
     from conftest import write_letters
 
-    data = ByteDataModule(str(write_letters(tmp_path / "corpus.txt")), block_size=16, batch_size=4, val_windows=6, num_workers=0)
+    from bdh_lightning.data import ByteDataModule
+
+    data = ByteDataModule(
+        str(write_letters(tmp_path / "corpus.txt")), block_size=16, batch_size=4, val_windows=6, num_workers=0
+    )
     data.setup("fit")
     in_process_train = data.train_dataloader()
     in_process_val = data.val_dataloader()

@@ -29,7 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_prediction_matches_a_real_cpu_step(kernel, precision, B, T, D, H, mult, L, chunk):
     """Autocast as Lightning runs it (no cast cache: each layer keeps its own weight casts); under 16-mixed the
     attention read and its T x T scores are float32; batch 1 keeps the weights' casts, not batch copies."""
-    kwargs = dict(n_layer=L, n_embd=D, n_head=H, mlp_internal_dim_multiplier=mult, dropout=0.1, kernel=kernel, chunk_size=chunk)
+    kwargs = dict(
+        n_layer=L, n_embd=D, n_head=H, mlp_internal_dim_multiplier=mult, dropout=0.1, kernel=kernel, chunk_size=chunk
+    )
     torch.manual_seed(0)
     model = BDH(BDHConfig(**kwargs))
     optimizer = torch.optim.AdamW(model.parameters())
@@ -75,7 +77,10 @@ def test_cuda_needs_more_than_its_tensors():
         assert one.kernels[kernel].device_bytes == int(peak * (1 + estimate.ALLOCATOR_SLACK) + overhead)
         assert two.kernels[kernel].peak_bytes == peak + one.grad_bytes  # DDP's buckets
         assert two.kernels[kernel].device_bytes == estimate.device_bytes(peak + one.grad_bytes, "cuda", 2)
-        assert two.kernels[kernel].device_bytes - int((peak + one.grad_bytes) * 1.15 + overhead) == estimate.NCCL_BUFFER_BYTES
+        assert (
+            two.kernels[kernel].device_bytes - int((peak + one.grad_bytes) * 1.15 + overhead)
+            == estimate.NCCL_BUFFER_BYTES
+        )
         assert cpu.kernels[kernel].device_bytes == cpu.kernels[kernel].peak_bytes
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import REPO, SUBPROCESS_ENV, TINY_ARGS, TINY_MODEL, write_letters
 
 from bdh_lightning.data import ByteDataModule
 from bdh_lightning.faults import StopOnNonFinite, is_out_of_memory
 from bdh_lightning.main import main
 from bdh_lightning.module import BDHLitModule
-from conftest import REPO, SUBPROCESS_ENV, TINY_ARGS, TINY_MODEL, write_letters
 
 CUBLAS_ALLOC_FAILED = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
 
@@ -26,7 +26,9 @@ def test_out_of_memory_is_recognised_whoever_ran_out():
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"))
     assert is_out_of_memory(RuntimeError(CUBLAS_ALLOC_FAILED))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    )
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_out_of_memory(ValueError("out of memory"))  # not a runtime failure
 
@@ -41,7 +43,15 @@ def poison_config(step: int, where: str = "loss") -> Path:
 def test_nan_checked_every_log_interval_names_its_step_and_saves_nothing(corpus, capsys):
     """Checked every 5 steps: the NaN of step 8 stops the run at the save due after step 9 (checkpoints every
     3 steps) with the step it went bad; last.ckpt stays step 6's."""
-    args = [*TINY_ARGS, "--trainer.log_every_n_steps", "5", "--checkpoint.every_n_train_steps", "3", "--trainer.max_steps", "20"]
+    args = [
+        *TINY_ARGS,
+        "--trainer.log_every_n_steps",
+        "5",
+        "--checkpoint.every_n_train_steps",
+        "3",
+        "--trainer.max_steps",
+        "20",
+    ]
     sys.path.insert(0, str(REPO / "tests"))
     try:
         code = main(["fit", "--config", str(poison_config(8)), "--data.path", str(corpus), *args])
@@ -127,5 +137,7 @@ model: {{n_layer: 2, n_embd: 32, n_head: 2, mlp_internal_dim_multiplier: 8}}
     errors = [line for line in lines if line.startswith("error:")]
     assert errors[0].startswith("error: out of memory; lower data.batch_size"), errors
     other = 1 - failing_rank
-    assert any(line.startswith("error: rank") and line.endswith(f"stopping rank {other} too") for line in errors), errors
+    assert any(line.startswith("error: rank") and line.endswith(f"stopping rank {other} too") for line in errors), (
+        errors
+    )
     assert time.monotonic() - started < 280

@@ -16,19 +16,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.plugins import MixedPrecision
-
-from bdh_lightning import data as data_module
-from bdh_lightning.cli import BDHCLI
-from bdh_lightning.main import main
-from bdh_lightning.data import ByteDataModule
-from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
-from bdh_lightning.layer import reference_layer, rope, rope_cos_sin
-from bdh_lightning.module import BDHLitModule
 from conftest import REPO, SUBPROCESS_ENV, finish, scalars, stderr_of, wait_for_line, write_letters
 from conftest import TINY_ARGS as TINY
 from conftest import run_cli as run
 from conftest import start_cli as start
+from lightning.pytorch.plugins import MixedPrecision
+
+from bdh_lightning import data as data_module
+from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
+from bdh_lightning.cli import BDHCLI
+from bdh_lightning.data import ByteDataModule
+from bdh_lightning.layer import reference_layer, rope, rope_cos_sin
+from bdh_lightning.main import main
+from bdh_lightning.module import BDHLitModule
 
 ENV = SUBPROCESS_ENV
 # A schedule that changes the learning rate every step, dropout on, a checkpoint every 3 steps.
@@ -74,16 +74,30 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run(tmp_path):
     for folder in (reference, killed):
         folder.mkdir()
         write_letters(folder / "corpus.txt")
-    (killed / "stall.yaml").write_text("trainer:\n  callbacks:\n    - class_path: recorders.StallAt\n      init_args: {step: 9}\n")
+    (killed / "stall.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: recorders.StallAt\n      init_args: {step: 9}\n"
+    )
     uninterrupted = start(reference, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", str(steps))
-    proc = start(killed, "fit", "--config", "stall.yaml", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", "100000")
+    proc = start(
+        killed,
+        "fit",
+        "--config",
+        "stall.yaml",
+        "--data.path",
+        "corpus.txt",
+        *RESUMABLE,
+        "--trainer.max_steps",
+        "100000",
+    )
     wait_for_line(proc, "stalled at step 9", timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert saved_step(killed / "lightning_logs/version_0/checkpoints/last.ckpt") == 9
     assert uninterrupted.wait(timeout=300) == 0, stderr_of(uninterrupted)[-2000:]
 
-    resumed = run(killed, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", str(steps), "--ckpt_path", "last")
+    resumed = run(
+        killed, "fit", "--data.path", "corpus.txt", *RESUMABLE, "--trainer.max_steps", str(steps), "--ckpt_path", "last"
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     resumed_at = 9
 
@@ -172,7 +186,9 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(corpus, ca
                       f"      init_args: {{step: 8, where: {where}}}\n")  # fmt: skip
     sys.path.insert(0, str(REPO / "tests"))
     try:
-        code = main(["fit", "--config", str(config), "--data.path", str(corpus), *RESUMABLE, "--trainer.max_steps", "20"])
+        code = main(
+            ["fit", "--config", str(config), "--data.path", str(corpus), *RESUMABLE, "--trainer.max_steps", "20"]
+        )
     finally:
         sys.path.remove(str(REPO / "tests"))
     err = error_lines(capsys.readouterr().err)
@@ -218,7 +234,9 @@ def test_a_few_16_mixed_steps_with_loss_scaling_on_cpu(tmp_path):
 
     def losses(precision_plugin):
         L.seed_everything(0)
-        module = BDHLitModule(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, learning_rate=3e-3)
+        module = BDHLitModule(
+            n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.0, learning_rate=3e-3
+        )
         seen = []
         module.on_train_batch_end = lambda outputs, batch, batch_idx: seen.append(outputs["loss"].item())
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=8, plugins=precision_plugin, logger=False,

@@ -7,10 +7,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from bdh_lightning.checkpoints import load_model_from_checkpoint
-from bdh_lightning.commands import shown
 from bdh_lightning.cli import BDHCLI
+from bdh_lightning.commands import shown
 from bdh_lightning.generate import (
     Generator,
     full_prefix_generate,
@@ -20,7 +21,6 @@ from bdh_lightning.generate import (
 from bdh_lightning.main import main as cli_main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
-from conftest import TINY_MODEL
 
 TINY = TINY_MODEL
 
@@ -159,7 +159,18 @@ def test_load_model_from_lightning_checkpoint(tmp_path):
 
 def test_generate_command_streams_the_prompt_and_continuation(tmp_path, capsys):
     path, module = save_lightning_checkpoint(tmp_path)
-    args = ["--ckpt_path", str(path), "--prompt", "To be or ", "--max_new_tokens", "80", "--temperature", "1.0", "--seed", "1"]
+    args = [
+        "--ckpt_path",
+        str(path),
+        "--prompt",
+        "To be or ",
+        "--max_new_tokens",
+        "80",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "1",
+    ]
     assert cli_main(["generate", *args]) == 0
     out = capsys.readouterr().out
     # Random-ish weights give bytes >= 128 that are not valid UTF-8: they must show, not crash.
@@ -194,7 +205,12 @@ def test_generate_from_a_checkpoint_of_a_real_fit(tmp_path, monkeypatch, capsys)
     ])  # fmt: skip
     assert Path("lightning_logs/version_0/checkpoints/last.ckpt").is_file()
     capsys.readouterr()
-    assert cli_main(["generate", "--ckpt_path", "last", "--prompt", "to be or ", "--max_new_tokens", "40", "--temperature", "0"]) == 0
+    assert (
+        cli_main(
+            ["generate", "--ckpt_path", "last", "--prompt", "to be or ", "--max_new_tokens", "40", "--temperature", "0"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     model = load_model_from_checkpoint("lightning_logs/version_0/checkpoints/last.ckpt")
     greedy = full_prefix_generate(model, torch.tensor([list(b"to be or ")]), 40)
@@ -244,7 +260,9 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory", "corrupt", "truncated", "pickle_payload", "not_bdh", "no_logs"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "directory", "corrupt", "truncated", "pickle_payload", "not_bdh", "no_logs"]
+)
 def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
     path = tmp_path / "model.ckpt"
     if kind == "directory":

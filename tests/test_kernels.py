@@ -133,7 +133,10 @@ def test_masks_match_the_hash_formula():
     for seed in (0, 1, 2**32 - 1, 2**32 + 5, 2**62 - 1, 123456789012345):
         mask = dropout_mask(seed, B, H, T, N, p)
         expected = torch.tensor(
-            [[[[hash_md_keep(seed, h, b, t, n, p) for n in range(N)] for t in range(T)] for h in range(H)] for b in range(B)]
+            [
+                [[[hash_md_keep(seed, h, b, t, n, p) for n in range(N)] for t in range(T)] for h in range(H)]
+                for b in range(B)
+            ]
         )
         assert torch.equal(mask, expected.float())
     # Pinned values: the Triton kernel and any other implementation must give these exact hashes.
@@ -419,7 +422,9 @@ def fake_run(module, monkeypatch, gpu_bytes, batch_size=8, block_size=256, preci
 
     monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: gpu_bytes)
     data = SimpleNamespace(batch_size=batch_size, block_size=block_size)
-    trainer = SimpleNamespace(datamodule=data, precision=precision, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    trainer = SimpleNamespace(
+        datamodule=data, precision=precision, strategy=SimpleNamespace(root_device=torch.device("cuda", 0))
+    )
     monkeypatch.setattr(module, "_trainer", trainer)
     module.configure_model()
     return module.kernel_reason

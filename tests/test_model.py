@@ -5,11 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from bdh_lightning.errors import ConfigError
-from bdh_lightning.layer import EXACT_PHASES_FROM, rope, rope_cos_sin, rope_frequencies
-from bdh_lightning.model import BDH, BDHConfig
-from bdh_lightning.module import BDHLitModule
 from spec_oracle import (
     oracle_layer,
     oracle_logits,
@@ -20,10 +15,17 @@ from spec_oracle import (
     oracle_rope_phases,
 )
 
+from bdh_lightning.errors import ConfigError
+from bdh_lightning.layer import EXACT_PHASES_FROM, rope, rope_cos_sin, rope_frequencies
+from bdh_lightning.model import BDH, BDHConfig
+from bdh_lightning.module import BDHLitModule
+
 
 def tiny_model(n_layer=2, n_embd=32, n_head=2, multiplier=8, dropout=0.1, weight_std=None, dtype=torch.float32):
     """A small BDH; weight_std replaces the Normal(0, 0.02) init with larger random weights."""
-    config = BDHConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, mlp_internal_dim_multiplier=multiplier, dropout=dropout)
+    config = BDHConfig(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, mlp_internal_dim_multiplier=multiplier, dropout=dropout
+    )
     model = BDH(config).to(dtype)
     if weight_std is not None:
         with torch.no_grad():
@@ -88,7 +90,13 @@ def test_loss_gradients_match_oracle_float64():
 
     weights = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters()}
     want_logits = oracle_logits(
-        idx, weights["embed.weight"], weights["encoder"], weights["encoder_v"], weights["decoder"], weights["lm_head"], 2
+        idx,
+        weights["embed.weight"],
+        weights["encoder"],
+        weights["encoder_v"],
+        weights["decoder"],
+        weights["lm_head"],
+        2,
     )
     oracle_loss(want_logits, targets).backward()
 
@@ -211,8 +219,14 @@ def test_init_is_normal_002():
         (dict(mlp_internal_dim_multiplier=-2), ["model.mlp_internal_dim_multiplier"]),
         (dict(n_embd=2.5), ["model.n_embd"]),
         # N = m*D//H odd (3) or zero (2 // 4): the message must name a setting that makes N.
-        (dict(n_embd=3, n_head=1, mlp_internal_dim_multiplier=1), ["model.mlp_internal_dim_multiplier", "model.n_embd", "model.n_head"]),
-        (dict(n_embd=2, n_head=4, mlp_internal_dim_multiplier=1), ["model.mlp_internal_dim_multiplier", "model.n_embd", "model.n_head"]),
+        (
+            dict(n_embd=3, n_head=1, mlp_internal_dim_multiplier=1),
+            ["model.mlp_internal_dim_multiplier", "model.n_embd", "model.n_head"],
+        ),
+        (
+            dict(n_embd=2, n_head=4, mlp_internal_dim_multiplier=1),
+            ["model.mlp_internal_dim_multiplier", "model.n_embd", "model.n_head"],
+        ),
         (dict(dropout=-0.1), ["model.dropout"]),
         (dict(dropout=1.0), ["model.dropout"]),
         (dict(dropout=1.5), ["model.dropout"]),
@@ -236,7 +250,9 @@ def test_valid_edge_configs_are_accepted():
 
 
 # Positions where float32 phase arithmetic matters: 2^24 is where float32 stops holding every integer.
-LONG_POSITIONS = torch.tensor([0, 1, 2, 1023, 8191, 8192, 65_535, 65_536, 1_000_003, 10**7 + 3, 2**24 + 5, 123_456_789, 10**9, 10**9 + 77])
+LONG_POSITIONS = torch.tensor(
+    [0, 1, 2, 1023, 8191, 8192, 65_535, 65_536, 1_000_003, 10**7 + 3, 2**24 + 5, 123_456_789, 10**9, 10**9 + 77]
+)
 
 
 @pytest.mark.parametrize("N", [64, 46, 8192])
@@ -269,7 +285,9 @@ def test_rope_rotation_matches_oracle(dtype):
     cos, sin = rope_cos_sin(positions, N)
     got = rope(a, cos, sin)
     assert got.dtype == dtype
-    torch.testing.assert_close(got, oracle_rope(a, positions), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    torch.testing.assert_close(
+        got, oracle_rope(a, positions), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-7
+    )
     # The rotation is orthogonal: pair norms are kept.
     torch.testing.assert_close(got.square().sum(-1), a.square().sum(-1))
 
@@ -305,7 +323,9 @@ def test_kernel_and_chunk_size_errors_are_one_line_naming_the_setting():
     for chunk_size in (-1, -64, 2.5, "64"):
         with pytest.raises(ConfigError) as error:
             BDHConfig(chunk_size=chunk_size)
-        assert str(error.value) == f"model.chunk_size must be a non-negative integer (0 = automatic), got {chunk_size!r}"
+        assert (
+            str(error.value) == f"model.chunk_size must be a non-negative integer (0 = automatic), got {chunk_size!r}"
+        )
     assert BDHConfig(kernel="chunked", chunk_size=0).chunk_size == 0 and BDHConfig(chunk_size=64).chunk_size == 64
 
 
@@ -352,7 +372,9 @@ def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
         return real_apply_layer(*args, **kwargs)
 
     monkeypatch.setattr(model_module, "apply_layer", recording_apply_layer)
-    config = BDHConfig(n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32)
+    config = BDHConfig(
+        n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32
+    )
     model = BDH(config)
     model(random_bytes(1, 5))
     model.eval()(random_bytes(1, 5))

@@ -4,15 +4,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
 
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.layer import layer_norm, reference_layer, rope, rope_cos_sin
-from bdh_lightning.monitor import SparsityMonitor, TextSample, count_active
 from bdh_lightning.module import BDHLitModule
-from conftest import TINY_MODEL
+from bdh_lightning.monitor import SparsityMonitor, TextSample, count_active
 
 TINY = TINY_MODEL
 

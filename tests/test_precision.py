@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SUBPROCESS_ENV
 
 from bdh_lightning import precision
 from bdh_lightning.precision import TF32, default_precision
-from conftest import SUBPROCESS_ENV
 
 
 @pytest.fixture
@@ -20,7 +20,14 @@ def no_cuda_context(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a CUDA context was asked for")
 
-    for name in ("is_bf16_supported", "current_device", "get_device_properties", "get_device_capability", "_lazy_init", "init"):
+    for name in (
+        "is_bf16_supported",
+        "current_device",
+        "get_device_properties",
+        "get_device_capability",
+        "_lazy_init",
+        "init",
+    ):
         monkeypatch.setattr(torch.cuda, name, refuse)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
 
@@ -48,7 +55,11 @@ def test_without_nvml_a_child_process_answers(no_cuda_context, monkeypatch):
 
 def test_the_child_process_probe_runs():
     """The probe itself, for real (a child Python): on a CPU-only build it sees no GPU, an empty list."""
-    expected = [] if torch.cuda.device_count() == 0 else [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    expected = (
+        []
+        if torch.cuda.device_count() == 0
+        else [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    )
     assert precision.child_process_capabilities() == expected
 
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_MODEL, write_letters
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.loggers import Logger
 
@@ -13,7 +14,6 @@ from bdh_lightning import throughput
 from bdh_lightning.data import ByteDataModule
 from bdh_lightning.module import BDHLitModule
 from bdh_lightning.throughput import ThroughputMonitor, dense_peak_flops, device_peak_flops, find_peak
-from conftest import TINY_MODEL, write_letters
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,11 @@ def test_the_table_is_dense_peaks():
 
 def fake_cuda(monkeypatch, name: str, sms: int) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(multi_processor_count=sms, major=9, minor=0))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device=None: SimpleNamespace(multi_processor_count=sms, major=9, minor=0),
+    )
 
 
 def test_lightning_misses_the_h200_and_we_do_not(monkeypatch):
@@ -155,7 +159,9 @@ def test_validation_counts_forward_flops_and_mfu_uses_the_peak(tmp_path, monkeyp
             assert m == pytest.approx(f / 1e12, rel=1e-6), stage
     assert [step for step, _ in metrics["train/device/items_per_sec"]] == [3, 7, 11]  # train/loss's steps: 4, 8, 12
     assert len(metrics["validate/device/items_per_sec"]) == 2  # after steps 6 and 12
-    bytes_per_window = [i / s for (_, i), (_, s) in zip(metrics["train/device/items_per_sec"], metrics["train/device/samples_per_sec"])]
+    bytes_per_window = [
+        i / s for (_, i), (_, s) in zip(metrics["train/device/items_per_sec"], metrics["train/device/samples_per_sec"])
+    ]
     assert bytes_per_window == pytest.approx([32] * 3)
 
 
