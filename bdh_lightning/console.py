@@ -152,7 +152,7 @@ class RunReport(ProgressBar):
             )
             describe = getattr(data, "describe", None)
             if callable(describe):
-                lines.append(f"corpus     {describe()}")
+                lines.append(f"corpus     {describe().removeprefix('corpus ')}")
         lines.extend(self.header_lines)
         todo = (trainer.max_steps - trainer.global_step) if trainer.max_steps and trainer.max_steps > 0 else None
         if todo is not None:
