@@ -133,6 +133,7 @@ def generate_command(
     logs_dir: str = "lightning_logs",
     output: str | None = None,
     raw: bool = False,
+    n_layer: int | None = None,
 ) -> int:
     """Sample text from a BDH checkpoint with BDH's recurrent form: the prompt is read in chunks, then each new
     byte updates a fixed-size state per layer, so every byte costs the same whatever the context length. The
@@ -140,7 +141,8 @@ def generate_command(
     tab, show as \\xNN. --output or --raw give the exact bytes.
 
     Args:
-        ckpt_path: Checkpoint (.ckpt) written by fit, or `last` for the newest run's last.ckpt.
+        ckpt_path: Checkpoint (.ckpt) written by fit, `last` for the newest run's last.ckpt, or weights written
+            by export (safetensors, an hf folder) or a reference state_dict (.pt).
         prompt: Text to continue (UTF-8). Default: a newline. Not with --prompt_file.
         prompt_file: Read the prompt's raw bytes from this file instead.
         max_new_tokens: Bytes to generate after the prompt (> 0).
@@ -158,6 +160,8 @@ def generate_command(
         output: Write the exact bytes (prompt and continuation) to this file instead of printing them; with
             several samples, FILE-1.ext, FILE-2.ext, ... Written to FILE.part and renamed when complete.
         raw: Write the exact bytes to standard output (one sample), control bytes included.
+        n_layer: Layers, for weights that do not say (a reference state_dict without its .json); the widths
+            are read off the weights' shapes. Overrides the file's own setting when given.
     """
     data = prompt_bytes(prompt, prompt_file)
     for name in ("max_new_tokens", "num_samples", "chunk_size"):
@@ -176,7 +180,9 @@ def generate_command(
     path = find_last(logs_dir) if ckpt_path == "last" else Path(ckpt_path)
     if ckpt_path == "last":
         print(f"--ckpt_path last: {path}", file=sys.stderr)
-    model = load_model_from_checkpoint(path, where)
+    if n_layer is not None:
+        positive_int("--n_layer", n_layer, UsageError)
+    model = load_model_from_checkpoint(path, where, settings=None if n_layer is None else {"n_layer": n_layer})
     check_sample_memory(model, num_samples, len(data), chunk_size, where)
     run = "32"
     if where.type == "cuda":

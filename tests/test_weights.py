@@ -195,6 +195,12 @@ def test_a_reference_state_dict_without_settings_takes_them_from_the_caller(run,
     torch.save({"model": compiled, "step": 9}, tmp_path / "train_script.pt")
     assert torch.equal(logits(tmp_path / "train_script.pt", n_layer=2), logits(ckpt))
     assert read_weights(tmp_path / "train_script.pt").step == 9
+    # The generate command takes it from a flag.
+    from bdh_lightning.main import main
+
+    args = ["generate", "--ckpt_path", str(tmp_path / "bdh.pt"), "--max_new_tokens", "3", "--temperature", "0"]
+    assert main(args) == 2  # how many layers? one line
+    assert main([*args, "--n_layer", "2"]) == 0
 
 
 def test_given_settings_override_the_file(run, tmp_path):
