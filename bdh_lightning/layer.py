@@ -52,10 +52,10 @@ def rope_cos_sin(positions: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.T
     f = rope_frequencies(n, positions.device)
     turns = positions.to(torch.float32).unsqueeze(-1) * f
     frac = turns % 1.0
-    # Compiled, both branches are computed and selected: the max would be a graph break (a host sync).
-    if torch.compiler.is_compiling() or (positions.numel() and int(positions.max()) >= EXACT_PHASES_FROM):
-        exact = ((positions.to(torch.float64).unsqueeze(-1) * f.to(torch.float64)) % 1.0).to(torch.float32)
-        frac = torch.where(positions.unsqueeze(-1) >= EXACT_PHASES_FROM, exact, frac)
+    # Both are computed and selected per position: asking whether any position is large would be a host sync
+    # every forward on a GPU (and a graph break under torch.compile); the float64 product is P x n numbers once.
+    exact = ((positions.to(torch.float64).unsqueeze(-1) * f.to(torch.float64)) % 1.0).to(torch.float32)
+    frac = torch.where(positions.unsqueeze(-1) >= EXACT_PHASES_FROM, exact, frac)
     phases = frac * (2 * math.pi)
     return torch.cos(phases), torch.sin(phases)
 
