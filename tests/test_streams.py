@@ -166,18 +166,12 @@ def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp
         return loss
 
     monkeypatch.setattr(BDHLitModule, "carried_loss", recording)
-    straight = BDHCLI(
-        args=[
-            "fit",
-            "--data.path",
-            "corpus.txt",
-            *STREAM_ARGS,
-            "--trainer.max_steps",
-            "6",
-            "--trainer.default_root_dir",
-            "a",
-        ]
-    )
+
+    def fit(root: str, steps: int, *extra: str) -> BDHCLI:
+        args = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", str(steps)]
+        return BDHCLI(args=[*args, "--trainer.default_root_dir", root, *extra])
+
+    straight = fit("a", 6)
     first = list(seen)
     assert len(first) == 6
     metrics = straight.trainer.callback_metrics
@@ -186,34 +180,10 @@ def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp
     halfway = sorted(ckpt.glob("*.ckpt"))
     assert any("carried_state" in torch.load(p, weights_only=True) for p in halfway)
     seen.clear()
-    BDHCLI(
-        args=[
-            "fit",
-            "--data.path",
-            "corpus.txt",
-            *STREAM_ARGS,
-            "--trainer.max_steps",
-            "3",
-            "--trainer.default_root_dir",
-            "b",
-        ]
-    )
+    fit("b", 3)
     seen.clear()
     step3 = tmp_path / "b/lightning_logs/version_0/checkpoints/last.ckpt"
-    BDHCLI(
-        args=[
-            "fit",
-            "--data.path",
-            "corpus.txt",
-            *STREAM_ARGS,
-            "--trainer.max_steps",
-            "6",
-            "--trainer.default_root_dir",
-            "b",
-            "--ckpt_path",
-            str(step3),
-        ]
-    )
+    fit("b", 6, "--ckpt_path", str(step3))
     assert seen == first[3:]  # the same streams, the same carried state, the same dropout: bit for bit
 
 
