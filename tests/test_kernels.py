@@ -4,10 +4,10 @@ gradcheck, autocast and *-true dtypes, checkpoints across kernels, torch.compile
 import pytest
 import torch
 
-from bdh_lightning import masks
+from bdh_lightning import layer, masks
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.kernels import chunk_width, chunked_layer, draw_seed, resolve_kernel
-from bdh_lightning.layer import layer_norm, reference_layer, rope, rope_cos_sin
+from bdh_lightning.layer import layer_norm, reference_layer, rope, rope_cos_sin, stream_attention
 from bdh_lightning.masks import dropout_mask
 from bdh_lightning.model import BDH, BDHConfig
 
@@ -65,6 +65,7 @@ SIZES = [
     (dict(B=1, T=7, D=32, H=1, N=30), 64),
     (dict(B=2, T=10, D=16, H=2, N=128), 0),
     (dict(B=2, T=10, D=16, H=2, N=128), 46),
+    (dict(B=2, T=9, D=8, H=2, N=40), 20),  # exactly two chunks per head
 ]
 
 
@@ -472,3 +473,393 @@ def test_auto_choice_for_the_configs():
     assert reason.startswith("kernel chunked: reference needs 19") and reason.endswith(" GiB, the GPU has 80.00 GiB")
     cpu_kernel, cpu_reason = choose_kernel(config, 1, 64, "32-true", "cpu")
     assert cpu_kernel == "reference" and cpu_reason.startswith("kernel reference: on the CPU, below 2**23")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Carried state: a window that continues a stream (the chunked kernel against the reference's stream read)
+
+
+def stream_state(B, H, N, D, dtype, seed=9):
+    """A random carried state (B, H, N, D): what earlier windows' sum of qᵀ x would be, never zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, N, D, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+
+
+def per_row_phases(B, T, N):
+    """cos, sin (B, 1, T, N) for rows at different stream positions (forward_stream's per-row case)."""
+    positions = torch.tensor([[40], [3], [17]][:B]) + torch.arange(T)
+    return tuple(t.unsqueeze(1) for t in rope_cos_sin(positions, N))
+
+
+def assert_all_close(got, want, tol):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g, w) < tol, rel_err(g, w)
+
+
+STREAM = dict(B=2, T=9, D=8, H=2, N=28)  # chunk widths 28 (one), 14 (two), 10 (10, 10, 8): none equals T or D
+
+
+@pytest.mark.parametrize("chunk_size", [0, 14, 10])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("carried", [True, False], ids=["state", "fresh"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_chunked_continues_a_stream_as_the_reference_does(chunk_size, p, carried, per_row):
+    """Output, the state after the window and every gradient, float64 to 1e-10: the state is a constant."""
+    x, weights, cos, sin, grad_out = random_layer(torch.float64, **STREAM)
+    B, T, D, H, N = (STREAM[k] for k in "BTDHN")
+    if per_row:
+        cos, sin = per_row_phases(B, T, N)
+    state = stream_state(B, H, N, D, torch.float64) if carried else None
+    mask = dropout_mask(77, B, H, T, N, p).double() if p else None
+    want_states, got_states = [], []
+    want = reference_layer(x, *weights, cos, sin, p, True, dropout_mask=mask, read=stream_attention(state, want_states))
+    got = chunked_layer(x, *weights, cos, sin, p, seed=77, chunk_size=chunk_size, state=state, states_out=got_states)
+    assert len(got_states) == 1 and got_states[0].dtype == torch.float64
+    assert_all_close([got, got_states[0]], [want, want_states[0]], 1e-10)
+    inputs = [x, *weights]
+    assert_all_close(grads(got, grad_out, inputs), grads(want, grad_out, inputs), 1e-10)
+    if carried:  # the state did count: without it the window reads something else
+        alone = reference_layer(x, *weights, cos, sin, p, True, dropout_mask=mask)
+        assert rel_err(got, alone) > 1e-2
+
+
+def test_a_float32_state_continues_a_float64_window_in_float64():
+    """A state written by a float32 window, read by a float64 one: the read and the new state in float64."""
+    x, weights, cos, sin, grad_out = random_layer(torch.float64, **STREAM)
+    B, T, D, H, N = (STREAM[k] for k in "BTDHN")
+    state = stream_state(B, H, N, D, torch.float32)
+    want_states, got_states = [], []
+    want = reference_layer(x, *weights, cos, sin, read=stream_attention(state, want_states))
+    got = chunked_layer(x, *weights, cos, sin, chunk_size=10, state=state, states_out=got_states)
+    assert want_states[0].dtype == got_states[0].dtype == torch.float64
+    assert_all_close([got, got_states[0]], [want, want_states[0]], 1e-10)
+    inputs = [x, *weights]
+    assert_all_close(grads(got, grad_out, inputs), grads(want, grad_out, inputs), 1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [0, 10])
+def test_bf16_true_window_reads_and_writes_a_float32_state(chunk_size):
+    """bf16 weights (bf16-true) and a float32 state: the state after the window stays float32, the rest
+    matches the reference's stream read to bf16's precision."""
+    x, weights, cos, sin, grad_out = random_layer(torch.bfloat16, **STREAM)
+    B, T, D, H, N = (STREAM[k] for k in "BTDHN")
+    state = stream_state(B, H, N, D, torch.float32)
+    mask = dropout_mask(5, B, H, T, N, 0.2).to(torch.bfloat16)
+    want_states, got_states = [], []
+    want = reference_layer(x, *weights, cos, sin, 0.2, True, dropout_mask=mask,
+                           read=stream_attention(state, want_states))  # fmt: skip
+    got = chunked_layer(x, *weights, cos, sin, 0.2, seed=5, chunk_size=chunk_size, state=state, states_out=got_states)
+    assert got.dtype == torch.bfloat16 and got_states[0].dtype == want_states[0].dtype == torch.float32
+    assert_all_close([got, got_states[0]], [want, want_states[0]], 3e-2)
+    inputs = [x, *weights]
+    assert_all_close(grads(got, grad_out, inputs), grads(want, grad_out, inputs), 5e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# apply_layer: which implementation runs, and what it is handed
+
+
+def layer_kinds(out):
+    """The autograd node types behind `out`: ChunkedLayerBackward where the chunked kernel ran."""
+    kinds, stack, seen = set(), [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kinds.add(type(node).__name__)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return kinds
+
+
+def ran_chunked(out):
+    return "ChunkedLayerBackward" in layer_kinds(out)
+
+
+@pytest.fixture
+def chunks_seen(monkeypatch):
+    """The (head, start, stop) of every dropout block the chunked kernel draws, forward and backward."""
+    from bdh_lightning import kernels
+
+    seen = []
+
+    def recording_block_keep(seed, head, batch, length, start, stop, p, device=None):
+        seen.append((head, start, stop))
+        return masks.block_keep(seed, head, batch, length, start, stop, p, device)
+
+    monkeypatch.setattr(kernels, "block_keep", recording_block_keep)
+    return seen
+
+
+def test_apply_layer_defaults_are_an_evaluation_pass_of_the_reference():
+    from bdh_lightning.kernels import apply_layer
+
+    x, weights, cos, sin, grad_out = random_layer(torch.float64)
+    want = reference_layer(x, *weights, cos, sin)
+    got = apply_layer(x, *weights, cos, sin)  # kernel auto: the reference at this size on the CPU
+    assert not ran_chunked(got)
+    assert torch.equal(got, want)
+    assert torch.equal(apply_layer(x, *weights, cos, sin, training=True), want)  # no dropout unless asked
+    assert torch.equal(apply_layer(x, *weights, cos, sin, dropout=0.3), want)  # nor outside training
+    got = apply_layer(x, *weights, cos, sin, kernel="chunked", dropout=0.3)
+    assert ran_chunked(got)
+    assert_all_close([got, *grads(got, grad_out, [x, *weights])], [want, *grads(want, grad_out, [x, *weights])], 1e-10)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["window", "stream"])
+def test_apply_layer_runs_the_kernel_it_names_with_dropout_in_training_only(stream, chunks_seen):
+    from bdh_lightning.kernels import apply_layer
+
+    x, weights, cos, sin, grad_out = random_layer(torch.float64, **STREAM)
+    B, T, D, H, N = (STREAM[k] for k in "BTDHN")
+    state = stream_state(B, H, N, D, torch.float64) if stream else None
+    inputs = [x, *weights]
+
+    def run(kernel, training, p=0.3):
+        states = [] if stream else None
+        extra = dict(state=state, states_out=states) if stream else {}
+        out = apply_layer(x, *weights, cos, sin, kernel=kernel, dropout=p, training=training, chunk_size=10, **extra)
+        assert ran_chunked(out) == (kernel == "chunked")
+        if stream:
+            assert len(states) == 1
+        return out, states
+
+    def expected(mask=None, training=False, p=0.3):
+        states = []
+        read = stream_attention(state, states) if stream else layer.causal_attention
+        return reference_layer(x, *weights, cos, sin, p, training, dropout_mask=mask, read=read), states
+
+    evaluation, eval_states = expected()
+    eval_grads = grads(evaluation, grad_out, inputs)
+    for kernel in ("reference", "chunked"):
+        got, states = run(kernel, training=False)
+        assert_all_close([got, *grads(got, grad_out, inputs)], [evaluation, *eval_grads], 1e-10)
+        if stream:
+            assert_all_close(states, eval_states, 1e-10)
+    # Training: the reference draws torch's dropout, chunked its seed, both from the global generator.
+    torch.manual_seed(3)
+    got, states = run("reference", training=True)
+    torch.manual_seed(3)
+    want, want_states = expected(training=True)
+    assert torch.equal(got, want) and rel_err(got, evaluation) > 1e-3
+    torch.manual_seed(4)
+    seed = draw_seed()
+    torch.manual_seed(4)
+    chunks_seen.clear()
+    got, states = run("chunked", training=True)
+    assert chunks_seen == [(0, 0, 10), (0, 10, 20), (0, 20, 28), (1, 0, 10), (1, 10, 20), (1, 20, 28)]  # chunk_size
+    want, want_states = expected(dropout_mask(seed, B, H, T, N, 0.3).double(), training=True)
+    assert_all_close([got, *grads(got, grad_out, inputs)], [want, *grads(want, grad_out, inputs)], 1e-10)
+    assert rel_err(got, evaluation) > 1e-3
+    if stream:
+        assert_all_close(states, want_states, 1e-10)
+
+
+def test_chunked_default_chunk_is_a_whole_head(chunks_seen):
+    """chunk_size 0 (the default of apply_layer and chunked_layer): one chunk per head at these sizes."""
+    from bdh_lightning.kernels import apply_layer
+
+    x, weights, cos, sin, _ = random_layer(torch.float64, **STREAM)
+    apply_layer(x, *weights, cos, sin, kernel="chunked", dropout=0.3, training=True)
+    chunked_layer(x, *weights, cos, sin, 0.3, seed=1)
+    assert chunks_seen == [(0, 0, 28), (1, 0, 28)] * 2
+
+
+def test_auto_switches_at_cpu_chunked_from_counting_b_h_t_n(monkeypatch):
+    """`auto` on the CPU: chunked from CPU_CHUNKED_FROM elements of one B x H x T x N tensor (moved here to
+    this test's size), the reference below it."""
+    from bdh_lightning import kernels
+
+    x, weights, cos, sin, _ = random_layer(torch.float64, **STREAM)
+    n_wide = 2 * 2 * 9 * 28
+    monkeypatch.setattr(kernels, "CPU_CHUNKED_FROM", n_wide)
+    assert ran_chunked(kernels.apply_layer(x, *weights, cos, sin))
+    monkeypatch.setattr(kernels, "CPU_CHUNKED_FROM", n_wide + 1)
+    assert not ran_chunked(kernels.apply_layer(x, *weights, cos, sin))
+
+
+def test_automatic_chunks_split_n_evenly_above_auto_chunk_elements(monkeypatch, chunks_seen):
+    """chunk_size 0 where a head's B x T x N tensors pass AUTO_CHUNK_ELEMENTS (lowered to this size): the
+    fewest equal even chunks, and still the reference's function."""
+    from bdh_lightning import kernels
+
+    size = dict(B=2, T=9, D=8, H=1, N=70)
+    monkeypatch.setattr(kernels, "AUTO_CHUNK_ELEMENTS", 2 * 9 * 70 // 3)  # three pieces: ceil(70 / 3) = 24
+    x, weights, cos, sin, grad_out = random_layer(torch.float64, **size)
+    mask = dropout_mask(8, 2, 1, 9, 70, 0.3).double()
+    want = reference_layer(x, *weights, cos, sin, 0.3, True, dropout_mask=mask)
+    got = chunked_layer(x, *weights, cos, sin, 0.3, seed=8)
+    assert chunks_seen == [(0, 0, 24), (0, 24, 48), (0, 48, 70)]
+    inputs = [x, *weights]
+    assert_all_close([got, *grads(got, grad_out, inputs)], [want, *grads(want, grad_out, inputs)], 1e-10)
+
+
+def test_fused_is_handed_the_layer_and_the_applied_dropout(monkeypatch):
+    """apply_layer's fused branch (the kernel itself runs under Triton's interpreter in test_fused.py):
+    fused_layer, chunked_layer's signature and function, gets the weights in order and dropout only in
+    training; a stream window runs chunked (the fused kernel reads no carried state)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from bdh_lightning import fused, kernels  # the plain import: triton's kernels compiled, not interpreted
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what lets resolve_kernel take fused on CPU tensors
+    calls = []
+
+    def recording_fused_layer(*args, **kwargs):
+        calls.append(args)
+        return chunked_layer(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "fused_layer", recording_fused_layer)
+    x, weights, cos, sin, grad_out = random_layer(torch.float64, **STREAM)
+    B, T, D, H, N = (STREAM[k] for k in "BTDHN")
+    evaluation = reference_layer(x, *weights, cos, sin)
+    got = kernels.apply_layer(x, *weights, cos, sin, kernel="fused", dropout=0.3)
+    assert len(calls) == 1 and all(a is b for a, b in zip(calls[0], (x, *weights, cos, sin)))
+    assert calls[0][6:] == (0.0,)
+    assert_all_close([got], [evaluation], 1e-10)
+    torch.manual_seed(6)
+    seed = draw_seed()
+    torch.manual_seed(6)
+    got = kernels.apply_layer(x, *weights, cos, sin, kernel="fused", dropout=0.3, training=True)
+    assert len(calls) == 2 and calls[1][6:] == (0.3,)
+    want = reference_layer(x, *weights, cos, sin, 0.3, True, dropout_mask=dropout_mask(seed, B, H, T, N, 0.3).double())
+    assert_all_close([got], [want], 1e-10)
+    state, states, want_states = stream_state(B, H, N, D, torch.float64), [], []
+    got = kernels.apply_layer(x, *weights, cos, sin, kernel="fused", state=state, states_out=states)
+    assert len(calls) == 2 and ran_chunked(got)
+    want = reference_layer(x, *weights, cos, sin, read=stream_attention(state, want_states))
+    assert_all_close([got, *states], [want, *want_states], 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The small functions: seeds, dtypes, chunk widths, kernel names and their messages
+
+
+def test_chunked_draws_a_seed_only_for_dropout():
+    x, weights, cos, sin, _ = random_layer(torch.float64, **STREAM)
+    B, T, D, H, N = (STREAM[k] for k in "BTDHN")
+    torch.manual_seed(2)
+    seed = draw_seed()
+    torch.manual_seed(2)
+    got = chunked_layer(x, *weights, cos, sin, 0.3, chunk_size=10)
+    after = torch.rand(3)
+    want = reference_layer(x, *weights, cos, sin, 0.3, True, dropout_mask=dropout_mask(seed, B, H, T, N, 0.3).double())
+    assert rel_err(got, want) < 1e-10
+    torch.manual_seed(2)
+    torch.rand(())  # what one draw moves the generator by: the next numbers differ
+    assert not torch.equal(torch.rand(3), after)
+    torch.manual_seed(2)
+    chunked_layer(x, *weights, cos, sin, 0.0, chunk_size=10)  # no dropout: the generator is left alone
+    torch.manual_seed(2)
+    expected_next = torch.rand(3)
+    torch.manual_seed(2)
+    chunked_layer(x, *weights, cos, sin, chunk_size=10)
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_an_int32_seed_tensor_gives_the_masks_of_its_value():
+    x, weights, cos, sin, _ = random_layer(torch.float64, **STREAM)
+    want = chunked_layer(x, *weights, cos, sin, 0.3, seed=2**30 + 7, chunk_size=10)
+    got = chunked_layer(x, *weights, cos, sin, 0.3, seed=torch.tensor(2**30 + 7, dtype=torch.int32), chunk_size=10)
+    assert torch.equal(got, want)
+
+
+def test_draw_seed_draws_what_fused_draws():
+    """fused_layer draws its seed as torch.randint(0, 2**62, ()): under one generator state both kernels
+    take the same masks (test_fused.py's model check trains them side by side)."""
+    for state in (0, 1, 12345):
+        torch.manual_seed(state)
+        seed = draw_seed()
+        torch.manual_seed(state)
+        assert seed.dtype == torch.int64 and seed.shape == () and seed.item() == torch.randint(0, 2**62, ()).item()
+
+
+def test_compute_dtypes():
+    from bdh_lightning.kernels import compute_dtypes
+
+    f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+    for dtype, expected in ((f32, (f32, f32)), (f64, (f64, f64)), (bf16, (bf16, f32)), (f16, (f16, f32))):
+        assert compute_dtypes(torch.ones(2, dtype=dtype)) == expected
+    with torch.autocast("cpu", dtype=bf16):
+        assert compute_dtypes(torch.ones(2)) == (bf16, f32)
+        assert compute_dtypes(torch.ones(2, dtype=f64)) == (bf16, f32)
+
+
+def test_chunked_saves_float32_reads_under_bf16():
+    """What the chunked kernel keeps for backward (estimate.py counts it): x, the scores S (B, H, T, T) in
+    the products' dtype, y (B, H, T, D) and its rstd in float32, whatever the weights' dtype."""
+    size = dict(B=2, T=9, D=8, H=2, N=28)
+    for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
+        x, weights, cos, sin, _ = random_layer(dtype, **size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = chunked_layer(x, *weights, cos, sin, 0.2, seed=3, chunk_size=10)
+        stack, node = [out.grad_fn], None
+        while node is None or type(node).__name__ != "ChunkedLayerBackward":
+            node = stack.pop()
+            stack.extend(parent for parent, _ in node.next_functions if parent is not None)
+        saved = node.saved_tensors
+        scores, ys, rstds = saved[7:10]
+        assert scores.shape == (2, 2, 9, 9) and scores.dtype == torch.bfloat16
+        assert ys.shape == (2, 2, 9, 8) and ys.dtype == torch.float32
+        assert rstds.shape == (2, 2, 9, 1) and rstds.dtype == torch.float32
+
+
+def test_chunked_scores_past_float16_range_under_16_true():
+    """Scores q qᵀ themselves past 65504: chunked makes them in float32 under 16-true, as the reference does."""
+    gen = torch.Generator().manual_seed(1)
+    T, D, H, N = 16, 32, 1, 64
+    x = layer_norm(torch.randn(1, 1, T, D, generator=gen))
+    encoder = torch.randn(H, D, N, generator=gen) * 12.0
+    q = rope(torch.relu(x @ encoder), *rope_cos_sin(torch.arange(T), N))
+    assert (q @ q.transpose(-1, -2)).abs().max() > 2 * 65504
+    weights = [encoder, torch.randn(H, D, N, generator=gen) * 0.02, torch.randn(H * N, D, generator=gen) * 0.02]
+    cos, sin = rope_cos_sin(torch.arange(T), N)
+    expected = reference_layer(x, *weights, cos, sin)
+    for chunk_size in (0, 22):
+        got = chunked_layer(x.half(), *(w.half() for w in weights), cos, sin, chunk_size=chunk_size)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=0)
+
+
+def test_chunk_width_rounds_up_to_even_and_is_an_int():
+    assert chunk_width(0, 4026531, 50) == 18  # 3 pieces of 50: ceil(50 / 3) = 17, rounded up to 18
+    for args in ((0, 10, 128), (0, 3 * 2**20, 100), (0, 4026531, 50), (25, 10, 70)):
+        assert type(chunk_width(*args)) is int
+
+
+def test_kernel_names_and_messages(monkeypatch):
+    import importlib.util
+
+    from bdh_lightning.kernels import fused_unavailable
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kernel("auto", cpu, n_wide=2**23 - 1) == "reference"
+    assert resolve_kernel("auto", cpu, n_wide=2**23) == "chunked"
+    assert resolve_kernel("auto", cpu) == "reference"
+    assert resolve_kernel("chunked", cpu) == "chunked"
+    with pytest.raises(ConfigError) as error:
+        resolve_kernel("fast", cpu)
+    assert str(error.value) == "model.kernel must be one of auto, reference, chunked, fused; got 'fast'"
+    needs_cuda = (
+        "it needs a CUDA device; on cpu tensors it runs only under TRITON_INTERPRET=1 "
+        "(Triton's interpreter: slow, for tests)"
+    )
+    assert fused_unavailable(cuda) is None
+    assert fused_unavailable(cpu) == needs_cuda
+    with pytest.raises(ConfigError) as error:
+        resolve_kernel("fused", cpu)
+    assert str(error.value) == f"model.kernel=fused cannot run here: {needs_cuda}; use model.kernel=chunked (or auto)"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert fused_unavailable(cpu) == needs_cuda
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fused_unavailable(cpu) is None and resolve_kernel("fused", cpu) == "fused"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    assert fused_unavailable(cuda) == fused_unavailable(cpu) == "triton is not installed (pip install triton)"
+    with pytest.raises(ConfigError) as error:
+        resolve_kernel("fused", cuda)
+    assert str(error.value) == (
+        "model.kernel=fused cannot run here: triton is not installed (pip install triton); "
+        "use model.kernel=chunked (or auto)"
+    )
