@@ -237,6 +237,11 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
             except FileNotFoundError:
                 listing.left_out["broken link"] += 1
                 continue
+            except OSError as error:  # e.g. a link that loops: one line, as inside a directory
+                raise DataError(
+                    f"cannot read data file {match}: {error.strerror or error}; fix it or leave it out with "
+                    "data.exclude"
+                ) from None
             if stat.S_ISREG(info.st_mode):
                 listing.add(match, info)
             elif stat.S_ISDIR(info.st_mode):

@@ -3,8 +3,12 @@
 import hashlib
 import http.server
 import os
+import pickle
+import re
 import socket
+import stat
 import threading
+import urllib.error
 from types import SimpleNamespace
 
 import lightning as L
@@ -271,17 +275,22 @@ def test_bad_settings(corpus, setting):
 
 @pytest.fixture
 def server():
-    """A local HTTP server: set `served.body`; `served.requests` counts the requests."""
-    served = SimpleNamespace(body=b"", requests=0)
+    """A local HTTP server: set `served.body`; `served.requests` counts the requests. `served.on_request` (if set)
+    runs as a request arrives; `served.length = False` leaves out Content-Length (the body ends when the
+    connection closes, HTTP/1.0)."""
+    served = SimpleNamespace(body=b"", requests=0, on_request=None, length=True)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             served.requests += 1
+            if served.on_request:
+                served.on_request()
             if self.path != "/input.txt":
                 self.send_error(404)
                 return
             self.send_response(200)
-            self.send_header("Content-Length", str(len(served.body)))
+            if served.length:
+                self.send_header("Content-Length", str(len(served.body)))
             self.end_headers()
             self.wfile.write(served.body)
 
@@ -289,7 +298,7 @@ def server():
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     served.url = f"http://127.0.0.1:{httpd.server_address[1]}/input.txt"
     yield served
@@ -299,8 +308,9 @@ def server():
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("BDH_LIGHTNING_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    """A cache folder two levels below folders that do not exist yet: the download makes them all."""
+    monkeypatch.setenv("BDH_LIGHTNING_CACHE", str(tmp_path / "home" / "cache"))
+    return tmp_path / "home" / "cache"
 
 
 def test_download_checks_the_hash_caches_and_is_used(server, cache, monkeypatch):
@@ -432,7 +442,10 @@ def test_an_unreadable_subdirectory_is_named(tmp_path, monkeypatch):
         message = assert_one_line_error("cannot list directory", str(root))
     finally:
         (root / "locked").chmod(0o755)
-    assert str(root / "locked") in message and "Permission denied" in message and "data.exclude" in message
+    assert message == (
+        f"cannot list directory {root / 'locked'}: Permission denied; fix its permissions, or leave it out with "
+        "data.exclude"
+    )
 
 
 def test_a_file_that_shrinks_during_training_is_one_data_error_naming_it(tmp_path):
@@ -445,7 +458,10 @@ def test_a_file_that_shrinks_during_training_is_one_data_error_naming_it(tmp_pat
     with pytest.raises(DataError, match="changed during the run") as error:
         for _ in range(50):
             next(batches)
-    assert str(path) in str(error.value) and "20000 bytes at the start, 1000 bytes now" in str(error.value)
+    assert str(error.value) == (
+        f"data file {path} changed during the run: it had 20000 bytes at the start, 1000 bytes now; restore it "
+        "(or start again: the run's windows were drawn from the old bytes)"
+    )
 
 
 def test_many_files_hold_a_bounded_number_of_descriptors(tmp_path, monkeypatch):
@@ -528,3 +544,561 @@ def test_a_checkpoint_whose_run_saw_the_test_bytes_is_refused_for_test(corpus, t
     held_out = ByteDataModule(str(corpus[0]), block_size=T, batch_size=B, val_fraction=0.05, test_fraction=0.1)
     trainer, _ = fit(corpus[0], tmp_path / "b", max_steps=1)
     held_out.load_state_dict({**state, "splits": held_out.split_ranges()})  # the same splits: accepted
+
+
+# Exact values: every message word for word, every count, every byte range (what a mutation run asks of the tests).
+
+
+def test_bad_settings_say_what_is_wrong_word_for_word(corpus):
+    path = str(corpus[0])
+    cases = [
+        ({"block_size": 0}, "data.block_size must be a positive integer, got 0"),
+        ({"block_size": 2.5}, "data.block_size must be a positive integer, got 2.5"),
+        ({"batch_size": -1}, "data.batch_size must be a positive integer, got -1"),
+        ({"val_windows": True}, "data.val_windows must be a positive integer, got True"),
+        ({"seed": -1}, "data.seed must be a non-negative integer, got -1"),
+        ({"num_workers": 1.0}, "data.num_workers must be a non-negative integer, got 1.0"),
+        ({"val_fraction": 0.0}, "data.val_fraction must be between 0 and 1 (exclusive), got 0.0"),
+        ({"val_fraction": 1}, "data.val_fraction must be between 0 and 1 (exclusive), got 1"),
+        ({"val_fraction": True}, "data.val_fraction must be between 0 and 1 (exclusive), got True"),
+        ({"val_fraction": "0.1"}, "data.val_fraction must be between 0 and 1 (exclusive), got '0.1'"),
+        ({"test_fraction": -0.1}, "data.test_fraction must be in [0, 1), got -0.1"),
+        ({"test_fraction": 1.0}, "data.test_fraction must be in [0, 1), got 1.0"),
+        ({"test_fraction": float("nan")}, "data.test_fraction must be a finite number, got nan"),
+        (
+            {"val_fraction": 0.6, "test_fraction": 0.4},
+            "data.val_fraction + data.test_fraction must be below 1 (training needs bytes too), got 0.6 + 0.4",
+        ),
+        (
+            {"test_fraction": 0.1, "test_path": path},
+            "set data.test_fraction or data.test_path, not both (the test split is one or the other)",
+        ),
+        ({"exclude": "*.log"}, "data.exclude must be a list of globs, e.g. ['*.log'], got '*.log'"),
+        ({"exclude": ["*.log", 3]}, "data.exclude must be a list of globs, e.g. ['*.log'], got ['*.log', 3]"),
+        ({"sampling": "random"}, "data.sampling must be windows or streams, got 'random'"),
+    ]
+    for setting, message in cases:
+        with pytest.raises(DataError) as error:
+            ByteDataModule(path, **{"block_size": T, "batch_size": B, **setting})
+        assert str(error.value) == message, setting
+
+
+def test_settings_at_their_limits_are_accepted(corpus):
+    dm = ByteDataModule(str(corpus[0]), block_size=1, batch_size=1, val_windows=1, seed=0, num_workers=0,
+                        val_fraction=0.5, test_fraction=0.0, exclude=("*.log",))  # fmt: skip
+    assert (dm.block_size, dm.batch_size, dm.val_windows, dm.seed, dm.num_workers) == (1, 1, 1, 0, 0)
+    assert (dm.val_fraction, dm.test_fraction, dm.exclude, dm.include_hidden) == (0.5, 0.0, ["*.log"], False)
+    assert (dm.test_path, dm.sampling, dm.stream, dm.restored) == (None, "windows", None, None)
+    assert isinstance(dm.test_fraction, float)
+    assert ByteDataModule(str(corpus[0]), block_size=T, val_fraction=0.25, test_fraction=0.125).split_sizes() == {
+        "train": 12_500, "validation": 5_000, "test": 2_500}  # fmt: skip
+
+
+def test_a_split_of_exactly_one_window_is_enough(tmp_path):
+    (tmp_path / "c.bin").write_bytes(random_bytes(170))
+    dm = ByteDataModule(str(tmp_path / "c.bin"), block_size=T, batch_size=1, val_fraction=0.1, val_windows=3)
+    assert dm.split_sizes() == {"train": 153, "validation": 17, "test": 0}
+    assert dm.val_offsets.tolist() == [153]  # the one window of the validation split, once
+    with pytest.raises(DataError) as error:
+        ByteDataModule(str(tmp_path / "c.bin"), block_size=T + 1, val_fraction=0.1)
+    assert str(error.value) == (
+        f"data.path {str(tmp_path / 'c.bin')!r} has 170 bytes, split into 153 for training and 17 for validation, "
+        "but each split needs at least block_size + 1 = 18; use a smaller data.block_size, a different "
+        "data.val_fraction, or more data"
+    )
+
+
+def test_too_small_splits_are_named_word_for_word(corpus, tmp_path):
+    path = str(corpus[0])
+    with pytest.raises(DataError) as error:
+        ByteDataModule(path, block_size=T, test_fraction=0.0001)
+    assert str(error.value) == (
+        f"data.path {path!r} has 20000 bytes, split into 17998 for training, 2000 for validation and 2 for test, "
+        "but each split needs at least block_size + 1 = 17; use a smaller data.block_size, a different "
+        "data.val_fraction, data.test_fraction, or more data"
+    )
+    (tmp_path / "tiny-test.bin").write_bytes(random_bytes(16))
+    with pytest.raises(DataError) as error:
+        ByteDataModule(path, block_size=T, test_path=str(tmp_path / "tiny-test.bin"))
+    assert str(error.value) == (
+        f"data.test_path {str(tmp_path / 'tiny-test.bin')!r} has 16 bytes, but the test split needs at least "
+        "block_size + 1 = 17; use a smaller data.block_size or more test data"
+    )
+    (tmp_path / "test.bin").write_bytes(random_bytes(17))  # one window: enough
+    dm = ByteDataModule(path, block_size=T, test_path=str(tmp_path / "test.bin"))
+    assert dm.split_sizes() == {"train": 18_000, "validation": 2_000, "test": 17}
+    assert dm.test_offsets.tolist() == [0]
+
+
+def test_data_path_errors_word_for_word(tmp_path, monkeypatch):
+    def message(path, **settings):
+        with pytest.raises(DataError) as error:
+            ByteDataModule(path, block_size=T, **settings)
+        return str(error.value)
+
+    missing = str(tmp_path / "missing.txt")
+    assert message(missing) == f"data.path {missing!r} does not exist; give a file, a directory or a glob"
+    (tmp_path / "empty.txt").write_bytes(b"")
+    empty = str(tmp_path / "empty.txt")
+    assert message(empty) == f"data.path {empty!r} is an empty file (0 bytes); point data.path at text files"
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere.txt")
+    assert message(str(tmp_path / "link")) == (
+        f"data.path {str(tmp_path / 'link')!r} is a broken symbolic link (to {str(tmp_path / 'nowhere.txt')!r}); "
+        "fix the link or give the file itself"
+    )
+    os.mkfifo(tmp_path / "pipe")
+    assert message(str(tmp_path / "pipe")) == (
+        f"data.path {str(tmp_path / 'pipe')!r} is a FIFO (named pipe), not a file or a directory; give a file, a "
+        "directory or a glob"
+    )
+    assert message("/dev/null") == (
+        "data.path '/dev/null' is a device, not a file or a directory; give a file, a directory or a glob"
+    )
+    (tmp_path / "folder").mkdir()
+    folder = str(tmp_path / "folder")
+    assert message(folder) == (
+        f"data.path {folder!r} is a directory with no files to read in it; point data.path at text files"
+    )
+    write_tree(tmp_path / "folder", {"empty.txt": b"", ".a": b"x", ".b/c": b"y"})
+    assert message(folder) == (
+        f"data.path {folder!r} is a directory with no files to read in it (left out: 1 empty, 2 hidden); point "
+        "data.path at text files"
+    )
+    pattern = str(tmp_path / "folder" / "*")
+    assert message(pattern) == (
+        f"data.path {pattern!r} is a glob that matches no files to read (left out: 1 empty); check the pattern"
+    )
+    nothing = str(tmp_path / "*.bin")
+    assert message(nothing) == f"data.path {nothing!r} is a glob that matches no files to read; check the pattern"
+    # A path starting with ~ is the user's home, and the messages quote it as given.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "home.bin").write_bytes(random_bytes(1000, 5))
+    assert len(ByteDataModule("~/home.bin", block_size=T).corpus) == 1000
+    assert message("~/gone.txt") == "data.path '~/gone.txt' does not exist; give a file, a directory or a glob"
+
+
+def test_kind_of_names_each_kind_of_file():
+    assert data.kind_of(stat.S_IFIFO) == "a FIFO (named pipe)"
+    assert data.kind_of(stat.S_IFSOCK) == "a socket"
+    assert data.kind_of(stat.S_IFCHR) == "a device"
+    assert data.kind_of(stat.S_IFBLK) == "a device"
+    assert data.kind_of(stat.S_IFDIR) == "a directory"
+    assert data.kind_of(stat.S_IFLNK) == "not a regular file"  # os.stat follows links: never seen in practice
+    assert [data.short_kind(m) for m in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFBLK, stat.S_IFLNK)] == [
+        "FIFO", "socket", "device", "not a regular file"]  # fmt: skip
+
+
+def test_exclude_matches_the_path_inside_the_corpus_or_the_last_name():
+    assert data.excluded("notes.txt", ["notes.txt"])
+    assert data.excluded("a/b/notes.txt", ["notes.txt"])  # the name, at any depth
+    assert data.excluded("a/my notes.txt", ["my notes.txt"])
+    assert data.excluded("a/b/notes.txt", ["a/*"])  # the path (fnmatch's * crosses /)
+    assert not data.excluded("a/b/notes.txt", ["b/notes.txt"])  # neither the whole path nor the name
+    assert not data.excluded("a/b/notes.txt", ["b"])
+    assert not data.excluded("a/b/notes.txt", [])
+    assert data.excluded("a/b/notes.txt", ["*.log", "notes.*"])  # any of the globs
+
+
+def test_a_walk_counts_what_it_leaves_out_and_reads_on_after_it(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"docs/x.txt": random_bytes(2000, 1), "m.txt": random_bytes(1000, 2),
+                      "skip/y.txt": random_bytes(500, 3), "z/notes.txt": random_bytes(500, 4)})  # fmt: skip
+    for name in ("link1", "link2"):  # two more ways into docs/, sorted between docs/ and m.txt
+        (root / name).symlink_to(root / "docs")
+    for name in ("p1", "p2"):
+        os.mkfifo(root / name)
+    for name in ("q1", "q2"):
+        (root / name).symlink_to(root / f"missing-{name}")
+    (root / "r-null").symlink_to("/dev/null")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(root / "s.sock"))
+        dm = ByteDataModule(str(root), block_size=T, batch_size=B, exclude=["skip", "notes.txt"])
+    assert list(dm.listing.files) == [str(root / "docs/x.txt"), str(root / "m.txt")]
+    assert dm.describe() == (
+        f"corpus {root}: 2 files, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 2 broken link, "
+        "2 directory already read through another link, 2 excluded by data.exclude, 2 not regular files (FIFO), "
+        "1 not regular files (device), 1 not regular files (socket)"
+    )
+
+
+def test_a_link_that_loops_is_one_line_naming_it(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": random_bytes(1000, 1)})
+    (root / "loop").symlink_to(root / "loop")
+    message = f"cannot read data file {root / 'loop'}: Too many levels of symbolic links; fix it or leave it out with data.exclude"
+    for path in (str(root), str(root / "*")):  # a directory and a glob alike
+        with pytest.raises(DataError) as error:
+            ByteDataModule(path, block_size=T)
+        assert str(error.value) == message
+    assert len(ByteDataModule(str(root), block_size=T, exclude=["loop"]).corpus) == 1000
+
+
+def test_a_glob_counts_what_it_leaves_out(tmp_path):
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": random_bytes(3000, 1), "b.log": random_bytes(100, 2), "sub/c.txt": random_bytes(400, 3),
+                      "sub/d.txt": random_bytes(600, 4), "dir.txt/e": random_bytes(50, 5), "f.txt": b""})  # fmt: skip
+    (root / "dangling.txt").symlink_to(root / "nowhere")
+    os.mkfifo(root / "pipe.txt")
+    dm = ByteDataModule(str(root / "*"), block_size=T, batch_size=B, exclude=["*.log"])
+    assert list(dm.listing.files) == [str(root / "a.txt")]
+    assert dm.describe() == (
+        f"corpus {root / '*'}: 1 file, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 1 broken "
+        "link, 2 directories matched by the glob (use ** to read inside), 1 empty, 1 excluded by data.exclude, "
+        "1 not regular files (FIFO)"
+    )
+    # ** reads inside folders; data.exclude matches the path below the glob's fixed part.
+    dm = ByteDataModule(str(root / "**" / "*.txt"), block_size=T, batch_size=B, exclude=["sub/c.txt"])
+    assert list(dm.listing.files) == [str(root / "a.txt"), str(root / "sub/d.txt")]
+    assert dm.corpus.read(0, 3600).tobytes() == random_bytes(3000, 1) + random_bytes(600, 4)
+    assert dm.listing.left_out == {"broken link": 1, "directories matched by the glob (use ** to read inside)": 1,
+                                   "empty": 1, "excluded by data.exclude": 1, "not regular files (FIFO)": 1}  # fmt: skip
+
+
+def test_corpus_files_and_read_corpus_follow_the_listing(tmp_path, monkeypatch):
+    root = tmp_path / "corpus"
+    parts = {".hidden.txt": random_bytes(100, 1), "a.txt": random_bytes(200, 2), "sub/b.log": random_bytes(300, 3),
+             "sub/c.txt": random_bytes(400, 4)}  # fmt: skip
+    write_tree(root, parts)
+    assert data.corpus_files(str(root)) == [str(root / "a.txt"), str(root / "sub/b.log"), str(root / "sub/c.txt")]
+    assert data.corpus_files(str(root), ["*.log"]) == [str(root / "a.txt"), str(root / "sub/c.txt")]
+    assert data.corpus_files(str(root), None, True) == [str(root / n) for n in sorted(parts)]
+    assert type(data.corpus_files(str(root))) is list
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(
+        data.os, "stat", lambda path, *a, **k: stats.append(os.fspath(path)) or real_stat(path, *a, **k)
+    )
+    corpus = data.read_corpus(str(root), ["*.log"])
+    assert [stats.count(str(root / n)) for n in ("a.txt", "sub/c.txt")] == [1, 1]  # each file stat'ed once
+    monkeypatch.setattr(data.os, "stat", real_stat)
+    assert corpus.read(0, len(corpus)).tobytes() == parts["a.txt"] + parts["sub/c.txt"]
+    assert len(data.read_corpus(str(root))) == 900
+    everything = data.read_corpus(str(root), include_hidden=True)
+    assert everything.read(0, 100).tobytes() == parts[".hidden.txt"] and len(everything) == 1000
+
+
+def test_the_description_says_files_bytes_splits_and_left_out_of_both_corpora(tmp_path, corpus):
+    path, _ = corpus
+    dm = ByteDataModule(str(path), block_size=T, batch_size=B)
+    assert dm.describe() == f"corpus {path}: 1 file, 20 kB (train 18 kB, validation 2 kB, no test split)"
+    (tmp_path / "held-out.bin").write_bytes(random_bytes(3000, 9))
+    dm = ByteDataModule(str(path), block_size=T, test_path=str(tmp_path / "held-out.bin"))
+    assert dm.describe() == (
+        f"corpus {path}: 1 file, 20 kB (train 18 kB, validation 2 kB, test 3 kB from {tmp_path / 'held-out.bin'}: "
+        "1 file)"
+    )
+    train, test = tmp_path / "train", tmp_path / "test"
+    write_tree(train, {"a.txt": random_bytes(1500, 1), ".x": b"x"})
+    write_tree(test, {"b.txt": random_bytes(200, 2), "c.txt": random_bytes(150, 3), ".y": b"y", ".z": b"z"})
+    dm = ByteDataModule(str(train), block_size=T, batch_size=B, test_path=str(test))
+    assert dm.describe() == (
+        f"corpus {train}: 1 file, 1.5 kB (train 1.35 kB, validation 150 B, test 350 B from {test}: 2 files); "
+        "left out: 3 hidden (data.include_hidden reads hidden ones)"
+    )
+    dm = ByteDataModule(str(train), block_size=T, batch_size=B, test_fraction=0.2, include_hidden=True)
+    assert dm.describe() == f"corpus {train}: 2 files, 1.5 kB (train 1.05 kB, validation 150 B, test 301 B)"
+
+
+def test_validation_streams_read_the_validation_split_contiguously(corpus):
+    path, raw = corpus
+    dm = ByteDataModule(str(path), block_size=T, batch_size=B, val_fraction=0.25, val_windows=16)
+    batches = dm.validation_streams()
+    assert len(batches) == 2  # 8 streams of 2 windows each
+    stretch = 5_000 // 8  # the validation split [15000, 20000) in 8 equal stretches
+    for k, (x, y, positions) in enumerate(batches):
+        assert positions.tolist() == [k * T] * 8
+        for row in range(8):
+            start = 15_000 + row * stretch + k * T
+            assert bytes(x[row].tolist()) == raw[start : start + T]
+            assert bytes(y[row].tolist()) == raw[start + 1 : start + T + 1]
+
+
+def test_streams_sampling_gives_each_row_of_each_rank_its_stretch_of_the_train_split(corpus):
+    path, raw = corpus
+    dm = ByteDataModule(str(path), block_size=T, batch_size=B, val_fraction=0.2, sampling="streams")
+    dm.trainer = fake_trainer(rank=1, world_size=2, global_step=3, accumulate_grad_batches=2)
+    x, y, positions = next(iter(dm.train_dataloader()))
+    stretch = 16_000 // 8  # the training split in world_size * batch_size = 8 stretches; rank 1 has 4..7
+    assert positions.tolist() == [6 * T] * B  # batch 6: global step 3 of 2 micro-batches each
+    for b in range(B):
+        start = (4 + b) * stretch + 6 * T
+        assert bytes(x[b].tolist()) == raw[start : start + T]
+        assert bytes(y[b].tolist()) == raw[start + 1 : start + T + 1]
+
+
+def test_equal_val_windows_and_devices_are_enough_and_fewer_is_one_line(corpus):
+    dm = ByteDataModule(str(corpus[0]), block_size=T, batch_size=B, val_windows=2, test_fraction=0.1)
+    dm.trainer = fake_trainer(rank=1, world_size=2)
+    assert [len(x) for x, _ in dm.val_dataloader()] == [1]
+    assert [len(x) for x, _ in dm.test_dataloader()] == [1]
+    dm.trainer = fake_trainer(rank=0, world_size=3)
+    for loader, split in ((dm.val_dataloader, "validation"), (dm.test_dataloader, "test")):
+        with pytest.raises(DataError) as error:
+            loader()
+        assert str(error.value) == (
+            f"{split} has 2 distinct windows for 3 devices; raise data.val_windows (or the split's share of the "
+            "corpus) to at least the number of devices"
+        )
+
+
+class RecordingPrepared:
+    """Stands in for litstream.Prepared (a directory made by `prepare`; test_prepare.py reads real ones): answers
+    from a made-up manifest and returns what the data module asked for instead of loaders."""
+
+    def __init__(self, path, block_size, test=True):
+        self.path, self.block_size, self.test = path, block_size, test
+
+    def has(self, split):
+        return split != "test" or self.test
+
+    def split_bytes(self):
+        return {"train": 9_000, "validation": 1_000, "test": 500 if self.test else 0}
+
+    def identity(self):
+        return "sha256 of the sources"
+
+    def describe(self):
+        return f"corpus {self.path}: prepared"
+
+    def train_loader(self, batch_size, seed, num_workers, start):
+        return ("train", batch_size, seed, num_workers, start)
+
+    def eval_loader(self, split, count, batch_size, rank, world_size, num_workers):
+        return ("eval", split, count, batch_size, rank, world_size, num_workers)
+
+    def position(self, batches):
+        return {"batches": batches}
+
+
+@pytest.fixture
+def prepared_paths(monkeypatch):
+    """data.path "prepared" (with a test split) and "prepared-no-test" read as prepared directories."""
+    monkeypatch.setattr(data.litstream, "is_prepared", lambda path: path.startswith("prepared"))
+    monkeypatch.setattr(
+        data.litstream,
+        "open_prepared",
+        lambda path, block_size: RecordingPrepared(path, block_size, path == "prepared"),
+    )
+
+
+def test_a_prepared_directory_is_read_through_its_stream(prepared_paths):
+    dm = ByteDataModule("prepared", block_size=T, batch_size=B, val_windows=7, seed=5, num_workers=3)
+    assert (dm.stream.block_size, dm.corpus, dm.listing) == (T, None, None)
+    dm.setup("test")
+    assert dm.has_test_split and dm.describe() == "corpus prepared: prepared"
+    assert dm.split_sizes() == {"train": 9_000, "validation": 1_000, "test": 500}
+    dm.trainer = fake_trainer(rank=1, world_size=2, global_step=4, accumulate_grad_batches=3)
+    assert dm.train_dataloader() == ("train", B, 5, 3, 12)
+    assert dm.val_dataloader() == ("eval", "validation", 7, B, 1, 2, 3)
+    assert dm.test_dataloader() == ("eval", "test", 7, B, 1, 2, 3)
+    splits = {"kind": "prepared", "id": "sha256 of the sources"}
+    assert dm.split_ranges() == splits
+    assert dm.state_dict() == {"splits": splits, "train_batches": 12, "stream": {"batches": 12}}
+    dm.load_state_dict({"splits": {"kind": "files", "bytes": 10_500, "train": [0, 10_000],
+                                   "validation": [10_000, 10_500], "test": None, "test_path": None}})  # fmt: skip
+    dm.trainer = None
+    assert dm.state_dict() == {"splits": splits, "train_batches": 0}  # no trainer: no stream position yet
+
+
+def test_a_prepared_directory_without_a_test_split_refuses_test(prepared_paths):
+    dm = ByteDataModule("prepared-no-test", block_size=T, batch_size=B)
+    assert not dm.has_test_split
+    for call in (lambda: dm.setup("test"), dm.test_dataloader):
+        with pytest.raises(DataError) as error:
+            call()
+        assert str(error.value) == data.NO_TEST_SPLIT
+
+
+def test_a_prepared_directory_refuses_settings_it_makes_itself(prepared_paths):
+    for setting in ({"test_fraction": 0.1}, {"test_path": "other"}):
+        with pytest.raises(DataError) as error:
+            ByteDataModule("prepared", block_size=T, **setting)
+        assert str(error.value) == (
+            "data.path 'prepared' is a prepared directory, which holds its own test split; leave out "
+            "data.test_fraction and data.test_path"
+        )
+    with pytest.raises(DataError) as error:
+        ByteDataModule("prepared", block_size=T, sampling="streams")
+    assert str(error.value) == (
+        "data.sampling streams reads files directly; data.path 'prepared' is a prepared directory, which streams "
+        "its own shuffled windows: use data.sampling windows, or the source files"
+    )
+
+
+def test_the_checkpoint_check_of_the_test_split_word_for_word(corpus):
+    path = str(corpus[0])
+    trained = ByteDataModule(path, block_size=T, val_fraction=0.1, test_fraction=0.02).split_ranges()
+    assert trained == {"kind": "files", "bytes": 20_000, "train": [0, 17_600], "validation": [17_600, 19_600],
+                       "test": [19_600, 20_000], "test_path": None}  # fmt: skip
+    late = ByteDataModule(path, block_size=T, val_fraction=0.1, test_fraction=0.05)
+    with pytest.raises(DataError) as error:
+        late.load_state_dict({"splits": trained, "train_batches": 0})
+    assert str(error.value) == (
+        f"the test split (bytes 19,000 to 20,000 of {path}) overlaps bytes the checkpoint's run trained or "
+        "validated on (0 to 19,600: it had data.test_fraction 0.02); test with the data.val_fraction and "
+        "data.test_fraction it was trained with"
+    )
+    state = {"splits": trained, "train_batches": 3}
+    held_out = ByteDataModule(path, block_size=T, val_fraction=0.1, test_fraction=0.01)
+    held_out.load_state_dict(state)  # the test split lies inside the old one: accepted
+    assert held_out.restored is state
+    other = {**trained, "bytes": 30_000, "validation": [25_000, 30_000]}  # another corpus: nothing to compare
+    late.load_state_dict({"splits": other})
+    late.load_state_dict({"splits": {"kind": "prepared", "id": "x"}})
+    late.load_state_dict({})  # a checkpoint from before splits were recorded
+
+
+def test_the_default_cache_is_in_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("BDH_LIGHTNING_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.cache_dir() == tmp_path / ".cache" / "bdh_lightning"
+    monkeypatch.setenv("BDH_LIGHTNING_CACHE", "~/elsewhere")
+    assert data.cache_dir() == tmp_path / "elsewhere"
+
+
+def test_the_download_writes_a_hidden_partial_file_in_the_cache_and_renames_it(server, cache, monkeypatch, capsys):
+    server.body = random_bytes(5000, 7)
+    monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    during = []
+    server.on_request = lambda: during.extend(os.listdir(cache))
+    timeouts = []
+    real_urlopen = data.urllib.request.urlopen
+
+    def urlopen(url, **kwargs):
+        timeouts.append(kwargs.get("timeout"))
+        return real_urlopen(url, **kwargs)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    assert data.download_tinyshakespeare() == cache / "tinyshakespeare.txt"
+    assert len(during) == 1 and re.fullmatch(r"\.tinyshakespeare\.\w+\.part", during[0]), during
+    assert os.listdir(cache) == ["tinyshakespeare.txt"]
+    assert timeouts == [30]  # a stalled server fails the download after 30 s instead of hanging
+    progress = capsys.readouterr().err
+    assert "tinyshakespeare: 100%" in progress and "5.00k/5.00k" in progress  # Content-Length gives the total
+
+
+def test_the_download_into_an_existing_cache_folder_without_a_length(server, cache, monkeypatch, capsys):
+    cache.mkdir(parents=True)
+    (cache / "other.txt").write_text("kept")
+    server.body, server.length = random_bytes(3000, 8), False
+    monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    assert data.download_tinyshakespeare().read_bytes() == server.body
+    assert sorted(os.listdir(cache)) == ["other.txt", "tinyshakespeare.txt"]
+    progress = capsys.readouterr().err
+    assert "%" not in progress and "3.00kB" in progress  # no length: a count of bytes, no percentage
+
+
+def test_the_download_refuses_a_cache_it_cannot_make(tmp_path, monkeypatch):
+    (tmp_path / "file.txt").write_text("not a folder")
+    monkeypatch.setenv("BDH_LIGHTNING_CACHE", str(tmp_path / "file.txt" / "cache"))
+    with pytest.raises(DataError) as error:
+        data.download_tinyshakespeare()
+    assert str(error.value) == (
+        f"cannot create the data cache {tmp_path / 'file.txt' / 'cache'}: Not a directory; set BDH_LIGHTNING_CACHE "
+        "to a writable directory"
+    )
+
+
+def test_the_download_comes_from_tiny_shakespeare_by_default(cache, monkeypatch):
+    monkeypatch.delenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", raising=False)
+    asked = []
+
+    def offline(url, **kwargs):  # no network in tests: say which URL would have been read
+        asked.append(url)
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as error:
+        data.download_tinyshakespeare()
+    assert asked == [data.TINYSHAKESPEARE_URL]
+    assert data.TINYSHAKESPEARE_URL == (
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    )
+    assert str(error.value) == (
+        f"could not download tiny Shakespeare from {data.TINYSHAKESPEARE_URL} (no network in tests); use a local "
+        "copy instead, e.g. --data.path data/tinyshakespeare.txt (a file, a directory or a glob also work)"
+    )
+    assert os.listdir(cache) == []
+
+
+def test_a_pickled_corpus_opens_its_own_descriptors(corpus):
+    path, raw = corpus
+    original = data.read_corpus(str(path))
+    assert original.read(100, 50).tobytes() == raw[100:150]  # holds a descriptor now
+    copy = pickle.loads(pickle.dumps(original))  # what a DataLoader worker gets
+    assert copy.read(200, 50).tobytes() == raw[200:250]
+    copy.close()  # closes only the copy's own descriptors
+    assert original.read(300, 50).tobytes() == raw[300:350]
+
+
+def test_a_file_gone_or_replaced_during_the_run_is_one_line_naming_it(tmp_path):
+    files = {name: tmp_path / name for name in ("a.bin", "b.bin", "c.bin")}
+    for i, file in enumerate(files.values()):
+        file.write_bytes(random_bytes(1000, i))
+    corpus = data.ByteCorpus(list(files.values()))
+    assert corpus.read(500, 1000).tobytes() == random_bytes(1000, 0)[500:] + random_bytes(1000, 1)[:500]
+    os.truncate(files["a.bin"], 100)
+    os.remove(files["a.bin"])
+    with pytest.raises(DataError) as error:
+        corpus.read(0, 200)
+    assert str(error.value) == (
+        f"data file {files['a.bin']} changed during the run: it had 1000 bytes at the start, No such file or "
+        "directory; restore it (or start again: the run's windows were drawn from the old bytes)"
+    )
+    os.remove(files["c.bin"])  # never opened yet
+    with pytest.raises(DataError) as error:
+        corpus.read(2500, 10)
+    assert str(error.value) == (
+        f"cannot read data file {files['c.bin']}: No such file or directory; it changed during the run"
+    )
+    files["c.bin"].mkdir()  # a folder where the file was: it opens, but does not read
+    with pytest.raises(DataError) as error:
+        corpus.read(2500, 10)
+    assert str(error.value) == f"cannot read data file {files['c.bin']}: Is a directory"
+
+
+def test_a_corpus_of_named_files_stats_them_and_leaves_out_empty_ones(tmp_path):
+    a, empty, b = tmp_path / "a.bin", tmp_path / "empty.bin", tmp_path / "b.bin"
+    a.write_bytes(random_bytes(300, 1))
+    empty.write_bytes(b"")
+    b.write_bytes(random_bytes(200, 2))
+    corpus = data.ByteCorpus([a, empty, b])
+    assert corpus.files == [str(a), str(b)] and corpus.sizes.tolist() == [300, 200]
+    assert corpus.starts.tolist() == [0, 300, 500] and len(corpus) == 500
+    assert corpus.read(250, 100).tobytes() == random_bytes(300, 1)[250:] + random_bytes(200, 2)[:50]
+    assert corpus.read(499, 1).tobytes() == random_bytes(200, 2)[-1:]
+    assert corpus.read(0, 0).tobytes() == b""
+    for start, length in ((-1, 5), (496, 5), (500, 1)):
+        with pytest.raises(IndexError) as error:
+            corpus.read(start, length)
+        assert str(error.value) == f"bytes [{start}, {start + length}) are outside the corpus of 500 bytes"
+    windows = corpus.windows(np.array([0, 290, 495]), 5)
+    assert windows.dtype == torch.int64 and windows.shape == (3, 5)
+    assert bytes(windows[1].tolist()) == (random_bytes(300, 1) + random_bytes(200, 2))[290:295]
+    with pytest.raises(DataError) as error:
+        data.ByteCorpus([a, tmp_path / "gone.bin"])
+    assert str(error.value) == (
+        f"cannot read data file {tmp_path / 'gone.bin'}: No such file or directory; fix its permissions or leave it out"
+    )
+
+
+def test_a_listing_drops_second_links_and_keeps_names_and_sizes_in_step(tmp_path):
+    root = tmp_path / "corpus"
+    parts = {"a.txt": random_bytes(3000, 1), "b.txt": random_bytes(2000, 2), "d.txt": random_bytes(1000, 3)}
+    write_tree(root, parts)
+    os.link(root / "a.txt", root / "c-hard.txt")  # between b and d
+    listing = data.list_corpus(str(root))
+    assert list(listing.files) == [str(root / n) for n in ("a.txt", "b.txt", "d.txt")]
+    assert listing.sizes.tolist() == [3000, 2000, 1000] and listing.sizes.dtype == np.int64
+    assert listing.left_out == {"already read through another link": 1}
+    assert (
+        len(listing.files) == 3 and listing.files[-1] == str(root / "d.txt") and listing.files[-3] == listing.files[0]
+    )
+    assert listing.files[1:] == [str(root / "b.txt"), str(root / "d.txt")] and listing.files[::2] == [
+        str(root / "a.txt"), str(root / "d.txt")]  # fmt: skip
+    corpus = data.ByteCorpus(listing.files, listing.sizes)
+    assert corpus.read(0, 6000).tobytes() == parts["a.txt"] + parts["b.txt"] + parts["d.txt"]
+    single = data.list_corpus(str(root / "b.txt"))  # a file: its own name, no prefix
+    assert list(single.files) == [str(root / "b.txt")] and single.sizes.tolist() == [2000] and not single.left_out
