@@ -51,6 +51,9 @@ NOT_MUTATED = {"module": ["BDHLitModule.__init__"]}
 # (module, function, text of the mutated line, why); matched on the mutant's diff, not its number, which
 # changes whenever the file does. docs/testing.md lists them.
 CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices (benchmarks/gpu_suite.py runs there)"
+# The chunked kernel's device arguments as mutated: device=None or dropped from torch.zeros, from seed.to and block_keep.
+KERNEL_DEVICE_MUTANTS = ("device=None", "dtype=acc, )", "dtype=wide, )", "seed.to(None)", "n1, dropout, None)",
+                         "n1, dropout, )")  # fmt: skip
 EQUIVALENT = [
     ("layer", "causal_attention", "q.transpose(-1, +2)", "dimension 2 of the 4-D q is dimension -2"),
     ("layer", "layer_norm", "F.layer_norm(x, x.shape[-1:], )", "F.layer_norm's default eps is 1e-5, LN_EPS"),
@@ -144,6 +147,49 @@ EQUIVALENT = [
         "learning_rate_at",
         'hp.get("decay", "COSINE")',
         "hparams always hold decay (the constructor's default)",
+    ),
+    # kernels.py: the device of the chunked kernel's buffers, seed and masks (torch.zeros, seed.to, block_keep).
+    *[("kernels", f, text, CPU_ONLY) for f in ("forward", "backward") for text in KERNEL_DEVICE_MUTANTS],
+    ("kernels", "forward", "if len(chunks) >= 1:", "recomputes a head's activations when it is one chunk: same values"),
+    ("kernels", "forward", "if dropout >= 0:", "block_keep with p = 0 keeps every entry"),
+    ("kernels", "backward", "if dropout >= 0:", "block_keep with p = 0 keeps every entry"),
+    ("kernels", "forward", "(state is not None) or True", "without a state it adds a zero carried read: the same sum"),
+    (
+        "kernels",
+        "backward",
+        "one_chunk = None",
+        "one chunk through the several-chunks path: a's two gradient shares as two products (the same sum, rounded apart)",
+    ),
+    ("kernels", "backward", "d_dec[h, n0:n1] = ", "each slice of the zeroed gradient is written once"),
+    ("kernels", "backward", "d_enc_v[h, :, n0:n1] = ", "each slice of the zeroed gradient is written once"),
+    (
+        "kernels",
+        "backward",
+        "d_enc[h, :, n0:n1] = x_flat.T @ da_from_z",
+        "pass A writes each slice of the zeroed gradient once; pass B adds to it",
+    ),
+    *[
+        ("kernels", "backward", text, "autograd casts a returned gradient to its input's dtype")
+        for text in ("dx.unsqueeze(1).to(None)", "d_enc.to(None)", "d_enc_v.to(None)", "d_dec.view(H * N, D).to(None)")
+    ],
+    (
+        "kernels",
+        "backward",
+        "grad_u.squeeze(1).to(None)",
+        "one division of a 16-bit value rounds alike from float32 (16-bit arithmetic runs in float32; checked)",
+    ),
+    ("kernels", "chunked_layer", "torch.zeros((), dtype=None)", "the next line makes the seed int64"),
+    ("kernels", "chunked_layer", "torch.zeros((), )", "the next line makes the seed int64"),
+    ("kernels", "chunk_width", "batch_tokens * n < AUTO_CHUNK_ELEMENTS", "at equality: one piece of n either way"),
+    ("kernels", "draw_seed", "dtype=None)", "torch.randint's default dtype is int64"),
+    ("kernels", "draw_seed", "torch.randint(0, 2**62, (), )", "torch.randint's default dtype is int64"),
+    ("kernels", "draw_seed", "torch.randint(2**62, ()", "torch.randint's low defaults to 0"),
+    ("kernels", "resolve_kernel", "n_wide: int = 1", "0 and 1 are both far below CPU_CHUNKED_FROM"),
+    (
+        "kernels",
+        "apply_layer",
+        "    x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, )",  # fused_layer's arguments
+        "fused_layer accepts chunk_size and ignores it (its tiles are its own)",
     ),
 ]
 
