@@ -409,14 +409,18 @@ def plan_memory(config) -> list[str]:
     have, what = device_memory(device)
     # The module resolves `auto` the same way when training starts (BDHLitModule.choose_kernel).
     best, why = choose_kernel(
-        c, data.batch_size, data.block_size, precision, device, have if device.type == "cuda" else None
+        c,
+        data.batch_size,
+        data.block_size,
+        precision,
+        device,
+        have if device.type == "cuda" else None,
+        carry_state=bool(model.get("carry_state")),
     )
     best = best if best in report.kernels else "chunked"  # fused keeps no more than chunked's bytes
-    carried = 0
-    if model.get("carry_state"):  # each layer's state per batch row, float32, kept between steps
-        carried = data.batch_size * c.n_layer * c.n_head * c.neurons_per_head * c.n_embd * 4
-        why += f"; the carried state, {format_bytes(carried)}, is included below"
-    peak = report.kernels[best].device_bytes + carried  # on CUDA with the context, workspaces and allocator slack
+    if report.state_bytes:  # each layer's state per batch row (model.carry_state), kept between steps
+        why += f"; the carried state, {format_bytes(report.state_bytes)} (twice that during a step), is included below"
+    peak = report.kernels[best].device_bytes  # on CUDA with the context, workspaces and allocator slack
     if have and peak > have and not config.get("force"):
         fits = largest_batch(model, data.block_size, precision, device.type, best, have, world_size(config.trainer))
         accumulate = config.trainer.accumulate_grad_batches or 1

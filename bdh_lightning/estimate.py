@@ -127,6 +127,14 @@ class MemoryReport:
     kernels: dict[str, KernelMemory] = field(default_factory=dict)
     world_size: int = 1
     bucket_bytes: int = 0  # DDP's gradient buckets (several ranks): a second copy of the gradients
+    state_bytes: int = 0  # model.carry_state: the state carried between windows (kept between steps)
+
+
+def carried_state_bytes(cfg: BDHConfig, batch: int, precision: str) -> int:
+    """Bytes of the state model.carry_state keeps between windows: per layer and batch row, per head the N x D
+    sum of qᵀ x, B·L·H·N·D numbers in float32 (float64 under 64-true; never 16 bits, it accumulates)."""
+    wide = 8 if PRECISIONS[precision][1] == 8 else 4
+    return batch * cfg.n_layer * cfg.n_head * cfg.neurons_per_head * cfg.n_embd * wide
 
 
 def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision: str, device_type: str) -> int:
@@ -156,7 +164,7 @@ def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision:
         layer += 2 * B * H * D * N * e if B > 1 else (2 * H * D * N * e if autocast else 0)
         layer += H * N * D * e if autocast else 0
     else:
-        acc = 4 if autocast else e
+        acc = 8 if e == 8 else 4  # y and its rstd: float32 whatever the weights (float64 under 64-true)
         # x (the layer input), S (the scores), y and its rstd.
         layer = BTD * wide + B * H * T * T * att + BHTD * acc + BHT * acc
     return head + L * (layer + tail)
@@ -179,7 +187,9 @@ def transient_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precis
     # T x T score gradients of one head; under autocast, the weights' low-precision copies (the float32
     # gradient accumulators become the gradients).
     att = 4 if precision.startswith("16-") else e  # T x T score gradients in the read's dtype (float32 under float16)
-    working = B * T * width * (11 * e + 8) + 3 * B * T * T * att + (weights * e if autocast else 0)
+    # Under 16-true and bf16-true, the float32 accumulators of the N-wide weights' gradients (cast at the end).
+    low_true = weights * 4 if not autocast and e < 4 else 0
+    working = B * T * width * (11 * e + 8) + 3 * B * T * T * att + (weights * e if autocast else 0) + low_true
     return max(loss, grads + working)
 
 
@@ -206,8 +216,16 @@ def estimate_memory(
     # with bucket views on (torch.nn.parallel.DistributedDataParallel's documentation).
     report.world_size, report.bucket_bytes = world_size, (params * p if world_size > 1 else 0)
     static = report.weight_bytes + report.optimizer_bytes + report.bucket_bytes  # gradients: in the transient
+    if model_kwargs.get("carry_state"):
+        # During a step two states live per layer: the incoming one (saved for backward: the read uses it) and
+        # the one the window writes (kept for the next step), and while a layer writes its state, that window's
+        # qᵀ x (one layer's worth); between steps only the written states.
+        report.state_bytes = carried_state_bytes(cfg, batch_size, precision)
+        static += 2 * report.state_bytes + report.state_bytes // cfg.n_layer
     for kernel in KERNELS:
         saved = saved_bytes(kernel, cfg, batch_size, block_size, precision, device_type)
+        if report.state_bytes and kernel == "reference" and PRECISIONS[precision][2]:
+            saved += report.state_bytes // 4 * PRECISIONS[precision][1]  # the read's low-precision copy of it
         transient = transient_bytes(kernel, cfg, batch_size, block_size, precision, cfg.chunk_size)
         peak = static + saved + transient
         report.kernels[kernel] = KernelMemory(saved, transient, peak, device_bytes(peak, device_type, world_size))
@@ -275,28 +293,43 @@ def measure_peak_bytes(step, device: torch.device, live_before: int) -> int:
     return live_before + peak
 
 
-def measure_step(model, optimizer, idx: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> tuple[int, int]:
+def measure_step(
+    model, optimizer, idx: torch.Tensor, autocast_dtype: torch.dtype | None = None, states: list | None = None
+) -> tuple[int, int]:
     """(bytes saved for backward, peak bytes) of one real training step of `model` (a `BDH`) on bytes
     `idx` (B, T+1): forward, cross-entropy, backward, AdamW step. Run one step before, so that the
-    optimizer state exists, as it does for every step but the first."""
+    optimizer state exists, as it does for every step but the first. With `states` (each layer's carried
+    state, as model.carry_state keeps them) the window continues a stream and `states` is replaced by the
+    states it writes, as the module does."""
     import torch.nn.functional as F
+
+    written: list = []
 
     def forward():
         # As Lightning's mixed precision runs it: no cast cache, so each layer casts (and keeps) its own weights.
         with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=False):  # fmt: skip
-            logits = model(idx[:, :-1])
+            if states is None:
+                logits = model(idx[:, :-1])
+            else:
+                start = torch.full((idx.shape[0],), idx.shape[1] - 1)  # a window after the first of each stream
+                logits, out = model.forward_stream(idx[:, :-1], start, states)
+                written[:] = [state.detach() for state in out]
         return F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
 
     def step():
         forward().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if states is not None:
+            states[:] = written  # the incoming states go, as the module replaces them
+            written.clear()
 
     optimizer.zero_grad(set_to_none=True)
     saved = count_saved_bytes(forward)
+    written.clear()
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    live_before = tensor_bytes(model.parameters()) + tensor_bytes(state) + tensor_bytes([idx])
+    live_before = tensor_bytes(model.parameters()) + tensor_bytes(state) + tensor_bytes([idx, *(states or [])])
     return saved, measure_peak_bytes(step, idx.device, live_before)
 
 
@@ -311,6 +344,14 @@ def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
         f"weights: {format_bytes(r.weight_bytes)}   gradients: {format_bytes(r.grad_bytes)}   "
         f"AdamW state: {format_bytes(r.optimizer_bytes)}",
         f"batch {r.batch_size} x block {r.block_size}, precision {r.precision}, device {r.device_type}",
+        *(
+            [
+                f"carried state (model.carry_state): {format_bytes(r.state_bytes)} kept between steps, twice that "
+                "during a step (the incoming and the written state), in every kernel's peak"
+            ]
+            if r.state_bytes
+            else []
+        ),  # fmt: skip
         f"{'kernel':<10} {'saved for backward':>20} {'transient':>12} {'predicted peak':>16} {'device needs':>14}"
         + ("   fits" if budget else ""),
     ]
@@ -331,8 +372,9 @@ def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
         )
     lines.append(PREDICTION_NOTE)
     lines.append(
-        "model.kernel auto uses chunked on CUDA; on the CPU reference for small layers (B*H*T*N under 2**23) "
-        "and chunked above; never fused (Triton, keeps chunked's bytes; its GPU speed is not measured)."
+        "model.kernel auto on CUDA uses the reference where its predicted peak fits the GPU with a margin, else "
+        "chunked; on the CPU the reference for small layers (B*H*T*N under 2**23) and chunked above; never fused "
+        "(Triton, keeps chunked's bytes; its GPU speed is not measured)."
     )
     return "\n".join(lines)
 
@@ -366,11 +408,13 @@ def choose_kernel(
     precision: str,
     device: torch.device | str,
     device_bytes: int | None = None,
+    carry_state: bool = False,
 ) -> tuple[str, str]:
     """(kernel, one-line reason) for a run: what `config.kernel` stands for at this batch, block, precision
     and device. `auto` on CUDA: the reference if its predicted peak fits `device_bytes` (default: the
     device's total memory) with the margins above, else chunked; on the CPU kernels.resolve_kernel's
-    measured rule. The reason is for the run's header, e.g. "kernel chunked: reference needs 192.77 GiB,
+    measured rule. `carry_state`: the run carries state between windows (its bytes count). The reason is for
+    the run's header, e.g. "kernel chunked: reference needs 192.77 GiB,
     the GPU has 79.10 GiB"."""
     from .kernels import CPU_CHUNKED_FROM, resolve_kernel
 
@@ -385,6 +429,7 @@ def choose_kernel(
                         f"elements per B x H x T x N tensor (this run: {B * H * T * N:,}), measured faster")  # fmt: skip
     total = device_bytes if device_bytes is not None else device_memory_bytes(device)
     settings = {name: getattr(config, name) for name in BDHConfig.__dataclass_fields__}
+    settings["carry_state"] = carry_state  # the carried state's bytes count against the device too
     peaks = {k: m.peak_bytes for k, m in estimate_memory(settings, B, T, precision, "cuda").kernels.items()}
     if fits_device(peaks["reference"], total):
         return "reference", (f"kernel reference: it needs {format_bytes(peaks['reference'])} (predicted), "

@@ -149,7 +149,9 @@ class BDHLitModule(L.LightningModule):
         stays, decided per call by size. Returns the one-line reason, also kept as `kernel_reason`."""
         from .estimate import choose_kernel
 
-        kernel, self.kernel_reason = choose_kernel(self.config, batch_size, block_size, precision, device)
+        kernel, self.kernel_reason = choose_kernel(
+            self.config, batch_size, block_size, precision, device, carry_state=self.hparams.carry_state
+        )
         if torch.device(device).type == "cuda":
             self.config.kernel = kernel
         return self.kernel_reason
@@ -190,7 +192,7 @@ class BDHLitModule(L.LightningModule):
         states = self.stream_states
         if states is not None and states[0].shape[0] == x.shape[0]:
             keep = (start != 0).to(device=states[0].device, dtype=states[0].dtype).view(-1, 1, 1, 1)
-            states = [state * keep for state in states]
+            states = [state.mul_(keep) for state in states]  # in place: no third copy of the state during the step
         else:
             states = None
         logits, written = self.model.forward_stream(x, start, states)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("kernel", ["reference", "chunked"])
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
 @pytest.mark.parametrize(
     "B,T,D,H,mult,L,chunk",
     [(2, 32, 32, 2, 8, 2, 0), (4, 48, 32, 4, 16, 3, 0), (4, 64, 32, 2, 16, 2, 64), (1, 64, 32, 2, 16, 2, 0)],
@@ -33,7 +33,7 @@ def test_prediction_matches_a_real_cpu_step(kernel, precision, B, T, D, H, mult,
         n_layer=L, n_embd=D, n_head=H, mlp_internal_dim_multiplier=mult, dropout=0.1, kernel=kernel, chunk_size=chunk
     )
     torch.manual_seed(0)
-    model = BDH(BDHConfig(**kwargs))
+    model = BDH(BDHConfig(**kwargs)).to(torch.bfloat16 if precision == "bf16-true" else torch.float32)
     optimizer = torch.optim.AdamW(model.parameters())
     idx = torch.randint(0, 256, (B, T + 1))
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
@@ -42,6 +42,47 @@ def test_prediction_matches_a_real_cpu_step(kernel, precision, B, T, D, H, mult,
     predicted = estimate_memory(kwargs, B, T, precision, "cpu").kernels[kernel]
     assert abs(predicted.saved_bytes / saved - 1) < 0.15
     assert abs(predicted.peak_bytes / peak - 1) < 0.15
+
+
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_carried_state_is_counted_as_a_real_cpu_step_holds_it(kernel, precision):
+    """model.carry_state: a window continuing its streams (the module's step) against the same window alone. The
+    prediction's extra bytes (two states per layer during a step, and the reference's low-precision copy) must
+    match what the real step adds, and its peak the measured peak."""
+    B, T, L = 4, 32, 2
+    kwargs = dict(n_layer=L, n_embd=32, n_head=2, mlp_internal_dim_multiplier=32, dropout=0.1, kernel=kernel)
+    autocast = {"bf16-mixed": torch.bfloat16}.get(precision)
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(**kwargs))
+    optimizer = torch.optim.AdamW(model.parameters())
+    idx = torch.randint(0, 256, (B, T + 1))
+    measure_step(model, optimizer, idx, autocast)
+    _, windowed = measure_step(model, optimizer, idx, autocast)
+    c = model.config
+    states = [torch.randn(B, c.n_head, c.neurons_per_head, c.n_embd) for _ in range(L)]
+    _, carried = measure_step(model, optimizer, idx, autocast, states=states)
+    assert states[0].shape == (B, c.n_head, c.neurons_per_head, c.n_embd)  # replaced by the written ones
+    alone = estimate_memory(kwargs, B, T, precision, "cpu")
+    report = estimate_memory({**kwargs, "carry_state": True}, B, T, precision, "cpu")
+    assert report.state_bytes == B * L * c.n_head * c.neurons_per_head * c.n_embd * 4 == sum(t.nbytes for t in states)
+    predicted_extra = report.kernels[kernel].peak_bytes - alone.kernels[kernel].peak_bytes
+    assert predicted_extra >= 2 * report.state_bytes
+    assert abs(predicted_extra / (carried - windowed) - 1) < 0.15
+    assert abs(report.kernels[kernel].peak_bytes / carried - 1) < 0.15
+    assert alone.state_bytes == 0
+
+
+def test_the_command_shows_the_carried_state(tmp_path, capsys):
+    config = tmp_path / "carried.yaml"
+    config.write_text(
+        "model:\n  n_layer: 2\n  n_embd: 64\n  n_head: 2\n  mlp_internal_dim_multiplier: 16\n  carry_state: true\n"
+        "data:\n  batch_size: 8\n  block_size: 64\n  sampling: streams\n"
+    )
+    assert main(["estimate", "--config", str(config), "--device", "cpu", "--precision", "32-true"]) == 0
+    out = capsys.readouterr().out
+    # 8 rows x 2 layers x 2 heads x N 512 x D 64 x 4 bytes = 4 MiB.
+    assert "carried state (model.carry_state): 4.00 MiB kept between steps, twice that during a step" in out
 
 
 def test_chunked_saves_far_less_at_the_shipped_configs():

@@ -292,3 +292,67 @@ def test_windows_with_carried_state_equal_one_long_pass_with_the_chunked_kernel(
         logits, states = model.forward_stream(idx[:, k * T : (k + 1) * T], torch.tensor([0, 100]) + k * T, states)
         pieces.append(logits)
     torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+def test_a_window_with_carried_state_traces_as_one_graph_in_training(kernel):
+    """torch.compile sees forward_stream whole (dropout, per-row positions, exact rotary phases, the state read
+    and written): no graph break, with and without an incoming state."""
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.1, kernel=kernel))
+    model.train()
+    idx = torch.randint(0, 256, (2, T))
+    start = torch.tensor([0, 2**20])
+    for states in (None, [torch.randn(2, 2, 64, 16) for _ in range(2)]):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.forward_stream)(idx, start, states)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def test_compiled_windows_with_carried_state_equal_eager(tmp_path):
+    """Two windows of a stream through the compiled forward_stream give the eager logits, states and gradients
+    (chunked kernel, dropout, uneven chunks, rows at different stream positions). AOTAutograd's graphs run eagerly
+    (backend aot_eager): inductor's C++ build of this graph takes minutes on 2 cores; the fit below runs
+    inductor."""
+    torch.manual_seed(0)
+    config = BDHConfig(
+        n_layer=1, n_embd=16, n_head=1, mlp_internal_dim_multiplier=4, dropout=0.2, kernel="chunked", chunk_size=24
+    )
+    model = BDH(config).train()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    compiled = torch.compile(model.forward_stream, backend="aot_eager", fullgraph=True)
+    idx = torch.randint(0, 256, (2, 2 * T))
+    want_states = got_states = None
+    for k in range(2):  # a fresh stream, then one carrying its state
+        window, start = idx[:, k * T : (k + 1) * T], torch.tensor([0, 5000]) + k * T
+        torch.manual_seed(k)  # the same dropout seeds for both
+        want, want_states = model.forward_stream(window, start, want_states)
+        want_grads = torch.autograd.grad(want.square().mean(), list(model.parameters()))
+        torch.manual_seed(k)
+        got, got_states = compiled(window, start, got_states)
+        got_grads = torch.autograd.grad(got.square().mean(), list(model.parameters()))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_states, want_states, rtol=1e-4, atol=1e-4)
+        for g, e in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        want_states = [s.detach() for s in want_states]
+        got_states = [s.detach() for s in got_states]
+
+
+def test_compiled_training_with_carried_state(tmp_path, monkeypatch):
+    """model.compile with model.carry_state: a short fit through the CLI trains through the compiled (inductor)
+    forward_stream and carries the state into its checkpoint. (No validation: each of its graphs is another
+    compile; the validation's code is the same with compile off, tested above.)"""
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    args = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "2", "--model.compile", "true"]
+    small = ["--model.n_layer", "1", "--model.n_head", "1", "--model.kernel", "reference"]
+    cli = BDHCLI(args=[*args, *small, "--trainer.num_sanity_val_steps", "0", "--trainer.val_check_interval", "4"])
+    module = cli.model
+    assert module._compiled and module.model.forward_stream is not BDH.forward_stream.__get__(module.model)
+    assert module.stream_states is not None and module.stream_states[0].abs().sum() > 0
+    last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    saved = torch.load(last, weights_only=True)["carried_state"]
+    torch.testing.assert_close(saved[0], torch.stack(module.stream_states))
