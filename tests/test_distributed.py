@@ -179,3 +179,35 @@ def test_dataloader_workers_started_by_spawn_get_the_same_batches(tmp_path):
     assert len(got_train) == 6 and len(got_val) == len(expected_val) >= 2
     for got, want in zip(got_train + got_val, expected_train + expected_val):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_two_ranks_carry_their_own_streams_and_resume_exactly(tmp_path):
+    """data.sampling streams + model.carry_state on two CPU ranks: each rank carries the state of its own
+    streams, every rank's state is in the checkpoint, and a run resumed halfway ends with the same weights as
+    the straight run, bit for bit."""
+    from conftest import TINY_ARGS, write_letters
+
+    write_letters(tmp_path / "corpus.txt")
+    args = [*TINY_ARGS, "--data.path", "corpus.txt", "--data.sampling", "streams", "--model.carry_state", "true",
+            "--model.dropout", "0.1", "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.val_check_interval", "4", "--checkpoint.every_n_train_steps", "2",
+            "--sample.length", "0", "--sparsity.max_batches", "1"]  # fmt: skip
+
+    def fit(root: str, steps: int, *extra: str) -> Path:
+        command = [sys.executable, "-m", "bdh_lightning", "fit", *args, "--trainer.max_steps", str(steps)]
+        run = subprocess.run([*command, "--trainer.default_root_dir", root, *extra], cwd=tmp_path, env=ENV,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        versions = sorted((tmp_path / root / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+        return versions[-1] / "checkpoints/last.ckpt"  # a resumed run writes a version of its own
+
+    straight = torch.load(fit("a", 4), weights_only=True)
+    carried = straight["carried_state"]  # ranks, layers, batch rows, heads, N, D
+    assert carried.shape[:3] == (2, 2, 2) and carried.abs().sum() > 0
+    assert not torch.equal(carried[0], carried[1])  # two ranks, two sets of streams
+    halfway = fit("b", 2)
+    resumed = torch.load(fit("b", 4, "--ckpt_path", str(halfway)), weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 4
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert torch.equal(resumed["carried_state"], carried)
