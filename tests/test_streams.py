@@ -356,3 +356,30 @@ def test_compiled_training_with_carried_state(tmp_path, monkeypatch):
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     saved = torch.load(last, weights_only=True)["carried_state"]
     torch.testing.assert_close(saved[0], torch.stack(module.stream_states))
+
+
+def test_gradient_accumulation_carries_the_state_from_micro_batch_to_micro_batch(tmp_path, monkeypatch):
+    """With trainer.accumulate_grad_batches 2 each micro-batch is the next window of the same streams and reads
+    the state the previous micro-batch wrote (a window's gradient still stays within it)."""
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    seen = []
+    forward_stream = BDH.forward_stream
+
+    def recording(self, idx, start, states=None, exact=False):
+        logits, written = forward_stream(self, idx, start, states, exact)
+        if self.training:
+            seen.append((start.tolist(), None if states is None else [s.clone() for s in states], written))
+        return logits, written
+
+    monkeypatch.setattr(BDH, "forward_stream", recording)
+    args = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", "2"]
+    cli = BDHCLI(args=[*args, "--trainer.accumulate_grad_batches", "2", "--trainer.num_sanity_val_steps", "0"])
+    assert cli.trainer.global_step == 2 and len(seen) == 4  # two optimizer steps of two windows each
+    block = cli.datamodule.block_size
+    starts = [start for start, _, _ in seen]
+    assert starts == [[k * block] * 4 for k in range(4)]  # every row's stream continues window after window
+    assert seen[0][1] is None
+    for (_, _, written), (_, read, _) in zip(seen, seen[1:]):
+        for w, r in zip(written, read):
+            torch.testing.assert_close(r, w, rtol=0, atol=0)
