@@ -19,7 +19,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .errors import CheckpointError, ResourceError, one_line
 from .model import BDH, BDHConfig
-from .weights import load_weights
 
 
 def find_last(root: str | Path = "lightning_logs") -> Path:
@@ -41,26 +40,37 @@ def find_last(root: str | Path = "lightning_logs") -> Path:
     return max(found)[1]
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """The contents of a Lightning checkpoint, unpickled with weights_only=True: tensors and plain values only,
-    so a file carrying a pickled function or object is refused instead of run. Tensors stay memory-mapped."""
+def load_plain(path: str | Path, checkpoint: bool = False) -> object:
+    """torch.load with weights_only=True: tensors and plain values only, so a file carrying a pickled object or
+    function is refused instead of run; memory-mapped where torch.save's zip format allows. Every failure is one
+    CheckpointError line, worded for a Lightning `checkpoint` (read_checkpoint) or for weights in any format."""
+    subject = f"checkpoint {path}" if checkpoint else str(path)
+    writer = "a checkpoint written by `fit`" if checkpoint else "a file written by `fit` or `export`"
+    foreign = "not a PyTorch checkpoint" if checkpoint else "neither a PyTorch nor a safetensors file"
+    hint = " (e.g. an earlier .ckpt in the same checkpoints/ folder)" if checkpoint else ""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as file:
+            zipped = file.read(4) == b"PK\x03\x04"  # torch.save's format; only it can be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as error:
         payload = re.search(r"GLOBAL (\S+)", str(error))
         if payload:
             raise CheckpointError(
-                f"checkpoint {path} contains a pickled reference to {payload[1]}, which loading would run; refused "
-                "(only tensors and plain values are loaded): use a checkpoint written by `fit`"
+                f"{subject} contains a pickled reference to {payload[1]}, which loading would run; refused (only "
+                f"tensors and plain values are loaded): use {writer}"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint; use another one") from None
+        noun = "checkpoint" if checkpoint else "file"
+        raise CheckpointError(f"{subject} is corrupt or not a PyTorch {noun}; use another one{hint}") from None
     except OSError as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
-    except Exception:  # noqa: BLE001 -- torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {path} is truncated, corrupt or not a PyTorch checkpoint; use another one "
-            "(e.g. an earlier .ckpt in the same checkpoints/ folder)"
-        ) from None
+        raise CheckpointError(f"cannot read {subject}: {error.strerror or error}") from None
+    except Exception:  # noqa: BLE001 (torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files)
+        raise CheckpointError(f"{subject} is truncated, corrupt or {foreign}; use another one{hint}") from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a Lightning checkpoint, unpickled with weights_only=True: tensors and plain values only,
+    so a file carrying a pickled function or object is refused instead of run. Tensors stay memory-mapped."""
+    checkpoint = load_plain(path, checkpoint=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(
             f"checkpoint {path} is not a Lightning checkpoint (no state_dict); use one written by `fit`"
@@ -233,23 +243,6 @@ def write_failure(error: BaseException) -> str:
     if isinstance(error, OSError):
         return error.strerror or str(error) or type(error).__name__
     return one_line(error)
-
-
-def load_model_from_checkpoint(
-    path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None
-) -> BDH:
-    """The `BDH` held by a checkpoint of this project or an exported weights file, float32, eval mode, on `device`.
-
-    `path` is a .ckpt written by `fit`, a reference state_dict (.pt; its settings in the .json beside it), a
-    safetensors file, or a Hugging Face folder (weights.py). The model settings come from the file; `settings`
-    (n_layer, n_embd, n_head, mlp_internal_dim_multiplier, dropout) supply what it lacks and override what it
-    says. Only plain data is unpickled: a file that would run code is refused; the weights are checked.
-    """
-    config, tensors, _ = load_weights(path, settings)  # kernel: the machine's choice (auto), not the file's
-    with torch.device("meta"):  # no random initialisation of weights about to be replaced
-        model = BDH(config)
-    model.load_state_dict(tensors, assign=True)  # names and shapes already checked
-    return model.float().eval().to(device)
 
 
 def run_precision(ckpt_path: Path) -> str | None:

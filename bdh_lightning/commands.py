@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from .checkpoints import find_last, load_model_from_checkpoint, run_precision
+from .checkpoints import find_last, run_precision
 from .cli import parse_settings
 from .console import device_memory
 from .errors import ResourceError, UsageError, positive_int, sampling_settings
@@ -24,6 +24,7 @@ from .estimate import estimate_memory, format_bytes, normalize_precision, parse_
 from .generate import Generator
 from .model import BDHConfig
 from .precision import compute_dtype, default_precision
+from .weights import load_model_from_checkpoint
 
 
 def resolve_device(name: str) -> torch.device:

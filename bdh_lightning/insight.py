@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from .checkpoints import find_last, load_model_from_checkpoint, read_checkpoint
+from .checkpoints import find_last, read_checkpoint
 from .data import TINYSHAKESPEARE, download_tinyshakespeare, read_corpus
 from .errors import (
     ConfigError,
@@ -45,6 +45,7 @@ from .errors import (
 from .layer import decode, layer_output, neuron_activations, rope_cos_sin
 from .model import BDH, BDHConfig
 from .monitor import logged_step
+from .weights import load_model_from_checkpoint
 
 KINDS = ("a", "b", "ab")  # relu(x E), relu(y Ev), their product a*b (what the decoder reads)
 ALWAYS_ON = 0.99  # a neuron firing at this share of positions or more counts as always on

@@ -23,8 +23,6 @@ import errno
 import json
 import math
 import os
-import pickle
-import re
 import shutil
 import struct
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from .checkpoints import load_plain
 from .errors import CheckpointError, ConfigError, ResourceError, UsageError, is_int, one_line
 from .layer import rope_frequencies
 from .model import ARCHITECTURE, BDH, BDHConfig
@@ -106,28 +105,6 @@ def is_safetensors_header(head: bytes, size: int) -> bool:
         return False
     (header_length,) = struct.unpack("<Q", head[:8])
     return head[8:9] == b"{" and 8 + header_length <= size
-
-
-def load_plain(path: Path) -> object:
-    """torch.load with weights_only=True: tensors and plain values only, a pickled object or function is refused."""
-    with open(path, "rb") as file:
-        zipped = file.read(4) == b"PK\x03\x04"  # torch.save's format; only it can be memory-mapped
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
-    except pickle.UnpicklingError as error:
-        payload = re.search(r"GLOBAL (\S+)", str(error))
-        if payload:
-            raise CheckpointError(
-                f"{path} contains a pickled reference to {payload[1]}, which loading would run; refused (only "
-                "tensors and plain values are loaded): use a file written by `fit` or `export`"
-            ) from None
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch file; use another one") from None
-    except OSError as error:
-        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
-    except Exception:  # noqa: BLE001 (torch raises RuntimeError, EOFError, ValueError... for truncated or foreign files)
-        raise CheckpointError(
-            f"{path} is truncated, corrupt, or neither a PyTorch nor a safetensors file; use another one"
-        ) from None
 
 
 def read_torch_file(path: Path) -> Weights:
@@ -353,6 +330,23 @@ def load_weights(path: str | Path, settings: dict | None = None) -> tuple[BDHCon
     weights = read_weights(path)
     config = resolve_config(weights, settings)
     return config, check_weights(weights.tensors, config, weights.path), weights
+
+
+def load_model_from_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None
+) -> BDH:
+    """The `BDH` held by a checkpoint of this project or an exported weights file, float32, eval mode, on `device`.
+
+    `path` is a .ckpt written by `fit`, a reference state_dict (.pt; its settings in the .json beside it), a
+    safetensors file, or a Hugging Face folder (weights.py). The model settings come from the file; `settings`
+    (n_layer, n_embd, n_head, mlp_internal_dim_multiplier, dropout) supply what it lacks and override what it
+    says. Only plain data is unpickled: a file that would run code is refused; the weights are checked.
+    """
+    config, tensors, _ = load_weights(path, settings)  # kernel: the machine's choice (auto), not the file's
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = BDH(config)
+    model.load_state_dict(tensors, assign=True)  # names and shapes already checked
+    return model.float().eval().to(device)
 
 
 def weights_to_start_from(path: str | Path, config: BDHConfig) -> tuple[dict[str, torch.Tensor], dict]:

@@ -95,7 +95,6 @@ EQUIVALENT = [
     ("model", "forward_stream", "device=None", CPU_ONLY),
     ("model", "forward_stream", "torch.arange(T, )", CPU_ONLY),
     ("model", "forward_stream", "torch.arange(start, start + T, )", CPU_ONLY),
-    ("checkpoints", "load_model_from_checkpoint", ".to(None)", CPU_ONLY),
     (
         "checkpoints",
         "on_train_batch_end",
@@ -120,10 +119,10 @@ EQUIVALENT = [
         "if self.save_last or not",
         "ModelCheckpoint._save_last_checkpoint returns at once without save_last",
     ),
-    ("checkpoints", "read_checkpoint", "map_location=None", "map_location only matters for tensors saved on a GPU"),
-    ("checkpoints", "read_checkpoint", "torch.load(path, weights_only=True, mmap=True)", "as map_location=None"),
-    ("checkpoints", "read_checkpoint", "weights_only=None", "torch >= 2.6 defaults to weights_only=True"),
-    ("checkpoints", "read_checkpoint", 'map_location="cpu", mmap=True)', "torch >= 2.6 defaults to weights_only=True"),
+    ("checkpoints", "load_plain", "map_location=None", "map_location only matters for tensors saved on a GPU"),
+    ("checkpoints", "load_plain", "torch.load(path, weights_only=True, mmap=zipped)", "as map_location=None"),
+    ("checkpoints", "load_plain", "weights_only=None", "torch >= 2.6 defaults to weights_only=True"),
+    ("checkpoints", "load_plain", 'map_location="cpu", mmap=zipped)', "torch >= 2.6 defaults to weights_only=True"),
     ("checkpoints", "run_precision", '.get("trainer", None)', "None.get's AttributeError is caught: None either way"),
     ("checkpoints", "run_precision", '.get("trainer", )', "None.get's AttributeError is caught: None either way"),
     (

@@ -18,13 +18,13 @@ from bdh_lightning.checkpoints import (
     check_model_shape,
     find_last,
     last_good_checkpoint,
-    load_model_from_checkpoint,
     read_checkpoint,
     run_precision,
     write_failure,
 )
 from bdh_lightning.errors import CheckpointError, ResourceError
 from bdh_lightning.module import BDHLitModule
+from bdh_lightning.weights import load_model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def test_read_checkpoint_refuses_a_pickled_call_naming_it(tmp_path):
     "content, expected",
     [
         (
-            b"not a checkpoint\n",
-            "is truncated, corrupt or not a PyTorch checkpoint; use another one (e.g. an earlier .ckpt",
+            b"not a checkpoint\n",  # not torch.save's zip: the legacy unpickler reads it and fails
+            "is corrupt or not a PyTorch checkpoint; use another one (e.g. an earlier .ckpt",
         ),
         (b"", "is truncated, corrupt or not a PyTorch checkpoint"),
     ],
@@ -473,7 +473,10 @@ def test_an_unpickling_error_without_a_payload_is_corrupt(tmp_path):
             dst.writestr(name, b"\x80\x02(I1\ni." if name.endswith("data.pkl") else src.read(name))
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(bad)
-    assert message(error) == f"checkpoint {bad} is corrupt or not a PyTorch checkpoint; use another one"
+    assert message(error) == (
+        f"checkpoint {bad} is corrupt or not a PyTorch checkpoint; use another one "
+        "(e.g. an earlier .ckpt in the same checkpoints/ folder)"
+    )
 
 
 def test_foreign_names_are_listed_three_at_most():

@@ -311,7 +311,7 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(trained, capsys, monk
     "args, expected",
     [
         (["--ckpt_path", "truncated.ckpt"], "checkpoint truncated.ckpt is truncated, corrupt or not a PyTorch checkpoint"),
-        (["--ckpt_path", "notes.ckpt"], "checkpoint notes.ckpt is truncated, corrupt or not a PyTorch checkpoint"),
+        (["--ckpt_path", "notes.ckpt"], "checkpoint notes.ckpt is corrupt or not a PyTorch checkpoint; use another one"),
         (["--ckpt_path", "bare.ckpt", "--model.n_embd", "64"], "checkpoint bare.ckpt holds a model of another shape: model.encoder is (2, 32, 128) there but (2, 64, 256)"),
         (["--model.n_layr", "2"], "unrecognized arguments: --model.n_layr"),
         (["--model.n_layer", "two"], 'Parser key "model.n_layer": Expected a <class \'int\'>. Got value: two'),

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import TINY_MODEL
 
-from bdh_lightning.checkpoints import load_model_from_checkpoint
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.commands import shown
 from bdh_lightning.generate import (
@@ -21,6 +20,7 @@ from bdh_lightning.generate import (
 from bdh_lightning.main import main as cli_main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
+from bdh_lightning.weights import load_model_from_checkpoint
 
 TINY = TINY_MODEL
 

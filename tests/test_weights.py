@@ -19,14 +19,13 @@ from torch import nn
 
 from bdh_lightning import __version__
 from bdh_lightning import weights as weights_module
-from bdh_lightning.checkpoints import load_model_from_checkpoint
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.errors import CheckpointError, ResourceError, UsageError
 from bdh_lightning.export import export_command
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
-from bdh_lightning.weights import read_weights
+from bdh_lightning.weights import load_model_from_checkpoint, read_weights
 
 OUTPUTS = {"reference": "model.pt", "safetensors": "model.safetensors", "hf": "model_hf"}
 
