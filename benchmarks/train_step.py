@@ -42,10 +42,11 @@ def read_config(path: str | Path) -> tuple[dict, int, int]:
 @dataclass
 class Setup:
     kernel: str
-    mode: str  # eager or compiled
+    mode: str  # eager or compiled, and "-carried": windows continuing streams with the state (model.carry_state)
     model: BDH
     optimizer: torch.optim.Optimizer
     step: callable  # one training step on the benchmark's bytes
+    states: list | None = None  # "-carried": each layer's state, as the module keeps it between steps
 
 
 def build(
@@ -61,14 +62,24 @@ def build(
     if not row.autocast:
         model = model.to(row.compute_dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if mode == "compiled":
+    carried = mode.endswith("-carried")
+    if mode.startswith("compiled"):
         model.forward = torch.compile(model.forward, backend=backend)
+        model.forward_stream = torch.compile(model.forward_stream, backend=backend)
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" and device.type == "cuda" else None
+    B, T = idx.shape[0], idx.shape[1] - 1
+    states: list = []
+    position = [torch.full((B,), T, device=device)]  # every row one window into its stream, then onwards
 
     def step() -> None:
         # Lightning's mixed precision: autocast without a cast cache.
         with torch.autocast(device.type, dtype=row.compute_dtype, enabled=row.autocast, cache_enabled=False):
-            logits = model(idx[:, :-1])
+            if carried:
+                logits, written = model.forward_stream(idx[:, :-1], position[0], states or None)
+                states[:] = [state.detach() for state in written]
+                position[0] = position[0] + T
+            else:
+                logits = model(idx[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -79,7 +90,7 @@ def build(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Setup(kernel, mode, model, optimizer, step)
+    return Setup(kernel, mode, model, optimizer, step, states if carried else None)
 
 
 def synchronize(device: torch.device) -> None:
@@ -137,10 +148,10 @@ def measure_setups(setups: list[Setup], idx: torch.Tensor, steps: int, rounds: i
 
 def memory_of(setup: Setup, idx: torch.Tensor, autocast_dtype) -> tuple[int | None, int]:
     """(bytes saved for backward or None, peak bytes) of one more step."""
-    if setup.mode == "eager":
-        return measure_step(setup.model, setup.optimizer, idx, autocast_dtype)
+    if setup.mode.startswith("eager"):
+        return measure_step(setup.model, setup.optimizer, idx, autocast_dtype, states=setup.states)
     state = [t for s in setup.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    live = tensor_bytes(setup.model.parameters()) + tensor_bytes(state) + tensor_bytes([idx])
+    live = tensor_bytes(setup.model.parameters()) + tensor_bytes(state) + tensor_bytes([idx, *(setup.states or [])])
     return None, measure_peak_bytes(setup.step, idx.device, live)
 
 
@@ -158,12 +169,12 @@ def run(config_path, model_kwargs, batch, block, device, kernels, modes, precisi
     for s in setups:
         seconds = statistics.median(times[(s.kernel, s.mode)])
         saved, peak = memory_of(s, idx, row.compute_dtype if row.autocast else None)
-        settings = {**model_kwargs, "kernel": s.kernel}
+        settings = {**model_kwargs, "kernel": s.kernel, "carry_state": s.states is not None}
         predicted = estimate_memory(settings, batch, block, precision, device.type).kernels[s.kernel].peak_bytes
         first_s = first[(s.kernel, s.mode)]
         results.append(Result(
             str(config_path), s.kernel, s.mode, precision, str(device), batch, block, seconds * 1e3, batch * block / seconds,
-            first_s, first_s - seconds if s.mode == "compiled" else None, peak, saved, predicted,
+            first_s, first_s - seconds if s.mode.startswith("compiled") else None, peak, saved, predicted,
             step_flops / seconds / peak_flops if peak_flops else None, [t * 1e3 for t in times[(s.kernel, s.mode)]],
         ))  # fmt: skip
     return results
@@ -189,7 +200,11 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--kernels", default="reference,chunked")
-    parser.add_argument("--modes", default="eager,compiled", help="eager, compiled or both")
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled",
+        help="eager, compiled, and eager-carried / compiled-carried (windows carrying the state, model.carry_state)",
+    )
     parser.add_argument("--precision", help="Lightning precision (default: bf16-mixed on CUDA, 32-true on the CPU)")
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per setup and round")
     parser.add_argument("--rounds", type=int, default=3)
