@@ -1,5 +1,6 @@
 """ByteDataModule: windows, splits, seeding per rank and step, resuming, inputs, bad inputs, download."""
 
+import gc
 import hashlib
 import http.server
 import os
@@ -7,6 +8,8 @@ import pickle
 import re
 import socket
 import stat
+import struct
+import sys
 import threading
 import urllib.error
 from types import SimpleNamespace
@@ -246,7 +249,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
         monkeypatch.setattr(data, "open", guarded_open, raising=False)
     message = assert_one_line_error("cannot read", str(path))
-    assert "Permission denied" in message and "secret.txt" in message
+    assert message == f"cannot read data file {path}: Permission denied; fix its permissions or leave it out"
 
 
 def test_corpus_too_short_for_a_window_in_either_split(tmp_path):
@@ -277,8 +280,8 @@ def test_bad_settings(corpus, setting):
 def server():
     """A local HTTP server: set `served.body`; `served.requests` counts the requests. `served.on_request` (if set)
     runs as a request arrives; `served.length = False` leaves out Content-Length (the body ends when the
-    connection closes, HTTP/1.0)."""
-    served = SimpleNamespace(body=b"", requests=0, on_request=None, length=True)
+    connection closes, HTTP/1.0); `served.reset = True` resets the connection after the first kilobyte."""
+    served = SimpleNamespace(body=b"", requests=0, on_request=None, length=True, reset=False)
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -292,6 +295,11 @@ def server():
             if served.length:
                 self.send_header("Content-Length", str(len(served.body)))
             self.end_headers()
+            if served.reset:  # an RST (linger 0) mid-body: the reader gets ECONNRESET
+                self.wfile.write(served.body[:1000])
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                return
             self.wfile.write(served.body)
 
         def log_message(self, *args):
@@ -334,7 +342,10 @@ def test_download_with_a_wrong_hash_is_refused(server, cache, monkeypatch):
     monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
     with pytest.raises(DataError, match="sha256") as error:
         ByteDataModule(block_size=T).prepare_data()
-    assert "\n" not in str(error.value)
+    assert str(error.value) == (
+        f"the file downloaded from {server.url} has sha256 {hashlib.sha256(server.body).hexdigest()}, expected "
+        f"{data.TINYSHAKESPEARE_SHA256}; check BDH_LIGHTNING_TINYSHAKESPEARE_URL or use a local copy with --data.path"
+    )
     assert os.listdir(cache) == []
 
 
@@ -507,7 +518,11 @@ def test_test_path_is_a_corpus_of_its_own_that_may_not_share_files_with_training
             assert offset_of(xi, held_out) >= 0
     assert "test 3 kB from" in dm.describe()
     os.link(path, tmp_path / "same.bin")
-    assert_one_line_error("shares 1 file", str(path), block_size=T, test_path=str(tmp_path / "same.bin"))
+    message = assert_one_line_error("shares 1 file", str(path), block_size=T, test_path=str(tmp_path / "same.bin"))
+    assert message == (
+        f"data.test_path {str(tmp_path / 'same.bin')!r} shares 1 file(s) with data.path (e.g. {tmp_path / 'same.bin'}); "
+        "the test split must hold bytes that training never sees: give it other files"
+    )
     assert_one_line_error("not both", str(path), test_path=str(tmp_path / "test.bin"), test_fraction=0.1)
 
 
@@ -701,7 +716,7 @@ def test_exclude_matches_the_path_inside_the_corpus_or_the_last_name():
 
 def test_a_walk_counts_what_it_leaves_out_and_reads_on_after_it(tmp_path):
     root = tmp_path / "corpus"
-    write_tree(root, {"docs/x.txt": random_bytes(2000, 1), "m.txt": random_bytes(1000, 2),
+    write_tree(root, {"docs/x.txt": random_bytes(2000, 1), "m.txt": random_bytes(1000, 2), "e1": b"", "z/e2": b"",
                       "skip/y.txt": random_bytes(500, 3), "z/notes.txt": random_bytes(500, 4)})  # fmt: skip
     for name in ("link1", "link2"):  # two more ways into docs/, sorted between docs/ and m.txt
         (root / name).symlink_to(root / "docs")
@@ -716,7 +731,7 @@ def test_a_walk_counts_what_it_leaves_out_and_reads_on_after_it(tmp_path):
     assert list(dm.listing.files) == [str(root / "docs/x.txt"), str(root / "m.txt")]
     assert dm.describe() == (
         f"corpus {root}: 2 files, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 2 broken link, "
-        "2 directory already read through another link, 2 excluded by data.exclude, 2 not regular files (FIFO), "
+        "2 directory already read through another link, 2 empty, 2 excluded by data.exclude, 2 not regular files (FIFO), "
         "1 not regular files (device), 1 not regular files (socket)"
     )
 
@@ -737,21 +752,23 @@ def test_a_glob_counts_what_it_leaves_out(tmp_path):
     root = tmp_path / "corpus"
     write_tree(root, {"a.txt": random_bytes(3000, 1), "b.log": random_bytes(100, 2), "sub/c.txt": random_bytes(400, 3),
                       "sub/d.txt": random_bytes(600, 4), "dir.txt/e": random_bytes(50, 5), "f.txt": b""})  # fmt: skip
-    (root / "dangling.txt").symlink_to(root / "nowhere")
-    os.mkfifo(root / "pipe.txt")
-    dm = ByteDataModule(str(root / "*"), block_size=T, batch_size=B, exclude=["*.log"])
+    for name in ("dangling.txt", "dangling2.txt"):
+        (root / name).symlink_to(root / "nowhere")
+    for name in ("pipe.txt", "pipe2.txt"):
+        os.mkfifo(root / name)
+    dm = ByteDataModule(str(root / "*"), block_size=T, batch_size=B, exclude=["*.log", "f.*"])
     assert list(dm.listing.files) == [str(root / "a.txt")]
     assert dm.describe() == (
-        f"corpus {root / '*'}: 1 file, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 1 broken "
-        "link, 2 directories matched by the glob (use ** to read inside), 1 empty, 1 excluded by data.exclude, "
-        "1 not regular files (FIFO)"
+        f"corpus {root / '*'}: 1 file, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 2 broken "
+        "link, 2 directories matched by the glob (use ** to read inside), 2 excluded by data.exclude, "
+        "2 not regular files (FIFO)"
     )
     # ** reads inside folders; data.exclude matches the path below the glob's fixed part.
     dm = ByteDataModule(str(root / "**" / "*.txt"), block_size=T, batch_size=B, exclude=["sub/c.txt"])
     assert list(dm.listing.files) == [str(root / "a.txt"), str(root / "sub/d.txt")]
     assert dm.corpus.read(0, 3600).tobytes() == random_bytes(3000, 1) + random_bytes(600, 4)
-    assert dm.listing.left_out == {"broken link": 1, "directories matched by the glob (use ** to read inside)": 1,
-                                   "empty": 1, "excluded by data.exclude": 1, "not regular files (FIFO)": 1}  # fmt: skip
+    assert dm.listing.left_out == {"broken link": 2, "directories matched by the glob (use ** to read inside)": 1,
+                                   "empty": 1, "excluded by data.exclude": 1, "not regular files (FIFO)": 2}  # fmt: skip
 
 
 def test_corpus_files_and_read_corpus_follow_the_listing(tmp_path, monkeypatch):
@@ -1102,3 +1119,175 @@ def test_a_listing_drops_second_links_and_keeps_names_and_sizes_in_step(tmp_path
     assert corpus.read(0, 6000).tobytes() == parts["a.txt"] + parts["b.txt"] + parts["d.txt"]
     single = data.list_corpus(str(root / "b.txt"))  # a file: its own name, no prefix
     assert list(single.files) == [str(root / "b.txt")] and single.sizes.tolist() == [2000] and not single.left_out
+
+
+def test_the_defaults_are_the_documented_ones():
+    dm = ByteDataModule()  # tiny Shakespeare: nothing is read or downloaded before prepare_data
+    assert (dm.path, dm.block_size, dm.batch_size, dm.val_fraction, dm.val_windows, dm.seed, dm.num_workers) == (
+        "tinyshakespeare", 512, 32, 0.1, 64, 1337, 0)  # fmt: skip
+    assert (dm.test_fraction, dm.test_path, dm.exclude, dm.include_hidden, dm.sampling) == (
+        0.0, None, [], False, "windows")  # fmt: skip
+    assert dm.corpus is None and dm.listing is None
+
+
+def test_data_path_that_cannot_be_stat_ed_is_one_line(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file.txt").write_bytes(random_bytes(100))
+    for path, why in (
+        (tmp_path / "loop", "Too many levels of symbolic links"),
+        (tmp_path / "file.txt/x", "Not a directory"),
+    ):
+        with pytest.raises(DataError) as error:
+            ByteDataModule(str(path), block_size=T)
+        assert str(error.value) == f"cannot read data.path {str(path)!r}: {why}"
+
+
+def test_a_listing_is_compact_and_hides_hidden_files_by_default(tmp_path):
+    root = tmp_path / ("a-long-folder-name-" * 8)  # every file under a long prefix, stored once
+    write_tree(root, {f"f{i:03d}.txt": random_bytes(20, i) for i in range(200)} | {".hidden": b"h"})
+    listing = data.list_corpus(str(root))
+    assert listing.path == str(root) and len(listing.files) == 200 and listing.left_out == {"hidden": 1}
+    assert listing.files[7] == str(root / "f007.txt")
+    assert len(pickle.dumps(listing.files)) < 200 * 25  # names inside the folder and offsets: ~8 + 8 bytes a file
+    corpus = data.ByteCorpus(listing.files, listing.sizes)
+    assert isinstance(corpus.files, data.PathList)  # the corpus keeps the compact list (and workers get it)
+    assert len(pickle.dumps(corpus)) < 200 * 40
+
+
+def test_a_glob_root_ends_before_its_first_wildcard_of_any_kind(tmp_path, monkeypatch):
+    write_tree(tmp_path, {"dir/x1.txt": random_bytes(300, 1), "dir/x2.txt": random_bytes(300, 2)})
+    # data.exclude matches the path below the glob's fixed part: "dir/x1.txt" for each of these patterns.
+    for pattern in ("d?r/x*.txt", "d[i]r/x*.txt", "d*/x?.txt"):
+        dm = ByteDataModule(str(tmp_path / pattern), block_size=T, exclude=["dir/x1.txt"])
+        assert list(dm.listing.files) == [str(tmp_path / "dir/x2.txt")], pattern
+    monkeypatch.chdir(tmp_path / "dir")  # a glob relative to the working directory: the paths as matched
+    dm = ByteDataModule("x*.txt", block_size=T, exclude=["x2.txt"])
+    assert list(dm.listing.files) == ["x1.txt"]
+
+
+def test_nothing_is_stat_ed_again_once_listed(tmp_path, monkeypatch):
+    write_tree(tmp_path / "train", {"a.txt": random_bytes(2000, 1), "b.txt": random_bytes(1000, 2)})
+    write_tree(tmp_path / "test", {"c.txt": random_bytes(500, 3), "d.log": random_bytes(500, 4), ".e": b"e" * 100})
+    listed, again = set(), []
+    real_list_corpus, real_stat = data.list_corpus, os.stat
+
+    def list_corpus(*args, **kwargs):
+        listing = real_list_corpus(*args, **kwargs)
+        listed.update(listing.files)
+        return listing
+
+    def counting_stat(path, *args, **kwargs):
+        if os.fspath(path) in listed:
+            again.append(os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "list_corpus", list_corpus)
+    monkeypatch.setattr(data.os, "stat", counting_stat)
+    dm = ByteDataModule(str(tmp_path / "train"), block_size=T, test_path=str(tmp_path / "test"), exclude=["*.log"])
+    assert again == [] and len(listed) == 3
+    # data.exclude and data.include_hidden apply to the test corpus too.
+    assert len(dm.corpus) == 3000 and len(dm.test_corpus) == 500
+    listed.clear()
+    dm = ByteDataModule(str(tmp_path / "train"), block_size=T, test_path=str(tmp_path / "test"), include_hidden=True)
+    assert len(dm.test_corpus) == 1100 and again == []
+
+
+def test_a_downloaded_corpus_is_stat_ed_once_when_set_up(server, cache, monkeypatch):
+    server.body = random_bytes(5000, 7)
+    monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
+    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    dm = ByteDataModule(block_size=T, batch_size=B)
+    dm.prepare_data()
+    real_list_corpus, real_stat = data.list_corpus, os.stat
+    listed, again = [], []
+    monkeypatch.setattr(data, "list_corpus", lambda *a, **k: listed.append(real_list_corpus(*a, **k)) or listed[-1])
+    monkeypatch.setattr(
+        data.os, "stat", lambda p, *a, **k: (again.append(p) if listed else None) or real_stat(p, *a, **k)
+    )
+    dm.setup("fit")
+    assert again == [] and len(dm.corpus) == 5000 and list(dm.listing.files) == [str(cache / "tinyshakespeare.txt")]
+
+
+def test_a_connection_reset_mid_download_is_one_line(server, cache, monkeypatch):
+    server.body, server.reset = random_bytes(50_000, 7), True
+    monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
+    with pytest.raises(DataError) as error:
+        data.download_tinyshakespeare()
+    assert str(error.value) == (
+        f"could not download tiny Shakespeare from {server.url} ([Errno 104] Connection reset by peer); use a local "
+        "copy instead, e.g. --data.path data/tinyshakespeare.txt (a file, a directory or a glob also work)"
+    )
+    assert os.listdir(cache) == []
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_releases_every_descriptor_and_reading_after_it_reopens(tmp_path):
+    files = [tmp_path / f"{i}.bin" for i in range(5)]
+    for i, file in enumerate(files):
+        file.write_bytes(random_bytes(100, i))
+    before = open_descriptors()
+    corpus = data.ByteCorpus(files)
+    assert corpus.files == [str(f) for f in files]  # paths given as Path objects: kept as str
+    assert corpus.read(0, 500).tobytes() == b"".join(random_bytes(100, i) for i in range(5))
+    assert open_descriptors() == before + 5
+    corpus.close()
+    assert open_descriptors() == before
+    assert corpus.read(150, 100).tobytes() == random_bytes(100, 1)[50:] + random_bytes(100, 2)[:50]
+    assert open_descriptors() == before + 2
+    corpus.close()
+    corpus.close()  # twice: nothing left to close
+    assert open_descriptors() == before
+
+
+def test_the_least_recently_used_descriptor_is_closed_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_OPEN_FILES", 2)
+    files = [tmp_path / f"{i}.bin" for i in range(3)]
+    for i, file in enumerate(files):
+        file.write_bytes(random_bytes(100, i))
+    corpus = data.ByteCorpus(files)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(data.os, "open", lambda path, *a: opened.append(os.path.basename(path)) or real_open(path, *a))
+    for i in (0, 1, 0, 2, 0, 1):  # 2 closes 1 (not 0, just used); the last 1 closes 2
+        assert corpus.read(100 * i, 10).tobytes() == random_bytes(100, i)[:10]
+    assert opened == ["0.bin", "1.bin", "2.bin", "1.bin"]
+    corpus.close()
+
+
+def test_short_reads_are_continued(corpus, monkeypatch):
+    path, raw = corpus
+    real_preadv = os.preadv
+    monkeypatch.setattr(data.os, "preadv", lambda fd, buffers, offset: real_preadv(fd, [buffers[0][:7]], offset))
+    assert data.read_corpus(str(path)).read(1000, 100).tobytes() == raw[1000:1100]  # 15 reads of up to 7 bytes
+
+
+def test_a_too_small_split_beside_a_test_corpus_of_exactly_one_window(tmp_path):
+    (tmp_path / "train.bin").write_bytes(random_bytes(100, 1))
+    (tmp_path / "test.bin").write_bytes(random_bytes(17, 2))
+    with pytest.raises(DataError) as error:
+        ByteDataModule(str(tmp_path / "train.bin"), block_size=T, test_path=str(tmp_path / "test.bin"))
+    assert str(error.value) == (
+        f"data.path {str(tmp_path / 'train.bin')!r} has 100 bytes, split into 90 for training, 10 for validation and "
+        "17 for test, but each split needs at least block_size + 1 = 17; use a smaller data.block_size, a different "
+        "data.val_fraction, or more data"
+    )
+
+
+def test_loaders_use_the_workers_asked_for(corpus):
+    dm = ByteDataModule(str(corpus[0]), block_size=T, batch_size=B, num_workers=2, test_fraction=0.1)
+    assert [loader.num_workers for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader())] == [
+        2, 2, 2]  # fmt: skip
+    assert all(loader.batch_size is None for loader in (dm.train_dataloader(), dm.val_dataloader()))
+
+
+def test_a_corpus_that_failed_to_open_goes_quietly(tmp_path, monkeypatch):
+    (tmp_path / "a.bin").write_bytes(random_bytes(100))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # "Exception ignored in __del__" otherwise
+    with pytest.raises(DataError):
+        data.ByteCorpus([tmp_path / "a.bin", tmp_path / "gone.bin"])
+    gc.collect()
+    assert unraisable == []
