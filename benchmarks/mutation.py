@@ -125,6 +125,90 @@ EQUIVALENT = [
     ("checkpoints", "load_plain", 'map_location="cpu", mmap=zipped)', "torch >= 2.6 defaults to weights_only=True"),
     ("checkpoints", "run_precision", '.get("trainer", None)', "None.get's AttributeError is caught: None either way"),
     ("checkpoints", "run_precision", '.get("trainer", )', "None.get's AttributeError is caught: None either way"),
+    # data.py
+    *[
+        ("data", "excluded", text, "the last piece of a split at every / is the last piece of one split from the right")
+        for text in ('relative.rsplit("/", )[-1]', 'relative.rsplit("/", 2)[-1]')
+    ],
+    *[
+        ("data", "download_tinyshakespeare", text, "HTTP header names are case-insensitive (http.client's HTTPMessage)")
+        for text in ('headers.get("content-length")', 'headers.get("CONTENT-LENGTH")')
+    ],
+    *[
+        ("data", "download_tinyshakespeare", text, "the copy's chunk size: the same bytes written, hashed and counted")
+        for text in ("response.read(None)", "response.read(2 << 16)", "response.read(1 << 17)")
+    ],
+    (
+        "data",
+        "list_corpus",
+        "os.path.join(expanded, ) if",
+        "the prefix without its trailing /: each stored name keeps one byte more, the same paths",
+    ),
+    (
+        "data",
+        "list_corpus",
+        "if (root) or True else match",
+        "for a glob without a folder, relpath against '' (the working directory) is the match itself",
+    ),
+    *[
+        ("data", "__init__", text, "ByteCorpus opens and closes each file unread: buffering does not matter")
+        for text in ('open(file, "rb", )', 'open(file, "rb", buffering=1)')
+    ],
+    *[
+        ("data", "__init__", text, "sizes from a listing or os.stat are int64 anyway (numpy 2)")
+        for text in ("np.asarray(sizes, dtype=None)", "np.asarray(sizes, )")
+    ],
+    ("data", "__init__", 'prefix: str = "XXXX"', "list_corpus gives every Listing its prefix: the default is unused"),
+    (
+        "data",
+        "__init__",
+        'array("Q")',
+        "signed and unsigned 64-bit arrays hold the same bytes for offsets, sizes, devices and inodes below 2**63",
+    ),
+    *[
+        ("data", "__init__", text, "finish() sets files, sizes and identities before list_corpus returns a listing")
+        for text in ("self.files, self.sizes = PathList(", 'self.identities = ""')
+    ],
+    (
+        "data",
+        "add",
+        "if (name.startswith(self._prefix_bytes)) or True",
+        "every name list_corpus adds starts with its listing's prefix",
+    ),
+    *[
+        ("data", "finish", text, "as float64 bit patterns the (device, inode) pairs stay distinct and compare alike")
+        for text in (
+            "np.frombuffer(self._devices, None)",
+            "np.frombuffer(self._devices, )",
+            "np.frombuffer(self._inodes, None)",
+            "np.frombuffer(self._inodes, )",
+        )
+    ],
+    (
+        "data",
+        "finish",
+        'self.left_out["already read through another link"] = int(',
+        "finish runs once per listing and is the only writer of that reason",
+    ),
+    ("data", "finish", 'self._inodes = ""', "both drop the arrays the listing was built in"),
+    ("data", "descriptor", "popitem(last=None)", "None is false: last=False"),
+    (
+        "data",
+        "pread_into",
+        "while done <= len(buffer):",
+        "one more preadv, of an empty buffer: it returns 0 and breaks",
+    ),
+    ("data", "shrunk", "str(None)", "an OSError from os.stat always carries strerror: str(error) is never reached"),
+    *[
+        ("data", "loader", text, "pin_memory is False without CUDA (on a GPU: the same values, copied unpinned)")
+        for text in ("pin_memory=None)", "num_workers=self.num_workers, )")
+    ],
+    (
+        "data",
+        "batch",
+        "rng.integers(self.train_size - self.block_size, size=",
+        "Generator.integers(n) draws exactly as integers(0, n) (checked)",
+    ),
     (
         "module",
         "on_train_batch_start",
@@ -205,6 +289,10 @@ def write_config(work: Path, module: str) -> None:
         f'only_mutate = ["bdh_lightning/{module}.py"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(selection)}\n"
         "timeout_multiplier = 5.0\n"
+        # mutmut's wall limit is (estimated seconds + constant) * multiplier; with its default constant (1 s) a
+        # mutant of a function whose tests take milliseconds had ~5 s, and on this shared machine 131 data.py
+        # mutants "timed out" that then passed (or failed) normally when re-run: a timeout must be a real hang.
+        "timeout_constant = 5.0\n"
     )
     (work / "pyproject.toml").write_text(text)
 
