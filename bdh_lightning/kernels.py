@@ -122,6 +122,14 @@ def apply_layer(
     return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
 
 
+# `torch.compile` traces BDH's layers (one set of weights, the same shapes) as one nested region compiled once
+# and stamped out n_layer times, instead of unrolling every layer into one graph: the chunked kernel's heads and
+# chunks unroll into many kernels, and compiling them per layer took minutes (BENCHMARKS.md). Outside
+# torch.compile the wrapper just calls apply_layer. Windows with carried state append to a list (a side effect a
+# region may not have), so forward_stream calls apply_layer itself.
+layer_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(apply_layer)  # torch >= 2.8
+
+
 def draw_seed() -> torch.Tensor:
     """A dropout seed for one layer call: an int64 scalar tensor in [0, 2**62) from torch's global CPU
     generator (so `seed_everything` and the module's per-step reseeding govern it). A tensor, not an int:

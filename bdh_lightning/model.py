@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import KERNELS, apply_layer
+from .kernels import KERNELS, apply_layer, layer_region
 from .layer import layer_norm, reference_layer, rope_cos_sin, stream_attention
 
 # The settings that define the function the model computes (and the shapes of its weights). The others
@@ -125,7 +125,7 @@ class BDH(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.neurons_per_head)
         x = self.embed_bytes(idx)
         for _ in range(c.n_layer):
-            x = apply_layer(
+            x = layer_region(
                 x,
                 self.encoder,
                 self.encoder_v,

@@ -294,6 +294,32 @@ def test_whole_model_traces_without_graph_breaks_in_training():
     assert explained.graph_count == 1
 
 
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+def test_the_layers_compile_as_one_region_stamped_out_per_layer(kernel):
+    """model.forward's layers are one nested compile region (kernels.layer_region): traced and compiled once,
+    called n_layer times (compile time does not grow with depth), and the compiled model computes what eager
+    does, dropout included (AOTAutograd's graphs run eagerly here, so torch's RNG draws the same seeds)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = BDH(tiny_config(kernel, dropout=0.2, n_layer=3)).train()
+    idx = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(model)(idx[:, :-1])
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    graph = explained.graphs[0]
+    calls = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 3 and len({n.args[0].target for n in calls}) == 1  # one subgraph, three calls
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    results = []
+    for forward in (compiled, model):
+        torch.manual_seed(1)
+        F.cross_entropy(forward(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_compiled_chunked_layer_equals_eager():
     """Inductor on the CPU: forward and every gradient of a compiled chunked layer (dropout, uneven
     chunks) equal the eager ones; the seed is an input, so one compiled graph serves every seed."""

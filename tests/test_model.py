@@ -365,13 +365,13 @@ def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
     import bdh_lightning.model as model_module
 
     calls = []
-    real_apply_layer = model_module.apply_layer
+    real_layer = model_module.layer_region  # apply_layer as one compile region (kernels.layer_region)
 
-    def recording_apply_layer(*args, **kwargs):
+    def recording_layer(*args, **kwargs):
         calls.append(kwargs)
-        return real_apply_layer(*args, **kwargs)
+        return real_layer(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "apply_layer", recording_apply_layer)
+    monkeypatch.setattr(model_module, "layer_region", recording_layer)
     config = BDHConfig(
         n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32
     )
