@@ -398,6 +398,17 @@ def run_module(module: str, max_children: int) -> dict:
     code = subprocess.call(
         [*mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
     )
+    # Timeouts count as killed, so each is run once more on its own batch: in data.py's full runs (2026-12-02) a
+    # block of download mutants hung only inside the long run, and then passed or failed at once when re-run.
+    timeouts = [name for name, status in results(work, module).items() if status == "timeout"]
+    if code == 0 and timeouts:
+        code = subprocess.call(
+            [*mutmut, "run", "--max-children", str(max_children), *timeouts],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     seconds = time.monotonic() - start
     if code != 0:
         print(f"{module}: mutmut exited {code}; see {work / 'mutmut.log'}", file=sys.stderr)
