@@ -124,8 +124,10 @@ class BDH(nn.Module):
         c = self.config
         cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.neurons_per_head)
         x = self.embed_bytes(idx)
+        # One compile region for every layer; the Triton kernel (never run inside such a region yet) is called as is.
+        layer = apply_layer if c.kernel == "fused" else layer_region
         for _ in range(c.n_layer):
-            x = layer_region(
+            x = layer(
                 x,
                 self.encoder,
                 self.encoder_v,

@@ -382,6 +382,18 @@ def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
     assert calls == [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
 
 
+@pytest.mark.parametrize("kernel, region", [("chunked", True), ("reference", True), ("auto", True), ("fused", False)])
+def test_forward_runs_layers_through_the_compile_region_except_fused(monkeypatch, kernel, region):
+    import bdh_lightning.model as model_module
+
+    called = []
+    monkeypatch.setattr(model_module, "layer_region", lambda x, *args, **kwargs: called.append("region") or x)
+    monkeypatch.setattr(model_module, "apply_layer", lambda x, *args, **kwargs: called.append("plain") or x)
+    config = BDHConfig(n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, kernel=kernel)
+    BDH(config)(random_bytes(1, 5))
+    assert called == ["region" if region else "plain"] * 3
+
+
 def test_forward_stream_exact_reads_in_float32_under_autocast_and_drops_out_in_training():
     torch.manual_seed(11)
     model = tiny_model(dropout=0.5, weight_std=0.3).eval()
