@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from bdh_lightning import data
 from bdh_lightning.data import ByteDataModule, DataError
@@ -316,7 +317,12 @@ def server():
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A cache folder two levels below folders that do not exist yet: the download makes them all."""
+    """A cache folder two levels below folders that do not exist yet: the download makes them all.
+
+    The download's progress bar gets a lock of this process only: tqdm's default lock is a semaphore shared
+    with every process forked after the first bar, and one that dies holding it (a broken bar in one of
+    mutmut's forked runs) would leave the download hanging in all the others."""
+    monkeypatch.setattr(tqdm, "_lock", threading.RLock(), raising=False)
     monkeypatch.setenv("BDH_LIGHTNING_CACHE", str(tmp_path / "home" / "cache"))
     return tmp_path / "home" / "cache"
 
