@@ -289,9 +289,8 @@ def write_config(work: Path, module: str) -> None:
         f'only_mutate = ["bdh_lightning/{module}.py"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(selection)}\n"
         "timeout_multiplier = 5.0\n"
-        # mutmut's wall limit is (estimated seconds + constant) * multiplier; with its default constant (1 s) a
-        # mutant of a function whose tests take milliseconds had ~5 s, and on this shared machine 131 data.py
-        # mutants "timed out" that then passed (or failed) normally when re-run: a timeout must be a real hang.
+        # mutmut's wall limit is (estimated seconds + constant) * multiplier: with its default constant (1 s) a
+        # function whose tests take milliseconds gets ~5 s, tight on this shared machine; 5 s gives ~25 s.
         "timeout_constant = 5.0\n"
     )
     (work / "pyproject.toml").write_text(text)
@@ -398,8 +397,9 @@ def run_module(module: str, max_children: int) -> dict:
     code = subprocess.call(
         [*mutmut, "run", "--max-children", str(max_children)], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    # Timeouts count as killed, so each is run once more on its own batch: in data.py's full runs (2026-12-02) a
-    # block of download mutants hung only inside the long run, and then passed or failed at once when re-run.
+    # Timeouts count as killed, so each is run once more, in a batch of its own. Mutants share state through
+    # mutmut's fork server: in data.py's run of 2026-12-02 one mutant died holding tqdm's cross-process lock
+    # and every later download test hung (131 false kills; test_data.py's `cache` fixture now avoids it).
     timeouts = [name for name, status in results(work, module).items() if status == "timeout"]
     if code == 0 and timeouts:
         code = subprocess.call(
