@@ -122,12 +122,30 @@ def apply_layer(
     return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
 
 
+def apply_stream_layer(
+    x: torch.Tensor,
+    encoder: torch.Tensor,
+    encoder_v: torch.Tensor,
+    decoder: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    state: torch.Tensor | None,
+    **settings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_layer` for a window continuing a stream, returning (output, the state after the window) instead
+    of appending to a list: a function without side effects, so it can be a compile region."""
+    written: list[torch.Tensor] = []
+    x = apply_layer(x, encoder, encoder_v, decoder, cos, sin, state=state, states_out=written, **settings)
+    return x, written[0]
+
+
 # `torch.compile` traces BDH's layers (one set of weights, the same shapes) as one nested region compiled once
 # and stamped out n_layer times, instead of unrolling every layer into one graph: the chunked kernel's heads and
-# chunks unroll into many kernels, and compiling them per layer took minutes (BENCHMARKS.md). Outside
-# torch.compile the wrapper just calls apply_layer. Windows with carried state append to a list (a side effect a
-# region may not have), so forward_stream calls apply_layer itself.
-layer_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(apply_layer)  # torch >= 2.8
+# chunks unroll into many kernels, and compiling them for every layer took minutes (BENCHMARKS.md). Outside
+# torch.compile the wrappers just call the function.
+_compile_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)  # torch >= 2.8
+layer_region = _compile_region(apply_layer)
+stream_layer_region = _compile_region(apply_stream_layer)
 
 
 def draw_seed() -> torch.Tensor:

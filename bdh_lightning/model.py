@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import KERNELS, apply_layer, layer_region
+from .kernels import KERNELS, apply_layer, layer_region, stream_layer_region
 from .layer import layer_norm, reference_layer, rope_cos_sin, stream_attention
 
 # The settings that define the function the model computes (and the shapes of its weights). The others
@@ -170,10 +170,11 @@ class BDH(nn.Module):
             if exact:  # generation: the read in float32 whatever the autocast
                 read = stream_attention(state, written, exact=True)
                 x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, read=read)
-            else:
-                x = apply_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, kernel=c.kernel,
-                                dropout=c.dropout, training=self.training, chunk_size=c.chunk_size, state=state,
-                                states_out=written)  # fmt: skip
+            else:  # one compile region for every layer, as in forward
+                x, state = stream_layer_region(x, self.encoder, self.encoder_v, self.decoder, cos, sin, state,
+                                               kernel=c.kernel, dropout=c.dropout, training=self.training,
+                                               chunk_size=c.chunk_size)  # fmt: skip
+                written.append(state)
         return self.logits(x), written
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -297,7 +297,7 @@ def test_windows_with_carried_state_equal_one_long_pass_with_the_chunked_kernel(
 @pytest.mark.parametrize("kernel", ["reference", "chunked"])
 def test_a_window_with_carried_state_traces_as_one_graph_in_training(kernel):
     """torch.compile sees forward_stream whole (dropout, per-row positions, exact rotary phases, the state read
-    and written): no graph break, with and without an incoming state."""
+    and written): no graph break, with and without an incoming state, and the layer as one compile region."""
     torch.manual_seed(0)
     model = BDH(BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.1, kernel=kernel))
     model.train()
@@ -308,6 +308,8 @@ def test_a_window_with_carried_state_traces_as_one_graph_in_training(kernel):
         explained = torch._dynamo.explain(model.forward_stream)(idx, start, states)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+        calls = [n for n in explained.graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+        assert len(calls) == 2 and len({n.args[0].target for n in calls}) == 1  # the layer: one region, two calls
 
 
 def test_compiled_windows_with_carried_state_equal_eager(tmp_path):
