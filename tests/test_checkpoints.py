@@ -18,6 +18,7 @@ from bdh_lightning.checkpoints import (
     check_model_shape,
     find_last,
     last_good_checkpoint,
+    load_plain,
     read_checkpoint,
     run_precision,
     write_failure,
@@ -116,6 +117,41 @@ def test_read_checkpoint_of_a_missing_file_or_a_folder(tmp_path):
     with pytest.raises(CheckpointError) as error:
         read_checkpoint(tmp_path)
     assert message(error).startswith(f"cannot read checkpoint {tmp_path}: ")
+
+
+def test_load_plain_words_its_errors_for_a_weights_file(tmp_path):
+    """The same safe load for exported weights and reference state_dicts (weights.py): messages name the file
+    alone and point to `fit` or `export`."""
+    cases = {
+        "payload.pt": (lambda p: torch.save({"w": Payload()}, p),
+                       "{} contains a pickled reference to posix.getcwd, which loading would run; refused (only "
+                       "tensors and plain values are loaded): use a file written by `fit` or `export`"),
+        "notes.pt": (lambda p: p.write_bytes(b"not a checkpoint\n"),
+                     "{} is corrupt or not a PyTorch file; use another one"),
+        "empty.pt": (lambda p: p.write_bytes(b""),
+                     "{} is truncated, corrupt or neither a PyTorch nor a safetensors file; use another one"),
+        "missing.pt": (lambda p: None, "cannot read {}: No such file or directory"),
+    }  # fmt: skip
+    for name, (write, expected) in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(CheckpointError) as error:
+            load_plain(path)
+        assert message(error) == expected.format(path)
+
+
+def test_load_plain_maps_torch_save_files_and_reads_legacy_ones(tmp_path):
+    """torch.save's zip format is memory-mapped (its tensors are not read into memory until touched); the legacy
+    format, which cannot be mapped, is read whole."""
+    zipped, legacy = tmp_path / "zipped-weights.pt", tmp_path / "legacy-weights.pt"
+    weights = {"w": torch.randn(64, 64)}
+    torch.save(weights, zipped)
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    mapped = load_plain(zipped)
+    assert str(zipped) in Path("/proc/self/maps").read_text()
+    assert torch.equal(mapped["w"], weights["w"])
+    read = load_plain(legacy)
+    assert torch.equal(read["w"], weights["w"]) and str(legacy) not in Path("/proc/self/maps").read_text()
 
 
 @pytest.mark.parametrize("content", [[1, 2, 3], {"weights": {}}, {"state_dict": [1]}])
