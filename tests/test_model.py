@@ -382,6 +382,27 @@ def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
     assert calls == [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
 
 
+def test_forward_stream_hands_each_layer_the_kernel_settings(monkeypatch):
+    import bdh_lightning.model as model_module
+
+    calls = []
+    real_layer = model_module.stream_layer_region
+
+    def recording_layer(*args, **kwargs):
+        calls.append(kwargs)
+        return real_layer(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "stream_layer_region", recording_layer)
+    config = BDHConfig(
+        n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32
+    )
+    model = BDH(config)
+    _, states = model.forward_stream(random_bytes(1, 5), 0)
+    model.eval().forward_stream(random_bytes(1, 5), 5, states)
+    want = dict(kernel="chunked", dropout=0.3, chunk_size=32)
+    assert calls == [{**want, "training": True}] * 2 + [{**want, "training": False}] * 2
+
+
 @pytest.mark.parametrize("kernel, region", [("chunked", True), ("reference", True), ("auto", True), ("fused", False)])
 def test_forward_runs_layers_through_the_compile_region_except_fused(monkeypatch, kernel, region):
     import bdh_lightning.model as model_module
