@@ -385,3 +385,26 @@ def test_gradient_accumulation_carries_the_state_from_micro_batch_to_micro_batch
     for (_, _, written), (_, read, _) in zip(seen, seen[1:]):
         for w, r in zip(written, read):
             torch.testing.assert_close(r, w, rtol=0, atol=0)
+
+
+def test_a_checkpoint_of_either_mode_resumes_in_the_other(tmp_path, monkeypatch):
+    """Windows to streams with carried state (the state starts from zero) and back (the saved state is left
+    unused): both resume at the checkpoint's step and train on."""
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    plain = ["fit", "--data.path", "corpus.txt", *TINY_ARGS, "--sample.length", "0", "--sparsity.max_batches", "1"]
+    carried = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS]
+
+    def last(root: str) -> str:
+        versions = sorted((tmp_path / root / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+        return str(versions[-1] / "checkpoints/last.ckpt")
+
+    BDHCLI(args=[*plain, "--trainer.max_steps", "2", "--trainer.default_root_dir", "w"])
+    cli = BDHCLI(
+        args=[*carried, "--trainer.max_steps", "4", "--trainer.default_root_dir", "w", "--ckpt_path", last("w")]
+    )
+    assert cli.trainer.global_step == 4 and cli.model.stream_states is not None
+    assert "carried_state" in torch.load(last("w"), weights_only=True)
+    BDHCLI(args=[*carried, "--trainer.max_steps", "2", "--trainer.default_root_dir", "s"])
+    cli = BDHCLI(args=[*plain, "--trainer.max_steps", "4", "--trainer.default_root_dir", "s", "--ckpt_path", last("s")])
+    assert cli.trainer.global_step == 4 and cli.model.stream_states is None
