@@ -889,3 +889,28 @@ def test_kernel_names_and_messages(monkeypatch):
         "model.kernel=fused cannot run here: triton is not installed (pip install triton); "
         "use model.kernel=chunked (or auto)"
     )
+
+
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+@pytest.mark.parametrize("fresh", [True, False])
+def test_apply_stream_layer_returns_the_state_apply_layer_appends(kernel, fresh):
+    """kernels.apply_stream_layer (forward_stream's compile region): the output and the written state of
+    apply_layer with a states_out list, the settings passed through (dropout in training, chunk_size)."""
+    from bdh_lightning.kernels import apply_layer, apply_stream_layer
+
+    x, weights, cos, sin, _ = random_layer(torch.float64, N=20)
+    B, H, D, N = x.shape[0], weights[0].shape[0], x.shape[-1], 20
+    state = None if fresh else torch.randn(B, H, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    settings = dict(kernel=kernel, dropout=0.25, training=True, chunk_size=6)
+    written: list = []
+    torch.manual_seed(3)
+    want = apply_layer(x, *weights, cos, sin, state=state, states_out=written, **settings)
+    torch.manual_seed(3)
+    got, got_state = apply_stream_layer(x, *weights, cos, sin, state, **settings)
+    assert torch.equal(got, want) and len(written) == 1 and torch.equal(got_state, written[0])
+    torch.manual_seed(3)
+    evaluated, _ = apply_stream_layer(x, *weights, cos, sin, state, **{**settings, "training": False})
+    assert not torch.equal(evaluated, want)  # no dropout outside training
+    torch.manual_seed(3)
+    plain = apply_layer(x, *weights, cos, sin, state=state, states_out=[], **{**settings, "training": False})
+    assert torch.equal(evaluated, plain)
