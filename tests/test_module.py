@@ -535,3 +535,24 @@ def test_configure_model_chooses_the_kernel_once_from_the_data_and_precision(mon
     finally:
         without_data._trainer = None
     assert getattr(without_data, "kernel_reason", None) is None
+
+
+def test_choose_kernel_on_a_gpu_counts_the_carried_state(monkeypatch):
+    """On CUDA `auto` becomes a concrete kernel once, by predicted memory: the reference where it fits (here a
+    faked GPU of 3 GiB), chunked when the carried state no longer leaves room for it; on the CPU `auto` stays."""
+    from bdh_lightning import estimate
+
+    monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: 3 * 2**30)
+    windows = tiny_module()
+    reason = windows.choose_kernel(64, 256, "bf16-mixed", torch.device("cuda"))
+    assert windows.config.kernel == "reference" and reason.startswith("kernel reference: it needs ")
+    carried = tiny_module(carry_state=True, n_embd=256, n_head=4)  # a state of 64 x 2 x 4 x 512 x 256 floats
+    reason = carried.choose_kernel(64, 256, "bf16-mixed", torch.device("cuda"))
+    assert carried.config.kernel == "chunked" and reason.startswith("kernel chunked: reference needs ")
+    assert windows.kernel_reason != carried.kernel_reason
+    same_without_state = tiny_module(n_embd=256, n_head=4)
+    same_without_state.choose_kernel(64, 256, "bf16-mixed", torch.device("cuda"))
+    assert same_without_state.config.kernel == "reference"  # the state alone made the difference
+    on_cpu = tiny_module()
+    on_cpu.choose_kernel(64, 256, "32-true", torch.device("cpu"))
+    assert on_cpu.config.kernel == "auto"
