@@ -201,12 +201,17 @@ def test_two_ranks_carry_their_own_streams_and_resume_exactly(tmp_path):
         versions = sorted((tmp_path / root / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
         return versions[-1] / "checkpoints/last.ckpt"  # a resumed run writes a version of its own
 
-    straight = torch.load(fit("a", 4), weights_only=True)
+    # Every checkpoint kept (save_top_k -1), the one at step 2 named so: two launches, not three.
+    keep = ["--checkpoint.save_top_k", "-1", "--checkpoint.monitor", "step", "--checkpoint.mode", "max",
+            "--checkpoint.filename", "at-step{step}"]  # fmt: skip
+    last = fit("a", 4, *keep)
+    straight = torch.load(last, weights_only=True)
     carried = straight["carried_state"]  # ranks, layers, batch rows, heads, N, D
     assert carried.shape[:3] == (2, 2, 2) and carried.abs().sum() > 0
     assert not torch.equal(carried[0], carried[1])  # two ranks, two sets of streams
-    halfway = fit("b", 2)
-    resumed = torch.load(fit("b", 4, "--ckpt_path", str(halfway)), weights_only=True)
+    halfway = next(last.parent.glob("at-step*2*.ckpt"))
+    assert torch.load(halfway, weights_only=True)["global_step"] == 2
+    resumed = torch.load(fit("a", 4, "--ckpt_path", str(halfway)), weights_only=True)
     assert resumed["global_step"] == straight["global_step"] == 4
     for key, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
