@@ -361,46 +361,39 @@ def test_from_checkpoint_takes_the_architecture_and_this_machines_kernel():
         BDHConfig.from_checkpoint({"hyper_parameters": ["n_layer", 3]})
 
 
-def test_forward_hands_each_layer_the_kernel_settings(monkeypatch):
+def recorded_layer_settings(monkeypatch, region: str, run) -> list[dict]:
+    """The keyword settings each layer call of `run(model)` hands `region` (model.layer_region or
+    model.stream_layer_region, the compile regions around kernels.apply_layer), for a chunked model with dropout."""
     import bdh_lightning.model as model_module
 
     calls = []
-    real_layer = model_module.layer_region  # apply_layer as one compile region (kernels.layer_region)
+    real_layer = getattr(model_module, region)
 
     def recording_layer(*args, **kwargs):
         calls.append(kwargs)
         return real_layer(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, "layer_region", recording_layer)
+    monkeypatch.setattr(model_module, region, recording_layer)
     config = BDHConfig(
         n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32
     )
-    model = BDH(config)
-    model(random_bytes(1, 5))
-    model.eval()(random_bytes(1, 5))
+    run(BDH(config))
+    return calls
+
+
+def test_forward_and_forward_stream_hand_each_layer_the_kernel_settings(monkeypatch):
+    def forward(model):
+        model(random_bytes(1, 5))
+        model.eval()(random_bytes(1, 5))
+
+    def forward_stream(model):
+        _, states = model.forward_stream(random_bytes(1, 5), 0)
+        model.eval().forward_stream(random_bytes(1, 5), 5, states)
+
     want = dict(kernel="chunked", dropout=0.3, chunk_size=32)
-    assert calls == [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
-
-
-def test_forward_stream_hands_each_layer_the_kernel_settings(monkeypatch):
-    import bdh_lightning.model as model_module
-
-    calls = []
-    real_layer = model_module.stream_layer_region
-
-    def recording_layer(*args, **kwargs):
-        calls.append(kwargs)
-        return real_layer(*args, **kwargs)
-
-    monkeypatch.setattr(model_module, "stream_layer_region", recording_layer)
-    config = BDHConfig(
-        n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32
-    )
-    model = BDH(config)
-    _, states = model.forward_stream(random_bytes(1, 5), 0)
-    model.eval().forward_stream(random_bytes(1, 5), 5, states)
-    want = dict(kernel="chunked", dropout=0.3, chunk_size=32)
-    assert calls == [{**want, "training": True}] * 2 + [{**want, "training": False}] * 2
+    expected = [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
+    assert recorded_layer_settings(monkeypatch, "layer_region", forward) == expected
+    assert recorded_layer_settings(monkeypatch, "stream_layer_region", forward_stream) == expected
 
 
 @pytest.mark.parametrize("kernel, region", [("chunked", True), ("reference", True), ("auto", True), ("fused", False)])
