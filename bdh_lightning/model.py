@@ -171,10 +171,10 @@ class BDH(nn.Module):
                 read = stream_attention(state, written, exact=True)
                 x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, read=read)
             else:  # one compile region for every layer, as in forward
-                x, state = stream_layer_region(x, self.encoder, self.encoder_v, self.decoder, cos, sin, state,
+                x, after = stream_layer_region(x, self.encoder, self.encoder_v, self.decoder, cos, sin, state,
                                                kernel=c.kernel, dropout=c.dropout, training=self.training,
                                                chunk_size=c.chunk_size)  # fmt: skip
-                written.append(state)
+                written.append(after)
         return self.logits(x), written
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
