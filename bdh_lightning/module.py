@@ -77,23 +77,35 @@ class BDHLitModule(L.LightningModule):
         """BDH with AdamW.
 
         Args:
-            n_layer: Layers L (one shared set of weights applied L times): compute and activation memory.
-            n_embd: Embedding width D.
-            dropout: Dropout on the sparse product a*b while training, in [0, 1).
-            n_head: Heads H; neurons per head N = mlp_internal_dim_multiplier * n_embd // n_head.
-            mlp_internal_dim_multiplier: Neuron multiplier m: the main lever on parameters, compute, memory.
-            vocab_size: 256 (bytes).
-            kernel: Layer implementation: auto, reference, chunked (recomputes N-wide activations in backward:
-                far less memory) or fused (CUDA). Checkpoints do not depend on it.
-            chunk_size: Neurons per chunk for chunked (0 = automatic; fused has its own tiles).
-            compile: Compile the model with torch.compile (checkpoint keys stay plain).
+            n_layer: Layers L: the one shared layer is applied L times, so compute and activation memory grow
+                linearly with L and the parameters do not change.
+            n_embd: Embedding width D. N = m * D / H grows with D, so parameters (about 3 * m * D^2) and the
+                N-wide compute grow with D^2, the N-wide activations linearly.
+            dropout: Dropout on the sparse product a*b while training, in [0, 1). Regularises small data; no
+                cost at inference.
+            n_head: Heads H; neurons per head N = mlp_internal_dim_multiplier * n_embd // n_head, so the total
+                H * N stays about m * D; more heads mean more, smaller (T x T) attention maps.
+            mlp_internal_dim_multiplier: Neuron multiplier m, the main lever: parameters (3 * H * N * D),
+                compute and the N-wide activations all grow linearly with it. More neurons usually means lower
+                loss.
+            vocab_size: Bytes: must be 256.
+            kernel: Layer implementation: reference (plain autograd, keeps the N-wide tensors for backward:
+                most memory), chunked (recomputes them in backward, chunk by chunk: a tenth of the memory or
+                less), fused (Triton, CUDA only, experimental: chunked's memory, GPU speed not yet measured) or
+                auto (on CUDA the reference where its predicted peak fits the GPU with a margin, else chunked;
+                on the CPU chunked from B * H * T * N = 2^23 elements up, the reference below). Checkpoints do
+                not depend on it.
+            chunk_size: Neurons per chunk for chunked (0 = automatic; fused has its own tiles). Smaller: less
+                transient memory, more overhead.
+            compile: Compile the model with torch.compile: faster steps after a compile pause (the shared layer
+                is compiled once for all layers); checkpoint keys stay plain.
             learning_rate: Peak AdamW learning rate.
             weight_decay: AdamW weight decay (applied to every parameter, as the reference does).
             betas: AdamW betas.
             warmup_steps: Linear warmup from 0 over this many optimizer steps (0 = none).
-            decay_steps: Cosine decay from learning_rate to min_learning_rate over this many steps after
-                warmup (0 = constant learning rate, the reference run).
-            min_learning_rate: Floor of the cosine decay.
+            decay_steps: Decay (of the shape `decay`) from learning_rate to min_learning_rate over this many
+                steps after warmup (0 = constant learning rate, the reference run).
+            min_learning_rate: Floor of the decay.
             init_from: Start from these weights instead of random ones, with a fresh optimizer and step 0
                 (fine-tuning): a reference state_dict (.pt), a safetensors file or hf folder written by
                 export, or another run's .ckpt. Their shapes must fit the model settings; read without
