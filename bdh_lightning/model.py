@@ -24,21 +24,8 @@ ARCHITECTURE = ("n_layer", "n_embd", "dropout", "n_head", "mlp_internal_dim_mult
 
 @dataclass
 class BDHConfig:
-    """BDH model settings (the BDH configuration guide's names and defaults).
-
-    Args:
-        n_layer: How many times the one shared layer is applied (L). Costs compute and activation
-            memory, never parameters.
-        n_embd: Embedding width D. Parameters and compute grow linearly with it.
-        dropout: Dropout probability on the sparse product a*b during training, in [0, 1).
-        n_head: Number of heads H. Neurons per head are N = mlp_internal_dim_multiplier * n_embd // n_head.
-        mlp_internal_dim_multiplier: Neuron multiplier m; total neurons H*N is about m*D. The main
-            driver of parameters, compute and memory.
-        vocab_size: Vocabulary size; byte-level data needs exactly 256.
-        kernel: Layer implementation: reference (plain autograd), chunked (recomputes the N-wide
-            activations in backward, chunk by chunk: far less memory), fused (Triton, CUDA only), or
-            auto (the best available). Checkpoints do not depend on it.
-        chunk_size: Neurons per chunk for the chunked kernel (0 = choose automatically; fused has its own tiles).
+    """BDH model settings (the BDH configuration guide's names and defaults). Each is documented once, in
+    `BDHLitModule.__init__` (module.py): its docstring is what `fit --help` and docs/settings.md show.
     """
 
     n_layer: int = 6
