@@ -34,7 +34,7 @@ from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageEr
 from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
 from .insight import InsightMonitor
-from .model import ARCHITECTURE, BDHConfig
+from .model import STORED_SETTINGS, BDHConfig
 from .module import BDHLitModule
 from .monitor import SparsityMonitor, TextSample
 from .precision import TF32, cuda_present, default_precision
@@ -60,7 +60,7 @@ COMMANDS = {
     ),
     "estimate": ("bdh_lightning.commands:estimate_command", "Predict the memory of a training step from a config."),
     "inspect": (
-        "bdh_lightning.insight:inspect_command",
+        "bdh_lightning.insight.command:inspect_command",
         "Report what a checkpoint learned: neuron graph, sparsity, selective neurons.",
     ),
     "export": (
@@ -68,14 +68,14 @@ COMMANDS = {
         "Write a checkpoint's weights for the reference, safetensors or Hugging Face.",
     ),
     "prepare": (
-        "bdh_lightning.prepare:prepare_command",
+        "bdh_lightning.data.prepare:prepare_command",
         "Pack a corpus into LitData's streaming format, split by document.",
     ),
 }
 # On resume these come from the checkpoint: the function the model computes and its optimizer and schedule.
 # Everything else (kernel, chunk_size, compile, precision, devices) is this machine's choice.
 RESUMED_FROM_CHECKPOINT = (
-    *ARCHITECTURE,
+    *STORED_SETTINGS,
     "learning_rate",
     "weight_decay",
     "betas",

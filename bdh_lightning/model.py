@@ -7,6 +7,7 @@ bytes, applies the one shared layer `n_layer` times and reads out next-byte logi
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,12 +21,24 @@ from .layer import layer_norm, reference_layer, rope_cos_sin, stream_attention
 # The settings that define the function the model computes (and the shapes of its weights). The others
 # (kernel, chunk_size) only choose how it is computed: they belong to the machine, not the checkpoint.
 ARCHITECTURE = ("n_layer", "n_embd", "dropout", "n_head", "mlp_internal_dim_multiplier", "vocab_size")
+# How a carried state is read (docs/carried-state.md): part of the function, so stored with the weights, but
+# written only where they differ from the reference's plain sum (files of default models stay as they were).
+CARRY_FORM = {"carry_half_lives": (), "carry_mean": False}
+STORED_SETTINGS = (*ARCHITECTURE, *CARRY_FORM)  # what a checkpoint or an exported file says about the model
 
 
 @dataclass
 class BDHConfig:
     """BDH model settings (the BDH configuration guide's names and defaults). Each is documented once, in
     `BDHLitModule.__init__` (module.py): its docstring is what `fit --help` and docs/settings.md show.
+
+    Args:
+        carry_half_lives: Carried state only (forward_stream): half-life in bytes of what earlier windows
+            left in the state, one for every head or one per head; () = never fades (the reference's sum).
+            Applied per window: before a window of T bytes reads it, the state is multiplied by 2^(-T/h).
+        carry_mean: Carried state only: read the state as the weighted mean of the earlier windows'
+            contributions (divided by their accumulated weight), so the history weighs as one window
+            however long the stream. False = the reference's sum.
     """
 
     n_layer: int = 6
@@ -36,6 +49,8 @@ class BDHConfig:
     vocab_size: int = 256
     kernel: Literal["auto", "reference", "chunked", "fused"] = "auto"
     chunk_size: int = 0
+    carry_half_lives: tuple[float, ...] = ()
+    carry_mean: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier"):
@@ -59,6 +74,20 @@ class BDHConfig:
             raise ConfigError(
                 f"model.chunk_size must be a non-negative integer (0 = automatic), got {self.chunk_size!r}"
             )
+        self.check_carry_form()
+
+    def check_carry_form(self) -> None:
+        lives = () if self.carry_half_lives is None else self.carry_half_lives  # None: a checkpoint's default
+        if not isinstance(lives, (list, tuple)) or len(lives) not in (0, 1, self.n_head):
+            raise ConfigError(
+                f"model.carry_half_lives must be a list of 0, 1 or n_head={self.n_head} half-lives in bytes, got {lives!r}"
+            )
+        for life in lives:
+            if isinstance(life, bool) or not isinstance(life, (int, float)) or not 0 < life < math.inf:
+                raise ConfigError(f"model.carry_half_lives must be positive numbers of bytes, got {lives!r}")
+        self.carry_half_lives = tuple(float(life) for life in lives)
+        if not isinstance(self.carry_mean, bool):
+            raise ConfigError(f"model.carry_mean must be true or false, got {self.carry_mean!r}")
 
     @classmethod
     def from_dict(cls, settings: dict) -> "BDHConfig":
@@ -73,10 +102,22 @@ class BDHConfig:
         hparams = checkpoint.get("hyper_parameters") or {}
         if not isinstance(hparams, dict):
             raise ConfigError("the checkpoint's hyper_parameters are not a mapping of settings")
-        return cls.from_dict({**{k: hparams[k] for k in ARCHITECTURE if k in hparams}, **runtime})
+        stored = {k: hparams[k] for k in STORED_SETTINGS if k in hparams and hparams[k] is not None}
+        return cls.from_dict({**stored, **runtime})
 
     def architecture(self) -> dict:
-        return {k: getattr(self, k) for k in ARCHITECTURE}
+        """The settings that define the function: ARCHITECTURE, and the carried-state form where it is not the
+        reference's."""
+        settings = {k: getattr(self, k) for k in ARCHITECTURE}
+        for name, default in CARRY_FORM.items():
+            if getattr(self, name) != default:
+                settings[name] = list(self.carry_half_lives) if name == "carry_half_lives" else self.carry_mean
+        return settings
+
+    @property
+    def carries_plain_sum(self) -> bool:
+        """Whether a carried state is read as the reference's undecayed sum."""
+        return not self.carry_half_lives and not self.carry_mean
 
     @property
     def neurons_per_head(self) -> int:
@@ -152,8 +193,17 @@ class BDH(nn.Module):
             cos, sin = rope_cos_sin(torch.arange(start, start + T, device=idx.device), c.neurons_per_head)
         x = self.embed_bytes(idx)
         written: list[torch.Tensor] = []
+        form = None if c.carries_plain_sum or states is None else carry_form(c, T, start, idx.device)
+        if form is not None and exact:
+            raise ConfigError(
+                "generation reads a stream byte by byte, but model.carry_half_lives / model.carry_mean are defined "
+                "per training window; generate from this model without a carried state"
+            )
         for layer in range(c.n_layer):
             state = None if states is None else states[layer]
+            if form is not None:  # what the window reads: the state faded (and normalised), not the plain sum
+                kept = state
+                state = state * form[0].to(state.dtype)
             if exact:  # generation: the read in float32 whatever the autocast
                 read = stream_attention(state, written, exact=True)
                 x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, read=read)
@@ -161,9 +211,33 @@ class BDH(nn.Module):
                 x, after = stream_layer_region(x, self.encoder, self.encoder_v, self.decoder, cos, sin, state,
                                                kernel=c.kernel, dropout=c.dropout, training=self.training,
                                                chunk_size=c.chunk_size)  # fmt: skip
+                if form is not None and c.carry_mean:  # the weighted mean of the windows, this one included
+                    after = (after + kept * form[1].to(after.dtype)) / form[2].to(after.dtype)
                 written.append(after)
         return self.logits(x), written
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, D) last-layer output -> (B, T, 256) next-byte logits."""
         return x.squeeze(1) @ self.lm_head
+
+
+def carry_form(c: BDHConfig, T: int, start: int | torch.Tensor, device) -> tuple[torch.Tensor, ...]:
+    """How a window of T bytes at stream position `start` reads and updates a carried state, by window.
+
+    Window j's contribution W_j is the sum of qᵀ x over its bytes; g = 2^(-T/h) per head (1 without a
+    half-life), so window k reads W_j with weight w_kj = g^(k-j): halved every h bytes between the two windows'
+    starts. Sum form: the state is S_k = sum over j < k of g^(k-1-j) W_j; the kernel is handed g S_k and returns
+    g S_k + W_k = S_(k+1). Mean form (carry_mean): the state is that sum divided by its weight
+    Z_k = sum over j < k of g^(k-1-j) (k = start // T windows before); handed unchanged, the kernel returns
+    state + W_k, and (state + W_k + state (g Z_k - 1)) / (g Z_k + 1) is the next mean.
+    Returns (scale to hand the kernel,) or (1, factor of the old state, divisor), broadcasting over (B, H, N, D).
+    """
+    g = torch.ones(c.n_head, dtype=torch.float64)
+    if c.carry_half_lives:
+        g = g * torch.tensor([2.0 ** (-T / h) for h in c.carry_half_lives], dtype=torch.float64)
+    g = g.view(1, -1, 1, 1).to(device)
+    if not c.carry_mean:
+        return (g,)
+    k = torch.as_tensor(start, device=device).to(torch.float64).view(-1, 1, 1, 1) // T
+    weight = torch.where(g < 1, (1 - g**k) / (1 - g).clamp_min(1e-300), k)  # Z_k: the earlier windows' weight
+    return torch.ones_like(g), g * weight - 1, g * weight + 1

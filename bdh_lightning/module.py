@@ -35,6 +35,16 @@ def check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, d
                  hint=" (the floor of the cosine decay, at most model.learning_rate)")  # fmt: skip
 
 
+# Where a window lies in its stream, in windows: the buckets of the by-position validation (the first window
+# has no context beyond itself; the later ones show what the carried state adds).
+POSITION_BUCKETS = ((0, "0"), (1, "1-3"), (4, "4-15"), (16, "16-63"), (64, "64+"))
+
+
+def position_bucket(window: int) -> str:
+    """The name of the bucket of a window `window` windows into its stream."""
+    return [name for first, name in POSITION_BUCKETS if window >= first][-1]
+
+
 # The axis of each weight that is D wide: unit-wise clipping takes norms over it (one unit = one neuron or byte).
 D_AXIS = {"embed.weight": 1, "encoder": 1, "encoder_v": 1, "decoder": 1, "lm_head": 0}
 
@@ -71,6 +81,8 @@ class BDHLitModule(L.LightningModule):
         min_learning_rate: float = 0.0,
         init_from: str | None = None,
         carry_state: bool = False,
+        carry_half_lives: list[float] | None = None,
+        carry_mean: bool = False,
         decay: Literal["cosine", "linear"] = "cosine",
         agc_clip: float = 0.0,
     ):
@@ -114,6 +126,11 @@ class BDHLitModule(L.LightningModule):
                 backpropagation through time, as the paper trained): needs data.sampling streams. Positions
                 continue across windows; gradients stay within a window; a stream's state resets where the
                 stream restarts. Costs batch x n_layer x H x N x D float32 numbers per device.
+            carry_half_lives: With carry_state: half-life in bytes of the carried state, one for all heads or
+                one per head (None = never fades: the reference's sum, whose norm grows with the stream).
+                Stored with the weights. See docs/carried-state.md.
+            carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows
+                (the history weighs as one window however long the stream). Stored with the weights.
             decay: Shape of the decay after warmup over decay_steps: cosine, or linear (the paper's) to
                 min_learning_rate.
             agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021, as the paper used): each
@@ -135,6 +152,8 @@ class BDHLitModule(L.LightningModule):
             vocab_size=vocab_size,
             kernel=kernel,
             chunk_size=chunk_size,
+            carry_half_lives=tuple(carry_half_lives or ()),
+            carry_mean=carry_mean,
         )
         if kernel == "fused":  # refuse it now where this machine cannot run it, not at the first forward pass
             resolve_kernel(kernel, torch.device("cuda" if cuda_present() else "cpu"))
@@ -233,23 +252,40 @@ class BDHLitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_eval_loss("val")
         if self.hparams.carry_state and not self.trainer.sanity_checking:
-            carried, windowed = self.stream_validation()
+            carried, windowed, by_position = self.stream_validation()
             self.log("val/bpb_carried", carried / math.log(2), sync_dist=True)
             self.log("val/bpb_windowed", windowed / math.log(2), sync_dist=True)
+            for name, loss in by_position.items():  # e.g. val/bpb_carried/pos_4-15: the effect of context, unaveraged
+                self.log(f"val/bpb_{name}", loss / math.log(2), sync_dist=True)
 
     @torch.no_grad()
-    def stream_validation(self) -> tuple[float, float]:
-        """(loss with carried state, loss of each window alone) on the same contiguous validation streams."""
+    def stream_validation(self) -> tuple[float, float, dict[str, float]]:
+        """(loss with carried state, loss of each window alone, both by position) on the same contiguous
+        validation streams. By position: keys 'carried/pos_4-15', 'windowed/pos_4-15', ... (POSITION_BUCKETS:
+        how many windows into its stream a window is), the mean over the windows there."""
         carried = windowed = 0.0
         states = None
+        sums: dict[str, list[float]] = {}  # key -> [sum of window losses, windows]
         batches = self.trainer.datamodule.validation_streams()
         with self.trainer.precision_plugin.forward_context():
             for x, y, start in batches:
                 x, y, start = x.to(self.device), y.to(self.device), start.to(self.device)
+                if states is not None:  # a row that restarts (a file boundary) starts a fresh stream
+                    keep = (start != 0).to(states[0].dtype).view(-1, 1, 1, 1)
+                    states = [state * keep for state in states]
                 logits, states = self.model.forward_stream(x, start, states)
-                carried += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
-                windowed += F.cross_entropy(self.model(x).float().flatten(0, 1), y.flatten()).item()
-        return carried / len(batches), windowed / len(batches)
+                local = self.model(x)
+                for name, out in (("carried", logits), ("windowed", local)):
+                    rows = F.cross_entropy(out.float().transpose(1, 2), y, reduction="none").mean(1)  # (B,)
+                    for row, window in zip(rows.tolist(), (start // x.shape[1]).tolist()):
+                        total = sums.setdefault(f"{name}/pos_{position_bucket(window)}", [0.0, 0])
+                        total[0], total[1] = total[0] + row, total[1] + 1
+                    if name == "carried":
+                        carried += rows.mean().item()
+                    else:
+                        windowed += rows.mean().item()
+        by_position = {key: total / count for key, (total, count) in sorted(sums.items())}
+        return carried / len(batches), windowed / len(batches), by_position
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every rank's carried state, so that a resumed run continues each stream exactly (collective: every

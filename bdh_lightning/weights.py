@@ -35,8 +35,9 @@ from safetensors.torch import save_file
 from . import __version__
 from .checkpoints import load_plain
 from .errors import CheckpointError, ConfigError, ResourceError, UsageError, is_int, one_line
+from .files import output_paths, replace_atomically, temporary_beside
 from .layer import rope_frequencies
-from .model import ARCHITECTURE, BDH, BDHConfig
+from .model import BDH, STORED_SETTINGS, BDHConfig
 
 WEIGHT_NAMES = ("embed.weight", "encoder", "encoder_v", "decoder", "lm_head")
 FREQS = "attn.freqs"  # the reference's constant rotary-frequency buffer
@@ -117,7 +118,7 @@ def read_torch_file(path: Path) -> Weights:
         )
     if isinstance(content.get("state_dict"), dict):  # Lightning
         hparams = content.get("hyper_parameters")
-        settings = {k: hparams[k] for k in ARCHITECTURE if k in hparams} if isinstance(hparams, dict) else {}
+        settings = {k: hparams[k] for k in STORED_SETTINGS if k in hparams} if isinstance(hparams, dict) else {}
         tensors = {}
         for key, value in content["state_dict"].items():
             key = key.replace("_orig_mod.", "")
@@ -155,7 +156,7 @@ def read_settings_beside(path: Path) -> dict:
         raise CheckpointError(f"cannot read the model settings {beside}: {error}") from None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{beside} is not a JSON object of model settings (n_layer, n_embd, ...)")
-    return {k: settings[k] for k in ARCHITECTURE if k in settings}
+    return {k: settings[k] for k in STORED_SETTINGS if k in settings}
 
 
 def read_safetensors(path: Path) -> Weights:
@@ -175,7 +176,7 @@ def read_safetensors(path: Path) -> Weights:
         raise CheckpointError(
             f"{path}: its {METADATA}* metadata is not valid; give the model settings explicitly"
         ) from None
-    settings = {k: settings[k] for k in ARCHITECTURE if k in settings} if isinstance(settings, dict) else {}
+    settings = {k: settings[k] for k in STORED_SETTINGS if k in settings} if isinstance(settings, dict) else {}
     if any(name.startswith("backbone.") for name in tensors):
         tensors = from_hf_names(tensors, path, tied=False)
     known = set(WEIGHT_NAMES) | {FREQS}
@@ -248,7 +249,10 @@ def resolve_config(weights: Weights, settings: dict | None = None) -> BDHConfig:
     """The model settings for these weights: the file's, overridden by `settings` where given. n_embd,
     n_head and mlp_internal_dim_multiplier that neither gives are read off the encoder's shape; n_layer,
     which no shape shows, must come from one of them."""
-    merged = {**weights.settings, **{k: v for k, v in (settings or {}).items() if k in ARCHITECTURE and v is not None}}
+    merged = {
+        **weights.settings,
+        **{k: v for k, v in (settings or {}).items() if k in STORED_SETTINGS and v is not None},
+    }
     encoder = weights.tensors.get("encoder")
     if encoder is not None and encoder.dim() == 3:
         H, D, N = encoder.shape
@@ -413,7 +417,7 @@ def safetensors_metadata(config: BDHConfig, step: int | None) -> dict[str, str]:
     return metadata
 
 
-def output_paths(format: str, output: str | Path, overwrite: bool) -> list[Path]:
+def export_paths(format: str, output: str | Path, overwrite: bool) -> list[Path]:
     """What writing `format` to `output` creates; UsageError if one exists (without `overwrite`) or cannot be made."""
     if format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -424,34 +428,7 @@ def output_paths(format: str, output: str | Path, overwrite: bool) -> list[Path]
             "(its settings go to <name>.json)"
         )
     targets = [output, settings_path(output)] if format == "reference" else [output]
-    for path in targets:
-        if path.exists() and not overwrite:
-            raise UsageError(f"--output: {path} exists; give --overwrite true to replace it, or another --output")
-    if not output.parent.is_dir():
-        raise UsageError(f"--output {output}: folder {output.parent} does not exist")
-    return targets
-
-
-def replace_atomically(temporary: Path, final: Path) -> None:
-    """Move a finished file or folder into place; a folder replaces an old one only once it is whole."""
-    if final.is_dir() and not final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if temporary.is_dir() and final.exists():
-            final.unlink()
-        os.replace(temporary, final)
-    folder = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # make the rename durable
-    finally:
-        os.close(folder)
-
-
-def temporary_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.part-{os.getpid()}")
+    return output_paths(targets, overwrite, folders=True)
 
 
 def sync(path: Path) -> None:
@@ -471,7 +448,12 @@ def write_weights(
 
     An existing output is refused unless `overwrite`; a write that fails leaves nothing behind.
     """
-    targets = output_paths(format, output, overwrite)
+    if format == "hf" and not config.carries_plain_sum:
+        raise UsageError(
+            "--format hf cannot hold model.carry_half_lives / model.carry_mean (bdh-transformers reads a carried "
+            "state as the plain sum); export this model as safetensors or reference"
+        )
+    targets = export_paths(format, output, overwrite)
     output = targets[0]
     temporaries = [temporary_beside(target) for target in targets]
     try:

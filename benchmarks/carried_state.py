@@ -1,121 +1,180 @@
-"""Carried state against random windows (issue 20): validation bits/byte at equal steps and equal bytes seen.
+"""Carried-state forms against random windows (issues 20, 27): bits/byte by position in the stream.
 
-    python benchmarks/carried_state.py --steps 150 --seeds 1 2 3 --batch 4 --block 128
+    OMP_NUM_THREADS=1 python benchmarks/carried_state.py --corpus shakespeare --steps 1000 --seeds 1 2
+    OMP_NUM_THREADS=1 python benchmarks/carried_state.py --corpus stdlib --steps 1000 --seeds 1 2
+    # the seed's 8gb size on a GPU:
+    python benchmarks/carried_state.py --size 8gb --batch 8 --block 256 --steps 1000 --device cuda
 
-Trains the 8gb config's model (L4 D192 H4 m64) on the bundled tiny Shakespeare three ways per seed:
-random windows (the reference's sampling), streams without carried state, and streams with carried state;
-the same steps, batch and block, so the same bytes seen. Reports for each run the window-local val/bpb
-(random validation windows) and, on the same contiguous validation streams, the carried and window-local
-figures; and the step time of each mode. Prints a markdown table.
+Trains one model per (form, seed) with the same steps, batch and block (the same bytes seen) in a plain
+AdamW loop over the package's model (`BDH.forward`, `BDH.forward_stream`; no Lightning, to stay cheap),
+then reads the validation split as 8 contiguous streams two ways: each window alone (window-local) and
+with the state the stream carried (for the random-window model: the reference's plain sum). Loss is
+reported in bits/byte overall and by window index in the stream (0, 1-3, 4-15, 16-63, 64+).
+
+Corpora: `shakespeare` (the bundled tiny Shakespeare), `stdlib` (this Python's own standard library:
+top-level modules of 32 kB or more, concatenated in name order; long documents where the code and names
+a window reads were often defined kilobytes earlier). The last 10% is validation.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
-import tempfile
+import sysconfig
 import time
-import warnings
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bdh_lightning.cli import BDHCLI  # noqa: E402
-from bdh_lightning.console import quiet  # noqa: E402
+from bdh_lightning.model import BDH, BDHConfig  # noqa: E402
 
-MODEL = (
-    "--model.n_layer 4 --model.n_embd 192 --model.n_head 4 --model.mlp_internal_dim_multiplier 64 "
-    "--model.dropout 0.1 --model.learning_rate 1e-3"
-).split()
-MODES = {
-    "random windows": ["--data.sampling", "windows"],
-    "streams, no state": ["--data.sampling", "streams"],
-    "streams, carried state": ["--data.sampling", "streams", "--model.carry_state", "true"],
+SIZES = {
+    "tiny": dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16),
+    "8gb": dict(n_layer=4, n_embd=192, n_head=4, mlp_internal_dim_multiplier=64),
 }
+# form name -> (carried state?, model settings, reset every R windows (0 = never) or "curriculum")
+FORMS = {
+    "random windows": (False, {}, 0),
+    "sum (today)": (True, {}, 0),
+    "sum, reset every 2": (True, {}, 2),
+    "decay, half-lives 64/1024": (True, {"carry_half_lives": "short,long"}, 0),
+    "mean": (True, {"carry_mean": True}, 0),
+    "mean, half-lives 64/1024": (True, {"carry_mean": True, "carry_half_lives": "short,long"}, 0),
+    "mean, curriculum": (True, {"carry_mean": True}, "curriculum"),
+}
+BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, 10**9))
+LN2 = math.log(2)
 
 
-def run(mode: str, seed: int, args, root: Path) -> dict:
-    start = time.perf_counter()
-    cli = BDHCLI(
-        args=[
-            "fit",
-            "--data.path",
-            str(REPO / "data" / "tinyshakespeare.txt"),
-            *MODEL,
-            *MODES[mode],
-            "--data.batch_size",
-            str(args.batch),
-            "--data.block_size",
-            str(args.block),
-            "--data.val_windows",
-            "32",
-            "--trainer.max_steps",
-            str(args.steps),
-            "--trainer.val_check_interval",
-            str(args.steps),
-            "--trainer.log_every_n_steps",
-            "50",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--sample.length",
-            "0",
-            "--sparsity.max_batches",
-            "1",
-            "--seed_everything",
-            str(seed),
-            "--data.seed",
-            str(seed),
-            "--model.carry_state",
-            "true" if "carried" in mode else "false",
-            "--trainer.default_root_dir",
-            str(root / f"{mode}-{seed}"),
-        ]
+def corpus_bytes(name: str) -> np.ndarray:
+    if name == "shakespeare":
+        return np.frombuffer((REPO / "data" / "tinyshakespeare.txt").read_bytes(), dtype=np.uint8)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(f for f in stdlib.glob("*.py") if f.stat().st_size >= 32_000)
+    return np.frombuffer(b"".join(f.read_bytes() for f in files), dtype=np.uint8)
+
+
+def half_lives(settings: dict, heads: int) -> dict:
+    """'short,long' -> one half-life per head, geometric from 64 to 1,024 bytes."""
+    if settings.get("carry_half_lives") == "short,long":
+        lives = [64 * 16 ** (h / max(1, heads - 1)) for h in range(heads)]
+        settings = {**settings, "carry_half_lives": tuple(lives)}
+    return settings
+
+
+def reset_every(rule, step: int, steps: int) -> int:
+    """Windows per stream before its state resets (0 = never); the curriculum goes 1, 2, 8, never by quarters."""
+    if rule == "curriculum":
+        return (1, 2, 8, 0)[min(3, 4 * step // steps)]
+    return rule
+
+
+def batch_at(data: torch.Tensor, offsets, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    windows = torch.stack([data[o : o + T + 1] for o in offsets]).to(device)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def train(form: str, seed: int, data: torch.Tensor, args) -> tuple[BDH, float]:
+    carried, settings, rule = FORMS[form]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    config = BDHConfig(
+        **SIZES[args.size], dropout=0.1, kernel="reference", **half_lives(settings, SIZES[args.size]["n_head"])
     )
-    seconds = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
-    module = cli.model
-    if not module.hparams.carry_state:  # the same stream figures for the runs that did not carry
-        carried, windowed = module.to("cpu").eval().stream_validation()
-        metrics["val/bpb_carried"], metrics["val/bpb_windowed"] = (
-            carried / 0.6931471805599453,
-            windowed / 0.6931471805599453,
-        )
-    return {"seconds": seconds, **metrics}
+    model = BDH(config).to(args.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    B, T = args.batch, args.block
+    stretch = (len(data) - 1) // B  # row b streams through [b * stretch, (b + 1) * stretch)
+    per_row = (stretch - 1) // T
+    states, window = None, 0
+    begin = time.perf_counter()
+    for step in range(args.steps):
+        if carried:
+            every = reset_every(rule, step, args.steps)
+            k = window % per_row  # the stream wraps to its stretch's start after per_row windows
+            since = k % every if every else k  # windows since the last reset: the window's stream position
+            if since == 0:
+                states = None
+            x, y = batch_at(data, [b * stretch + k * T for b in range(B)], T, args.device)
+            logits, written = model.forward_stream(x, since * T, states)
+            states = [s.detach() for s in written]
+            window += 1
+        else:
+            x, y = batch_at(data, rng.integers(0, len(data) - T - 1, B), T, args.device)
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval(), time.perf_counter() - begin
+
+
+@torch.no_grad()
+def evaluate(model: BDH, data: torch.Tensor, args) -> dict:
+    """bits/byte on validation streams (8 rows x args.val_windows windows), carried and window-local, by bucket."""
+    T, rows = args.block, 8
+    stretch = (len(data) - 1) // rows
+    windows = min(args.val_windows, (stretch - 1) // T)
+    carried, local, states = [], [], None
+    for k in range(windows):
+        x, y = batch_at(data, [r * stretch + k * T for r in range(rows)], T, args.device)
+        logits, states = model.forward_stream(x, k * T, states)
+        carried.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item() / LN2)
+        local.append(F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item() / LN2)
+    result = {"carried": statistics.mean(carried), "local": statistics.mean(local)}
+    for lo, hi in BUCKETS:
+        if lo < windows:
+            result[f"carried {lo}-{min(hi, windows) - 1}"] = statistics.mean(carried[lo:hi])
+            result[f"local {lo}-{min(hi, windows) - 1}"] = statistics.mean(local[lo:hi])
+    return result
+
+
+def table(results: dict[str, list[dict]], keys: list[str]) -> str:
+    lines = ["| form | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for form, runs in results.items():
+        cells = [" / ".join(f"{r[k]:.3f}" for r in runs) for k in keys]
+        lines.append(f"| {form} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--corpus", choices=("shakespeare", "stdlib"), default="shakespeare")
+    parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
+    parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS), metavar="FORM")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--val_windows", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    quiet()
-    warnings.simplefilter("ignore")
-    results: dict[str, list[dict]] = {mode: [] for mode in MODES}
-    with tempfile.TemporaryDirectory() as folder:
-        for seed in args.seeds:
-            for mode in MODES:
-                results[mode].append(run(mode, seed, args, Path(folder)))
-                print(mode, seed, results[mode][-1], flush=True)
+    raw = torch.from_numpy(corpus_bytes(args.corpus).astype(np.int64))
+    split = int(0.9 * len(raw))
+    train_data, val_data = raw[:split], raw[split:]
+    results: dict[str, list[dict]] = {form: [] for form in args.forms}
+    for seed in args.seeds:
+        for form in args.forms:
+            model, seconds = train(form, seed, train_data, args)
+            results[form].append({**evaluate(model, val_data, args), "seconds": seconds})
+            print(form, seed, {k: round(v, 3) for k, v in results[form][-1].items()}, flush=True)
     print(
-        f"\n{args.steps} steps x {args.batch} windows x {args.block} bytes, seeds {args.seeds}, "
-        f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}\n"
+        f"\n{args.corpus} ({len(raw):,} bytes), {args.size}, {args.steps} steps x {args.batch} x {args.block} bytes, "
+        f"lr {args.lr}, seeds {args.seeds} (cells: one value per seed), torch threads {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n"
     )
-    print(
-        "| mode | val/bpb (random windows) | val/bpb on streams, window-local | val/bpb on streams, carried | s/run |"
-    )
-    print("| --- | --- | --- | --- | --- |")
-    for mode, runs in results.items():
-        cells = []
-        for key in ("val/bpb", "val/bpb_windowed", "val/bpb_carried", "seconds"):
-            values = [r[key] for r in runs]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.mean(values):.3f}{spread}")
-        print(f"| {mode} | " + " | ".join(cells) + " |")
+    buckets = [k for k in next(iter(results.values()))[0] if k.startswith(("carried ", "local "))]
+    print(table(results, ["local", "carried", "seconds"]) + "\n")
+    print(table(results, buckets))
 
 
 if __name__ == "__main__":
