@@ -29,7 +29,7 @@ import torch
 
 from .errors import ConfigError
 from .errors import UsageError as EstimateError
-from .kernels import chunk_width
+from .kernels.chunked import chunk_width
 from .model import BDHConfig
 from .precision import PRECISIONS as PRECISION_TABLE
 from .precision import cuda_total_memory, precision

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bdh_lightning import fused, masks
 from bdh_lightning.errors import ConfigError
+from bdh_lightning.kernels import fused, masks
 from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin
 from bdh_lightning.model import BDH, BDHConfig
 

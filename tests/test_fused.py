@@ -70,8 +70,8 @@ def test_the_compiled_kernels_build_for_an_h100_without_one(tmp_path):
     # through PTX to a cubin with triton's bundled ptxas, in a child without TRITON_INTERPRET.
     env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    code = "import json; from bdh_lightning import fused; print(json.dumps(fused.compile_offline('bf16')))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+    tool = str(REPO / "benchmarks" / "fused_tools.py")
+    done = subprocess.run([sys.executable, tool, "compile"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     usage = json.loads(done.stdout.strip().splitlines()[-1])
@@ -103,7 +103,7 @@ def test_auto_never_picks_fused(monkeypatch):
 def test_cuda_compiled_fused_equals_the_cpu_reference(autocast, tol, small_tiles):
     # The compiled kernels (tensor-core dots), which the interpreter never runs. The reference runs on the
     # CPU: benchmarks/gpu_suite.py turns TF32 on for CUDA float32 matmuls, which would blur a 1e-4 check.
-    from bdh_lightning import fused, masks
+    from bdh_lightning.kernels import fused, masks
     from bdh_lightning.layer import layer_norm, reference_layer, rope_cos_sin
 
     B, T, D, H, N, p, seed = 3, 200, 96, 2, 1000, 0.2, 1234  # ragged ends on every tile size

@@ -4,11 +4,12 @@ gradcheck, autocast and *-true dtypes, checkpoints across kernels, torch.compile
 import pytest
 import torch
 
-from bdh_lightning import layer, masks
+from bdh_lightning import layer
 from bdh_lightning.errors import ConfigError
-from bdh_lightning.kernels import chunk_width, chunked_layer, draw_seed, resolve_kernel
+from bdh_lightning.kernels import chunked, masks, resolve_kernel
+from bdh_lightning.kernels.chunked import chunk_width, chunked_layer, draw_seed
+from bdh_lightning.kernels.masks import dropout_mask
 from bdh_lightning.layer import layer_norm, reference_layer, rope, rope_cos_sin, stream_attention
-from bdh_lightning.masks import dropout_mask
 from bdh_lightning.model import BDH, BDHConfig
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine")
@@ -184,8 +185,6 @@ def test_true_precision_masks_are_the_same_in_forward_and_backward(precision, mo
     regenerate exactly the forward's masks, and the gradients match the reference with that mask."""
     from lightning.pytorch.plugins import HalfPrecision
 
-    from bdh_lightning import kernels
-
     made = {"forward": [], "backward": []}
     phase = ["forward"]
 
@@ -194,7 +193,7 @@ def test_true_precision_masks_are_the_same_in_forward_and_backward(precision, mo
         made[phase[0]].append(keep)
         return keep
 
-    monkeypatch.setattr(kernels, "block_keep", recording_block_keep)
+    monkeypatch.setattr(chunked, "block_keep", recording_block_keep)
     plugin = HalfPrecision(precision)
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
     size = dict(B=2, T=12, D=16, H=2, N=70)
@@ -606,7 +605,6 @@ def ran_chunked(out):
 @pytest.fixture
 def chunks_seen(monkeypatch):
     """The (head, start, stop) of every dropout block the chunked kernel draws, forward and backward."""
-    from bdh_lightning import kernels
 
     seen = []
 
@@ -614,7 +612,7 @@ def chunks_seen(monkeypatch):
         seen.append((head, start, stop))
         return masks.block_keep(seed, head, batch, length, start, stop, p, device)
 
-    monkeypatch.setattr(kernels, "block_keep", recording_block_keep)
+    monkeypatch.setattr(chunked, "block_keep", recording_block_keep)
     return seen
 
 
@@ -708,10 +706,9 @@ def test_auto_switches_at_cpu_chunked_from_counting_b_h_t_n(monkeypatch):
 def test_automatic_chunks_split_n_evenly_above_auto_chunk_elements(monkeypatch, chunks_seen):
     """chunk_size 0 where a head's B x T x N tensors pass AUTO_CHUNK_ELEMENTS (lowered to this size): the
     fewest equal even chunks, and still the reference's function."""
-    from bdh_lightning import kernels
 
     size = dict(B=2, T=9, D=8, H=1, N=70)
-    monkeypatch.setattr(kernels, "AUTO_CHUNK_ELEMENTS", 2 * 9 * 70 // 3)  # three pieces: ceil(70 / 3) = 24
+    monkeypatch.setattr(chunked, "AUTO_CHUNK_ELEMENTS", 2 * 9 * 70 // 3)  # three pieces: ceil(70 / 3) = 24
     x, weights, cos, sin, grad_out = random_layer(torch.float64, **size)
     mask = dropout_mask(8, 2, 1, 9, 70, 0.3).double()
     want = reference_layer(x, *weights, cos, sin, 0.3, True, dropout_mask=mask)
@@ -726,7 +723,8 @@ def test_fused_is_handed_the_layer_and_the_applied_dropout(monkeypatch):
     fused_layer, chunked_layer's signature and function, gets the weights in order and dropout only in
     training; a stream window runs chunked (the fused kernel reads no carried state)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from bdh_lightning import fused, kernels  # the plain import: triton's kernels compiled, not interpreted
+    from bdh_lightning import kernels
+    from bdh_lightning.kernels import fused  # the plain import: triton's kernels compiled, not interpreted
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # what lets resolve_kernel take fused on CPU tensors
     calls = []
@@ -801,7 +799,7 @@ def test_draw_seed_draws_what_fused_draws():
 
 
 def test_compute_dtypes():
-    from bdh_lightning.kernels import compute_dtypes
+    from bdh_lightning.kernels.chunked import compute_dtypes
 
     f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     for dtype, expected in ((f32, (f32, f32)), (f64, (f64, f64)), (bf16, (bf16, f32)), (f16, (f16, f32))):

@@ -10,13 +10,13 @@ import torch
 from conftest import TINY_ARGS, write_letters
 
 from bdh_lightning.cli import BDHCLI
+from bdh_lightning.data.streams import StreamBatches, StreamLayout
 from bdh_lightning.errors import DataError
 from bdh_lightning.generate import Generator
 from bdh_lightning.layer import layer_norm, rope_cos_sin
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule, clip_unitwise
-from bdh_lightning.streams import StreamBatches, StreamLayout
 
 T = 8
 
@@ -259,8 +259,8 @@ def test_carried_state_under_bf16_autocast_stays_close_and_float32():
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_the_chunked_kernel_carries_the_state_as_the_reference_does(chunk_size, p):
     from bdh_lightning.kernels import chunked_layer
+    from bdh_lightning.kernels.masks import dropout_mask
     from bdh_lightning.layer import reference_layer, stream_attention
-    from bdh_lightning.masks import dropout_mask
 
     gen = torch.Generator().manual_seed(3)
     B, H, D, N = 2, 2, 8, 16
