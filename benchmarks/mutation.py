@@ -1,16 +1,17 @@
-"""Mutation testing of the library's core with mutmut 3: how many deliberately broken copies the tests catch.
+"""Mutation testing of the library with mutmut 3: how many deliberately broken copies the tests catch.
 
-    python benchmarks/mutation.py                      # every module below, one after another
-    python benchmarks/mutation.py layer module         # some of them
+    python benchmarks/mutation.py                      # every module in TESTS, one after another
+    python benchmarks/mutation.py layer kernels/chunked  # some of them (a module in a package by its path)
+    python benchmarks/mutation.py data                 # every module of a package listed in TESTS
     python benchmarks/mutation.py layer --max-children 2
 
-For each module, a scratch copy of the project is made under mutants/<module>/ (git ignores mutants/), with a
-[tool.mutmut] section that mutates only bdh_lightning/<module>.py and runs only that module's fast tests (no
-subprocess runs: they would take hours). mutmut changes one operator, constant or call at a time ("mutants"),
-runs the tests that reach the changed function, and records whether some test failed (killed) or all passed
-(survived). The score per module is killed / (mutants - equivalent ones), where EQUIVALENT lists the mutants
-that compute the same thing as the original (no test can kill them; docs/testing.md says why for each).
-Survivors' diffs are written to mutants/<module>/survivors.txt. Needs `pip install mutmut==3.8.1`.
+For each module, a scratch copy of the project is made under mutants/<module>/ (kernels/chunked in
+mutants/kernels.chunked/; git ignores mutants/), with a [tool.mutmut] section that mutates only that module's file
+and runs only its fast tests (no subprocess runs: they would take hours). mutmut changes one operator, constant or
+call at a time ("mutants"), runs the tests that reach the changed function, and records whether some test failed
+(killed) or all passed (survived). The score per module is killed / (mutants - equivalent ones), where EQUIVALENT
+lists the mutants that compute the same thing as the original (no test can kill them; docs/testing.md says why for
+each). Survivors' diffs are written to mutants/<module>/survivors.txt. Needs `pip install mutmut==3.8.1`.
 """
 
 from __future__ import annotations
@@ -27,23 +28,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # Each module's fast tests: in-process only, seconds each. A test file per module, plus the suites that check
-# the module's math against the spec oracle.
+# the module's math against the spec oracle. A module is named by its path under bdh_lightning/ without .py
+# ("kernels/chunked"); a package's own name is its __init__.py ("kernels"), or, if it has no entry of its own,
+# every entry under it ("data" runs data/corpus, data/module, ...).
 TESTS = {
     "layer": ["tests/test_layer.py", "tests/test_model.py", "tests/test_streams.py"],  # streams: stream_attention
     "model": ["tests/test_model.py", "tests/test_layer.py", "tests/test_streams.py"],  # streams: forward_stream
     "module": ["tests/test_module.py", "tests/test_streams.py"],  # test_streams: carried state, linear decay, AGC
     "checkpoints": ["tests/test_checkpoints.py"],  # load_plain's weights wording too
-    "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],
-    "data": ["tests/test_data.py"],
+    "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],  # kernels/__init__.py: the dispatch
+    "kernels/chunked": ["tests/test_kernels.py", "tests/test_layer.py", "tests/test_streams.py"],
+    "kernels/masks": ["tests/test_kernels.py", "tests/test_layer.py"],
+    "data/corpus": ["tests/test_data.py"],
+    "data/module": ["tests/test_data.py", "tests/test_streams.py"],
+    "data/streams": ["tests/test_streams.py", "tests/test_data.py"],
+    "precision": ["tests/test_precision.py", "tests/test_estimate.py", "tests/test_checkpoints.py"],
+    "estimate": ["tests/test_estimate.py"],
+    "generate": ["tests/test_generate.py", "tests/test_streams.py"],
+    "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
+    "errors": ["tests/test_cli.py", "tests/test_generate.py", "tests/test_model.py", "tests/test_data.py"],
+    "console": ["tests/test_console.py"],
 }
 # pytest -k expressions leaving tests out of a module's selection.
-DESELECT = {
-    # torch.compile cannot trace through mutmut's trampolines (a graph break): these fail on the unmutated copy.
-    "kernels": "not graph_breaks and not compile",
-    "layer": "not traces_as_one_graph and not compiled",
-    "model": "not traces_as_one_graph and not compiled",
-    "module": "not traces_as_one_graph and not compiled",
-}
+# torch.compile cannot trace through mutmut's trampolines (a graph break): these fail on the unmutated copy.
+DESELECT = "not graph_breaks and not compile and not traces_as_one_graph"
 
 # Functions left unmutated, with why: BDHLitModule.__init__ calls save_hyperparameters(), which reads the
 # arguments from its caller's frame; under mutmut's trampoline that frame is the trampoline's, and every test
@@ -130,56 +138,86 @@ EQUIVALENT = [
     ("checkpoints", "run_precision", '.get("trainer", )', "None.get's AttributeError is caught: None either way"),
     # data.py
     *[
-        ("data", "excluded", text, "the last piece of a split at every / is the last piece of one split from the right")
+        (
+            "data/corpus",
+            "excluded",
+            text,
+            "the last piece of a split at every / is the last piece of one split from the right",
+        )
         for text in ('relative.rsplit("/", )[-1]', 'relative.rsplit("/", 2)[-1]')
     ],
     *[
-        ("data", "download_tinyshakespeare", text, "HTTP header names are case-insensitive (http.client's HTTPMessage)")
+        (
+            "data/corpus",
+            "download_tinyshakespeare",
+            text,
+            "HTTP header names are case-insensitive (http.client's HTTPMessage)",
+        )
         for text in ('headers.get("content-length")', 'headers.get("CONTENT-LENGTH")')
     ],
     *[
-        ("data", "download_tinyshakespeare", text, "the copy's chunk size: the same bytes written, hashed and counted")
+        (
+            "data/corpus",
+            "download_tinyshakespeare",
+            text,
+            "the copy's chunk size: the same bytes written, hashed and counted",
+        )
         for text in ("response.read(None)", "response.read(2 << 16)", "response.read(1 << 17)")
     ],
     (
-        "data",
+        "data/corpus",
         "list_corpus",
         "os.path.join(expanded, ) if",
         "the prefix without its trailing /: each stored name keeps one byte more, the same paths",
     ),
     (
-        "data",
+        "data/corpus",
         "list_corpus",
         "if (root) or True else match",
         "for a glob without a folder, relpath against '' (the working directory) is the match itself",
     ),
     *[
-        ("data", "__init__", text, "ByteCorpus opens and closes each file unread: buffering does not matter")
+        ("data/corpus", "__init__", text, "ByteCorpus opens and closes each file unread: buffering does not matter")
         for text in ('open(file, "rb", )', 'open(file, "rb", buffering=1)')
     ],
     *[
-        ("data", "__init__", text, "sizes from a listing or os.stat are int64 anyway (numpy 2)")
+        ("data/corpus", "__init__", text, "sizes from a listing or os.stat are int64 anyway (numpy 2)")
         for text in ("np.asarray(sizes, dtype=None)", "np.asarray(sizes, )")
     ],
-    ("data", "__init__", 'prefix: str = "XXXX"', "list_corpus gives every Listing its prefix: the default is unused"),
     (
-        "data",
+        "data/corpus",
+        "__init__",
+        'prefix: str = "XXXX"',
+        "list_corpus gives every Listing its prefix: the default is unused",
+    ),
+    (
+        "data/corpus",
         "__init__",
         'array("Q")',
         "signed and unsigned 64-bit arrays hold the same bytes for offsets, sizes, devices and inodes below 2**63",
     ),
     *[
-        ("data", "__init__", text, "finish() sets files, sizes and identities before list_corpus returns a listing")
+        (
+            "data/corpus",
+            "__init__",
+            text,
+            "finish() sets files, sizes and identities before list_corpus returns a listing",
+        )
         for text in ("self.files, self.sizes = PathList(", 'self.identities = ""')
     ],
     (
-        "data",
+        "data/corpus",
         "add",
         "if (name.startswith(self._prefix_bytes)) or True",
         "every name list_corpus adds starts with its listing's prefix",
     ),
     *[
-        ("data", "finish", text, "as float64 bit patterns the (device, inode) pairs stay distinct and compare alike")
+        (
+            "data/corpus",
+            "finish",
+            text,
+            "as float64 bit patterns the (device, inode) pairs stay distinct and compare alike",
+        )
         for text in (
             "np.frombuffer(self._devices, None)",
             "np.frombuffer(self._devices, )",
@@ -188,26 +226,31 @@ EQUIVALENT = [
         )
     ],
     (
-        "data",
+        "data/corpus",
         "finish",
         'self.left_out["already read through another link"] = int(',
         "finish runs once per listing and is the only writer of that reason",
     ),
-    ("data", "finish", 'self._inodes = ""', "both drop the arrays the listing was built in"),
-    ("data", "descriptor", "popitem(last=None)", "None is false: last=False"),
+    ("data/corpus", "finish", 'self._inodes = ""', "both drop the arrays the listing was built in"),
+    ("data/corpus", "descriptor", "popitem(last=None)", "None is false: last=False"),
     (
-        "data",
+        "data/corpus",
         "pread_into",
         "while done <= len(buffer):",
         "one more preadv, of an empty buffer: it returns 0 and breaks",
     ),
-    ("data", "shrunk", "str(None)", "an OSError from os.stat always carries strerror: str(error) is never reached"),
+    (
+        "data/corpus",
+        "shrunk",
+        "str(None)",
+        "an OSError from os.stat always carries strerror: str(error) is never reached",
+    ),
     *[
-        ("data", "loader", text, "pin_memory is False without CUDA (on a GPU: the same values, copied unpinned)")
+        ("data/module", "loader", text, "pin_memory is False without CUDA (on a GPU: the same values, copied unpinned)")
         for text in ("pin_memory=None)", "num_workers=self.num_workers, )")
     ],
     (
-        "data",
+        "data/module",
         "batch",
         "rng.integers(self.train_size - self.block_size, size=",
         "Generator.integers(n) draws exactly as integers(0, n) (checked)",
@@ -235,41 +278,56 @@ EQUIVALENT = [
         "hparams always hold decay (the constructor's default)",
     ),
     # kernels.py: the device of the chunked kernel's buffers, seed and masks (torch.zeros, seed.to, block_keep).
-    *[("kernels", f, text, CPU_ONLY) for f in ("forward", "backward") for text in KERNEL_DEVICE_MUTANTS],
-    ("kernels", "forward", "if len(chunks) >= 1:", "recomputes a head's activations when it is one chunk: same values"),
-    ("kernels", "forward", "if dropout >= 0:", "block_keep with p = 0 keeps every entry"),
-    ("kernels", "backward", "if dropout >= 0:", "block_keep with p = 0 keeps every entry"),
-    ("kernels", "forward", "(state is not None) or True", "without a state it adds a zero carried read: the same sum"),
+    *[("kernels/chunked", f, text, CPU_ONLY) for f in ("forward", "backward") for text in KERNEL_DEVICE_MUTANTS],
     (
-        "kernels",
+        "kernels/chunked",
+        "forward",
+        "if len(chunks) >= 1:",
+        "recomputes a head's activations when it is one chunk: same values",
+    ),
+    ("kernels/chunked", "forward", "if dropout >= 0:", "block_keep with p = 0 keeps every entry"),
+    ("kernels/chunked", "backward", "if dropout >= 0:", "block_keep with p = 0 keeps every entry"),
+    (
+        "kernels/chunked",
+        "forward",
+        "(state is not None) or True",
+        "without a state it adds a zero carried read: the same sum",
+    ),
+    (
+        "kernels/chunked",
         "backward",
         "one_chunk = None",
         "one chunk through the several-chunks path: a's two gradient shares as two products (the same sum, rounded apart)",
     ),
-    ("kernels", "backward", "d_dec[h, n0:n1] = ", "each slice of the zeroed gradient is written once"),
-    ("kernels", "backward", "d_enc_v[h, :, n0:n1] = ", "each slice of the zeroed gradient is written once"),
+    ("kernels/chunked", "backward", "d_dec[h, n0:n1] = ", "each slice of the zeroed gradient is written once"),
+    ("kernels/chunked", "backward", "d_enc_v[h, :, n0:n1] = ", "each slice of the zeroed gradient is written once"),
     (
-        "kernels",
+        "kernels/chunked",
         "backward",
         "d_enc[h, :, n0:n1] = x_flat.T @ da_from_z",
         "pass A writes each slice of the zeroed gradient once; pass B adds to it",
     ),
     *[
-        ("kernels", "backward", text, "autograd casts a returned gradient to its input's dtype")
+        ("kernels/chunked", "backward", text, "autograd casts a returned gradient to its input's dtype")
         for text in ("dx.unsqueeze(1).to(None)", "d_enc.to(None)", "d_enc_v.to(None)", "d_dec.view(H * N, D).to(None)")
     ],
     (
-        "kernels",
+        "kernels/chunked",
         "backward",
         "grad_u.squeeze(1).to(None)",
         "one division of a 16-bit value rounds alike from float32 (16-bit arithmetic runs in float32; checked)",
     ),
-    ("kernels", "chunked_layer", "torch.zeros((), dtype=None)", "the next line makes the seed int64"),
-    ("kernels", "chunked_layer", "torch.zeros((), )", "the next line makes the seed int64"),
-    ("kernels", "chunk_width", "batch_tokens * n < AUTO_CHUNK_ELEMENTS", "at equality: one piece of n either way"),
-    ("kernels", "draw_seed", "dtype=None)", "torch.randint's default dtype is int64"),
-    ("kernels", "draw_seed", "torch.randint(0, 2**62, (), )", "torch.randint's default dtype is int64"),
-    ("kernels", "draw_seed", "torch.randint(2**62, ()", "torch.randint's low defaults to 0"),
+    ("kernels/chunked", "chunked_layer", "torch.zeros((), dtype=None)", "the next line makes the seed int64"),
+    ("kernels/chunked", "chunked_layer", "torch.zeros((), )", "the next line makes the seed int64"),
+    (
+        "kernels/chunked",
+        "chunk_width",
+        "batch_tokens * n < AUTO_CHUNK_ELEMENTS",
+        "at equality: one piece of n either way",
+    ),
+    ("kernels/chunked", "draw_seed", "dtype=None)", "torch.randint's default dtype is int64"),
+    ("kernels/chunked", "draw_seed", "torch.randint(0, 2**62, (), )", "torch.randint's default dtype is int64"),
+    ("kernels/chunked", "draw_seed", "torch.randint(2**62, ()", "torch.randint's low defaults to 0"),
     ("kernels", "resolve_kernel", "n_wide: int = 1", "0 and 1 are both far below CPU_CHUNKED_FROM"),
     (
         "kernels",
@@ -280,16 +338,41 @@ EQUIVALENT = [
 ]
 
 
+def source_of(module: str) -> str:
+    """The file a module name stands for, relative to the project: "kernels/chunked" -> bdh_lightning/kernels/chunked.py,
+    "kernels" -> bdh_lightning/kernels/__init__.py."""
+    if (REPO / "bdh_lightning" / module).is_dir():
+        return f"bdh_lightning/{module}/__init__.py"
+    return f"bdh_lightning/{module}.py"
+
+
+def work_dir(module: str) -> Path:
+    """mutants/kernels.chunked/ for kernels/chunked: one flat folder per module, so no run's folder holds another's."""
+    return REPO / "mutants" / module.replace("/", ".")
+
+
+def expand(names: list[str]) -> list[str]:
+    """Module names as given, a package without an entry of its own replaced by every entry under it."""
+    modules = []
+    for name in names:
+        under = [m for m in TESTS if m.startswith(name.rstrip("/") + "/")]
+        if name in TESTS:
+            modules.append(name)
+        elif under:
+            modules += under
+        else:
+            raise SystemExit(f"no tests are listed for {name!r}: add it to TESTS in {Path(__file__).name}")
+    return modules
+
+
 def write_config(work: Path, module: str) -> None:
-    selection = [*TESTS[module], "-x", "-q", "-p", "no:cacheprovider"]
-    if module in DESELECT:
-        selection += ["-k", DESELECT[module]]
+    selection = [*TESTS[module], "-x", "-q", "-p", "no:cacheprovider", "-k", DESELECT]
     text = (REPO / "pyproject.toml").read_text()
     text += (
         "\n[tool.mutmut]\n"
         'source_paths = ["bdh_lightning"]\n'
         'also_copy = ["configs"]\n'
-        f'only_mutate = ["bdh_lightning/{module}.py"]\n'
+        f'only_mutate = ["{source_of(module)}"]\n'
         f"pytest_add_cli_args_test_selection = {json.dumps(selection)}\n"
         "timeout_multiplier = 5.0\n"
         # mutmut's wall limit is (estimated seconds + constant) * multiplier: with its default constant (1 s) a
@@ -300,7 +383,7 @@ def write_config(work: Path, module: str) -> None:
 
 
 def prepare(module: str) -> Path:
-    work = REPO / "mutants" / module
+    work = work_dir(module)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -309,7 +392,7 @@ def prepare(module: str) -> Path:
     shutil.copytree(REPO / "configs", work / "configs")  # tests read the shipped configs
     write_config(work, module)
     for qualified in NOT_MUTATED.get(module, []):
-        skip_function(work / "bdh_lightning" / f"{module}.py", qualified.rsplit(".", 1)[-1])
+        skip_function(work / source_of(module), qualified.rsplit(".", 1)[-1])
     return work
 
 
@@ -328,7 +411,7 @@ def results(work: Path, module: str) -> dict[str, str]:
     """{mutant name: status} from mutmut's record of the run."""
     from mutmut.stats import status_by_exit_code
 
-    meta = json.loads((work / "mutants" / "bdh_lightning" / f"{module}.py.meta").read_text())
+    meta = json.loads((work / "mutants" / f"{source_of(module)}.meta").read_text())
     return {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
 
 
@@ -347,7 +430,7 @@ def diffs_of(work: Path, module: str, names: list[str], env: dict) -> dict[str, 
     """{mutant: its diff}, in one process (`mutmut show` per mutant costs an interpreter each)."""
     out = work / "diffs.json"
     subprocess.run(
-        [sys.executable, "-c", DIFFS, json.dumps(names), f"bdh_lightning/{module}.py", str(out)],
+        [sys.executable, "-c", DIFFS, json.dumps(names), source_of(module), str(out)],
         cwd=work,
         env=env,
         check=True,
@@ -422,7 +505,7 @@ def run_module(module: str, max_children: int) -> dict:
 
 def report(module: str) -> dict:
     """The score of an earlier run from its records (`--report`), survivors' diffs rewritten."""
-    work = REPO / "mutants" / module
+    work = work_dir(module)
     summary = json.loads((work / "summary.json").read_text()) if (work / "summary.json").exists() else {"seconds": 0}
     summary = {"module": module, "seconds": summary["seconds"], **score(work, module, {**os.environ})}
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -436,11 +519,11 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['module']}.py | {r['mutants']} | {r['equivalent']} | {r['killed']} | {len(r['survived'])} "
+        lines.append(f"| {source_of(r['module']).removeprefix('bdh_lightning/')} | {r['mutants']} | {r['equivalent']} | {r['killed']} | {len(r['survived'])} "
                      f"({r['no_tests']}) | {r['score']:.1%} | {r['seconds'] / 60:.1f} min |")  # fmt: skip
     lines.append("")
     for r in rows:
-        text = (REPO / "mutants" / r["module"] / "equivalent.txt").read_text()
+        text = (work_dir(r["module"]) / "equivalent.txt").read_text()
         for block in text.split("\n\n"):
             if block.startswith("# "):
                 name, why = block.splitlines()[0][2:].split(": ", 1)
@@ -455,7 +538,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", default=list(TESTS), choices=list(TESTS))
+    parser.add_argument("modules", nargs="*", default=list(TESTS), help=f"of: {' '.join(TESTS)} (default: all)")
     parser.add_argument(
         "--max-children", type=int, default=1, help="mutants tested at once (1 on a shared 2-core machine)"
     )
@@ -464,7 +547,7 @@ def main() -> None:
     )
     parser.add_argument("--markdown", action="store_true", help="the table and equivalents for docs/testing.md")
     args = parser.parse_args()
-    rows = [report(m) if args.report else run_module(m, args.max_children) for m in args.modules]
+    rows = [report(m) if args.report else run_module(m, args.max_children) for m in expand(args.modules)]
     if args.markdown:
         print(markdown(rows))
         return
