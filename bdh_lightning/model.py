@@ -31,14 +31,7 @@ STORED_SETTINGS = (*ARCHITECTURE, *CARRY_FORM)  # what a checkpoint or an export
 class BDHConfig:
     """BDH model settings (the BDH configuration guide's names and defaults). Each is documented once, in
     `BDHLitModule.__init__` (module.py): its docstring is what `fit --help` and docs/settings.md show.
-
-    Args:
-        carry_half_lives: Carried state only (forward_stream): half-life in bytes of what earlier windows
-            left in the state, one for every head or one per head; () = never fades (the reference's sum).
-            Applied per window: before a window of T bytes reads it, the state is multiplied by 2^(-T/h).
-        carry_mean: Carried state only: read the state as the weighted mean of the earlier windows'
-            contributions (divided by their accumulated weight), so the history weighs as one window
-            however long the stream. False = the reference's sum.
+    Here carry_half_lives is a tuple, () for the reference's plain sum (None there).
     """
 
     n_layer: int = 6

@@ -128,9 +128,11 @@ class BDHLitModule(L.LightningModule):
                 stream restarts. Costs batch x n_layer x H x N x D float32 numbers per device.
             carry_half_lives: With carry_state: half-life in bytes of the carried state, one for all heads or
                 one per head (None = never fades: the reference's sum, whose norm grows with the stream).
-                Stored with the weights. See docs/carried-state.md.
-            carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows
-                (the history weighs as one window however long the stream). Stored with the weights.
+                Applied per window: before a window of T bytes reads it, the state is multiplied by
+                2^(-T/h). Stored with the weights. See docs/carried-state.md.
+            carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows'
+                contributions (divided by their accumulated weight), so the history weighs as one window
+                however long the stream. Stored with the weights.
             decay: Shape of the decay after warmup over decay_steps: cosine, or linear (the paper's) to
                 min_learning_rate.
             agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021, as the paper used): each
