@@ -1,22 +1,10 @@
-"""Predict the memory of a training step before a run starts (the `estimate` command is in commands.py).
+"""Predict the memory of a training step before a run starts, and choose the kernel that fits.
 
-The prediction is bookkeeping, not a guess: every tensor that autograd keeps for the backward pass was
-listed with `torch.autograd.graph.saved_tensors_hooks` (see `count_saved_bytes`) and is written down
-below with its size and dtype, per layer and once per step. The peak adds the weights, gradients and
-AdamW state and the largest transient working set (one layer's backward). `measure_step` measures the
-same quantities on a real step; the tests hold the two within 15%.
-
-Dtypes follow autocast as Lightning runs it (`cache_enabled=False`: each layer keeps its own low-precision
-copies of the shared weights): matmul outputs in the low-precision dtype; layer norms in float32 on CUDA
-and in their input's dtype on the CPU (the two autocast policies differ there); the attention read, its
-T x T scores and their gradients in float32 under float16 (`layer.attention_dtype`).
-
-On CUDA the device needs more than the tensors (`peak_bytes`, what `torch.cuda.max_memory_allocated`
-reports): `device_bytes` adds the CUDA context, cuBLAS workspaces, the caching allocator's rounding and
-fragmentation and, with several GPUs, NCCL's buffers (DDP's gradient buckets are tensors: in the peak).
-The constants below say where each comes from. None is measured for BDH on a GPU yet: the figure is a
-prediction (`PREDICTION_NOTE`) until benchmarks/gpu_suite.py has run, and the CUDA dropout mask is
-assumed to be 1-byte bools (the CPU path keeps a full float noise tensor).
+Every tensor autograd keeps for backward is written down below with its size and dtype, per layer and once
+per step (the inventory was taken with saved-tensor hooks; tests/measure.py measures a real step and the
+tests hold the two within 15%). The peak adds weights, gradients, AdamW state and the largest transient
+working set. On CUDA, `device_bytes` adds the context, cuBLAS workspaces, allocator slack and NCCL buffers:
+constants, not yet measured on a GPU (`PREDICTION_NOTE`).
 """
 
 from __future__ import annotations
@@ -31,12 +19,16 @@ from .errors import ConfigError
 from .errors import UsageError as EstimateError
 from .kernels.chunked import chunk_width
 from .model import BDHConfig
-from .precision import PRECISIONS as PRECISION_TABLE
-from .precision import cuda_total_memory, precision
+from .precision import PRECISIONS, cuda_total_memory, precision
 
-# Lightning precision -> (bytes per parameter, bytes per activation element, autocast on)
-PRECISIONS = {name: (p.param_bytes, p.activation_bytes, p.autocast) for name, p in PRECISION_TABLE.items()}
-KERNELS = ("reference", "chunked")
+# The kernels whose memory is modelled (fused keeps chunked's tensors).
+MODELLED_KERNELS = ("reference", "chunked")
+
+
+def byte_sizes(name: str) -> tuple[int, int, bool]:
+    """(bytes per parameter, bytes per activation element, autocast on) of a Lightning precision."""
+    row = PRECISIONS[name]
+    return row.param_bytes, row.activation_bytes, row.autocast
 
 
 def normalize_precision(name) -> str:
@@ -133,13 +125,13 @@ class MemoryReport:
 def carried_state_bytes(cfg: BDHConfig, batch: int, precision: str) -> int:
     """Bytes of the state model.carry_state keeps between windows: per layer and batch row, per head the N x D
     sum of qᵀ x, B·L·H·N·D numbers in float32 (float64 under 64-true; never 16 bits, it accumulates)."""
-    wide = 8 if PRECISIONS[precision][1] == 8 else 4
+    wide = 8 if byte_sizes(precision)[1] == 8 else 4
     return batch * cfg.n_layer * cfg.n_head * cfg.neurons_per_head * cfg.n_embd * wide
 
 
 def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision: str, device_type: str) -> int:
     """Bytes autograd keeps for backward in one training step (dropout on), from the measured inventory."""
-    p, e, autocast = PRECISIONS[precision]
+    p, e, autocast = byte_sizes(precision)
     B, T, D, H, N, V, L = batch, length, cfg.n_embd, cfg.n_head, cfg.neurons_per_head, cfg.vocab_size, cfg.n_layer
     BT, BTD, BHT, BHTD, BHTN = B * T, B * T * D, B * H * T, B * H * T * D, B * H * T * N
     wide = 4 if autocast else e  # float32 where autocast keeps float32: the layers' residual stream
@@ -173,7 +165,7 @@ def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision:
 def transient_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision: str, chunk_size: int) -> int:
     """The largest working set on top of the weights, AdamW state and saved tensors: either the loss's
     gradients at the start of the backward, or the gradient buffers plus one layer's backward."""
-    p, e, autocast = PRECISIONS[precision]
+    p, e, autocast = byte_sizes(precision)
     B, T, D, H, N, V = batch, length, cfg.n_embd, cfg.n_head, cfg.neurons_per_head, cfg.vocab_size
     loss = B * T * V * (8 + (e if autocast else 0))  # float32 gradients of log_softmax and the logits
     grads = cfg.num_parameters * p
@@ -206,7 +198,7 @@ def estimate_memory(
     precision = normalize_precision(precision)
     names = inspect.signature(BDHConfig).parameters
     cfg = BDHConfig(**{k: v for k, v in model_kwargs.items() if k in names})
-    p = PRECISIONS[precision][0]
+    p = byte_sizes(precision)[0]
     params = cfg.num_parameters
     report = MemoryReport(
         params, params * p, params * p, 2 * params * p, batch_size, block_size, precision, device_type
@@ -222,10 +214,10 @@ def estimate_memory(
         # qᵀ x (one layer's worth); between steps only the written states.
         report.state_bytes = carried_state_bytes(cfg, batch_size, precision)
         static += 2 * report.state_bytes + report.state_bytes // cfg.n_layer
-    for kernel in KERNELS:
+    for kernel in MODELLED_KERNELS:
         saved = saved_bytes(kernel, cfg, batch_size, block_size, precision, device_type)
-        if report.state_bytes and kernel == "reference" and PRECISIONS[precision][2]:
-            saved += report.state_bytes // 4 * PRECISIONS[precision][1]  # the read's low-precision copy of it
+        if report.state_bytes and kernel == "reference" and byte_sizes(precision)[2]:
+            saved += report.state_bytes // 4 * byte_sizes(precision)[1]  # the read's low-precision copy of it
         transient = transient_bytes(kernel, cfg, batch_size, block_size, precision, cfg.chunk_size)
         peak = static + saved + transient
         report.kernels[kernel] = KernelMemory(saved, transient, peak, device_bytes(peak, device_type, world_size))
@@ -252,89 +244,6 @@ def largest_batch(
         mid = (low + high) // 2
         low, high = (mid, high) if peak(mid) <= budget else (low, mid)
     return low
-
-
-def count_saved_bytes(step) -> int:
-    """Bytes autograd keeps for backward while `step()` runs its forward (distinct storages, parameters
-    excluded). `step` returns the loss; nothing else is done with it."""
-    storages: dict[int, int] = {}
-    parameters: set[int] = set()
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if not isinstance(tensor, torch.nn.Parameter):
-            storages[storage.data_ptr()] = storage.nbytes()
-        else:
-            parameters.add(storage.data_ptr())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
-    return sum(n for ptr, n in storages.items() if ptr not in parameters)
-
-
-def measure_peak_bytes(step, device: torch.device, live_before: int) -> int:
-    """Peak bytes allocated while `step()` runs. CUDA: `torch.cuda.max_memory_allocated` (it includes
-    what was live before). CPU: `live_before` plus the highest running sum of the allocations and frees
-    that the profiler records."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return live_before + peak
-
-
-def measure_step(
-    model, optimizer, idx: torch.Tensor, autocast_dtype: torch.dtype | None = None, states: list | None = None
-) -> tuple[int, int]:
-    """(bytes saved for backward, peak bytes) of one real training step of `model` (a `BDH`) on bytes
-    `idx` (B, T+1): forward, cross-entropy, backward, AdamW step. Run one step before, so that the
-    optimizer state exists, as it does for every step but the first. With `states` (each layer's carried
-    state, as model.carry_state keeps them) the window continues a stream and `states` is replaced by the
-    states it writes, as the module does."""
-    import torch.nn.functional as F
-
-    written: list = []
-
-    def forward():
-        # As Lightning's mixed precision runs it: no cast cache, so each layer casts (and keeps) its own weights.
-        with torch.autocast(idx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
-                            cache_enabled=False):  # fmt: skip
-            if states is None:
-                logits = model(idx[:, :-1])
-            else:
-                start = torch.full((idx.shape[0],), idx.shape[1] - 1)  # a window after the first of each stream
-                logits, out = model.forward_stream(idx[:, :-1], start, states)
-                written[:] = [state.detach() for state in out]
-        return F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten())
-
-    def step():
-        forward().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if states is not None:
-            states[:] = written  # the incoming states go, as the module replaces them
-            written.clear()
-
-    optimizer.zero_grad(set_to_none=True)
-    saved = count_saved_bytes(forward)
-    written.clear()
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    live_before = tensor_bytes(model.parameters()) + tensor_bytes(state) + tensor_bytes([idx, *(states or [])])
-    return saved, measure_peak_bytes(step, idx.device, live_before)
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:

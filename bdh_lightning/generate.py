@@ -119,16 +119,3 @@ def generate_text(
         Generator(model, num_samples).generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size)
     )
     return [bytes(row) for row in torch.stack(new, dim=1).tolist()]
-
-
-def full_prefix_generate(model: BDH, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy generation the plain way, re-running `BDH.forward` on the whole prefix for every byte.
-
-    The baseline of `benchmarks/generate.py`: O(T) work per byte, O(n²) for n bytes. Returns (B, T + n).
-    """
-    idx = prompt
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            next_byte = model(idx)[:, -1].argmax(dim=-1, keepdim=True)
-            idx = torch.cat((idx, next_byte), dim=1)
-    return idx

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bdh_lightning.estimate import estimate_memory, measure_step  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from measure import measure_step  # noqa: E402
+
+from bdh_lightning.estimate import estimate_memory  # noqa: E402
 from bdh_lightning.model import BDH, BDHConfig  # noqa: E402
 
 SHAPES = [(2, 32, 32, 2, 8, 2, 0), (4, 48, 32, 4, 16, 3, 0), (4, 64, 32, 2, 16, 2, 64), (1, 64, 32, 2, 16, 2, 0)]

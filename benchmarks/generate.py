@@ -18,13 +18,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from bdh_lightning.generate import Generator, full_prefix_generate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from measure import full_prefix_generate  # noqa: E402
+
+from bdh_lightning.generate import Generator  # noqa: E402
 from bdh_lightning.model import BDH, BDHConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SUBPROCESS_ENV, TINY_ARGS, scalars, write_letters
+from measure import measure_step
 
 from bdh_lightning import estimate
-from bdh_lightning.estimate import estimate_memory, measure_step
+from bdh_lightning.estimate import estimate_memory
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.throughput import dense_peak_flops, find_peak, tf32_enabled
 

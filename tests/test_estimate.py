@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from measure import measure_step
 
 from bdh_lightning import estimate
 from bdh_lightning.estimate import (
     EstimateError,
     estimate_memory,
     largest_batch,
-    measure_step,
     parse_bytes,
 )
 from bdh_lightning.main import main

@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 from conftest import TINY_MODEL
+from measure import full_prefix_generate
 
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.commands import shown
 from bdh_lightning.generate import (
     Generator,
-    full_prefix_generate,
     generate_text,
     sample_next,
 )
