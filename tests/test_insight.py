@@ -13,24 +13,20 @@ from conftest import TINY_ARGS, TINY_MODEL, run_cli, write_phrases
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bdh_lightning.data import read_corpus
-from bdh_lightning.insight import (
-    CorpusSample,
-    InsightMonitor,
-    NeuronOptions,
-    activation_pass,
+from bdh_lightning.data.corpus import read_corpus
+from bdh_lightning.insight import InsightMonitor, NeuronOptions
+from bdh_lightning.insight.activations import CorpusSample, activation_pass, sparsity_report, strongest_contexts
+from bdh_lightning.insight.command import model_at_init
+from bdh_lightning.insight.graph import (
     degrees,
     fit_power_law,
     graph_report,
     louvain_modularity,
-    model_at_init,
     modularity,
-    probe_report,
-    sparsity_report,
-    strongest_contexts,
     thresholded_edges,
     undirected_edges,
 )
+from bdh_lightning.insight.probes import probe_report
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
 from bdh_lightning.module import BDHLitModule
@@ -174,7 +170,7 @@ def test_a_neuron_wired_to_one_byte_is_found_by_probe_and_contexts(tmp_path, sig
 
 
 def test_sentence_values_are_each_sentence_read_alone(monkeypatch):
-    import bdh_lightning.insight as insight
+    import bdh_lightning.insight.activations as insight
 
     torch.manual_seed(0)
     model = BDH(BDHConfig(**TINY_MODEL)).eval()
