@@ -192,6 +192,13 @@ def test_relative_links_and_anchors_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_files_named_in_code_spans_exist(page):
+    """`bdh_lightning/x.py`, `tests/x.py`, `benchmarks/x.py` written in a page are files of the repository."""
+    named = re.findall(r"`((?:bdh_lightning|tests|benchmarks)/[\w/]+\.py)`", page.read_text())
+    assert not [path for path in named if not (ROOT / path).exists()], f"{page.name} names files that do not exist"
+
+
 def test_the_link_checker_finds_a_broken_link(tmp_path):
     (tmp_path / "b.md").write_text("# Crashes and resume: `last`\n")
     page = tmp_path / "a.md"
