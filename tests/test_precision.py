@@ -3,6 +3,7 @@ is set in every rank by a callback (ddp_spawn workers do not inherit the launche
 
 import subprocess
 import sys
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import SUBPROCESS_ENV
 
 from bdh_lightning import precision
+from bdh_lightning.errors import ConfigError
 from bdh_lightning.precision import TF32, default_precision
 
 
@@ -107,3 +109,50 @@ def test_gpu_memory_is_read_without_a_cuda_context(no_cuda_context, monkeypatch)
     monkeypatch.setattr(precision, "nvml_total_memory", lambda: None)
     assert not precision.cuda_present() and precision.cuda_total_memory() is None
     assert estimate.device_memory_bytes(torch.device("cuda")) == 0  # Lightning then refuses the run itself
+
+
+@pytest.mark.parametrize("short", ["16", 16, "bf16", "32", 32, "64", 64])
+def test_short_names_mean_what_lightning_means(short):
+    """`--trainer.precision 16` is Lightning's 16-mixed (float32 weights, float16 autocast), not 16-true: the
+    table must read each short name as Lightning's connector does, or estimate and fit's pre-flight check count
+    2-byte weights for a run that keeps 4-byte ones."""
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    with pytest.warns(match="historical reasons") if str(short)[:2] in ("16", "bf") else nullcontext():
+        lightning_name = _convert_precision_to_unified_args(short)
+    assert precision.precision(short).name == lightning_name
+
+
+def test_the_16_alias_is_16_mixed_with_float32_weights_and_float16_products():
+    row = precision.precision("16")
+    assert (row.name, row.param_bytes, row.activation_bytes, row.compute_dtype, row.autocast) == (
+        "16-mixed", 4, 2, torch.float16, True,
+    )  # fmt: skip
+    assert precision.compute_dtype("16") == torch.float16
+
+
+@pytest.mark.parametrize("name", ["64-true", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"])
+def test_each_rows_compute_dtype_and_sizes_are_what_lightnings_plugin_uses(name):
+    """The 16-mixed row computes in float16 (Lightning's autocast dtype), not bfloat16; the -true rows in the dtype
+    Lightning converts the weights to; the mixed rows keep float32 weights."""
+    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision
+
+    row = precision.PRECISIONS[name]
+    if name.endswith("-mixed"):
+        plugin_dtype, weight_dtype = MixedPrecision(name, "cpu").autocast_context_manager().fast_dtype, torch.float32
+    else:
+        plugin = {"64-true": DoublePrecision(), "32-true": None}.get(name) or HalfPrecision(name)
+        weight_dtype = torch.float32 if name == "32-true" else plugin.convert_module(torch.nn.Linear(2, 2)).weight.dtype
+        plugin_dtype = weight_dtype
+    assert row.compute_dtype == plugin_dtype
+    assert row.autocast is name.endswith("-mixed")
+    assert row.param_bytes == weight_dtype.itemsize
+    assert row.activation_bytes == plugin_dtype.itemsize
+    assert precision.compute_dtype(name) == plugin_dtype
+
+
+def test_an_unknown_precision_is_a_config_error_and_computes_in_float32():
+    with pytest.raises(ConfigError, match=r"^unknown precision '8-true'; use one of 64-true, 32-true, bf16-mixed, "):
+        precision.precision("8-true")
+    assert precision.compute_dtype("8-true") == torch.float32
+    assert precision.compute_dtype(None) == torch.float32
