@@ -30,6 +30,7 @@ from .checkpoints import (
 )
 from .console import RunReport, device_memory, memory_line
 from .data import ByteDataModule
+from .devices import cuda_present
 from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
 from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
@@ -37,7 +38,7 @@ from .insight import InsightMonitor
 from .model import STORED_SETTINGS, BDHConfig
 from .module import BDHLitModule
 from .monitor import SparsityMonitor, TextSample
-from .precision import TF32, cuda_present, default_precision
+from .precision import TF32, default_precision
 from .throughput import ThroughputMonitor
 from .weights import read_weights
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import ProgressBar
 
+from .devices import cuda_total_memory
 from .estimate import format_bytes
-from .precision import cuda_total_memory
 
 # Lightning's notices that say nothing about this run (each checked against Lightning 2.6's wording).
 QUIET_MESSAGES = (

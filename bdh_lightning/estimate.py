@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .devices import device_memory_bytes
 from .errors import ConfigError
 from .errors import UsageError as EstimateError
 from .kernels.chunked import chunk_width
 from .model import BDHConfig
-from .precision import PRECISIONS, cuda_total_memory, precision
+from .precision import PRECISIONS, precision
 
 # The kernels whose memory is modelled (fused keeps chunked's tensors).
 MODELLED_KERNELS = ("reference", "chunked")
@@ -293,17 +294,6 @@ def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
 # measurement) plus AUTO_FIXED_MARGIN (CUDA context, cuBLAS workspaces, allocator rounding). Else chunked.
 AUTO_ERROR_MARGIN = 0.15
 AUTO_FIXED_MARGIN = 2**30
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Total memory of a CUDA device (what `auto` compares the predicted peak with), read through NVML where
-    CUDA is not initialised yet: the launching process must not create a CUDA context (ddp_fork)."""
-    total = cuda_total_memory(device.index or 0)
-    if total is not None:
-        return total
-    if torch.cuda.device_count() == 0:
-        return 0  # no GPU visible: Lightning refuses the run in its own words when it builds the trainer
-    return torch.cuda.get_device_properties(device).total_memory  # NVML unreadable: this creates a CUDA context
 
 
 def fits_device(peak_bytes: int, device_bytes: int) -> bool:

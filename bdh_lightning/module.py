@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics import MeanMetric
 
+from .devices import cuda_present
 from .errors import ConfigError, finite_float, non_negative_int
 from .kernels import resolve_kernel
 from .model import BDH, BDHConfig
-from .precision import cuda_present
 from .weights import weights_to_start_from
 
 

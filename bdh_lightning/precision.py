@@ -1,24 +1,17 @@
-"""One table of Lightning precisions: what each means for the weights, the activations and autocast.
+"""One table of Lightning precisions (bytes, compute dtype, autocast), the default precision, and TF32.
 
-Used by the CLI (the default), `generate` (its autocast), `estimate` (bytes) and the benchmarks.
-
-The default is decided without creating a CUDA context in the launching process (`gpu_capabilities`
-reads NVML, the driver's management library), so that fork-based launchers (`ddp_fork`, `ddp_notebook`)
-can still start their ranks; TF32 is set by a callback in every rank (`TF32`), since `ddp_spawn`
-workers start from a fresh interpreter.
+The default is decided without creating a CUDA context in the launching process (devices.py reads NVML), so that
+fork-based launchers (`ddp_fork`) can still start their ranks; TF32 is set by a callback in every rank.
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .devices import gpu_capabilities
 from .errors import ConfigError
 
 
@@ -72,105 +65,6 @@ def default_precision(accelerator=None) -> str:
         return "32-true"
     capabilities = gpu_capabilities()
     return "bf16-mixed" if capabilities and min(capabilities)[0] >= 8 else "16-mixed"
-
-
-def cuda_present() -> bool:
-    """Whether a CUDA GPU is visible, asked without initialising CUDA: `torch.cuda.device_count` reads NVML,
-    where `torch.cuda.is_available` calls cuInit, after which a forked rank (ddp_fork) cannot use CUDA."""
-    return torch.cuda.device_count() > 0
-
-
-def cuda_total_memory(index: int = 0) -> int | None:
-    """Total bytes of visible GPU `index`, without creating a CUDA context (NVML); from torch when this process
-    has initialised CUDA already; None when neither can say."""
-    if torch.cuda.is_initialized():
-        return torch.cuda.get_device_properties(index).total_memory
-    totals = nvml_total_memory()
-    return totals[index] if totals and index < len(totals) else None
-
-
-def gpu_capabilities() -> list[tuple[int, int]]:
-    """(major, minor) compute capability of each visible GPU, without creating a CUDA context here.
-
-    Read from NVML; where NVML cannot be read, from a short-lived child process (which may create a context of
-    its own); from torch directly when this process has initialised CUDA already. Empty if nothing answers."""
-    if torch.cuda.is_initialized():
-        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-    capabilities = nvml_capabilities()
-    if capabilities is None:
-        capabilities = child_process_capabilities()
-    return capabilities
-
-
-def nvml_each(query) -> list | None:
-    """`query(nvml, handle)` for each GPU CUDA_VISIBLE_DEVICES lets this process see, through NVML (no CUDA
-    context); None if NVML is missing or fails, or a query returns None (then the caller asks elsewhere)."""
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-        if nvml.nvmlInit_v2() != 0:
-            return None
-        try:
-            count = ctypes.c_uint()
-            if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-                return None
-            try:  # NVML numbers every GPU; CUDA_VISIBLE_DEVICES (indices or UUIDs) picks and orders them
-                indices = [torch.cuda._get_nvml_device_index(i) for i in range(torch.cuda.device_count())]
-            except (RuntimeError, AttributeError, IndexError, ValueError):
-                indices = list(range(count.value))
-            answers = []
-            for index in indices:
-                handle = ctypes.c_void_p()
-                if nvml.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle)) != 0:
-                    return None
-                answer = query(nvml, handle)
-                if answer is None:
-                    return None
-                answers.append(answer)
-            return answers
-        finally:
-            nvml.nvmlShutdown()
-    except (OSError, AttributeError):
-        return None
-
-
-def nvml_capabilities() -> list[tuple[int, int]] | None:
-    """(major, minor) compute capability of each visible GPU, from NVML."""
-
-    def capability(nvml, handle):
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        if nvml.nvmlDeviceGetCudaComputeCapability(handle, ctypes.byref(major), ctypes.byref(minor)) != 0:
-            return None
-        return major.value, minor.value
-
-    return nvml_each(capability)
-
-
-class _NvmlMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-
-def nvml_total_memory() -> list[int] | None:
-    """Total memory in bytes of each visible GPU, from NVML: what a launcher may read before its ranks start
-    (torch.cuda.get_device_properties would create a CUDA context, which fork-based launchers cannot survive)."""
-
-    def total(nvml, handle):
-        memory = _NvmlMemory()
-        return memory.total if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0 else None
-
-    return nvml_each(total)
-
-
-CAPABILITY_PROBE = "import json, torch; print(json.dumps([torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]))"
-
-
-def child_process_capabilities() -> list[tuple[int, int]]:
-    """Ask a child Python (its CUDA context dies with it); empty if it fails."""
-    try:
-        command = [sys.executable, "-c", CAPABILITY_PROBE]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-        return [tuple(pair) for pair in json.loads(done.stdout)] if done.returncode == 0 else []
-    except (OSError, subprocess.SubprocessError, TypeError, ValueError):
-        return []
 
 
 def set_tf32(allow: bool) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SUBPROCESS_ENV
 
-from bdh_lightning import precision
+from bdh_lightning import devices, precision
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.precision import TF32, default_precision
 
@@ -41,7 +41,7 @@ def no_cuda_context(monkeypatch):
 )  # fmt: skip
 def test_gpus_pick_bf16_from_ampere_up_without_a_cuda_context(no_cuda_context, monkeypatch, capabilities, expected):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: max(1, len(capabilities)))
-    monkeypatch.setattr(precision, "nvml_capabilities", lambda: capabilities)
+    monkeypatch.setattr(devices, "nvml_capabilities", lambda: capabilities)
     assert default_precision() == expected
     assert default_precision("cuda") == expected
     assert default_precision("cpu") == "32-true"  # a CPU run on a GPU machine
@@ -49,9 +49,9 @@ def test_gpus_pick_bf16_from_ampere_up_without_a_cuda_context(no_cuda_context, m
 
 def test_without_nvml_a_child_process_answers(no_cuda_context, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(precision, "nvml_capabilities", lambda: None)
+    monkeypatch.setattr(devices, "nvml_capabilities", lambda: None)
     asked = []
-    monkeypatch.setattr(precision, "child_process_capabilities", lambda: asked.append(1) or [(8, 9)])
+    monkeypatch.setattr(devices, "child_process_capabilities", lambda: asked.append(1) or [(8, 9)])
     assert default_precision() == "bf16-mixed" and asked == [1]
 
 
@@ -62,7 +62,7 @@ def test_the_child_process_probe_runs():
         if torch.cuda.device_count() == 0
         else [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
     )
-    assert precision.child_process_capabilities() == expected
+    assert devices.child_process_capabilities() == expected
 
 
 def test_no_gpu_is_32_true(no_cuda_context, monkeypatch):
@@ -98,17 +98,17 @@ def test_tf32_is_set_in_the_rank_on_cuda_only(allow):
 
 def test_gpu_memory_is_read_without_a_cuda_context(no_cuda_context, monkeypatch):
     """What the launcher asks (the header's "the GPU has", auto's kernel choice) comes from NVML."""
-    from bdh_lightning import console, estimate
+    from bdh_lightning import console
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(precision, "nvml_total_memory", lambda: [80 * 2**30, 40 * 2**30])
-    assert precision.cuda_present() and precision.cuda_total_memory(1) == 40 * 2**30
+    monkeypatch.setattr(devices, "nvml_total_memory", lambda: [80 * 2**30, 40 * 2**30])
+    assert devices.cuda_present() and devices.cuda_total_memory(1) == 40 * 2**30
     assert console.device_memory(torch.device("cuda", 0)) == (80 * 2**30, "the GPU has")
-    assert estimate.device_memory_bytes(torch.device("cuda", 1)) == 40 * 2**30
+    assert devices.device_memory_bytes(torch.device("cuda", 1)) == 40 * 2**30
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(precision, "nvml_total_memory", lambda: None)
-    assert not precision.cuda_present() and precision.cuda_total_memory() is None
-    assert estimate.device_memory_bytes(torch.device("cuda")) == 0  # Lightning then refuses the run itself
+    monkeypatch.setattr(devices, "nvml_total_memory", lambda: None)
+    assert not devices.cuda_present() and devices.cuda_total_memory() is None
+    assert devices.device_memory_bytes(torch.device("cuda")) == 0  # Lightning then refuses the run itself
 
 
 @pytest.mark.parametrize("short", ["16", 16, "bf16", "32", 32, "64", 64])
