@@ -1,11 +1,7 @@
-"""Generation: BDH's recurrent form and sampling (the `generate` command is in commands.py).
+"""Generation in BDH's recurrent form, and sampling (the `generate` command is in commands.py).
 
-BDH's attention has no softmax, so it is linear (spec, "The recurrent form"): per layer and head a state
-M (N x D) sums q_s x_sᵀ over the positions read so far, and position t reads y_t = ln(q_t M) before
-adding its own q_t x_tᵀ (`layer.stream_attention`, through `BDH.forward_stream`, as training with carried
-state uses it). Each new byte then costs the same whatever the context length. A prompt is read
-chunk by chunk: within a chunk the strictly-lower q qᵀ x of the parallel form, plus q M for the earlier
-chunks, so a long prompt needs memory linear in its length.
+Attention without softmax is linear: per layer and head a state M (N x D) sums qᵀ x over the bytes read so far
+(`layer.stream_attention` through `BDH.forward_stream`), so each new byte costs the same whatever the context.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """Throughput and MFU: bytes, windows and FLOPs per second, and the fraction of the GPU's dense peak.
 
-Lightning's `ThroughputMonitor` reads a device-name table that misses "NVIDIA H200" and counts 2:4
-sparsity for the H200 and H100 NVL (about twice the dense peak); it charges validation batches the
-training FLOPs (forward + backward: 3x the forward); and it synchronizes the GPU after every batch.
-`ThroughputMonitor` here: our table of dense peaks (`PEAKS`), forward FLOPs for validation and test,
-and the GPU synchronized only where a rate is reported (every `trainer.log_every_n_steps` steps, at the
-last step, at the start and end of each validation), so the GPU's queue is never emptied each step.
-
-Rates cover the steps since the previous report (not a fixed window), so short runs get them too.
-Logged (Lightning's names): `train/device/items_per_sec` (bytes per second per device),
-`train/device/samples_per_sec` (windows), `train/device/batches_per_sec`, `train/device/flops_per_sec`,
-`train/device/mfu`; the same without `device/` for all devices together when there are several; and
-`validate/...` (`test/...`) over each evaluation pass.
+Why not Lightning's `ThroughputMonitor`: measured wrong for GPUs we run on. Its table has no "NVIDIA H200"
+(the name torch reports; it needs "sxm1"/"nvl1") and gives 2:4-sparse peaks for the H200 and H100 NVL (twice
+the dense figure); it charges validation the training FLOPs, reports rates only after 100 batches, and
+synchronises the GPU after every batch. Here: dense peaks (`PEAKS`), forward FLOPs for evaluation, rates since
+the previous report, and a sync only where a rate is logged. Metric names are Lightning's
+(`train/device/items_per_sec`, `.../mfu`, `validate/...`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,8 @@
-"""Weights in and out: the reference's state_dict, safetensors and the Hugging Face layout, read without
-running code and checked before use.
+"""Weights in and out: the reference's state_dict, safetensors, the Hugging Face layout and Lightning
+checkpoints, read without running code and checked before use (formats: docs/moving-weights.md).
 
-BDH has five weight tensors, named as in the public reference (`pathwaycom/bdh`, bdh.py):
-    embed.weight (V, D)   encoder (H, D, N)   encoder_v (H, D, N)   decoder (H*N, D)   lm_head (D, V)
-Lightning checkpoints hold them under `model.`. The reference module also carries a constant buffer,
-`attn.freqs` (1, 1, 1, N): the rotary frequencies, which BDH computes instead of storing.
-
-Formats (what `export` writes and what `read_weights` reads):
-    reference    `torch.save` of the reference's state_dict (the five tensors and `attn.freqs`); the
-                 model settings beside it in `<name>.json`, the reference `BDHConfig`'s fields.
-    safetensors  the five tensors under BDH's names; settings, step and project version in the metadata.
-    hf           a folder in the layout of the `bdh-transformers` port: config.json and model.safetensors
-                 with `backbone.{embed.weight,encoder,encoder_v,decoder}` and `lm_head.weight` (V, D).
-    lightning    a .ckpt written by `fit` (read only).
-torch files are read with weights_only=True (a file that would run code is refused); safetensors never
-holds code.
+BDH's five tensors keep the reference's names (`pathwaycom/bdh`): embed.weight (V, D), encoder (H, D, N),
+encoder_v (H, D, N), decoder (H*N, D), lm_head (D, V); the reference's `attn.freqs` buffer is computed, not stored.
 """
 
 from __future__ import annotations
