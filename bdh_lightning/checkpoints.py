@@ -17,7 +17,8 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from .errors import CheckpointError, ResourceError, one_line
+from .errors import CheckpointError
+from .files import sync_folder, write_failure
 from .model import BDH, BDHConfig
 
 
@@ -213,18 +214,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, path)
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)  # make the rename itself durable
-            finally:
-                os.close(folder)
+            sync_folder(path.parent)
         except BaseException as error:
             with contextlib.suppress(OSError):  # (no folder to hold it: nothing to remove)
                 partial.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
             if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
-                raise ResourceError(
-                    f"could not write checkpoint {path} ({write_failure(error)}); {self.last_good_words()}"
-                ) from None
+                raise write_failure(f"checkpoint {path}", error, self.last_good_words()) from None
             raise
         step = checkpoint.get("global_step")
         self.written = [entry for entry in self.written if entry[0] != str(path)] + [(str(path), step)]
@@ -237,12 +232,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "from it with --ckpt_path"
                 )
         return "this run saved no checkpoint before it; free some space and start again"
-
-
-def write_failure(error: BaseException) -> str:
-    if isinstance(error, OSError):
-        return error.strerror or str(error) or type(error).__name__
-    return one_line(error)
 
 
 def run_precision(ckpt_path: Path) -> str | None:

@@ -6,12 +6,14 @@ The other subcommands (`COMMANDS`) are typed functions run by `main.py`; this pa
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionYesNo
+import yaml
+from jsonargparse import ActionYesNo, get_loader, set_loader
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -28,10 +30,20 @@ from .checkpoints import (
     find_last,
     read_checkpoint,
 )
-from .console import RunReport, device_memory, memory_line
+from .console import RunReport, RunSummary, device_memory, memory_line
 from .data import ByteDataModule
 from .devices import cuda_present
-from .errors import BDHError, CheckpointError, ConfigError, NothingToDo, UsageError, one_line
+from .errors import (
+    BDHError,
+    CheckpointError,
+    ConfigError,
+    NothingToDo,
+    UsageError,
+    finite_float,
+    one_line,
+    positive_int,
+    seed_setting,
+)
 from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
 from .insight import InsightMonitor
@@ -199,6 +211,7 @@ class BDHCLI(LightningCLI):
         if config.get("ckpt_path"):  # model.* now holds the checkpoint's settings: do its weights fit them?
             check_model_shape(self.checkpoint, config.ckpt_path, config.model)
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
+        check_trainer_settings(config.trainer)
         check_cpu_devices(config.trainer)
         if config.model.get("carry_state") and config.data.get("sampling") != "streams":
             raise ConfigError(
@@ -210,6 +223,7 @@ class BDHCLI(LightningCLI):
             self.header_lines = plan_memory(config)
 
     def parse_arguments(self, parser, args) -> None:
+        check_config_files(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         # Right after parsing, LightningCLI loads --ckpt_path to copy its model settings into the config;
         # resolve `last` first (so it gets them too) and refuse a bad file here, in one line.
@@ -236,18 +250,22 @@ class BDHCLI(LightningCLI):
                     f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr
                 )
 
+    def _set_seed(self) -> None:
+        seed = self._get(self.config, "seed_everything")
+        if seed is not True and seed is not False:  # numpy, seeded with it too, takes 32 bits
+            seed_setting("seed_everything", seed, UsageError, high=2**32 - 1)
+        super()._set_seed()
+
     def instantiate_trainer(self, **kwargs):
         trainer_config = self._get(self.config_init, "trainer", default={})
-        if trainer_config.get("enable_progress_bar") is not False:  # our progress, header and closing block
-            kwargs["callbacks"] = [
-                *(trainer_config.get("callbacks") or []),
-                RunReport(getattr(self, "header_lines", [])),
-            ]
+        # Our header and closing block always; with them our progress, unless the bar is turned off.
+        report = RunSummary if trainer_config.get("enable_progress_bar") is False else RunReport
+        kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), report(getattr(self, "header_lines", []))]
         if self.subcommand in ("validate", "test"):
             kwargs["logger"] = False
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (ValueError, MisconfigurationException) as error:  # Lightning's word on impossible trainer.* settings
+        except (TypeError, ValueError, MisconfigurationException) as error:  # Lightning's word on impossible trainer.*
             raise UsageError(one_line(error)) from None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a user's plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -449,3 +467,103 @@ def check_cpu_devices(trainer_config) -> None:
         raise UsageError(
             f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}"
         )
+
+
+def check_trainer_settings(trainer_config) -> None:
+    """trainer.* values Lightning accepts but then divides by, or rejects with a traceback, refused in one line."""
+    positive_int("trainer.accumulate_grad_batches", trainer_config.accumulate_grad_batches, UsageError)
+    interval = trainer_config.val_check_interval
+    if interval is not None:
+        finite_float("trainer.val_check_interval", interval, 0, low_open=True, error=UsageError,
+                     hint=" (an integer: batches; a fraction in (0, 1]: of an epoch)")  # fmt: skip
+    devices = trainer_config.devices
+    if isinstance(devices, int) and not isinstance(devices, bool) or re.fullmatch(r"-?\d+", str(devices)):
+        count = int(devices)
+        on_gpu = run_device(trainer_config).type == "cuda"
+        if count == 0 or count < -1 or (count == -1 and not on_gpu):
+            raise UsageError(
+                f"trainer.devices must be a positive number of devices or auto{' (or -1: every GPU)' if on_gpu else ''}"
+                f", got {devices!r}"
+            )
+
+
+# A config is read whole and its YAML expanded: refuse, before either, what would take all memory or time.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 200_000  # after aliases are expanded (a "billion laughs" is a few hundred bytes)
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every `--config FILE` given: at most MAX_CONFIG_BYTES and UTF-8, named in one line when not."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2]
+        if not (arg == "--config" or arg.startswith("--config=")) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as file:
+                data = file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as error:
+            raise UsageError(f"--config {path}: cannot read it ({error.strerror or error})") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UsageError(f"--config {path} is over {MAX_CONFIG_BYTES >> 20} MiB; a config holds settings, not data")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(
+                f"--config {path}: byte {error.start} (0x{data[error.start]:02x}) is not UTF-8; save it as UTF-8"
+            ) from None
+        check_sections(path, text)
+
+
+SECTIONS = ("model", "data", "trainer", "sample", "sparsity", "inspect", "checkpoint", "optimizer", "lr_scheduler")
+
+
+def check_sections(path: str, text: str) -> None:
+    """A config is a mapping of sections (model:, data:, trainer:, ...); an empty one is a mistake to name."""
+    try:
+        check_yaml_bounds(text)
+        settings = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # jsonargparse names the line
+    if settings is not None and not isinstance(settings, dict):
+        raise UsageError(f"--config {path} holds a {type(settings).__name__}, not settings (model:, data:, trainer:)")
+    empty = [key for key, value in (settings or {}).items() if value is None and key in SECTIONS]
+    if empty:
+        raise UsageError(f"--config {path}: section {empty[0]}: is empty; give its settings under it or remove it")
+
+
+def check_yaml_bounds(text: str) -> None:
+    """Refuse YAML too large, too deeply nested or expanding through aliases to too many values (counted from the
+    parser's events, before anything is built)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise yaml.YAMLError(f"YAML over {MAX_CONFIG_BYTES >> 20} MiB refused")
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    open_nodes = [[None, 0]]  # (anchor, values so far) of each collection being read
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            open_nodes.append([event.anchor, 1])
+            if len(open_nodes) > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"YAML nested over {MAX_YAML_DEPTH} levels deep refused")
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, count = open_nodes.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, count = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, count = None, sizes.get(event.anchor, 1)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = count
+        open_nodes[-1][1] += count
+        if sum(node[1] for node in open_nodes) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"YAML expanding to over {MAX_YAML_NODES:,} values (through aliases) refused")
+
+
+def bounded_yaml_load(text: str):
+    check_yaml_bounds(text)
+    return JSONARGPARSE_YAML_LOAD(text)
+
+
+JSONARGPARSE_YAML_LOAD = get_loader("yaml")
+set_loader("yaml", bounded_yaml_load, exceptions=(yaml.YAMLError,))

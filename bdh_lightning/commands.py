@@ -18,9 +18,10 @@ import torch
 
 from .checkpoints import find_last, run_precision
 from .cli import parse_settings
-from .console import device_memory
-from .errors import ResourceError, UsageError, positive_int, sampling_settings
+from .console import device_memory, say, shown
+from .errors import ResourceError, UsageError, positive_int, sampling_settings, seed_setting, text_bytes
 from .estimate import estimate_memory, format_bytes, normalize_precision, parse_bytes, render
+from .files import output_paths, replace_atomically, temporary_beside, write_failure
 from .generate import Generator
 from .model import BDHConfig
 from .precision import compute_dtype, default_precision
@@ -50,44 +51,11 @@ def prompt_bytes(prompt: str | None, prompt_file: str | None) -> bytes:
             data = Path(prompt_file).read_bytes()
         except OSError as error:
             raise UsageError(f"--prompt_file {prompt_file}: cannot read it ({error.strerror or error})") from None
-    else:
-        data = ("\n" if prompt is None else prompt).encode("utf-8", errors="surrogateescape")
+    else:  # bytes the shell passed undecoded (surrogate-escaped) are kept as they were
+        data = text_bytes("--prompt", prompt, UsageError) if prompt else b"\n" if prompt is None else b""
     if not data:
         raise UsageError("the prompt is empty; give at least one byte with --prompt or --prompt_file")
     return data
-
-
-# On a terminal a model's control bytes (ESC starts escape sequences; CR, BS and C1 controls redraw text) are
-# shown as \xNN: only newline and tab pass through. --raw and --output give the exact bytes.
-CONTROL_ESCAPES = {
-    **{code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F] if code not in (0x09, 0x0A)},
-    **{code: "".join(f"\\x{b:02x}" for b in chr(code).encode()) for code in range(0x80, 0xA0)},
-}
-MAX_SEED = 2**64 - 1
-
-
-def shown(text: str) -> str:
-    """Text as it is safe to print on a terminal: control characters other than newline and tab escaped."""
-    return text.translate(CONTROL_ESCAPES)
-
-
-def output_paths(output: str, num_samples: int) -> list[Path]:
-    """Where --output writes: FILE itself for one sample, FILE-1.ext ... FILE-n.ext for several."""
-    path = Path(output)
-    if num_samples == 1:
-        paths = [path]
-    else:
-        paths = [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(num_samples)]
-    for target in paths:
-        if target.is_dir():
-            raise UsageError(f"--output {target} is a directory; give a file name")
-        if not target.parent.is_dir():
-            raise UsageError(f"--output {target}: the folder {target.parent} does not exist")
-    return paths
-
-
-def write_failure(what: str, error: OSError) -> ResourceError:
-    return ResourceError(f"cannot write {what} ({error.strerror or error}); nothing more was written")
 
 
 def abandon_stdout() -> None:
@@ -133,6 +101,7 @@ def generate_command(
     chunk_size: int = 256,
     logs_dir: str = "lightning_logs",
     output: str | None = None,
+    overwrite: bool = False,
     raw: bool = False,
     n_layer: int | None = None,
 ) -> int:
@@ -159,65 +128,88 @@ def generate_command(
         chunk_size: Prompt bytes read per chunk (> 0): memory grows with its square, not the prompt's.
         logs_dir: Where `--ckpt_path last` looks for version_*/checkpoints/last.ckpt.
         output: Write the exact bytes (prompt and continuation) to this file instead of printing them; with
-            several samples, FILE-1.ext, FILE-2.ext, ... Written to FILE.part and renamed when complete.
+            several samples, FILE-1.ext, FILE-2.ext, ... Written to a temporary file renamed when complete.
+        overwrite: Replace an existing --output file. Without it an existing file is refused.
         raw: Write the exact bytes to standard output (one sample), control bytes included.
         n_layer: Layers, for weights that do not say (a reference state_dict without its .json); the widths
             are read off the weights' shapes. Overrides the file's own setting when given.
     """
     data = prompt_bytes(prompt, prompt_file)
-    for name in ("max_new_tokens", "num_samples", "chunk_size"):
-        positive_int(f"--{name}", locals()[name], UsageError)
+    check_generate_settings(max_new_tokens, num_samples, chunk_size, temperature, top_k, top_p, seed, n_layer)
+    paths = sample_paths(output, num_samples, overwrite, raw)
+    where = resolve_device(device)
+    source = checkpoint_to_read(ckpt_path, logs_dir, paths)
+    model = load_model_from_checkpoint(source, where, settings=None if n_layer is None else {"n_layer": n_layer})
+    check_sample_memory(model, num_samples, len(data), chunk_size, where)
+    run = (run_precision(source) or "32") if precision == "auto" else precision
+    dtype = compute_dtype(run if where.type == "cuda" else "32")
+    sink = FileSink(paths, data) if paths else RawSink(data) if raw else TextSink(num_samples, data)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+    seconds = stream_samples(model, sink, data, num_samples, max_new_tokens, seed, dtype, settings)
+    total = max_new_tokens * num_samples
+    wrote = f", written to {', '.join(map(str, paths))}" if paths else ""
+    say(f"[{total} bytes in {seconds:.2f} s, {total / seconds:.1f} bytes/s, {where}, {dtype}{wrote}]")
+    return 0
+
+
+def check_generate_settings(max_new_tokens, num_samples, chunk_size, temperature, top_k, top_p, seed, n_layer) -> None:
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_samples", num_samples), ("chunk_size", chunk_size)):
+        positive_int(f"--{name}", value, UsageError)
     sampling_settings("--", temperature, top_k, top_p, UsageError)
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise UsageError(f"--seed must be an integer from 0 to 2**64 - 1, got {seed}")
+    seed_setting("--seed", seed, UsageError)
+    if n_layer is not None:
+        positive_int("--n_layer", n_layer, UsageError)
+
+
+def sample_paths(output: str | None, num_samples: int, overwrite: bool, raw: bool) -> list[Path]:
+    """Where --output writes: FILE itself for one sample, FILE-1.ext ... FILE-n.ext for several ([] without it)."""
     if raw and output is not None:
         raise UsageError("give --raw (exact bytes to standard output) or --output FILE, not both")
     if raw and num_samples > 1:
         raise UsageError("--raw writes one sample's exact bytes; for several use --output FILE (FILE-1, FILE-2, ...)")
-    paths = output_paths(output, num_samples) if output is not None else []
-    if not paths and sys.stdout is None:
-        raise UsageError("standard output is closed; give --output FILE to write the text to a file")
-    where = resolve_device(device)
-    path = find_last(logs_dir) if ckpt_path == "last" else Path(ckpt_path)
-    if ckpt_path == "last":
-        print(f"--ckpt_path last: {path}", file=sys.stderr)
-    if n_layer is not None:
-        positive_int("--n_layer", n_layer, UsageError)
-    model = load_model_from_checkpoint(path, where, settings=None if n_layer is None else {"n_layer": n_layer})
-    check_sample_memory(model, num_samples, len(data), chunk_size, where)
-    run = "32"
-    if where.type == "cuda":
-        run = (run_precision(path) or "32") if precision == "auto" else precision
-    dtype = compute_dtype(run)
+    if output is None:
+        if sys.stdout is None:
+            raise UsageError("standard output is closed; give --output FILE to write the text to a file")
+        return []
+    path = Path(output)
+    paths = (
+        [path]
+        if num_samples == 1
+        else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(num_samples)]
+    )
+    return output_paths(paths, overwrite)
 
+
+def checkpoint_to_read(ckpt_path: str, logs_dir: str, paths: list[Path]) -> Path:
+    """The file --ckpt_path names (`last`: found and said), never one that --output would replace."""
+    source = find_last(logs_dir) if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last":
+        say(f"--ckpt_path last: {source}")
+    for path in paths:
+        if path.exists() and source.exists() and os.path.samefile(path, source):
+            raise UsageError(f"--output {path} is the checkpoint being read (--ckpt_path); give another --output")
+    return source
+
+
+def stream_samples(model, sink, data: bytes, num_samples: int, max_new_tokens: int, seed, dtype, settings) -> float:
+    """Generate into `sink` (closed when done, aborted on any failure); the seconds it took."""
+    where = model.encoder.device
     generator = torch.Generator(device=where)
     if seed is not None:
         generator.manual_seed(seed)
     else:
         generator.seed()
     idx = torch.tensor(list(data), dtype=torch.long, device=where).expand(num_samples, -1)
-    if paths:
-        sink = FileSink(paths, data)
-    elif raw:
-        sink = RawSink(data)
-    else:
-        sink = TextSink(num_samples, data)
     start = time.perf_counter()
     try:
         with torch.autocast(where.type, dtype=dtype, enabled=dtype != torch.float32):
-            generating = Generator(model, num_samples)
-            for byte in generating.generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size):
+            for byte in Generator(model, num_samples).generate(idx, max_new_tokens, generator=generator, **settings):
                 sink.add(byte.tolist())
         sink.close()
     except BaseException:
         sink.abort()
         raise
-    seconds = time.perf_counter() - start
-    total = max_new_tokens * num_samples
-    wrote = f", written to {', '.join(map(str, paths))}" if paths else ""
-    rate = total / seconds
-    print(f"[{total} bytes in {seconds:.2f} s, {rate:.1f} bytes/s, {where}, {dtype}{wrote}]", file=sys.stderr)
-    return 0
+    return time.perf_counter() - start
 
 
 class TextSink:
@@ -242,7 +234,7 @@ class TextSink:
             raise  # the reader is gone (`| head`): main ends quietly
         except OSError as error:
             abandon_stdout()
-            raise write_failure("the generated text to standard output", error) from None
+            raise write_failure("the generated text to standard output", error, "nothing more was written") from None
 
     def add(self, values: list[int]) -> None:
         for i, value in enumerate(values):
@@ -283,44 +275,42 @@ class RawSink(TextSink):
 
 
 class FileSink:
-    """--output: the exact bytes of each sample to its file, through FILE.part renamed when complete."""
+    """--output: the exact bytes of each sample to its file, through a temporary file renamed when complete."""
 
     def __init__(self, paths: list[Path], prompt: bytes):
         self.paths = paths
         # A device or FIFO (/dev/stdout, a named pipe) is written itself: a rename would replace it with a file.
-        self.parts = [path.with_name(path.name + ".part") if is_plain_target(path) else path for path in paths]
+        self.parts = [temporary_beside(path) if is_plain_target(path) else path for path in paths]
         self.files = []
         try:
             for part in self.parts:
                 self.files.append(open(part, "wb"))  # noqa: SIM115 -- closed in close() or abort()
-            self.write_all(lambda i: prompt)
+                self.files[-1].write(prompt)
         except OSError as error:
-            self.abort()
-            raise write_failure(f"--output {self.paths[0]}", error) from None
+            raise self.failed(error) from None
 
-    def write_all(self, piece) -> None:
-        for i, file in enumerate(self.files):
-            file.write(piece(i))
+    def failed(self, error: OSError) -> Exception:
+        self.abort()
+        return write_failure(f"--output {self.paths[0]}", error, "nothing more was written")
 
     def add(self, values: list[int]) -> None:
         try:
-            self.write_all(lambda i: bytes([values[i]]))
+            for file, value in zip(self.files, values, strict=True):
+                file.write(bytes([value]))
         except OSError as error:
-            self.abort()
-            raise write_failure(f"--output {self.paths[0]}", error) from None
+            raise self.failed(error) from None
 
     def close(self) -> None:
         try:
-            for file, part, path in zip(self.files, self.parts, self.paths):
+            for file, part, path in zip(self.files, self.parts, self.paths, strict=True):
                 file.flush()
                 if part != path:  # a regular file: on disk before it takes the name (pipes cannot fsync)
                     os.fsync(file.fileno())
                 file.close()
                 if part != path:
-                    os.replace(part, path)
+                    replace_atomically(part, path)
         except OSError as error:
-            self.abort()
-            raise write_failure(f"--output {self.paths[0]}", error) from None
+            raise self.failed(error) from None
 
     def abort(self) -> None:
         for file in self.files:
@@ -374,9 +364,18 @@ def estimate_command(
     if chosen is None:
         chosen = default_precision() if here else ("bf16-mixed" if target == "cuda" else "32-true")
     name = normalize_precision(chosen)
-    limit = parse_bytes(budget) if budget else None
+    limit = budget_bytes(budget) if budget else None
     if limit is None and here:
         limit, _ = device_memory(torch.device(target))
     print(f"predicting for {'this machine: ' if here else ''}{target}, precision {name}")
     print(render(estimate_memory(model_kwargs, batch, block, name, target), model_kwargs, limit))
     return 0
+
+
+def budget_bytes(budget: str) -> int:
+    try:
+        return parse_bytes(budget)
+    except OverflowError:  # 1e400: an infinite float
+        raise UsageError(
+            f"--budget {budget!r} is not a finite size; write it like 14GB, 14GiB or 8e9 (bytes)"
+        ) from None

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from .devices import cuda_total_memory
 from .estimate import format_bytes
@@ -55,8 +55,22 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available: ...", "💡 Tip: ...", seeds
 
 
+# On a terminal a model's control bytes (ESC starts escape sequences; CR, BS and C1 controls redraw text) are
+# shown as \xNN, and so are those in a file name echoed in a message: only newline and tab pass through.
+CONTROL_ESCAPES = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F] if code not in (0x09, 0x0A)},
+    **{code: "".join(f"\\x{b:02x}" for b in chr(code).encode()) for code in range(0x80, 0xA0)},
+}
+
+
+def shown(text: str) -> str:
+    """Text as it is safe to print on a terminal: control characters other than newline and tab escaped."""
+    return text.translate(CONTROL_ESCAPES)
+
+
 def say(line: str) -> None:
-    sys.stderr.write(line + "\n")
+    """One line to stderr in a single write (the lines of several ranks never interleave), control bytes escaped."""
+    sys.stderr.write(shown(line) + "\n")
     sys.stderr.flush()
 
 
@@ -91,40 +105,18 @@ def bytes_per_step(trainer, datamodule) -> int:
     return trainer.world_size * datamodule.batch_size * trainer.accumulate_grad_batches * datamodule.block_size
 
 
-class RunReport(ProgressBar):
-    """The run's header, its progress in optimizer steps, and its closing block (global rank 0 only).
-
-    On a terminal the progress is one line redrawn in place; in a log file (stderr not a TTY) it is one
-    line every `trainer.log_every_n_steps` steps. Validation prints one line with its loss.
-    """
+class RunSummary(Callback):
+    """The run's header and its closing block (global rank 0 only), printed whether or not progress is shown."""
 
     def __init__(self, header_lines: list[str] | None = None):
         super().__init__()
         self.header_lines = header_lines or []  # lines the CLI knows before the trainer exists (kernel, memory)
-        self._enabled = True
-        self.tty = sys.stderr.isatty()
-        self.start_time = self.last_time = 0.0
-        self.start_step = self.last_step = 0
-        self.val_loss: float | None = None
-        self.redrawn = False
+        self.start_time = 0.0
+        self.start_step = 0
 
-    def disable(self) -> None:
-        self._enabled = False
-
-    def enable(self) -> None:
-        self._enabled = True
-
-    @property
-    def is_enabled(self) -> bool:
-        return self._enabled
-
-    def active(self, trainer) -> bool:
-        return self._enabled and trainer.is_global_zero and not trainer.sanity_checking
-
-    # -- header --------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
-        self.start_time = self.last_time = time.perf_counter()
-        self.start_step = self.last_step = trainer.global_step
+        self.start_time = time.perf_counter()
+        self.start_step = trainer.global_step
         if trainer.is_global_zero:
             for line in self.header(trainer, pl_module):
                 say(line)
@@ -162,6 +154,76 @@ class RunReport(ProgressBar):
                 f"{trainer.val_check_interval} batches"
             )
         return lines
+
+    # -- closing -------------------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        for line in self.closing(trainer):
+            say(line)
+
+    def closing(self, trainer) -> list[str]:
+        elapsed = time.perf_counter() - self.start_time
+        done = trainer.global_step - self.start_step
+        lines = [f"done       {done} steps (now at step {trainer.global_step}) in {duration(elapsed)}"]
+        if done and elapsed > 0 and trainer.datamodule is not None:
+            lines[-1] += f", {rate(done * bytes_per_step(trainer, trainer.datamodule) / elapsed)} on average"
+        val = trainer.callback_metrics.get("val/loss")
+        if val is not None:
+            lines.append(f"val/loss   {float(val):.4f}   val/bpb {float(val) / math.log(2):.4f}")
+        callback = trainer.checkpoint_callback
+        last = ""
+        if callback is not None:
+            last = callback.last_model_path or (
+                os.path.join(callback.dirpath, "last.ckpt")
+                if callback.dirpath and os.path.exists(os.path.join(callback.dirpath, "last.ckpt"))
+                else ""
+            )
+            if callback.best_model_path:
+                lines.append(f"best       {callback.best_model_path}")
+            if last:
+                lines.append(f"last       {last}")
+        if trainer.log_dir:
+            logs = Path(trainer.log_dir).parent
+            lines.append(f"next       tensorboard --logdir {shlex.quote(str(logs))}")
+        if last:
+            lines.append(
+                f'           python -m bdh_lightning generate --ckpt_path {shlex.quote(last)} --prompt "To be"'
+            )
+        return lines
+
+
+class RunReport(RunSummary, ProgressBar):
+    """The header and closing block, and between them the run's progress in optimizer steps.
+
+    On a terminal the progress is one line redrawn in place; in a log file (stderr not a TTY) it is one
+    line every `trainer.log_every_n_steps` steps. Validation prints one line with its loss.
+    """
+
+    def __init__(self, header_lines: list[str] | None = None):
+        super().__init__(header_lines)
+        self._enabled = True
+        self.tty = sys.stderr.isatty()
+        self.last_time = 0.0
+        self.val_loss: float | None = None
+        self.redrawn = False
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def active(self, trainer) -> bool:
+        return self._enabled and trainer.is_global_zero and not trainer.sanity_checking
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.last_time = self.start_time
 
     # -- progress ------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -216,43 +278,10 @@ class RunReport(ProgressBar):
             self.end_redraw()
             say(f"step {trainer.global_step}: val/loss {self.val_loss:.4f}, val/bpb {self.val_loss / math.log(2):.4f}")
 
-    # -- closing -------------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        self.end_redraw()
-        for line in self.closing(trainer):
-            say(line)
-
-    def closing(self, trainer) -> list[str]:
-        elapsed = time.perf_counter() - self.start_time
-        done = trainer.global_step - self.start_step
-        lines = [f"done       {done} steps (now at step {trainer.global_step}) in {duration(elapsed)}"]
-        if done and elapsed > 0 and trainer.datamodule is not None:
-            lines[-1] += f", {rate(done * bytes_per_step(trainer, trainer.datamodule) / elapsed)} on average"
-        val = trainer.callback_metrics.get("val/loss")
-        if val is not None:
-            lines.append(f"val/loss   {float(val):.4f}   val/bpb {float(val) / math.log(2):.4f}")
-        callback = trainer.checkpoint_callback
-        last = ""
-        if callback is not None:
-            last = callback.last_model_path or (
-                os.path.join(callback.dirpath, "last.ckpt")
-                if callback.dirpath and os.path.exists(os.path.join(callback.dirpath, "last.ckpt"))
-                else ""
-            )
-            if callback.best_model_path:
-                lines.append(f"best       {callback.best_model_path}")
-            if last:
-                lines.append(f"last       {last}")
-        if trainer.log_dir:
-            logs = Path(trainer.log_dir).parent
-            lines.append(f"next       tensorboard --logdir {shlex.quote(str(logs))}")
-        if last:
-            lines.append(
-                f'           python -m bdh_lightning generate --ckpt_path {shlex.quote(last)} --prompt "To be"'
-            )
-        return lines
+        if trainer.is_global_zero:
+            self.end_redraw()
+        super().on_train_end(trainer, pl_module)
 
 
 def memory_line(predicted: int, device: torch.device) -> str:

@@ -112,6 +112,28 @@ def finite_float(
     return number
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def seed_setting(name: str, value, error: type[BDHError] = ConfigError, high: int = MAX_SEED):
+    """A sampling or run seed: None, or an integer in 0..high."""
+    if value is not None and (not is_int(value) or not 0 <= value <= high):
+        top = "2**64 - 1" if high == MAX_SEED else str(high)
+        raise error(f"{name} must be an integer from 0 to {top}, got {value!r}")
+    return value
+
+
+def text_bytes(name: str, value, error: type[BDHError] = ConfigError) -> bytes:
+    """Text a sampler reads as bytes: UTF-8, with bytes the shell passed undecoded kept as they were; not empty."""
+    try:
+        data = value.encode("utf-8", errors="surrogateescape")
+    except (AttributeError, UnicodeEncodeError):
+        raise error(f"{name} must be UTF-8 text, got {ascii(value)[:80]}") from None
+    if not data:
+        raise error(f"{name} must hold at least one byte")
+    return data
+
+
 def sampling_settings(prefix: str, temperature, top_k, top_p=1.0, error: type[BDHError] = ConfigError) -> None:
     """The rules every sampler shares (the `generate` command, the training sample, inspect)."""
     finite_float(f"{prefix}temperature", temperature, 0.0, 1e4, error=error, hint=" (0 = greedy)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from .checkpoints import find_last
-from .weights import load_weights, output_paths, parameter_count, write_weights
+from .weights import export_paths, load_weights, parameter_count, write_weights
 
 
 def export_command(
@@ -34,7 +34,7 @@ def export_command(
         overwrite: Replace an existing output. Without it an existing output is refused.
         logs_dir: Where `--ckpt_path last` looks for version_*/checkpoints/last.ckpt.
     """
-    output_paths(format, output, overwrite)  # refuse a bad --output before reading anything
+    export_paths(format, output, overwrite)  # refuse a bad --output before reading anything
     source = find_last(logs_dir) if ckpt_path == "last" else Path(ckpt_path)
     config, tensors, weights = load_weights(source)
     written = write_weights(tensors, config, format, output, step=weights.step, overwrite=overwrite)

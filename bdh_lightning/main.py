@@ -14,14 +14,9 @@ from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from .cli import BDHCLI, COMMANDS
-from .console import quiet
+from .console import quiet, say
 from .errors import BDHError, one_line
 from .faults import OUT_OF_MEMORY, is_out_of_memory
-
-
-def report(line: str) -> None:
-    """One line to stderr in a single write, so the lines of several ranks never interleave."""
-    sys.stderr.write(line + "\n")
 
 
 def command_function(name: str):
@@ -86,27 +81,27 @@ def main(argv: list[str] | None = None) -> int:
         BDHCLI(args=None if from_shell else argv)
     except ArgumentError as error:
         command = f"{argv[0]} --help" if argv and (argv[0] in COMMANDS or argv[0] in BDHCLI.subcommands()) else "--help"
-        report(f"error: {one_line(error)} (see {command})")
+        say(f"error: {one_line(error)} (see {command})")
         return 2
     except BDHError as error:
-        report(f"error: {one_line(error)}" if 0 < error.exit_code < 128 else one_line(error))
+        say(f"error: {one_line(error)}" if 0 < error.exit_code < 128 else one_line(error))
         return error.exit_code
     except MisconfigurationException as error:
-        report(f"error: {one_line(error)}")
+        say(f"error: {one_line(error)}")
         return 2
     except RuntimeError as error:  # torch's allocator, or cuBLAS/cuDNN/NCCL failing to get memory: one line
         if is_peer_lost(error):
-            report(
+            say(
                 f"error: another process of this run stopped ({peer_lost_words(error)}); see its own output for why, "
                 "then resume with --ckpt_path last"
             )
             return 1
         if not is_out_of_memory(error):
             raise
-        report(f"error: {OUT_OF_MEMORY}")
+        say(f"error: {OUT_OF_MEMORY}")
         return 1
     except MemoryError:  # Python's own allocations (torch's CPU allocator raises RuntimeError, above)
-        report(f"error: {OUT_OF_MEMORY}")
+        say(f"error: {OUT_OF_MEMORY}")
         return 1
     except BrokenPipeError:  # the reader went away (`| head`): end quietly, as other Unix tools do
         from .commands import abandon_stdout
@@ -114,6 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         abandon_stdout()
         return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:
-        report("interrupted")
+        say("interrupted")
         return 130
     return 0

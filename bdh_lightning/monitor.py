@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .errors import ConfigError
+from .console import shown
+from .errors import ConfigError, non_negative_int, sampling_settings, seed_setting, text_bytes
 from .generate import generate_text
 from .layer import decode, layer_output, neuron_activations, rope_cos_sin
 from .model import BDH
@@ -42,19 +43,16 @@ class TextSample(Callback):
             top_k: Sample among the k most likely bytes only, 1..256 (None = all).
             seed: Sampling seed.
         """
-        if not prompt:
-            raise ConfigError("sample.prompt must hold at least one byte")
-        if length < 0:
-            raise ConfigError(f"sample.length must be >= 0 (0 = no sample), got {length}")
-        if temperature < 0:
-            raise ConfigError(f"sample.temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= 256:
-            raise ConfigError(f"sample.top_k must be in 1..256, got {top_k}")
+        # Checked here, before anything is written, whether the values came from the command line or a YAML file.
+        text_bytes("sample.prompt", prompt)
+        non_negative_int("sample.length", length, zero="0 = no sample")
+        sampling_settings("sample.", temperature, top_k)
+        seed_setting("sample.seed", seed)
         self.prompt, self.length, self.temperature, self.top_k, self.seed = prompt, length, temperature, top_k, seed
 
     def sample(self, trainer, pl_module) -> str:
         """Prompt and continuation, decoded as UTF-8 with invalid bytes shown as \\xNN."""
-        prompt = self.prompt.encode("utf-8")
+        prompt = self.prompt.encode("utf-8", errors="surrogateescape")  # bytes the shell passed undecoded kept
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             (new,) = generate_text(
                 pl_module.model, prompt, self.length, temperature=self.temperature, top_k=self.top_k, seed=self.seed
@@ -73,7 +71,8 @@ class TextSample(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.length == 0 or not trainer.is_global_zero:
             return
-        print(f"\n--- sample after {trainer.global_step} steps ---\n{self.sample(trainer, pl_module)}\n---", flush=True)
+        text = shown(self.sample(trainer, pl_module))  # the model's control bytes never reach the terminal raw
+        print(f"\n--- sample after {trainer.global_step} steps ---\n{text}\n---", flush=True)
 
 
 @torch.no_grad()

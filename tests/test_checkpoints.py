@@ -21,7 +21,6 @@ from bdh_lightning.checkpoints import (
     load_plain,
     read_checkpoint,
     run_precision,
-    write_failure,
 )
 from bdh_lightning.errors import CheckpointError, ResourceError
 from bdh_lightning.module import BDHLitModule
@@ -391,20 +390,13 @@ def test_a_failed_write_removes_its_part_and_names_the_last_good_checkpoint(tmp_
     with pytest.raises(ResourceError) as error:
         io.save_checkpoint({"global_step": 6}, tmp_path / "step6.ckpt")
     assert message(error) == (
-        f"could not write checkpoint {tmp_path / 'step6.ckpt'} (No space left on device); the last "
+        f"cannot write checkpoint {tmp_path / 'step6.ckpt'} (No space left on device); the last "
         f"good checkpoint of this run is {good} (step 5); free some space and resume from it with "
         "--ckpt_path"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no .part left
     good.unlink()
     assert io.last_good_words() == "this run saved no checkpoint before it; free some space and start again"
-
-
-def test_write_failure_words():
-    assert write_failure(OSError(28, "No space left on device")) == "No space left on device"
-    assert write_failure(OSError("plain")) == "plain"
-    assert write_failure(OSError()) == "OSError"
-    assert write_failure(RuntimeError("write failed\nat byte 7")) == "write failed at byte 7"
 
 
 def test_last_good_checkpoint_is_this_runs_newest_on_disk(tmp_path):
@@ -582,7 +574,7 @@ def test_a_folder_that_cannot_be_made_is_a_resource_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ResourceError) as error:
         AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "file" / "last.ckpt")
-    assert message(error).startswith(f"could not write checkpoint {tmp_path / 'file' / 'last.ckpt'} (")
+    assert message(error).startswith(f"cannot write checkpoint {tmp_path / 'file' / 'last.ckpt'} (")
 
 
 def test_torch_write_failures_are_resource_errors_and_other_errors_pass(tmp_path, monkeypatch):
@@ -600,7 +592,7 @@ def test_torch_write_failures_are_resource_errors_and_other_errors_pass(tmp_path
     with pytest.raises(ResourceError) as error:
         io.save_checkpoint({"global_step": 1}, tmp_path / "a.ckpt")
     assert message(error).startswith(
-        f"could not write checkpoint {tmp_path / 'a.ckpt'} ([enforce fail] file write failed at 0); "
+        f"cannot write checkpoint {tmp_path / 'a.ckpt'} ([enforce fail] file write failed at 0); "
     )
     monkeypatch.setattr(checkpoints.torch, "save", failing(RuntimeError("a bug, not the disk")))
     with pytest.raises(RuntimeError, match="^a bug, not the disk$"):

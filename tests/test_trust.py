@@ -394,7 +394,7 @@ def test_disk_full_while_writing_a_checkpoint_is_one_line_naming_the_last_good_o
     err = error_lines(capsys.readouterr().err)
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
     assert code == 1 and err == [
-        f"error: could not write checkpoint {last} (No space left on device); the last good checkpoint of this run is "
+        f"error: cannot write checkpoint {last} (No space left on device); the last good checkpoint of this run is "
         f"{last} (step 2); free some space and resume from it with --ckpt_path"
     ], err
     assert saved_step(last) == 2
