@@ -38,7 +38,7 @@ TESTS = {
     "checkpoints": ["tests/test_checkpoints.py"],  # load_plain's weights wording too
     "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],  # kernels/__init__.py: the dispatch
     "kernels/chunked": ["tests/test_kernels.py", "tests/test_layer.py", "tests/test_streams.py"],
-    "kernels/masks": ["tests/test_kernels.py", "tests/test_layer.py"],
+    "kernels/masks": ["tests/test_masks.py", "tests/test_kernels.py", "tests/test_layer.py"],
     "data/corpus": ["tests/test_data.py"],
     "data/module": ["tests/test_data.py", "tests/test_streams.py"],
     "data/streams": ["tests/test_streams.py", "tests/test_data.py"],
@@ -66,6 +66,26 @@ CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices
 KERNEL_DEVICE_MUTANTS = ("device=None", "dtype=acc, )", "dtype=wide, )", "seed.to(None)", "n1, dropout, None)",
                          "n1, dropout, )")  # fmt: skip
 EQUIVALENT = [
+    # kernels/masks.py: the index vectors' dtype and device.
+    (
+        "kernels/masks",
+        "dropout_mask",
+        ".view(H, 1, 1)",
+        "a 3-D (H, 1, 1) broadcasts against the 4-D rows as (1, H, 1, 1)",
+    ),
+    *[
+        ("kernels/masks", f, text, "torch.arange of Python ints is int64 whatever the default dtype")
+        for f in ("block_keep", "dropout_mask")
+        for text in (
+            "dtype=None, device=device)",
+            *(f"arange({n}, device=device)" for n in ("batch", "length", "start, stop", "H", "B", "T", "N")),
+        )
+    ],
+    *[
+        ("kernels/masks", f, text, CPU_ONLY)
+        for f in ("block_keep", "dropout_mask")
+        for text in ("dtype=torch.int64, device=None)", "dtype=torch.int64, )", "(device is None) or True")
+    ],
     ("layer", "causal_attention", "q.transpose(-1, +2)", "dimension 2 of the 4-D q is dimension -2"),
     ("layer", "layer_norm", "F.layer_norm(x, x.shape[-1:], )", "F.layer_norm's default eps is 1e-5, LN_EPS"),
     ("layer", "reference_layer", "elif training and dropout >= 0:", "F.dropout with p = 0 is the identity"),
