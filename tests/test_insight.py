@@ -287,6 +287,79 @@ def test_inspect_writes_the_report(trained):
         assert len(report["probe"][side]["neurons"]) == 3
     assert report["probe"]["trained"]["concept_sentences"] == 2
     assert report["graph"]["init"]["edges"] == report["graph"]["trained"]["edges"] == 2 * 5 * 128
+    check_values_independently(trained, report)
+
+
+def oracle_pooled(model: BDH, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, H*N): each neuron's a*b averaged over layers, from the spec oracle's plain layer (head-major)."""
+    from spec_oracle import oracle_layer_norm, oracle_rope
+
+    x = oracle_layer_norm(model.embed.weight[idx])
+    H, T = model.config.n_head, idx.shape[1]
+    strictly_lower = torch.tril(torch.ones(T, T), diagonal=-1)
+    pooled = 0
+    for _ in range(model.config.n_layer):
+        z = []
+        for h in range(H):
+            a = torch.relu(x @ model.encoder[h])
+            q = oracle_rope(a, torch.arange(T))
+            y = oracle_layer_norm(((q @ q.transpose(-1, -2)) * strictly_lower) @ x)
+            z.append(a * torch.relu(y @ model.encoder_v[h]))
+        z = torch.cat(z, dim=-1)
+        pooled = pooled + z
+        x = oracle_layer_norm(x + oracle_layer_norm(z @ model.decoder))
+    return pooled / model.config.n_layer
+
+
+@torch.no_grad()
+def check_values_independently(root, report: dict) -> None:
+    """The report's numbers against plain recomputations: the degrees of each head's dense G, the active
+    fractions of the sparsity monitor, the probe's U from the spec oracle's neuron values and scipy."""
+    from scipy.stats import mannwhitneyu
+
+    from bdh_lightning.checkpoints import find_last
+    from bdh_lightning.weights import load_model_from_checkpoint
+
+    model = load_model_from_checkpoint(find_last(root / "lightning_logs"))
+    H, N = model.config.n_head, model.config.neurons_per_head
+    out_degree, in_degree = [], []
+    for h in range(H):
+        G = model.decoder[h * N : (h + 1) * N] @ model.encoder[h]
+        G.fill_diagonal_(-float("inf"))
+        kept = torch.zeros(N * N, dtype=torch.bool)
+        kept[G.flatten().topk(5 * N).indices] = True
+        out_degree.append(kept.view(N, N).sum(1))
+        in_degree.append(kept.view(N, N).sum(0))
+    out_degree, in_degree = torch.cat(out_degree), torch.cat(in_degree)
+    graph = report["graph"]["trained"]
+    assert graph["out_degree"]["max"] == out_degree.max() and graph["in_degree"]["max"] == in_degree.max()
+    hub = int(torch.argmax(out_degree))  # the first of the largest, as the report's stable sort
+    assert graph["out_degree"]["hubs"][0] == {"neuron": f"h{hub // N}:{hub % N}", "degree": int(out_degree[hub])}
+    whole = G_cross_share(model, 5 * H * N)
+    assert report["whole_graph"]["trained"][0]["cross_head_share"] == pytest.approx(whole)
+    # Sparsity: the monitor's counts over the same windows.
+    corpus = read_corpus(str(root / "corpus.txt"))
+    data = report["data"]
+    sample = CorpusSample(corpus, data["block_size"], data["windows"], 1 - data["from_byte"] / len(corpus))
+    idx = torch.cat([w for _, w, _ in sample.batches(100)])
+    counts = count_active(model, idx).sum(0).double() / (idx.numel() * H * N * model.config.n_layer)
+    assert [report["sparsity"]["trained"]["active"][k] for k in ("a", "b", "ab")] == pytest.approx(counts.tolist())
+    # Probe: every neuron's U from the oracle's per-sentence means; the report's best neuron is the largest U.
+    values = [oracle_pooled(model, torch.tensor([list(t.encode())]))[0].mean(0) for t in ("the cat sat", "the cat ran")]
+    controls = [oracle_pooled(model, torch.tensor([list(t.encode())]))[0].mean(0) for t in ("a dog sat", "a dog ran")]
+    U = mannwhitneyu(torch.stack(values).numpy(), torch.stack(controls).numpy(), axis=0).statistic
+    best = report["probe"]["trained"]["neurons"][0]
+    assert best["U"] == U.max() == U[best["index"]]
+    assert best["concept_mean"] == pytest.approx(float(torch.stack(values)[:, best["index"]].mean()), rel=1e-4)
+
+
+def G_cross_share(model: BDH, edges: int) -> float:
+    """The share of the `edges` largest off-diagonal entries of the whole G that join different heads."""
+    H, D, N = model.encoder.shape
+    G = model.decoder @ model.encoder.permute(1, 0, 2).reshape(D, H * N)
+    G.fill_diagonal_(-float("inf"))
+    index = G.flatten().topk(edges).indices
+    return float(((index // (H * N)) // N != (index % (H * N)) // N).double().mean())
 
 
 BAD_INPUT = {  # arguments, and a word the one-line message must hold

@@ -215,7 +215,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def loss_correlation(active: torch.Tensor, loss: torch.Tensor, draws: int = BOOTSTRAP, seed: int = 0) -> dict:
     """Spearman's rho of each position's active fraction (3, windows, positions) against its loss (windows,
     positions), with a p-value that respects the dependence between neighbouring positions: windows are
-    resampled with replacement (a cluster bootstrap); p = twice the share of draws on the far side of 0."""
+    resampled with replacement (a cluster bootstrap); p = twice the share of draws on the far side of 0
+    (counted as (k + 1) / (draws + 1), so never 0)."""
     from scipy.stats import spearmanr
 
     rng = np.random.default_rng(seed)
@@ -226,7 +227,8 @@ def loss_correlation(active: torch.Tensor, loss: torch.Tensor, draws: int = BOOT
         rho = spearman(fraction.ravel(), loss.numpy().ravel())
         boot = np.array([spearman(fraction[pick].ravel(), loss.numpy()[pick].ravel()) for pick in picks])
         boot = boot[np.isfinite(boot)]
-        p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())) if boot.size and windows > 1 else None
+        tail = min((boot <= 0).sum(), (boot >= 0).sum())
+        p = min(1.0, 2 * (tail + 1) / (boot.size + 1)) if boot.size and windows > 1 else None
         correlation[kind] = {
             "spearman": finite_or_none(rho), "p": p, "p_independent": finite_or_none(spearmanr(
                 fraction.ravel(), loss.numpy().ravel()).pvalue) if math.isfinite(rho) else None,
@@ -260,7 +262,9 @@ def selective_neurons(
     their contexts; beside it the old ratio top-k mean / mean, which is capped at positions / contexts."""
     eligible = (nonzero >= 2 * options.contexts) & (mean > 0)
     strongest = top.values.mean(0)
-    context = torch.where(eligible, strongest / shuffled.mean(0).clamp_min(1e-30), torch.zeros_like(mean))
+    # A pseudo-count of 1% of the typical strongest value: a neuron silent on shuffled text scores large, not infinite.
+    floor = 0.01 * float(strongest[eligible].double().quantile(0.5)) if eligible.any() else 0.0
+    context = torch.where(eligible, (strongest + floor) / (shuffled.mean(0) + floor).clamp_min(1e-30), 0.0)
     capped = torch.where(eligible, strongest / mean.clamp_min(1e-30), torch.zeros_like(mean))
     chosen = [int(i) for i in context.argsort(descending=True)[: options.top] if eligible[i]]
     shown = []
@@ -276,9 +280,9 @@ def selective_neurons(
         f"windows with their bytes shuffled (value = {options.signal} averaged over layers; neurons firing at >= "
         f"{2 * options.contexts} positions)",
         "eligible": int(eligible.sum()),
-        "median_context_selectivity": float(scores.median()) if scores.numel() else None,
+        "median_context_selectivity": float(scores.double().quantile(0.5)) if scores.numel() else None,
         "share_above_2": float((scores > 2).double().mean()) if scores.numel() else None,
-        "median_selectivity": float(ratios.median()) if ratios.numel() else None,
+        "median_selectivity": float(ratios.double().quantile(0.5)) if ratios.numel() else None,
         "selectivity_ceiling": sample_positions(sample) / options.contexts,
         "neurons": shown,
     }

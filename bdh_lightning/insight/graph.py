@@ -91,11 +91,15 @@ def degrees(src: np.ndarray, dst: np.ndarray, n: int) -> tuple[np.ndarray, np.nd
     return np.bincount(dst, minlength=n), np.bincount(src, minlength=n)
 
 
-def fit_power_law(values: np.ndarray, max_candidates: int = 60, min_tail: int = 50) -> dict | None:
+def fit_power_law(
+    values: np.ndarray, max_candidates: int = 60, min_tail: int = 50, min_share: float = 0.1
+) -> dict | None:
     """Discrete power-law tail P(k) ~ k^-alpha for k >= x_min, by maximum likelihood (Clauset, Shalizi and
     Newman 2009): for each candidate x_min the likelihood's alpha, keeping the x_min whose tail is closest
     to the fit in Kolmogorov-Smirnov distance; then the tail compared with an exponential and a lognormal
-    (`compare_tails`) and a verdict. None when fewer than `min_tail` positive values exist."""
+    (`compare_tails`) and a verdict. The tail keeps at least `min_tail` values and `min_share` of them: far
+    out, a few dozen values fit a steep power law and an exponential alike, and the verdict would say nothing.
+    None when fewer than `min_tail` positive values exist."""
     from scipy.optimize import minimize_scalar
     from scipy.special import zeta
 
@@ -104,7 +108,8 @@ def fit_power_law(values: np.ndarray, max_candidates: int = 60, min_tail: int = 
     if x.size < min_tail:
         return None
     candidates = np.unique(x)
-    candidates = candidates[np.searchsorted(x, candidates) <= x.size - min_tail]  # a tail of min_tail or more
+    shortest = max(min_tail, math.ceil(min_share * x.size))
+    candidates = candidates[np.searchsorted(x, candidates) <= x.size - shortest]
     if candidates.size > max_candidates:
         candidates = np.unique(candidates[np.linspace(0, candidates.size - 1, max_candidates).round().astype(int)])
     best = None

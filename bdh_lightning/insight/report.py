@@ -48,12 +48,14 @@ def plot_degrees(trained: dict, init: dict | None):
             ccdf = 1.0 - np.arange(d.size) / d.size
             axis.loglog(d, ccdf, style, label=label)
             fit = report["out_degree" if key == "_out" else "in_degree"]["fit"]
-            if fit and label == "trained" and not fit["at_bound"]:
+            if fit and label == "trained" and not fit["verdict"].startswith("no heavy tail"):
                 k = np.unique(d[d >= fit["xmin"]])
                 share = (d >= fit["xmin"]).mean()
                 axis.loglog(k, share * (k / fit["xmin"]) ** (1 - fit["alpha"]), ":", color="k",
-                            label=f"power-law fit α={fit['alpha']:.2f}, x_min={fit['xmin']}: {fit['verdict']}")  # fmt: skip
-        axis.set(title=title, xlabel="degree k", ylabel="P(K ≥ k)")
+                            label=f"power-law fit α={fit['alpha']:.2f}, x_min={fit['xmin']}")  # fmt: skip
+        fit = trained["out_degree" if key == "_out" else "in_degree"]["fit"]
+        verdict = f"\ntrained: {fit['verdict']}" if fit else ""
+        axis.set(title=title + verdict, xlabel="degree k", ylabel="P(K ≥ k)")
         axis.legend(fontsize=8)
     return figure
 
@@ -168,12 +170,14 @@ def spread(mean, sd) -> str:
 
 
 def tail_words(fit: dict | None) -> str:
-    """The tail in words: the verdict first; a power-law exponent only when the fit is not at its bound."""
+    """The tail in words: the verdict first; a power-law exponent only when a heavy tail is not ruled out."""
     if not fit:
         return "too short to fit"
     vs = f"Vuong LR vs exponential {fit['vs_exponential']['lr']:.1f} (p {fit['vs_exponential']['p']:.2g})"
     if fit["at_bound"]:
         return f"{fit['verdict']}: falls faster than any power law fitted from k >= {fit['xmin']}; {vs}"
+    if fit["verdict"].startswith("no heavy tail"):
+        return f"{fit['verdict']} from k >= {fit['xmin']} ({fit['tail']} neurons); {vs}"
     return f"{fit['verdict']}: alpha {fit['alpha']:.2f} from k >= {fit['xmin']} ({fit['tail']} neurons); {vs}"
 
 

@@ -1,0 +1,263 @@
+"""`inspect`'s statistics against planted truths, each test named for the mistake it catches: a two-head graph
+with asymmetric and cross-head edges (head slicing, a transposed G, the encoder_v path), tails of known
+shape (power law, exponential), a probe on neurons of known effect with false positives counted on nulls,
+a correlation of known sign and one whose windows share a cluster effect, and context selectivity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bdh_lightning.insight import GraphOptions, NeuronOptions
+from bdh_lightning.insight.activations import TopValues, loss_correlation, selective_neurons, spearman
+from bdh_lightning.insight.graph import (
+    degrees,
+    fit_power_law,
+    graph_report,
+    head_graph,
+    thresholded_edges,
+    whole_graph_report,
+)
+from bdh_lightning.insight.probes import benjamini_hochberg, holm, permutation_null, probe_report
+from bdh_lightning.model import BDH, BDHConfig
+
+H, N, D = 2, 32, 32  # two heads of 32 neurons, a 32-wide residual stream
+
+
+def neuron(head: int, n: int) -> int:
+    return head * N + n
+
+
+# Planted edges (global neuron index -> global neuron index, weight); each group written through its own
+# residual dimension, so G = decoder @ encoder holds exactly these entries (plus a 1e-6 noise floor).
+HUB = [(neuron(0, 5), neuron(0, j), 1.0) for j in range(10, 20)]  # h0:5 drives ten neurons of head 0
+CHAIN = [(neuron(1, i), neuron(1, i + 7), 1.0) for i in range(8)]  # head 1: i -> i + 7, never back
+CROSS = [(neuron(0, 20), neuron(1, 3), 2.0), (neuron(1, 30), neuron(0, 0), 1.5)]  # across heads, strongest
+VALUE_EDGE = (neuron(0, 1), neuron(1, 2), 3.0)  # only on the encoder_v path
+
+
+def planted_graph_model() -> BDH:
+    config = BDHConfig(n_layer=1, n_embd=D, n_head=H, mlp_internal_dim_multiplier=N * H // D, dropout=0.0)
+    model = BDH(config)
+    gen = torch.Generator().manual_seed(0)
+    decoder = 1e-3 * torch.rand(H * N, D, generator=gen)
+    encoder = 1e-3 * torch.rand(D, H * N, generator=gen)  # columns: head-major, as the model's H x D x N
+    encoder_v = 1e-3 * torch.rand(D, H * N, generator=gen)
+    dim = 0
+    decoder[HUB[0][0], dim] = 1.0
+    for _, j, _ in HUB:
+        encoder[dim, j] = 1.0
+    for i, j, w in CHAIN + CROSS:
+        dim += 1
+        decoder[i, dim], encoder[dim, j] = w, 1.0
+    dim += 1
+    i, j, w = VALUE_EDGE
+    decoder[i, dim], encoder_v[dim, j] = w, 1.0
+    with torch.no_grad():
+        model.decoder.copy_(decoder)
+        model.encoder.copy_(encoder.reshape(D, H, N).permute(1, 0, 2))
+        model.encoder_v.copy_(encoder_v.reshape(D, H, N).permute(1, 0, 2))
+    return model.eval()
+
+
+def local(edges, head: int) -> set[tuple[int, int]]:
+    return {(i - head * N, j - head * N) for i, j, _ in edges if i // N == head and j // N == head}
+
+
+def test_head_graph_reads_head_h_rows_in_blocks_not_decoder_h_strided():
+    """Catches decoder[h::H]: head h's G is rows h*N .. (h+1)*N - 1 of the decoder."""
+    model = planted_graph_model()
+    for head, planted in ((0, local(HUB, 0)), (1, local(CHAIN, 1))):
+        src, dst, _ = thresholded_edges(*head_graph(model, head), edges=len(planted))
+        assert set(zip(src.tolist(), dst.tolist())) == planted
+
+
+def test_out_and_in_degree_not_swapped_by_a_transposed_graph():
+    """Catches G = encoder.T @ decoder.T (or src/dst swapped): h0:5 sends ten edges and receives none."""
+    model = planted_graph_model()
+    report = graph_report(model, GraphOptions(hubs=1, seeds=1), edges_per_head=[len(HUB), len(CHAIN)])
+    assert report["out_degree"]["hubs"] == [{"neuron": "h0:5", "degree": 10}]
+    assert report["out_degree"]["max"] == 10 and report["in_degree"]["max"] == 1
+    src, dst, _ = thresholded_edges(*head_graph(model, 0), edges=len(HUB))
+    d_in, d_out = degrees(src, dst, N)
+    assert d_out[5] == 10 and d_in[5] == 0 and d_in[10:20].tolist() == [1] * 10
+
+
+def test_whole_graph_finds_cross_head_edges_per_head_view_cannot():
+    model = planted_graph_model()
+    planted = HUB + CHAIN + CROSS
+    whole = whole_graph_report(model, GraphOptions(seeds=1), edges=len(planted), null=False)
+    src, dst = whole["_edges"]
+    assert set(zip(src.tolist(), dst.tolist())) == {(i, j) for i, j, _ in planted}
+    assert whole["cross_head_share"] == pytest.approx(len(CROSS) / len(planted))
+    assert whole["cross_head_max"] == pytest.approx(2.0, abs=1e-4)  # beats every within-head entry
+    assert whole["within_head_max"] == pytest.approx(1.0, abs=1e-4)
+    order = whole["_order"]
+    assert sorted(order.tolist()) == list(range(H * N))  # the heatmap's order is a permutation
+
+
+def test_encoder_v_path_is_its_own_graph():
+    model = planted_graph_model()
+    value = whole_graph_report(model, GraphOptions(seeds=1), path="encoder_v", edges=1, null=False)
+    src, dst = value["_edges"]
+    assert (int(src[0]), int(dst[0])) == VALUE_EDGE[:2]
+
+
+def test_tail_verdicts_power_law_versus_exponential():
+    rng = np.random.default_rng(0)
+    heavy = fit_power_law(np.minimum(rng.zipf(2.5, size=20000), 19999))
+    assert abs(heavy["alpha"] - 2.5) < 0.2 and heavy["vs_exponential"]["lr"] > 0
+    assert heavy["vs_exponential"]["p"] < 0.01 and heavy["verdict"] in (
+        "power-law tail",
+        "heavy tail (power law or lognormal)",
+    )
+    for light in (rng.geometric(0.1, size=20000), rng.poisson(5, size=20000)):  # exponential-like tails
+        fit = fit_power_law(light)
+        assert fit["vs_exponential"]["lr"] < 0 and fit["vs_exponential"]["p"] < 0.01
+        assert fit["verdict"].startswith("no heavy tail"), fit
+    lognormal = fit_power_law(np.random.default_rng(5).lognormal(1, 1, size=5000).astype(int) + 1)
+    assert lognormal["vs_lognormal"]["lr"] < 0 and "power-law tail" not in lognormal["verdict"]
+
+
+def test_loss_correlation_sign_is_spearmans_not_flipped():
+    """Catches a flipped sign: active fraction that rises with the loss gives rho > 0, as scipy's."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    loss = rng.random((20, 50))
+    active = np.stack([loss + 0.3 * rng.random((20, 50)), -loss, rng.random((20, 50))])
+    result = loss_correlation(torch.from_numpy(active), torch.from_numpy(loss), draws=300)
+    expected = spearmanr(active[0].ravel(), loss.ravel()).statistic
+    assert result["active_vs_loss"]["a"]["spearman"] == pytest.approx(expected, abs=1e-12) and expected > 0.5
+    assert result["active_vs_loss"]["b"]["spearman"] == pytest.approx(-1.0)
+    assert result["active_vs_loss"]["a"]["p"] < 0.01 and result["active_vs_loss"]["b"]["p"] < 0.01
+    assert spearman(active[0].ravel(), loss.ravel()) == pytest.approx(expected, abs=1e-12)
+
+
+def test_window_bootstrap_p_is_not_fooled_by_a_shared_window_effect():
+    """Active fraction and loss each carry a per-window offset, independent of each other: no true
+    correlation. Positions treated as independent call it significant nearly always; the window
+    bootstrap rarely (counted over 30 such draws)."""
+    independent, bootstrap = 0, 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        loss = rng.normal(size=(6, 1)) + 0.1 * rng.random((6, 80))
+        active = rng.normal(size=(6, 1)) + 0.1 * rng.random((6, 80))
+        result = loss_correlation(torch.from_numpy(np.stack([active] * 3)), torch.from_numpy(loss), draws=200)
+        independent += result["active_vs_loss"]["a"]["p_independent"] < 0.05
+        bootstrap += result["active_vs_loss"]["a"]["p"] < 0.05
+    assert independent >= 20 and bootstrap <= 9, (independent, bootstrap)
+
+
+def test_multiple_comparison_corrections_match_their_definitions():
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5])
+    # Holm: sorted p times (m - rank), running maximum, capped at 1.
+    assert holm(p).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.025, 0.5])
+    # Benjamini-Hochberg: sorted p times m / rank, running minimum from the top.
+    assert benjamini_hochberg(p).tolist() == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.5])
+
+
+def planted_probe(monkeypatch, shift: float, neurons: int = 200, sentences: int = 30, seed: int = 0):
+    """probe_report on per-sentence values drawn here: neuron 7 of head 1 is `shift` standard deviations
+    higher on the concept sentences; every other neuron is the same on both."""
+    import bdh_lightning.insight.probes as probes
+
+    rng = np.random.default_rng(seed)
+    values = {"concept": rng.normal(size=(sentences, neurons)), "control": rng.normal(size=(sentences, neurons))}
+    values["concept"][:, neurons // 2 + 7] += shift
+    monkeypatch.setattr(probes, "sentence_values", lambda model, s, signal: torch.from_numpy(values[s[0]]))
+    model = BDH(BDHConfig(n_layer=1, n_embd=10, n_head=2, mlp_internal_dim_multiplier=20, dropout=0.0))
+    return probe_report(model, ["concept"], ["control"], "ab", top=3, permutations=400)
+
+
+def test_probe_finds_a_neuron_of_known_effect_and_names_the_concept_side(monkeypatch):
+    report = planted_probe(monkeypatch, shift=2.0)
+    best = report["neurons"][0]
+    assert best["neuron"] == "h1:7" and best["index"] == 107 and best["concept_mean"] > best["control_mean"]
+    assert best["rank_biserial"] > 0.7 and best["p_holm"] < 0.01 and best["p_permutation"] < 0.01
+    assert best["p_holm"] == pytest.approx(min(1.0, best["p"] * 200))  # the smallest p: Holm = Bonferroni
+    assert report["significant"]["holm"] == 1 and report["tested"] == 200
+
+
+def test_probe_false_positives_on_nulls_are_held_at_the_level(monkeypatch):
+    """No neuron differs: raw p finds about 5% of 200 neurons; Holm, BH and the permutation test find a
+    neuron in at most 3 of 20 null draws (nominal 1 in 20)."""
+    raw, corrected = [], 0
+    for seed in range(20):
+        report = planted_probe(monkeypatch, shift=0.0, seed=seed)
+        raw.append(report["significant"]["raw"])
+        significant = report["significant"]
+        corrected += max(significant["holm"], significant["bh"], significant["permutation"]) > 0
+    assert 4 <= np.mean(raw) <= 16 and corrected <= 3, (raw, corrected)
+
+
+def test_permutation_null_is_the_largest_centred_u_over_neurons():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(6, 4)), rng.normal(size=(5, 4))
+    null = permutation_null(x, y, draws=50, seed=0)
+    assert null.shape == (50,) and (null <= 6 * 5 / 2).all()
+    observed = np.abs(mannwhitneyu(x, y, axis=0).statistic - 15).max()
+    # Relabelling with the true labels is one of the possible draws: the null reaches the observed value's scale.
+    assert null.max() >= 0 and observed <= 15
+
+
+def test_context_selectivity_divides_by_the_shuffled_strength():
+    """Catches selectivity without its division: neuron 0 is strong everywhere (10 on text and on shuffled
+    text), neuron 1 weaker but four times stronger on text than on shuffled text: neuron 1 ranks first."""
+
+    class Sample:
+        offsets, block_size = np.arange(4), 25
+
+        def context(self, offset, width):
+            return {"before": "", "byte": "x", "after": ""}
+
+    top = TopValues(2, 2)
+    top.add(torch.tensor([[10.0, 4.0], [10.0, 4.0], [0.0, 0.0]]), torch.tensor([0, 1, 2]))
+    shuffled = torch.tensor([[10.0, 1.0], [10.0, 1.0]])
+    mean, nonzero = torch.tensor([5.0, 1.0]), torch.tensor([50, 50])
+    options = NeuronOptions(top=2, contexts=2)
+    report = selective_neurons(mean, nonzero, top, shuffled, Sample(), options, N=1)
+    assert [n["neuron"] for n in report["neurons"]] == ["h1:0", "h0:0"]
+    floor = 0.01 * 7  # 1% of the median strongest value (10 and 4): a silent shuffled neuron is not infinite
+    expected = [(4 + floor) / (1 + floor), 1.0]
+    assert [n["context_selectivity"] for n in report["neurons"]] == pytest.approx(expected)
+    assert [n["selectivity"] for n in report["neurons"]] == [4.0, 2.0]  # top-k mean / mean, for comparison
+    assert report["median_context_selectivity"] == pytest.approx(sum(expected) / 2)
+    assert report["selectivity_ceiling"] == 50
+    assert math.isclose(report["share_above_2"], 0.5)
+
+
+def test_insight_imports_its_extra_only_inside_the_functions_that_use_it():
+    """matplotlib, networkx and scipy are the [insight] extra: no module of the package imports them at load."""
+    import ast
+    from pathlib import Path
+
+    import bdh_lightning.insight as insight
+
+    for path in Path(insight.__file__).parent.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {n.split(".")[0] for n in names} & {"matplotlib", "networkx", "scipy"}, (path.name, names)
+
+
+def test_missing_extra_is_one_line_naming_the_pip_command(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from bdh_lightning.errors import BDHError
+    from bdh_lightning.insight import InsightMonitor
+    from bdh_lightning.main import main
+
+    monkeypatch.setitem(sys.modules, "networkx", None)  # as if not installed
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--ckpt_path", "nowhere.ckpt"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: inspect needs networkx: pip install 'bdh-lightning[insight]'"]
+    with pytest.raises(BDHError, match=r"inspect.every_n_validations needs networkx: pip install"):
+        InsightMonitor(every_n_validations=1)
+    InsightMonitor(every_n_validations=0)  # off: nothing needed
