@@ -156,7 +156,7 @@ def windows(args) -> None:
     import torch
 
     from bdh_lightning.data import ByteDataModule
-    from bdh_lightning.prepare import PrepareData, prepare_command
+    from bdh_lightning.data.prepare import PrepareData, prepare_command
 
     torch.set_num_threads(args.threads)
     scratch = Path(args.scratch)
@@ -199,7 +199,7 @@ def windows(args) -> None:
 
 
 def prepare(args) -> None:
-    from bdh_lightning.prepare import PrepareData, prepare_command
+    from bdh_lightning.data.prepare import PrepareData, prepare_command
 
     scratch = Path(args.scratch)
     files = make_files(scratch / f"files_{args.mb}mb", args.mb * 20, size=50_000)  # 50 kB documents

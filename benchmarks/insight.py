@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bdh_lightning.data import read_corpus
+from bdh_lightning.data.corpus import read_corpus
 from bdh_lightning.insight import CorpusSample, GraphOptions, NeuronOptions, graph_report, sparsity_report
 from bdh_lightning.model import BDH, BDHConfig
 

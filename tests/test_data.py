@@ -20,10 +20,17 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from bdh_lightning import data
-from bdh_lightning.data import ByteDataModule, DataError
+from bdh_lightning.data import ByteDataModule
+from bdh_lightning.data import corpus as corpus_module
+from bdh_lightning.data import module as data_module
+from bdh_lightning.errors import DataError
 
 T, B = 16, 4
+
+
+def corpus_files(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> list[str]:
+    """The files behind `path` (a file, a directory searched recursively, or a glob), in sorted order."""
+    return list(corpus_module.list_corpus(path, exclude, include_hidden).files)
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
@@ -248,7 +255,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(file))
             return open(file, *args, **kwargs)
 
-        monkeypatch.setattr(data, "open", guarded_open, raising=False)
+        monkeypatch.setattr(corpus_module, "open", guarded_open, raising=False)
     message = assert_one_line_error("cannot read", str(path))
     assert message == f"cannot read data file {path}: Permission denied; fix its permissions or leave it out"
 
@@ -330,7 +337,7 @@ def cache(tmp_path, monkeypatch):
 def test_download_checks_the_hash_caches_and_is_used(server, cache, monkeypatch):
     server.body = random_bytes(5000, 7)
     monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    monkeypatch.setattr(corpus_module, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
     dm = ByteDataModule(block_size=T, batch_size=B)
     assert server.requests == 0  # nothing is downloaded before prepare_data
     dm.prepare_data()
@@ -350,7 +357,7 @@ def test_download_with_a_wrong_hash_is_refused(server, cache, monkeypatch):
         ByteDataModule(block_size=T).prepare_data()
     assert str(error.value) == (
         f"the file downloaded from {server.url} has sha256 {hashlib.sha256(server.body).hexdigest()}, expected "
-        f"{data.TINYSHAKESPEARE_SHA256}; check BDH_LIGHTNING_TINYSHAKESPEARE_URL or use a local copy with --data.path"
+        f"{corpus_module.TINYSHAKESPEARE_SHA256}; check BDH_LIGHTNING_TINYSHAKESPEARE_URL or use a local copy with --data.path"
     )
     assert os.listdir(cache) == []
 
@@ -419,7 +426,7 @@ def test_description_counts_files_bytes_splits_and_what_was_left_out(tmp_path):
     dm = ByteDataModule(str(root), block_size=T, batch_size=B, **settings)
     line = dm.describe()
     assert line == (
-        f"corpus {root}: 2 files, 10 kB (train 8 kB, validation 1 kB, test 1 kB); left out: 1 broken link, 1 empty, "
+        f"corpus {root}: 2 files, 9.77 KiB (train 7.81 KiB, validation 1000 B, test 1000 B); left out: 1 broken link, 1 empty, "
         "2 excluded by data.exclude, 1 not regular files (FIFO)"
     )
     assert len(dm.corpus) == 10_000
@@ -454,7 +461,7 @@ def test_an_unreadable_subdirectory_is_named(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(data.os, "scandir", scandir)
+    monkeypatch.setattr(corpus_module.os, "scandir", scandir)
     try:
         message = assert_one_line_error("cannot list directory", str(root))
     finally:
@@ -482,7 +489,7 @@ def test_a_file_that_shrinks_during_training_is_one_data_error_naming_it(tmp_pat
 
 
 def test_many_files_hold_a_bounded_number_of_descriptors(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_OPEN_FILES", 8)
+    monkeypatch.setattr(corpus_module, "MAX_OPEN_FILES", 8)
     root = tmp_path / "many"
     parts = {f"{i:04d}.txt": random_bytes(40, i) for i in range(600)}
     write_tree(root, parts)
@@ -522,7 +529,7 @@ def test_test_path_is_a_corpus_of_its_own_that_may_not_share_files_with_training
     for x, y in dm.test_dataloader():
         for xi in x:
             assert offset_of(xi, held_out) >= 0
-    assert "test 3 kB from" in dm.describe()
+    assert "test 2.93 KiB from" in dm.describe()
     os.link(path, tmp_path / "same.bin")
     message = assert_one_line_error("shares 1 file", str(path), block_size=T, test_path=str(tmp_path / "same.bin"))
     assert message == (
@@ -699,25 +706,25 @@ def test_data_path_errors_word_for_word(tmp_path, monkeypatch):
 
 
 def test_kind_of_names_each_kind_of_file():
-    assert data.kind_of(stat.S_IFIFO) == "a FIFO (named pipe)"
-    assert data.kind_of(stat.S_IFSOCK) == "a socket"
-    assert data.kind_of(stat.S_IFCHR) == "a device"
-    assert data.kind_of(stat.S_IFBLK) == "a device"
-    assert data.kind_of(stat.S_IFDIR) == "a directory"
-    assert data.kind_of(stat.S_IFLNK) == "not a regular file"  # os.stat follows links: never seen in practice
-    assert [data.short_kind(m) for m in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFBLK, stat.S_IFLNK)] == [
+    assert corpus_module.kind_of(stat.S_IFIFO) == "a FIFO (named pipe)"
+    assert corpus_module.kind_of(stat.S_IFSOCK) == "a socket"
+    assert corpus_module.kind_of(stat.S_IFCHR) == "a device"
+    assert corpus_module.kind_of(stat.S_IFBLK) == "a device"
+    assert corpus_module.kind_of(stat.S_IFDIR) == "a directory"
+    assert corpus_module.kind_of(stat.S_IFLNK) == "not a regular file"  # os.stat follows links: never seen in practice
+    assert [corpus_module.short_kind(m) for m in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFBLK, stat.S_IFLNK)] == [
         "FIFO", "socket", "device", "not a regular file"]  # fmt: skip
 
 
 def test_exclude_matches_the_path_inside_the_corpus_or_the_last_name():
-    assert data.excluded("notes.txt", ["notes.txt"])
-    assert data.excluded("a/b/notes.txt", ["notes.txt"])  # the name, at any depth
-    assert data.excluded("a/my notes.txt", ["my notes.txt"])
-    assert data.excluded("a/b/notes.txt", ["a/*"])  # the path (fnmatch's * crosses /)
-    assert not data.excluded("a/b/notes.txt", ["b/notes.txt"])  # neither the whole path nor the name
-    assert not data.excluded("a/b/notes.txt", ["b"])
-    assert not data.excluded("a/b/notes.txt", [])
-    assert data.excluded("a/b/notes.txt", ["*.log", "notes.*"])  # any of the globs
+    assert corpus_module.excluded("notes.txt", ["notes.txt"])
+    assert corpus_module.excluded("a/b/notes.txt", ["notes.txt"])  # the name, at any depth
+    assert corpus_module.excluded("a/my notes.txt", ["my notes.txt"])
+    assert corpus_module.excluded("a/b/notes.txt", ["a/*"])  # the path (fnmatch's * crosses /)
+    assert not corpus_module.excluded("a/b/notes.txt", ["b/notes.txt"])  # neither the whole path nor the name
+    assert not corpus_module.excluded("a/b/notes.txt", ["b"])
+    assert not corpus_module.excluded("a/b/notes.txt", [])
+    assert corpus_module.excluded("a/b/notes.txt", ["*.log", "notes.*"])  # any of the globs
 
 
 def test_a_walk_counts_what_it_leaves_out_and_reads_on_after_it(tmp_path):
@@ -736,7 +743,7 @@ def test_a_walk_counts_what_it_leaves_out_and_reads_on_after_it(tmp_path):
         dm = ByteDataModule(str(root), block_size=T, batch_size=B, exclude=["skip", "notes.txt"])
     assert list(dm.listing.files) == [str(root / "docs/x.txt"), str(root / "m.txt")]
     assert dm.describe() == (
-        f"corpus {root}: 2 files, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 2 broken link, "
+        f"corpus {root}: 2 files, 2.93 KiB (train 2.64 KiB, validation 300 B, no test split); left out: 2 broken link, "
         "2 directory already read through another link, 2 empty, 2 excluded by data.exclude, 2 not regular files (FIFO), "
         "1 not regular files (device), 1 not regular files (socket)"
     )
@@ -765,7 +772,7 @@ def test_a_glob_counts_what_it_leaves_out(tmp_path):
     dm = ByteDataModule(str(root / "*"), block_size=T, batch_size=B, exclude=["*.log", "f.*"])
     assert list(dm.listing.files) == [str(root / "a.txt")]
     assert dm.describe() == (
-        f"corpus {root / '*'}: 1 file, 3 kB (train 2.7 kB, validation 300 B, no test split); left out: 2 broken "
+        f"corpus {root / '*'}: 1 file, 2.93 KiB (train 2.64 KiB, validation 300 B, no test split); left out: 2 broken "
         "link, 2 directories matched by the glob (use ** to read inside), 2 excluded by data.exclude, "
         "2 not regular files (FIFO)"
     )
@@ -777,37 +784,63 @@ def test_a_glob_counts_what_it_leaves_out(tmp_path):
                                    "empty": 1, "excluded by data.exclude": 1, "not regular files (FIFO)": 2}  # fmt: skip
 
 
+def test_a_recursive_glob_through_folder_links_back_to_their_parent_ends(tmp_path):
+    """`corpus/**` where folders link back to their parent (and to themselves): glob.glob follows such links round
+    and round (2 links: 2**40 paths before the OS says ELOOP, a hang); the listing enters each folder once."""
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": random_bytes(3000, 1), "sub/b.txt": random_bytes(600, 2), "sub/deep/c.txt": b"c" * 50})
+    (root / "sub" / "up").symlink_to("..")
+    (root / "self").symlink_to(".")
+    (root / "sub" / "deep" / "top").symlink_to(root)
+    results = {}
+    for pattern in ("**", "**/*.txt", "*/**/*.txt"):
+        worker = threading.Thread(
+            target=lambda p=pattern: results.update({p: corpus_module.list_corpus(str(root / p))})
+        )
+        worker.daemon = True
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), f"listing {root / pattern} did not end within 60 s"
+    files = [str(root / "a.txt"), str(root / "sub/b.txt"), str(root / "sub/deep/c.txt")]
+    assert list(results["**"].files) == files and list(results["**/*.txt"].files) == files
+    assert sorted(results["*/**/*.txt"].sizes.tolist()) == [50, 600, 3000]  # `*` matches self too: each file once
+    # every link is a folder already entered: counted, and in `**` also matched as a folder
+    assert results["**/*.txt"].left_out == {"directory already read through another link": 3}
+    assert results["**"].left_out == {"directory already read through another link": 3,
+                                      "directories matched by the glob (use ** to read inside)": 6}  # fmt: skip
+
+
 def test_corpus_files_and_read_corpus_follow_the_listing(tmp_path, monkeypatch):
     root = tmp_path / "corpus"
     parts = {".hidden.txt": random_bytes(100, 1), "a.txt": random_bytes(200, 2), "sub/b.log": random_bytes(300, 3),
              "sub/c.txt": random_bytes(400, 4)}  # fmt: skip
     write_tree(root, parts)
-    assert data.corpus_files(str(root)) == [str(root / "a.txt"), str(root / "sub/b.log"), str(root / "sub/c.txt")]
-    assert data.corpus_files(str(root), ["*.log"]) == [str(root / "a.txt"), str(root / "sub/c.txt")]
-    assert data.corpus_files(str(root), None, True) == [str(root / n) for n in sorted(parts)]
-    assert type(data.corpus_files(str(root))) is list
+    assert corpus_files(str(root)) == [str(root / "a.txt"), str(root / "sub/b.log"), str(root / "sub/c.txt")]
+    assert corpus_files(str(root), ["*.log"]) == [str(root / "a.txt"), str(root / "sub/c.txt")]
+    assert corpus_files(str(root), None, True) == [str(root / n) for n in sorted(parts)]
+    assert type(corpus_files(str(root))) is list
     stats = []
     real_stat = os.stat
     monkeypatch.setattr(
-        data.os, "stat", lambda path, *a, **k: stats.append(os.fspath(path)) or real_stat(path, *a, **k)
+        corpus_module.os, "stat", lambda path, *a, **k: stats.append(os.fspath(path)) or real_stat(path, *a, **k)
     )
-    corpus = data.read_corpus(str(root), ["*.log"])
+    corpus = corpus_module.read_corpus(str(root), ["*.log"])
     assert [stats.count(str(root / n)) for n in ("a.txt", "sub/c.txt")] == [1, 1]  # each file stat'ed once
-    monkeypatch.setattr(data.os, "stat", real_stat)
+    monkeypatch.setattr(corpus_module.os, "stat", real_stat)
     assert corpus.read(0, len(corpus)).tobytes() == parts["a.txt"] + parts["sub/c.txt"]
-    assert len(data.read_corpus(str(root))) == 900
-    everything = data.read_corpus(str(root), include_hidden=True)
+    assert len(corpus_module.read_corpus(str(root))) == 900
+    everything = corpus_module.read_corpus(str(root), include_hidden=True)
     assert everything.read(0, 100).tobytes() == parts[".hidden.txt"] and len(everything) == 1000
 
 
 def test_the_description_says_files_bytes_splits_and_left_out_of_both_corpora(tmp_path, corpus):
     path, _ = corpus
     dm = ByteDataModule(str(path), block_size=T, batch_size=B)
-    assert dm.describe() == f"corpus {path}: 1 file, 20 kB (train 18 kB, validation 2 kB, no test split)"
+    assert dm.describe() == f"corpus {path}: 1 file, 19.53 KiB (train 17.58 KiB, validation 1.95 KiB, no test split)"
     (tmp_path / "held-out.bin").write_bytes(random_bytes(3000, 9))
     dm = ByteDataModule(str(path), block_size=T, test_path=str(tmp_path / "held-out.bin"))
     assert dm.describe() == (
-        f"corpus {path}: 1 file, 20 kB (train 18 kB, validation 2 kB, test 3 kB from {tmp_path / 'held-out.bin'}: "
+        f"corpus {path}: 1 file, 19.53 KiB (train 17.58 KiB, validation 1.95 KiB, test 2.93 KiB from {tmp_path / 'held-out.bin'}: "
         "1 file)"
     )
     train, test = tmp_path / "train", tmp_path / "test"
@@ -815,11 +848,11 @@ def test_the_description_says_files_bytes_splits_and_left_out_of_both_corpora(tm
     write_tree(test, {"b.txt": random_bytes(200, 2), "c.txt": random_bytes(150, 3), ".y": b"y", ".z": b"z"})
     dm = ByteDataModule(str(train), block_size=T, batch_size=B, test_path=str(test))
     assert dm.describe() == (
-        f"corpus {train}: 1 file, 1.5 kB (train 1.35 kB, validation 150 B, test 350 B from {test}: 2 files); "
+        f"corpus {train}: 1 file, 1.46 KiB (train 1.32 KiB, validation 150 B, test 350 B from {test}: 2 files); "
         "left out: 3 hidden (data.include_hidden reads hidden ones)"
     )
     dm = ByteDataModule(str(train), block_size=T, batch_size=B, test_fraction=0.2, include_hidden=True)
-    assert dm.describe() == f"corpus {train}: 2 files, 1.5 kB (train 1.05 kB, validation 150 B, test 301 B)"
+    assert dm.describe() == f"corpus {train}: 2 files, 1.47 KiB (train 1.03 KiB, validation 150 B, test 301 B)"
 
 
 def test_validation_streams_read_the_validation_split_contiguously(corpus):
@@ -865,7 +898,7 @@ def test_equal_val_windows_and_devices_are_enough_and_fewer_is_one_line(corpus):
 
 
 class RecordingPrepared:
-    """Stands in for litstream.Prepared (a directory made by `prepare`; test_prepare.py reads real ones): answers
+    """Stands in for litdata.Prepared (a directory made by `prepare`; test_prepare.py reads real ones): answers
     from a made-up manifest and returns what the data module asked for instead of loaders."""
 
     def __init__(self, path, block_size, test=True):
@@ -896,9 +929,9 @@ class RecordingPrepared:
 @pytest.fixture
 def prepared_paths(monkeypatch):
     """data.path "prepared" (with a test split) and "prepared-no-test" read as prepared directories."""
-    monkeypatch.setattr(data.litstream, "is_prepared", lambda path: path.startswith("prepared"))
+    monkeypatch.setattr(data_module.litdata, "is_prepared", lambda path: path.startswith("prepared"))
     monkeypatch.setattr(
-        data.litstream,
+        data_module.litdata,
         "open_prepared",
         lambda path, block_size: RecordingPrepared(path, block_size, path == "prepared"),
     )
@@ -929,7 +962,7 @@ def test_a_prepared_directory_without_a_test_split_refuses_test(prepared_paths):
     for call in (lambda: dm.setup("test"), dm.test_dataloader):
         with pytest.raises(DataError) as error:
             call()
-        assert str(error.value) == data.NO_TEST_SPLIT
+        assert str(error.value) == data_module.NO_TEST_SPLIT
 
 
 def test_a_prepared_directory_refuses_settings_it_makes_itself(prepared_paths):
@@ -974,26 +1007,26 @@ def test_the_checkpoint_check_of_the_test_split_word_for_word(corpus):
 def test_the_default_cache_is_in_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("BDH_LIGHTNING_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.cache_dir() == tmp_path / ".cache" / "bdh_lightning"
+    assert corpus_module.cache_dir() == tmp_path / ".cache" / "bdh_lightning"
     monkeypatch.setenv("BDH_LIGHTNING_CACHE", "~/elsewhere")
-    assert data.cache_dir() == tmp_path / "elsewhere"
+    assert corpus_module.cache_dir() == tmp_path / "elsewhere"
 
 
 def test_the_download_writes_a_hidden_partial_file_in_the_cache_and_renames_it(server, cache, monkeypatch, capsys):
     server.body = random_bytes(5000, 7)
     monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    monkeypatch.setattr(corpus_module, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
     during = []
     server.on_request = lambda: during.extend(os.listdir(cache))
     timeouts = []
-    real_urlopen = data.urllib.request.urlopen
+    real_urlopen = corpus_module.urllib.request.urlopen
 
     def urlopen(url, **kwargs):
         timeouts.append(kwargs.get("timeout"))
         return real_urlopen(url, **kwargs)
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
-    assert data.download_tinyshakespeare() == cache / "tinyshakespeare.txt"
+    monkeypatch.setattr(corpus_module.urllib.request, "urlopen", urlopen)
+    assert corpus_module.download_tinyshakespeare() == cache / "tinyshakespeare.txt"
     assert len(during) == 1 and re.fullmatch(r"\.tinyshakespeare\.\w+\.part", during[0]), during
     assert os.listdir(cache) == ["tinyshakespeare.txt"]
     assert timeouts == [30]  # a stalled server fails the download after 30 s instead of hanging
@@ -1006,8 +1039,8 @@ def test_the_download_into_an_existing_cache_folder_without_a_length(server, cac
     (cache / "other.txt").write_text("kept")
     server.body, server.length = random_bytes(3000, 8), False
     monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
-    assert data.download_tinyshakespeare().read_bytes() == server.body
+    monkeypatch.setattr(corpus_module, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    assert corpus_module.download_tinyshakespeare().read_bytes() == server.body
     assert sorted(os.listdir(cache)) == ["other.txt", "tinyshakespeare.txt"]
     progress = capsys.readouterr().err
     assert "%" not in progress and "3.00kB" in progress  # no length: a count of bytes, no percentage
@@ -1017,7 +1050,7 @@ def test_the_download_refuses_a_cache_it_cannot_make(tmp_path, monkeypatch):
     (tmp_path / "file.txt").write_text("not a folder")
     monkeypatch.setenv("BDH_LIGHTNING_CACHE", str(tmp_path / "file.txt" / "cache"))
     with pytest.raises(DataError) as error:
-        data.download_tinyshakespeare()
+        corpus_module.download_tinyshakespeare()
     assert str(error.value) == (
         f"cannot create the data cache {tmp_path / 'file.txt' / 'cache'}: Not a directory; set BDH_LIGHTNING_CACHE "
         "to a writable directory"
@@ -1032,15 +1065,15 @@ def test_the_download_comes_from_tiny_shakespeare_by_default(cache, monkeypatch)
         asked.append(url)
         raise urllib.error.URLError("no network in tests")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus_module.urllib.request, "urlopen", offline)
     with pytest.raises(DataError) as error:
-        data.download_tinyshakespeare()
-    assert asked == [data.TINYSHAKESPEARE_URL]
-    assert data.TINYSHAKESPEARE_URL == (
+        corpus_module.download_tinyshakespeare()
+    assert asked == [corpus_module.TINYSHAKESPEARE_URL]
+    assert corpus_module.TINYSHAKESPEARE_URL == (
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
     )
     assert str(error.value) == (
-        f"could not download tiny Shakespeare from {data.TINYSHAKESPEARE_URL} (no network in tests); use a local "
+        f"could not download tiny Shakespeare from {corpus_module.TINYSHAKESPEARE_URL} (no network in tests); use a local "
         "copy instead, e.g. --data.path data/tinyshakespeare.txt (a file, a directory or a glob also work)"
     )
     assert os.listdir(cache) == []
@@ -1048,7 +1081,7 @@ def test_the_download_comes_from_tiny_shakespeare_by_default(cache, monkeypatch)
 
 def test_a_pickled_corpus_opens_its_own_descriptors(corpus):
     path, raw = corpus
-    original = data.read_corpus(str(path))
+    original = corpus_module.read_corpus(str(path))
     assert original.read(100, 50).tobytes() == raw[100:150]  # holds a descriptor now
     copy = pickle.loads(pickle.dumps(original))  # what a DataLoader worker gets
     assert copy.read(200, 50).tobytes() == raw[200:250]
@@ -1060,7 +1093,7 @@ def test_a_file_gone_or_replaced_during_the_run_is_one_line_naming_it(tmp_path):
     files = {name: tmp_path / name for name in ("a.bin", "b.bin", "c.bin")}
     for i, file in enumerate(files.values()):
         file.write_bytes(random_bytes(1000, i))
-    corpus = data.ByteCorpus(list(files.values()))
+    corpus = corpus_module.ByteCorpus(list(files.values()))
     assert corpus.read(500, 1000).tobytes() == random_bytes(1000, 0)[500:] + random_bytes(1000, 1)[:500]
     os.truncate(files["a.bin"], 100)
     os.remove(files["a.bin"])
@@ -1087,7 +1120,7 @@ def test_a_corpus_of_named_files_stats_them_and_leaves_out_empty_ones(tmp_path):
     a.write_bytes(random_bytes(300, 1))
     empty.write_bytes(b"")
     b.write_bytes(random_bytes(200, 2))
-    corpus = data.ByteCorpus([a, empty, b])
+    corpus = corpus_module.ByteCorpus([a, empty, b])
     assert corpus.files == [str(a), str(b)] and corpus.sizes.tolist() == [300, 200]
     assert corpus.starts.tolist() == [0, 300, 500] and len(corpus) == 500
     assert corpus.read(250, 100).tobytes() == random_bytes(300, 1)[250:] + random_bytes(200, 2)[:50]
@@ -1101,7 +1134,7 @@ def test_a_corpus_of_named_files_stats_them_and_leaves_out_empty_ones(tmp_path):
     assert windows.dtype == torch.int64 and windows.shape == (3, 5)
     assert bytes(windows[1].tolist()) == (random_bytes(300, 1) + random_bytes(200, 2))[290:295]
     with pytest.raises(DataError) as error:
-        data.ByteCorpus([a, tmp_path / "gone.bin"])
+        corpus_module.ByteCorpus([a, tmp_path / "gone.bin"])
     assert str(error.value) == (
         f"cannot read data file {tmp_path / 'gone.bin'}: No such file or directory; fix its permissions or leave it out"
     )
@@ -1112,7 +1145,7 @@ def test_a_listing_drops_second_links_and_keeps_names_and_sizes_in_step(tmp_path
     parts = {"a.txt": random_bytes(3000, 1), "b.txt": random_bytes(2000, 2), "d.txt": random_bytes(1000, 3)}
     write_tree(root, parts)
     os.link(root / "a.txt", root / "c-hard.txt")  # between b and d
-    listing = data.list_corpus(str(root))
+    listing = corpus_module.list_corpus(str(root))
     assert list(listing.files) == [str(root / n) for n in ("a.txt", "b.txt", "d.txt")]
     assert listing.sizes.tolist() == [3000, 2000, 1000] and listing.sizes.dtype == np.int64
     assert listing.left_out == {"already read through another link": 1}
@@ -1121,9 +1154,9 @@ def test_a_listing_drops_second_links_and_keeps_names_and_sizes_in_step(tmp_path
     )
     assert listing.files[1:] == [str(root / "b.txt"), str(root / "d.txt")] and listing.files[::2] == [
         str(root / "a.txt"), str(root / "d.txt")]  # fmt: skip
-    corpus = data.ByteCorpus(listing.files, listing.sizes)
+    corpus = corpus_module.ByteCorpus(listing.files, listing.sizes)
     assert corpus.read(0, 6000).tobytes() == parts["a.txt"] + parts["b.txt"] + parts["d.txt"]
-    single = data.list_corpus(str(root / "b.txt"))  # a file: its own name, no prefix
+    single = corpus_module.list_corpus(str(root / "b.txt"))  # a file: its own name, no prefix
     assert list(single.files) == [str(root / "b.txt")] and single.sizes.tolist() == [2000] and not single.left_out
 
 
@@ -1151,12 +1184,12 @@ def test_data_path_that_cannot_be_stat_ed_is_one_line(tmp_path):
 def test_a_listing_is_compact_and_hides_hidden_files_by_default(tmp_path):
     root = tmp_path / ("a-long-folder-name-" * 8)  # every file under a long prefix, stored once
     write_tree(root, {f"f{i:03d}.txt": random_bytes(20, i) for i in range(200)} | {".hidden": b"h"})
-    listing = data.list_corpus(str(root))
+    listing = corpus_module.list_corpus(str(root))
     assert listing.path == str(root) and len(listing.files) == 200 and listing.left_out == {"hidden": 1}
     assert listing.files[7] == str(root / "f007.txt")
     assert len(pickle.dumps(listing.files)) < 200 * 25  # names inside the folder and offsets: ~8 + 8 bytes a file
-    corpus = data.ByteCorpus(listing.files, listing.sizes)
-    assert isinstance(corpus.files, data.PathList)  # the corpus keeps the compact list (and workers get it)
+    corpus = corpus_module.ByteCorpus(listing.files, listing.sizes)
+    assert isinstance(corpus.files, corpus_module.PathList)  # the corpus keeps the compact list (and workers get it)
     assert len(pickle.dumps(corpus)) < 200 * 40
 
 
@@ -1175,7 +1208,7 @@ def test_nothing_is_stat_ed_again_once_listed(tmp_path, monkeypatch):
     write_tree(tmp_path / "train", {"a.txt": random_bytes(2000, 1), "b.txt": random_bytes(1000, 2)})
     write_tree(tmp_path / "test", {"c.txt": random_bytes(500, 3), "d.log": random_bytes(500, 4), ".e": b"e" * 100})
     listed, again = set(), []
-    real_list_corpus, real_stat = data.list_corpus, os.stat
+    real_list_corpus, real_stat = corpus_module.list_corpus, os.stat
 
     def list_corpus(*args, **kwargs):
         listing = real_list_corpus(*args, **kwargs)
@@ -1187,8 +1220,8 @@ def test_nothing_is_stat_ed_again_once_listed(tmp_path, monkeypatch):
             again.append(os.fspath(path))
         return real_stat(path, *args, **kwargs)
 
-    monkeypatch.setattr(data, "list_corpus", list_corpus)
-    monkeypatch.setattr(data.os, "stat", counting_stat)
+    monkeypatch.setattr(data_module, "list_corpus", list_corpus)
+    monkeypatch.setattr(corpus_module.os, "stat", counting_stat)
     dm = ByteDataModule(str(tmp_path / "train"), block_size=T, test_path=str(tmp_path / "test"), exclude=["*.log"])
     assert again == [] and len(listed) == 3
     # data.exclude and data.include_hidden apply to the test corpus too.
@@ -1201,14 +1234,16 @@ def test_nothing_is_stat_ed_again_once_listed(tmp_path, monkeypatch):
 def test_a_downloaded_corpus_is_stat_ed_once_when_set_up(server, cache, monkeypatch):
     server.body = random_bytes(5000, 7)
     monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
-    monkeypatch.setattr(data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
+    monkeypatch.setattr(corpus_module, "TINYSHAKESPEARE_SHA256", hashlib.sha256(server.body).hexdigest())
     dm = ByteDataModule(block_size=T, batch_size=B)
     dm.prepare_data()
-    real_list_corpus, real_stat = data.list_corpus, os.stat
+    real_list_corpus, real_stat = corpus_module.list_corpus, os.stat
     listed, again = [], []
-    monkeypatch.setattr(data, "list_corpus", lambda *a, **k: listed.append(real_list_corpus(*a, **k)) or listed[-1])
     monkeypatch.setattr(
-        data.os, "stat", lambda p, *a, **k: (again.append(p) if listed else None) or real_stat(p, *a, **k)
+        data_module, "list_corpus", lambda *a, **k: listed.append(real_list_corpus(*a, **k)) or listed[-1]
+    )
+    monkeypatch.setattr(
+        corpus_module.os, "stat", lambda p, *a, **k: (again.append(p) if listed else None) or real_stat(p, *a, **k)
     )
     dm.setup("fit")
     assert again == [] and len(dm.corpus) == 5000 and list(dm.listing.files) == [str(cache / "tinyshakespeare.txt")]
@@ -1218,7 +1253,7 @@ def test_a_connection_reset_mid_download_is_one_line(server, cache, monkeypatch)
     server.body, server.reset = random_bytes(50_000, 7), True
     monkeypatch.setenv("BDH_LIGHTNING_TINYSHAKESPEARE_URL", server.url)
     with pytest.raises(DataError) as error:
-        data.download_tinyshakespeare()
+        corpus_module.download_tinyshakespeare()
     assert str(error.value) == (
         f"could not download tiny Shakespeare from {server.url} ([Errno 104] Connection reset by peer); use a local "
         "copy instead, e.g. --data.path data/tinyshakespeare.txt (a file, a directory or a glob also work)"
@@ -1235,7 +1270,7 @@ def test_close_releases_every_descriptor_and_reading_after_it_reopens(tmp_path):
     for i, file in enumerate(files):
         file.write_bytes(random_bytes(100, i))
     before = open_descriptors()
-    corpus = data.ByteCorpus(files)
+    corpus = corpus_module.ByteCorpus(files)
     assert corpus.files == [str(f) for f in files]  # paths given as Path objects: kept as str
     assert corpus.read(0, 500).tobytes() == b"".join(random_bytes(100, i) for i in range(5))
     assert open_descriptors() == before + 5
@@ -1249,14 +1284,16 @@ def test_close_releases_every_descriptor_and_reading_after_it_reopens(tmp_path):
 
 
 def test_the_least_recently_used_descriptor_is_closed_first(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(corpus_module, "MAX_OPEN_FILES", 2)
     files = [tmp_path / f"{i}.bin" for i in range(3)]
     for i, file in enumerate(files):
         file.write_bytes(random_bytes(100, i))
-    corpus = data.ByteCorpus(files)
+    corpus = corpus_module.ByteCorpus(files)
     opened = []
     real_open = os.open
-    monkeypatch.setattr(data.os, "open", lambda path, *a: opened.append(os.path.basename(path)) or real_open(path, *a))
+    monkeypatch.setattr(
+        corpus_module.os, "open", lambda path, *a: opened.append(os.path.basename(path)) or real_open(path, *a)
+    )
     for i in (0, 1, 0, 2, 0, 1):  # 2 closes 1 (not 0, just used); the last 1 closes 2
         assert corpus.read(100 * i, 10).tobytes() == random_bytes(100, i)[:10]
     assert opened == ["0.bin", "1.bin", "2.bin", "1.bin"]
@@ -1266,8 +1303,10 @@ def test_the_least_recently_used_descriptor_is_closed_first(tmp_path, monkeypatc
 def test_short_reads_are_continued(corpus, monkeypatch):
     path, raw = corpus
     real_preadv = os.preadv
-    monkeypatch.setattr(data.os, "preadv", lambda fd, buffers, offset: real_preadv(fd, [buffers[0][:7]], offset))
-    assert data.read_corpus(str(path)).read(1000, 100).tobytes() == raw[1000:1100]  # 15 reads of up to 7 bytes
+    monkeypatch.setattr(
+        corpus_module.os, "preadv", lambda fd, buffers, offset: real_preadv(fd, [buffers[0][:7]], offset)
+    )
+    assert corpus_module.read_corpus(str(path)).read(1000, 100).tobytes() == raw[1000:1100]  # 15 reads of up to 7 bytes
 
 
 def test_a_too_small_split_beside_a_test_corpus_of_exactly_one_window(tmp_path):
@@ -1294,6 +1333,6 @@ def test_a_corpus_that_failed_to_open_goes_quietly(tmp_path, monkeypatch):
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # "Exception ignored in __del__" otherwise
     with pytest.raises(DataError):
-        data.ByteCorpus([tmp_path / "a.bin", tmp_path / "gone.bin"])
+        corpus_module.ByteCorpus([tmp_path / "a.bin", tmp_path / "gone.bin"])
     gc.collect()
     assert unraisable == []

@@ -22,10 +22,10 @@ from conftest import run_cli as run
 from conftest import start_cli as start
 from lightning.pytorch.plugins import MixedPrecision
 
-from bdh_lightning import data as data_module
 from bdh_lightning.checkpoints import AtomicCheckpointIO, read_checkpoint
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.data import ByteDataModule
+from bdh_lightning.data import corpus as data_module
 from bdh_lightning.layer import reference_layer, rope, rope_cos_sin
 from bdh_lightning.main import main
 from bdh_lightning.module import BDHLitModule

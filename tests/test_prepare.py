@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from bdh_lightning import litstream
-from bdh_lightning import prepare as prepare_module
 from bdh_lightning.data import ByteDataModule
+from bdh_lightning.data import litdata as prepared_folders
+from bdh_lightning.data import prepare as prepare_module
+from bdh_lightning.data.prepare import PrepareData, document_split, prepare_command
 from bdh_lightning.errors import DataError, UsageError
-from bdh_lightning.prepare import PrepareData, document_split, prepare_command
 
 litdata = pytest.importorskip("litdata", reason="the stream extra (litdata) is part of the test extra")
 
@@ -69,9 +70,9 @@ def document_of(window: bytes, docs: dict[str, bytes]) -> str | None:
 
 
 def test_every_document_goes_whole_to_the_split_its_path_hashes_to(prepared):
-    manifest = json.loads((prepared.out / litstream.MANIFEST).read_text())
+    manifest = json.loads((prepared.out / prepared_folders.MANIFEST).read_text())
     expected = {name: document_split(name, 0.2, 0.1) for name in prepared.docs}
-    for split in litstream.SPLITS:
+    for split in prepared_folders.SPLITS:
         names = [n for n, s in expected.items() if s == split]
         assert manifest["splits"][split]["documents"] == len(names) > 0
         assert manifest["splits"][split]["bytes"] == sum(len(prepared.docs[n]) for n in names)
@@ -84,7 +85,7 @@ def test_every_document_goes_whole_to_the_split_its_path_hashes_to(prepared):
         "bytes": sum(map(len, prepared.docs.values())),
         "sha256": hashlib.sha256(sources.encode()).hexdigest(),
     }
-    assert manifest["block_size"] == T and not (prepared.out / litstream.INCOMPLETE).exists()
+    assert manifest["block_size"] == T and not (prepared.out / prepared_folders.INCOMPLETE).exists()
     # What each split's LitData dataset streams back lies inside documents of that split only.
     dm = ByteDataModule(str(prepared.out), block_size=T, batch_size=B, val_windows=40)
     for split, loader in (("validation", dm.val_dataloader()), ("test", dm.test_dataloader())):
@@ -166,7 +167,7 @@ def test_a_resumed_fit_streams_the_batches_of_an_uninterrupted_one(prepared, tmp
     assert state["train_batches"] == 6 and state["stream"]["batches"] == 6
     assert state["splits"] == {
         "kind": "prepared",
-        "id": json.loads((prepared.out / litstream.MANIFEST).read_text())["sources"]["sha256"],
+        "id": json.loads((prepared.out / prepared_folders.MANIFEST).read_text())["sources"]["sha256"],
     }
     _, rest = fit(prepared.out, tmp_path / "c", max_steps=6, ckpt_path=tmp_path / "step3.ckpt")
     assert len(uninterrupted) == 12 and len(first) == 6 and len(rest) == 6
@@ -193,7 +194,7 @@ def test_jsonl_documents_are_lines_split_one_by_one(tmp_path, capsys):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + "\n")
     assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.25) == 0
-    manifest = json.loads((tmp_path / "out" / litstream.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / "out" / prepared_folders.MANIFEST).read_text())
     offsets, at = [], 0
     for line in lines:
         offsets.append(at)
@@ -251,7 +252,9 @@ def test_a_killed_prepare_never_loads_as_complete_and_a_rerun_finishes_it(tmp_pa
     dm = ByteDataModule(str(tmp_path / "out"), block_size=T, batch_size=B)
     assert len(list(dm.val_dataloader())) > 0
     # Other settings with an unfinished directory: it starts again.
-    (tmp_path / "out" / litstream.INCOMPLETE).write_text(json.dumps({"plan": "another", "finished": {"train": {}}}))
+    (tmp_path / "out" / prepared_folders.INCOMPLETE).write_text(
+        json.dumps({"plan": "another", "finished": {"train": {}}})
+    )
     calls.clear()
     assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3) == 0
     assert [os.path.basename(c) for c in calls] == ["train", "validation"]
@@ -269,7 +272,7 @@ def test_output_is_never_someone_elses_directory(tmp_path, prepared):
     with pytest.raises(UsageError, match="already a prepared directory.*--overwrite"):
         prepare(tmp_path / "src", copy)
     assert prepare(tmp_path / "src", copy, overwrite=True) == 0
-    assert json.loads((copy / litstream.MANIFEST).read_text())["sources"]["count"] == 20
+    assert json.loads((copy / prepared_folders.MANIFEST).read_text())["sources"]["count"] == 20
     with pytest.raises(UsageError, match="inside data.path"):
         prepare(tmp_path / "src", tmp_path / "src" / "out")
     with pytest.raises(UsageError, match="local directory"):
@@ -293,7 +296,7 @@ def copy_of(prepared, tmp_path):
 
 
 def edit_manifest(folder, **changes):
-    path = folder / litstream.MANIFEST
+    path = folder / prepared_folders.MANIFEST
     manifest = json.loads(path.read_text())
     for key, value in changes.items():
         target = manifest
@@ -328,11 +331,107 @@ def test_bad_prepared_directories_are_one_line_each(copy_of):
     edit_manifest(copy_of, version=99)
     one_line_data_error("prepared by another version of bdh-lightning.*format 99", str(copy_of), block_size=T)
     edit_manifest(
-        copy_of, version=litstream.FORMAT_VERSION, **{"splits.validation.windows": 0, "splits.validation.documents": 0}
+        copy_of,
+        version=prepared_folders.FORMAT_VERSION,
+        **{"splits.validation.windows": 0, "splits.validation.documents": 0},
     )
     one_line_data_error("the validation split of .* is empty", str(copy_of), block_size=T)
-    (copy_of / litstream.MANIFEST).unlink()
+    (copy_of / prepared_folders.MANIFEST).unlink()
     one_line_data_error("has no bdh_prepared.json", str(copy_of), block_size=T)
+
+
+DELETED = object()
+
+
+def mutations(value) -> dict:
+    """Values that break a field of the kind `value` is: deleted, another type, NaN, negative, huge."""
+    out = {"deleted": DELETED, "a list": [], "a mapping": {"?": []}, "NaN": math.nan, "negative": -1,
+           "huge": 10**30, "a fraction": 1.5}  # fmt: skip
+    if not isinstance(value, str):
+        out["text"] = "x"
+    if not isinstance(value, bool):
+        out["true"] = True
+    return {name: new for name, new in out.items() if new is DELETED or json.dumps(new) != json.dumps(value)}
+
+
+def fields(value, path=()):
+    """The path of every field below `value` (mapping keys and list items), parents first."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        yield (*path, key)
+        yield from fields(inner, (*path, key))
+
+
+def mutated(document, path, new):
+    copy = json.loads(json.dumps(document))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    if new is DELETED and isinstance(target, dict):
+        del target[path[-1]]
+    elif new is not DELETED:
+        target[path[-1]] = new
+    else:
+        return None  # list items are not deleted (a shorter list is the count check's case)
+    return copy
+
+
+def test_every_field_of_a_damaged_manifest_or_index_is_one_line(copy_of):
+    """Fuzz: every field of the manifest and of a split's index.json deleted, of another type, NaN, negative or huge:
+    refused in one line naming the field (never a KeyError or AttributeError), or, for the index fields LitData
+    does not need, read as before."""
+    manifest_file, index_file = copy_of / prepared_folders.MANIFEST, copy_of / "train" / "index.json"
+    manifest, index = json.loads(manifest_file.read_text()), json.loads(index_file.read_text())
+    cases = [(manifest_file, manifest, path) for path in fields(manifest)]
+    cases += [(index_file, index, path) for path in fields(index)]
+    tried = 0
+    for file, document, path in cases:
+        for name, value in mutations(eval_path(document, path)).items():
+            broken = mutated(document, path, value)
+            if broken is None:
+                continue
+            file.write_text(json.dumps(broken))
+            where = f"{file.name} {'.'.join(map(str, path))} {name}"
+            tried += 1
+            try:
+                dm = ByteDataModule(str(copy_of), block_size=T, batch_size=B)
+            except DataError as error:
+                message = str(error)
+                assert "\n" not in message, where
+                if path[0] in ("format", "version"):  # their own lines: not a manifest, another version
+                    assert "manifest" in message or "another version" in message, (where, message)
+                else:
+                    assert message.startswith("this prepared folder is damaged: "), (where, message)
+                    assert message.endswith(f"re-run prepare (data.path {copy_of})"), (where, message)
+                continue
+            finally:
+                file.write_text(json.dumps(document))
+            # Accepted: only where LitData does not read the field (or may do without it), and then it streams.
+            config = prepared_folders.INDEX_SCHEMA["config"]
+            optional = name == "deleted" and isinstance(config.get(path[-1]), prepared_folders.Absent)
+            read = path[:1] == ("chunks",) or path == ("config",) or (path[0] == "config" and path[1] in config)
+            assert file == index_file and (not read or optional), where
+            file.write_text(json.dumps(broken))
+            x, y = next(iter(dm.train_dataloader()))
+            assert x.shape == (B, T), where
+            file.write_text(json.dumps(document))
+    assert tried > 300
+
+
+def eval_path(document, path):
+    for key in path:
+        document = document[key]
+    return document
+
+
+def test_a_damaged_manifest_is_exit_2_and_one_line_on_the_command_line(copy_of, capsys):
+    from bdh_lightning.main import main
+
+    edit_manifest(copy_of, splits=[])  # a list where a mapping belongs
+    code = main(["fit", "--data.path", str(copy_of), "--data.block_size", str(T), "--trainer.max_steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert "this prepared folder is damaged: bdh_prepared.json.splits should be a mapping, not []" in err, err
 
 
 def test_without_a_test_split_test_refuses(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_ARGS, write_letters
 
 from bdh_lightning.cli import BDHCLI
-from bdh_lightning.data.streams import StreamBatches, StreamLayout
+from bdh_lightning.data.streams import StreamBatches, StreamLayout, validation_streams
 from bdh_lightning.errors import DataError
 from bdh_lightning.generate import Generator
 from bdh_lightning.layer import layer_norm, rope_cos_sin
@@ -63,6 +63,38 @@ def test_no_window_spans_two_files_and_streams_restart_at_file_boundaries():
     x, y, start = batches.batch(5)
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, T) and start.shape == (2,)
     assert torch.equal(StreamBatches(corpus, layout, 0, 2, start=5).batch(5)[0], x)  # batch k is a function of k
+
+
+def test_pieces_of_exact_multiples_of_block_size_keep_their_last_window_inside_them():
+    """A piece of n * T bytes holds n - 1 windows of T + 1 bytes, not n: the n-th would read one byte past it (the
+    next file's first byte; at the end of the training split, the first validation byte)."""
+    corpus = corpus_of([32, 48, 64])  # files of 4, 6 and 8 times T
+    layout = StreamLayout(corpus.starts, 0, 144, rows=1, block_size=T)
+    assert int(layout.windows[0][-1]) == 3 + 5 + 7  # windows in one pass of the stream
+    ends = corpus.starts[1:]
+    for k in range(2 * 15):
+        offset, position = layout.window(0, k)
+        end = int(ends[np.searchsorted(ends, offset, side="right")])  # the end of the file holding the window
+        assert offset + T + 1 <= end, (k, offset)
+    assert layout.window(0, 2) == (16, 16) and layout.window(0, 3) == (32, 0)  # 24 would read byte 32
+    split = StreamLayout(np.array([0, 200]), 0, 64, rows=2, block_size=T)  # a training split ending at byte 64
+    last = max(split.window(1, k)[0] for k in range(10))
+    assert last == 32 + 16 and last + T + 1 <= 64  # the window at 56 would read the first validation byte
+
+
+def test_validation_streams_never_restart_within_one_validation():
+    """400 validation bytes, T = 16 and 64 windows: 8 streams of 3 whole windows each, so 3 batches, not 8 (without
+    the clamp, row 0 read windows at 0, 16, 32, 0, 16, 32, ... and counted them twice, carrying state across)."""
+    corpus = corpus_of([2000])
+    batches = validation_streams(corpus, 1600, 2000, 16, 64)
+    assert len(batches) == 3
+    for k, (x, y, positions) in enumerate(batches):
+        assert positions.tolist() == [k * 16] * 8  # no row starts again
+    for k, (x, y, _) in enumerate(batches):  # row r reads its stretch [1600 + 50 r, 1650 + 50 r) in order
+        for row in range(8):
+            start = 1600 + row * 50 + k * 16
+            assert x[row].tolist() == [i % 251 for i in range(start, start + 16)]
+            assert y[row].tolist() == [i % 251 for i in range(start + 1, start + 17)]
 
 
 def test_a_split_too_small_for_its_streams_is_one_line():

@@ -1,14 +1,7 @@
-"""Reading a prepared directory (made by `prepare`, prepare.py) with LitData.
+"""Prepared folders (made by `prepare`) read with LitData: the manifest and indexes checked against their schema,
+shuffled training windows streamed and sharded across ranks by LitData, fixed validation and test windows by index.
 
-A prepared directory holds the corpus as byte tokens in LitData's optimized format, one LitData dataset
-per split (train/, validation/, test/), and a manifest (bdh_prepared.json, written last) saying what it
-is. Training windows of block_size + 1 bytes stream through `litdata.StreamingDataset` and
-`StreamingDataLoader` with the tokens loader: shuffled by LitData (chunk order and windows within chunks,
-reshuffled each pass) and sharded by LitData across ranks and nodes. Validation and test read
-data.val_windows evenly spaced windows of their own splits, split between the ranks as for files.
-
-LitData is optional (`pip install 'bdh-lightning[stream]'`); it is imported only when a prepared
-directory is used.
+LitData is optional (the `[stream]` extra): it is imported only when a prepared folder is used.
 """
 
 from __future__ import annotations
@@ -22,7 +15,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError, is_int
+from ..estimate import format_bytes
 
 MANIFEST = "bdh_prepared.json"
 INCOMPLETE = ".bdh_prepare_incomplete"  # present from the first byte written until the manifest is
@@ -31,15 +25,6 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 URL_SCHEMES = ("s3", "gs", "r2")
 INSTALL = "pip install 'bdh-lightning[stream]'"
-
-
-def human_bytes(n: int) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as disks and `ls -h --si` count)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def is_url(path: str) -> bool:
@@ -127,13 +112,13 @@ class Prepared:
 
         splits = m["splits"]
         parts = [
-            f"{name} {human_bytes(splits[name]['bytes'])} ({splits[name]['documents']:,} documents)"
+            f"{name} {format_bytes(splits[name]['bytes'])} ({splits[name]['documents']:,} documents)"
             for name in SPLITS
             if splits.get(name, {}).get("documents")
         ]
         text = (
             f"corpus {self.path}: prepared from {m['source']['path']}, {m['sources']['count']:,} files, "
-            f"{human_bytes(m['sources']['bytes'])}, windows of {self.window} bytes; {', '.join(parts)}"
+            f"{format_bytes(m['sources']['bytes'])}, windows of {self.window} bytes; {', '.join(parts)}"
         )
         if not self.has("test"):
             text += "; no test split"
@@ -251,6 +236,98 @@ class EvalWindows(torch.utils.data.IterableDataset):
             yield collate_windows([dataset[int(j)] for j in chosen])
 
 
+class Rule:
+    """A leaf of a schema: what a value must be, in words, and the test of it."""
+
+    def __init__(self, words: str, test):
+        self.words, self.test = words, test
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class Absent:
+    """A field that may be missing (older LitData versions do not write it); checked against `schema` when present."""
+
+    def __init__(self, schema):
+        self.schema = schema
+
+
+COUNT = Rule("a whole number from 0", lambda v: is_int(v) and 0 <= v < 2**63)
+POSITIVE = Rule("a whole number from 1", lambda v: is_int(v) and 0 < v < 2**63)
+FRACTION = Rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1)
+TEXT = Rule("text", lambda v: isinstance(v, str))
+FLAG = Rule("true or false", lambda v: isinstance(v, bool))
+NOTHING = Rule("null", lambda v: v is None)
+SHA256 = Rule(
+    "64 hex digits", lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+)
+CHUNK_FILE = Rule("a file name in the split's folder", lambda v: isinstance(v, str) and v not in ("", ".", "..")
+                  and "/" not in v and "\\" not in v)  # fmt: skip
+SPLIT = {"bytes": COUNT, "windows": COUNT, "chunks": COUNT, "documents": COUNT}
+MANIFEST_SCHEMA = {
+    "block_size": POSITIVE,
+    "source": {"path": TEXT, "exclude": [TEXT], "include_hidden": FLAG, "text_key": TEXT},
+    "val_fraction": FRACTION,
+    "test_fraction": FRACTION,
+    "sources": {"file": TEXT, "count": COUNT, "bytes": COUNT, "sha256": SHA256},
+    "left_out": (TEXT, COUNT),  # a mapping: reason -> count
+    "splits": {split: SPLIT for split in SPLITS},
+    "litdata": TEXT,
+    "created": TEXT,
+}
+# What LitData reads of the index.json it wrote for each split (a prepared folder is never compressed or encrypted).
+INDEX_SCHEMA = {
+    "chunks": [
+        {
+            "chunk_bytes": COUNT,
+            "chunk_size": COUNT,
+            "filename": CHUNK_FILE,
+            "dim": Rule("a whole number from 0 or null", lambda v: v is None or COUNT.test(v)),
+        }  # fmt: skip
+    ],
+    "config": {
+        "chunk_bytes": Rule("a whole number from 0 or null", lambda v: v is None or COUNT.test(v)),
+        "chunk_size": COUNT,
+        "compression": NOTHING,
+        "encryption": NOTHING,
+        "data_format": Rule(
+            "a list of names", lambda v: isinstance(v, list) and v and all(isinstance(n, str) for n in v)
+        ),
+        "data_spec": TEXT,
+        "item_loader": Rule('"TokensLoader"', lambda v: v == "TokensLoader"),
+        "compression_level": Absent(NOTHING),
+    },
+}
+
+
+def schema_problem(value, schema, where: str) -> str | None:
+    """What is wrong with `value` against `schema` (a Rule; {key: schema}, every key required; [schema], a list
+    of them; or (key schema, value schema), a mapping of any keys), in words; None when nothing is."""
+    if isinstance(schema, Rule):
+        return None if schema.test(value) else f"{where} should be {schema.words}, not {json.dumps(value)[:40]}"
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where} should be a list, not {json.dumps(value)[:40]}"
+        return next(filter(None, (schema_problem(v, schema[0], f"{where}[{i}]") for i, v in enumerate(value))), None)
+    if not isinstance(value, dict):
+        return f"{where} should be a mapping, not {json.dumps(value)[:40]}"
+    if isinstance(schema, tuple):
+        items = ((schema_problem(k, schema[0], f"{where} key") or schema_problem(v, schema[1], f"{where}.{k}"))
+                 for k, v in value.items())  # fmt: skip
+        return next(filter(None, items), None)
+    missing = [key for key in schema if key not in value and not isinstance(schema[key], Absent)]
+    if missing:
+        return f"{where}.{missing[0]} is missing"
+    present = ((value[k], getattr(schema[k], "schema", schema[k]), f"{where}.{k}") for k in schema if k in value)
+    return next(filter(None, (schema_problem(*field) for field in present)), None)
+
+
+def damaged(path: str, what: str) -> DataError:
+    return DataError(f"this prepared folder is damaged: {what}; re-run prepare (data.path {path})")
+
+
 def read_manifest(path: str) -> dict:
     """The manifest of a prepared directory, or a one-line DataError saying what is wrong with it."""
     if is_url(path):
@@ -275,27 +352,39 @@ def read_manifest(path: str) -> dict:
             raise ValueError
     except (ValueError, AttributeError):
         raise DataError(f"{path}/{MANIFEST} is not a bdh-lightning manifest; prepare the directory again") from None
-    if manifest.get("version") != FORMAT_VERSION:
+    if not is_int(manifest.get("version")) or manifest["version"] != FORMAT_VERSION:  # True == 1 in Python
         raise DataError(
             f"data.path {path!r} was prepared by another version of bdh-lightning (format {manifest.get('version')!r}; "
             f"this one reads format {FORMAT_VERSION}); prepare it again with this version"
         )
+    problem = schema_problem(manifest, MANIFEST_SCHEMA, MANIFEST)
+    if problem:
+        raise damaged(path, problem)
     return manifest
 
 
 def check_chunks(prepared: Prepared) -> None:
-    """Every chunk a split's index names is there, whole (local directories; object storage is checked by LitData)."""
+    """Each split's index against its schema and the manifest, and every chunk it names there, whole (local
+    directories; object storage is checked by LitData)."""
     for split in SPLITS:
-        if not prepared.manifest["splits"].get(split, {}).get("windows"):
+        if not prepared.has(split):
             continue
         folder = prepared.split_dir(split)
         try:
-            with open(os.path.join(folder, "index.json")) as file:
-                chunks = json.load(file)["chunks"]
-        except (OSError, ValueError, KeyError):
+            with open(os.path.join(folder, "index.json"), "rb") as file:
+                index = json.loads(file.read())
+        except (OSError, ValueError):
             raise DataError(
                 f"{folder}/index.json is missing or unreadable; copy the prepared directory again, or prepare it again"
             ) from None
+        problem = schema_problem(index, INDEX_SCHEMA, f"{split}/index.json")
+        if problem:
+            raise damaged(prepared.path, problem)
+        chunks, expected = index["chunks"], prepared.manifest["splits"][split]
+        found = {"chunks": len(chunks), "windows": sum((c["dim"] or 0) // prepared.window for c in chunks)}
+        for key, count in found.items():
+            if count != expected[key]:
+                raise damaged(prepared.path, f"{MANIFEST} counts {expected[key]} {key} in {split}, its index {count}")
         missing = [
             c["filename"]
             for c in chunks
@@ -305,8 +394,7 @@ def check_chunks(prepared: Prepared) -> None:
         if missing:
             raise DataError(
                 f"{folder} is missing {len(missing)} of its {len(chunks)} chunks or has them cut short (e.g. "
-                f"{missing[0]}); "
-                "copy the prepared directory again, or prepare it again"
+                f"{missing[0]}); copy the prepared directory again, or prepare it again"
             )
 
 

@@ -1,19 +1,6 @@
-"""`prepare`: pack a corpus into LitData's optimized format, split by document, for streaming at any scale.
-
-    python -m bdh_lightning prepare --data.path SOURCE --output DIR [--data.block_size 512 ...]
-
-SOURCE is a file, a directory or a glob (listed like fit's data.path: hidden entries and data.exclude left
-out, each file once); files ending in .jsonl hold one JSON document per line, whose --text_key field is
-the text. Every document (a file, or a line of a .jsonl) goes whole to one split, chosen by a stable hash
-of its id (its path inside SOURCE; for a .jsonl line, path:byte offset), so no document straddles two
-splits and re-running gives the same splits. Each split is written by `litdata.optimize` with the tokens
-loader as a stream of byte tokens (uint8), in parallel worker processes.
-
-DIR holds train/, validation/ and test/ (LitData datasets), sources.tsv (each source file, its bytes and
-split) and bdh_prepared.json, the manifest, written last. Until then DIR holds the marker
-.bdh_prepare_incomplete, so a killed `prepare` never leaves a directory that loads as complete; running it
-again with the same sources and settings keeps the splits already finished and redoes the rest (other
-sources or settings: it starts again).
+"""`prepare`: pack a corpus into LitData's format for streaming, each document (a file, or a line of a .jsonl) whole
+in the split a stable hash of its id picks. The manifest is written last; until then the folder holds a marker, so
+a killed run never loads as complete and a re-run with the same sources and settings resumes it (docs/data.md).
 """
 
 from __future__ import annotations
@@ -23,18 +10,21 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from . import litstream
-from .data import ByteCorpus, human_bytes, list_corpus
-from .errors import DataError, UsageError, finite_float, positive_int
-from .litstream import INCOMPLETE, MANIFEST, SPLITS
+from ..errors import DataError, ResourceError, UsageError, finite_float, positive_int
+from ..estimate import format_bytes
+from ..files import remove, write_atomically, write_failure
+from .corpus import ByteCorpus, list_corpus
+from .litdata import FORMAT, FORMAT_VERSION, INCOMPLETE, MANIFEST, SPLITS, is_prepared, is_url, require_litdata
 
 UNIT_BYTES = 16 << 20  # most source bytes one work unit reads (and one item of a chunk holds)
 CHUNK_BYTES = 64 << 20  # target size of a chunk file (LitData downloads and caches whole chunks)
@@ -277,12 +267,7 @@ def claim_output(output: str, plan: str, overwrite: bool) -> dict:
 
 def write_json(path: str, value) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a part."""
-    partial = f"{path}.part"
-    with open(partial, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(value, indent=1))
 
 
 def split_stats(folder: str, window: int) -> dict:
@@ -346,6 +331,155 @@ class Progress:
             print(self.line(), file=sys.stderr, flush=True)
 
 
+def check_request(data: PrepareData, output: str, num_workers: int) -> str:
+    """The settings of a `prepare` run, checked before anything is read or written; the output folder's full path."""
+    positive_int("data.block_size", data.block_size, DataError)
+    finite_float("data.val_fraction", data.val_fraction, 0.0, 1.0, low_open=True, high_open=True, error=DataError)
+    finite_float("data.test_fraction", data.test_fraction, 0.0, 1.0, high_open=True, error=DataError)
+    if data.val_fraction + data.test_fraction >= 1:
+        raise DataError(
+            "data.val_fraction + data.test_fraction must be below 1 (training needs documents too), got "
+            f"{data.val_fraction} + {data.test_fraction}"
+        )
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise UsageError(f"--num_workers must be a non-negative integer (0 = one per core), got {num_workers!r}")
+    if is_prepared(data.path):
+        raise DataError(f"data.path {data.path!r} is already a prepared directory; give the source files")
+    if is_url(output):
+        raise UsageError(
+            f"--output {output}: prepare writes to a local directory; copy it to object storage afterwards "
+            f"(e.g. aws s3 sync DIR s3://bucket/DIR) and train with --data.path s3://bucket/DIR"
+        )
+    output = os.path.abspath(os.path.expanduser(output))
+    root = os.path.abspath(source_root(data.path))
+    if os.path.commonpath([output, root]) == root and os.path.isdir(os.path.expanduser(data.path)):
+        raise UsageError(
+            f"--output {output} is inside data.path {data.path!r}; write it somewhere else (a re-run would read "
+            "it as source)"
+        )
+    return output
+
+
+@dataclass
+class Plan:
+    """What a `prepare` run will write: the sources, their work units per split, and a digest of both."""
+
+    listing: object  # corpus.Listing
+    units: dict
+    documents: dict  # split -> whole-file documents (a .jsonl's lines are counted as they are packed)
+    sources: str  # sources.tsv: bytes, split and path of each source file
+    sources_sha256: str
+    digest: str  # of the sources and the settings: an unfinished run with the same digest is resumed
+
+
+def plan_run(data: PrepareData, text_key: str) -> Plan:
+    """List and open the sources (naming unreadable files now, before any work) and plan the work units."""
+    root = os.path.abspath(source_root(data.path))
+    listing = list_corpus(data.path, data.exclude, data.include_hidden)
+    ByteCorpus(listing.files, listing.sizes)  # one open per file
+    units, documents, source_splits = plan_units(
+        listing.files, listing.sizes, root, data.val_fraction, data.test_fraction
+    )
+    sources = "".join(
+        f"{size}\t{split}\t{os.path.relpath(file, root)}\n"
+        for file, size, split in zip(listing.files, listing.sizes, source_splits)
+    )
+    sources_sha256 = hashlib.sha256(sources.encode("utf-8", "surrogateescape")).hexdigest()
+    settings = {"block_size": data.block_size, "val_fraction": data.val_fraction,
+                "test_fraction": data.test_fraction, "text_key": text_key}  # fmt: skip
+    digest = hashlib.sha256((sources_sha256 + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    has_jsonl = any(is_jsonl(f) for f in listing.files)
+    for split, fraction in (("train", 1.0), ("validation", data.val_fraction), ("test", data.test_fraction)):
+        if not has_jsonl and fraction and not documents[split]:
+            setting = "" if split == "train" else f"data.{'val' if split == 'validation' else 'test'}_fraction"
+            raise DataError(
+                f"the {split} split gets none of the {len(listing.files)} documents (each file goes whole to "
+                "one split, by a "
+                f"hash of its path); give more, smaller files{' or raise ' + setting if setting else ''}"
+            )
+    return Plan(listing, units, documents, sources, sources_sha256, digest)
+
+
+def pack(plan: Plan, data: PrepareData, output: str, finished: dict, text_key: str, workers: int, progress: bool):
+    """Write each split not yet finished with `litdata.optimize`; every split's stats once all are done."""
+    from litdata import TokensLoader, optimize
+
+    error_file, window = os.path.join(output, ERROR), data.block_size + 1
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    bytes_read = context.Value("q", 0)
+    todo = [split for split in SPLITS if split not in finished and plan.units[split]]
+    planned = sum(sum(p[2] for p in u[1]) if u[0] == "files" else u[3] - u[2] for s in todo for u in plan.units[s])
+    bar = Progress(planned, bytes_read, progress)
+    try:
+        for split in todo:
+            kept = context.Value("q", 0)
+            packer = Packer(plan.units[split], split, data.val_fraction, data.test_fraction, text_key, error_file,
+                            bytes_read, kept)  # fmt: skip
+            try:
+                optimize(
+                    fn=packer, inputs=list(range(len(plan.units[split]))), output_dir=os.path.join(output, split),
+                    chunk_size=max(1, CHUNK_BYTES // window) * window, item_loader=TokensLoader(),
+                    num_workers=min(workers, len(plan.units[split])), keep_data_ordered=True, reorder_files=False,
+                    verbose=False, start_method=context.get_start_method(),
+                )  # fmt: skip
+            except RuntimeError as error:  # a worker's exception, as LitData reports it: its traceback in the message
+                raise worker_failure(error) from None
+            if os.path.exists(error_file):
+                with open(error_file) as f:
+                    raise DataError(f.read().strip())
+            stats = split_stats(os.path.join(output, split), window)
+            finished[split] = {**stats, "documents": plan.documents[split] + kept.value}
+            write_json(os.path.join(output, INCOMPLETE), {"plan": plan.digest, "finished": finished})
+    finally:
+        bar.close()
+    empty = {"bytes": 0, "windows": 0, "chunks": 0, "documents": 0}
+    splits = {split: finished.get(split, empty) for split in SPLITS}
+    for split in ("train", "validation"):
+        if not splits[split]["windows"]:
+            raise DataError(
+                f"the {split} split has {splits[split]['documents']} documents and no window of {window} bytes; "
+                "raise data.val_fraction, lower data.block_size or give more data"
+            )
+    return splits
+
+
+def worker_failure(error: RuntimeError) -> BaseException:
+    """The OSError a packing worker died of (a full disk, an unwritable folder), read back from LitData's message,
+    which carries the worker's traceback; any other error as it was."""
+    found = re.findall(r"(?:OSError|PermissionError|FileNotFoundError): \[Errno (\d+)\] ([^\n]+?)(?:: '([^'\n]*)')?$",
+                       str(error), re.MULTILINE)  # fmt: skip
+    if not found:
+        return error
+    number, reason, filename = found[-1]
+    return OSError(int(number), reason, filename or None)
+
+
+def manifest_of(data: PrepareData, plan: Plan, text_key: str, splits: dict, litdata_version: str) -> dict:
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "block_size": data.block_size,
+        "source": {
+            "path": data.path,
+            "exclude": data.exclude or [],
+            "include_hidden": data.include_hidden,
+            "text_key": text_key,
+        },  # fmt: skip
+        "val_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "sources": {
+            "file": SOURCES,
+            "count": len(plan.listing.files),
+            "bytes": int(plan.listing.sizes.sum()),
+            "sha256": plan.sources_sha256,
+        },  # fmt: skip
+        "left_out": dict(plan.listing.left_out),
+        "splits": splits,
+        "litdata": litdata_version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def prepare_command(
     data: PrepareData,
     output: str,
@@ -368,141 +502,29 @@ def prepare_command(
     Returns:
         0 when OUTPUT is complete.
     """
-    litdata = litstream.require_litdata("prepare")
-    from litdata import TokensLoader, optimize
-
-    positive_int("data.block_size", data.block_size, DataError)
-    finite_float("data.val_fraction", data.val_fraction, 0.0, 1.0, low_open=True, high_open=True, error=DataError)
-    finite_float("data.test_fraction", data.test_fraction, 0.0, 1.0, high_open=True, error=DataError)
-    if data.val_fraction + data.test_fraction >= 1:
-        raise DataError(
-            "data.val_fraction + data.test_fraction must be below 1 (training needs documents too), got "
-            f"{data.val_fraction} + {data.test_fraction}"
-        )
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise UsageError(f"--num_workers must be a non-negative integer (0 = one per core), got {num_workers!r}")
-    if litstream.is_prepared(data.path):
-        raise DataError(f"data.path {data.path!r} is already a prepared directory; give the source files")
-    if litstream.is_url(output):
-        raise UsageError(
-            f"--output {output}: prepare writes to a local directory; copy it to object storage afterwards "
-            f"(e.g. aws s3 sync DIR s3://bucket/DIR) and train with --data.path s3://bucket/DIR"
-        )
-    output = os.path.abspath(os.path.expanduser(output))
-    root = os.path.abspath(source_root(data.path))
-    if os.path.commonpath([output, root]) == root and os.path.isdir(os.path.expanduser(data.path)):
-        raise UsageError(
-            f"--output {output} is inside data.path {data.path!r}; write it somewhere else (a re-run would read "
-            "it as source)"
-        )
-
+    litdata = require_litdata("prepare")
+    output = check_request(data, output, num_workers)
     started = time.monotonic()
-    listing = list_corpus(data.path, data.exclude, data.include_hidden)
-    ByteCorpus(listing.files, listing.sizes)  # one open per file: unreadable files are named now, before any work
-    window = data.block_size + 1
-    units, documents, source_splits = plan_units(
-        listing.files, listing.sizes, root, data.val_fraction, data.test_fraction
-    )
-    sources = "".join(
-        f"{size}\t{split}\t{os.path.relpath(file, root)}\n"
-        for file, size, split in zip(listing.files, listing.sizes, source_splits)
-    )
-    sources_sha256 = hashlib.sha256(sources.encode("utf-8", "surrogateescape")).hexdigest()
-    settings = {
-        "block_size": data.block_size,
-        "val_fraction": data.val_fraction,
-        "test_fraction": data.test_fraction,
-        "text_key": text_key,
-    }
-    plan = hashlib.sha256((sources_sha256 + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    has_jsonl = any(is_jsonl(f) for f in listing.files)
-    for split, fraction in (("train", 1.0), ("validation", data.val_fraction), ("test", data.test_fraction)):
-        if not has_jsonl and fraction and not documents[split]:
-            setting = "" if split == "train" else f"data.{'val' if split == 'validation' else 'test'}_fraction"
-            raise DataError(
-                f"the {split} split gets none of the {len(listing.files)} documents (each file goes whole to "
-                "one split, by a "
-                f"hash of its path); give more, smaller files{' or raise ' + setting if setting else ''}"
-            )
-
-    finished = claim_output(output, plan, overwrite)
-    with open(os.path.join(output, SOURCES), "w", encoding="utf-8", errors="surrogateescape") as f:
-        f.write(sources)
-    error_file = os.path.join(output, ERROR)
-    workers = num_workers or os.cpu_count() or 1
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    bytes_read = context.Value("q", 0)
-    planned = sum(
-        sum(p[2] for p in u[1]) if u[0] == "files" else u[3] - u[2]
-        for s in SPLITS
-        if s not in finished
-        for u in units[s]
-    )
-    bar = Progress(planned, bytes_read, progress)
-    chunk_tokens = max(1, CHUNK_BYTES // window) * window
+    plan = plan_run(data, text_key)
+    created = not os.path.exists(output)
     try:
-        for split in SPLITS:
-            if split in finished or not units[split]:
-                continue
-            kept = context.Value("q", 0)
-            packer = Packer(
-                units[split], split, data.val_fraction, data.test_fraction, text_key, error_file, bytes_read, kept
-            )
-            optimize(
-                fn=packer, inputs=list(range(len(units[split]))), output_dir=os.path.join(output, split),
-                chunk_size=chunk_tokens, item_loader=TokensLoader(), num_workers=min(workers, len(units[split])),
-                keep_data_ordered=True, reorder_files=False, verbose=False, start_method=context.get_start_method(),
-            )  # fmt: skip
-            if os.path.exists(error_file):
-                with open(error_file) as f:
-                    raise DataError(f.read().strip())
-            finished[split] = {
-                **split_stats(os.path.join(output, split), window),
-                "documents": documents[split] + kept.value,
-            }
-            write_json(os.path.join(output, INCOMPLETE), {"plan": plan, "finished": finished})
-    finally:
-        bar.close()
-
-    splits = {split: finished.get(split, {"bytes": 0, "windows": 0, "chunks": 0, "documents": 0}) for split in SPLITS}
-    for split in ("train", "validation"):
-        if not splits[split]["windows"]:
-            raise DataError(
-                f"the {split} split has {splits[split]['documents']} documents and no window of {window} bytes; "
-                "raise data.val_fraction, lower data.block_size or give more data"
-            )
-    manifest = {
-        "format": litstream.FORMAT,
-        "version": litstream.FORMAT_VERSION,
-        "block_size": data.block_size,
-        "source": {
-            "path": data.path,
-            "exclude": data.exclude or [],
-            "include_hidden": data.include_hidden,
-            "text_key": text_key,
-        },
-        "val_fraction": data.val_fraction,
-        "test_fraction": data.test_fraction,
-        "sources": {
-            "file": SOURCES,
-            "count": len(listing.files),
-            "bytes": int(listing.sizes.sum()),
-            "sha256": sources_sha256,
-        },
-        "left_out": dict(listing.left_out),
-        "splits": splits,
-        "litdata": litdata.__version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    write_json(os.path.join(output, MANIFEST), manifest)
-    os.remove(os.path.join(output, INCOMPLETE))  # from here on the directory loads as complete
+        finished = claim_output(output, plan.digest, overwrite)
+        write_atomically(os.path.join(output, SOURCES), plan.sources.encode("utf-8", "surrogateescape"))
+        splits = pack(plan, data, output, finished, text_key, num_workers or os.cpu_count() or 1, progress)
+        write_json(os.path.join(output, MANIFEST), manifest_of(data, plan, text_key, splits, litdata.__version__))
+        os.remove(os.path.join(output, INCOMPLETE))  # from here on the directory loads as complete
+    except (OSError, ResourceError) as error:  # a full disk, an unwritable folder
+        clear(output)  # nothing half-written stays: what prepare wrote goes, the folder too if prepare made it
+        remove(Path(output, INCOMPLETE))
+        if created:
+            remove(Path(output))
+        if isinstance(error, ResourceError):
+            raise
+        raise write_failure(error.filename or output, error, f"nothing was left in {output}") from None
     seconds = time.monotonic() - started
-    parts = ", ".join(
-        f"{s} {human_bytes(splits[s]['bytes'])} ({splits[s]['documents']:,} documents)"
-        for s in SPLITS
-        if splits[s]["documents"]
-    )
-    rate = human_bytes(int(listing.sizes.sum() / max(seconds, 1e-9)))
+    parts = ", ".join(f"{s} {format_bytes(splits[s]['bytes'])} ({splits[s]['documents']:,} documents)"
+                      for s in SPLITS if splits[s]["documents"])  # fmt: skip
+    rate = format_bytes(int(plan.listing.sizes.sum() / max(seconds, 1e-9)))
     print(
         f"prepared {output}: {parts} in {seconds:.1f} s ({rate}/s of source); "
         f"train with --data.path {output} --data.block_size {data.block_size}",

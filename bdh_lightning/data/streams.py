@@ -1,4 +1,4 @@
-"""Contiguous streams of windows, for training with carried state (`data.sampling: streams`, issue 20).
+"""Contiguous streams of windows, for training with carried state (`data.sampling: streams`).
 
 Row b of rank r owns one stretch of the split: stretch i = r * batch_size + b of world_size * batch_size
 equal stretches. Batch k gives every row its k-th window of block_size bytes, so window k + 1 continues
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import DataError
+from ..errors import DataError
 
 
 class StreamLayout:
