@@ -222,6 +222,16 @@ def commands(lines: list[str]) -> list[list[str]]:
     return found
 
 
+def test_readme_tables_list_every_command_and_config():
+    from bdh_lightning.cli import COMMANDS, TRAINER_COMMANDS
+
+    readme = (ROOT / "README.md").read_text()
+    commands_listed = re.findall(r"^\| `(\w+)` \| ", readme, re.M)
+    assert commands_listed == [*TRAINER_COMMANDS, *COMMANDS], "README.md's commands table against `--help`"
+    configs_listed = sorted(re.findall(r"^\| `(configs/[\w.]+\.yaml)` \| ", readme, re.M))
+    assert configs_listed == sorted(f"configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml"))
+
+
 def test_readme_test_command_is_what_ci_runs():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(("pip ", "python "))]
     readme = (ROOT / "README.md").read_text()
