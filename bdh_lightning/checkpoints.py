@@ -18,7 +18,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .errors import CheckpointError
-from .files import sync_folder, write_failure
+from .files import is_write_error, sync_folder, write_cause, write_failure
 from .model import BDH, BDHConfig
 
 
@@ -216,10 +216,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, path)
             sync_folder(path.parent)
         except BaseException as error:
+            cause = write_cause(error, path.parent) if is_write_error(error) else None
             with contextlib.suppress(OSError):  # (no folder to hold it: nothing to remove)
                 partial.unlink(missing_ok=True)  # a disk-full write must not keep the disk full
-            if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
-                raise write_failure(f"checkpoint {path}", error, self.last_good_words()) from None
+            if cause is not None:
+                raise write_failure(f"checkpoint {path}", cause, self.last_good_words()) from None
             raise
         step = checkpoint.get("global_step")
         self.written = [entry for entry in self.written if entry[0] != str(path)] + [(str(path), step)]

@@ -117,15 +117,16 @@ class RunSummary(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_time = time.perf_counter()
         self.start_step = trainer.global_step
+        log_dir = trainer.log_dir  # on every rank: Lightning broadcasts it (one rank alone would wait forever)
         if trainer.is_global_zero:
-            for line in self.header(trainer, pl_module):
+            for line in self.header(trainer, pl_module, log_dir):
                 say(line)
 
-    def header(self, trainer, pl_module) -> list[str]:
+    def header(self, trainer, pl_module, log_dir: str | None) -> list[str]:
         data = trainer.datamodule
         c = pl_module.config
         callback = trainer.checkpoint_callback
-        run_dir = trainer.log_dir or trainer.default_root_dir
+        run_dir = log_dir or trainer.default_root_dir
         lines = [
             f"run        {run_dir}" + (f"   (checkpoints: {callback.dirpath})" if callback and callback.dirpath else "")
         ]
@@ -157,12 +158,12 @@ class RunSummary(Callback):
 
     # -- closing -------------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        for line in self.closing(trainer):
-            say(line)
+        log_dir = trainer.log_dir  # on every rank, as above
+        if trainer.is_global_zero:
+            for line in self.closing(trainer, log_dir):
+                say(line)
 
-    def closing(self, trainer) -> list[str]:
+    def closing(self, trainer, log_dir: str | None) -> list[str]:
         elapsed = time.perf_counter() - self.start_time
         done = trainer.global_step - self.start_step
         lines = [f"done       {done} steps (now at step {trainer.global_step}) in {duration(elapsed)}"]
@@ -183,8 +184,8 @@ class RunSummary(Callback):
                 lines.append(f"best       {callback.best_model_path}")
             if last:
                 lines.append(f"last       {last}")
-        if trainer.log_dir:
-            logs = Path(trainer.log_dir).parent
+        if log_dir:
+            logs = Path(log_dir).parent
             lines.append(f"next       tensorboard --logdir {shlex.quote(str(logs))}")
         if last:
             lines.append(

@@ -16,6 +16,8 @@ from pathlib import Path
 from .errors import ResourceError, UsageError, one_line
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+TORCH_WRITER_WORDS = ("write", "inline_container", "PytorchStreamWriter")
+NEARLY_FULL = 1 << 20  # bytes free below which a failed write is taken for a full disk
 
 
 def failure_reason(error: BaseException) -> str:
@@ -27,6 +29,26 @@ def failure_reason(error: BaseException) -> str:
 
 def is_disk_full(error: BaseException) -> bool:
     return getattr(error, "errno", None) in DISK_FULL or "No space left" in str(error)
+
+
+def is_write_error(error: BaseException) -> bool:
+    """An OSError, or torch's zip writer failing: a RuntimeError ('file write failed', or 'unexpected pos' when
+    the disk filled up under it)."""
+    return isinstance(error, OSError) or (
+        isinstance(error, RuntimeError) and any(word in str(error) for word in TORCH_WRITER_WORDS)
+    )
+
+
+def write_cause(error: BaseException, folder: Path) -> BaseException:
+    """The error to report: torch's writer words a full disk as 'unexpected pos', so a disk with (almost) no room
+    left, measured while the partial file still holds its space, is named as the OS names it."""
+    if is_disk_full(error):
+        return error
+    try:
+        full = shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        return error
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else error
 
 
 def write_failure(what: str, error: BaseException, then: str = "nothing was written") -> ResourceError:
@@ -110,9 +132,10 @@ def atomic_output(path: str | Path, what: str | None = None, folder: bool = Fals
         sync_tree(temporary)
         replace_atomically(temporary, path)
     except BaseException as error:
+        cause = write_cause(error, path.parent) if is_write_error(error) else None
         remove(temporary)
-        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
-            raise write_failure(what or str(path), error) from None
+        if cause is not None:
+            raise write_failure(what or str(path), cause) from None
         raise
 
 

@@ -117,7 +117,7 @@ def test_resume_takes_the_architecture_from_the_checkpoint_and_the_kernel_from_t
     hp = resumed.model.hparams
     assert (hp.kernel, hp.chunk_size) == ("chunked", 4)  # this machine's choice
     assert (hp.n_embd, hp.learning_rate) == (32, 3e-3)  # the trained model's
-    note = capsys.readouterr().err
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert "n_embd=32 (not 64)" in note and "learning_rate=0.003 (not 0.01)" in note and "kernel" not in note
     assert resumed.trainer.global_step == 4
 

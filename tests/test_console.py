@@ -144,3 +144,15 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, m
     assert "--data.batch_size" in err and "--trainer.accumulate_grad_batches" in err and "--force" in err
     assert not (tmp_path / "lightning_logs").exists()
     assert main([*args, "--force"]) == 0  # a prediction only: --force starts it
+
+
+def test_every_input_safe_header_and_closing_block_without_the_progress_bar(tmp_path, monkeypatch, capsys):
+    """Issue 29: --trainer.enable_progress_bar false (batch jobs) keeps the header and the closing block."""
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    args = ["fit", "--data.path", "corpus.txt", *TINY_ARGS, "--trainer.max_steps", "2", "--sample.length", "0"]
+    assert main(args) == 0
+    lines = capsys.readouterr().err.splitlines()
+    for head in ("run ", "device ", "model ", "batch ", "kernel ", "memory ", "training ", "done ", "last "):
+        assert any(line.startswith(head) for line in lines), (head, lines)
+    assert not any(line.startswith("step ") for line in lines)  # the progress lines stay off

@@ -133,3 +133,13 @@ def test_text_sample_settings_reach_the_sample(tmp_path):
     text = sample.sample(trainer, module)
     assert text.startswith("ab") and len(text.encode("utf-8", errors="surrogateescape")) >= 9
     assert text == sample.sample(trainer, module)  # the same seed each time
+
+
+def test_every_input_safe_the_closing_sample_escapes_control_bytes_as_generate_does(monkeypatch, capsys):
+    """Issue 29: a model's ESC, BEL, CR and C1 bytes reach the terminal as \\xNN (console.shown, generate's escaping)."""
+    sample = TextSample(prompt="ab", length=5)
+    monkeypatch.setattr(sample, "sample", lambda trainer, module: "To be\x1b[2J\x1b]0;owned\x07\r\x9b\tok\n")
+    trainer = type("Trainer", (), {"is_global_zero": True, "global_step": 3})()
+    sample.on_fit_end(trainer, None)
+    printed = capsys.readouterr().out
+    assert printed == "\n--- sample after 3 steps ---\nTo be\\x1b[2J\\x1b]0;owned\\x07\\x0d\\xc2\\x9b\tok\n\n---\n"

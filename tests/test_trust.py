@@ -302,6 +302,84 @@ def test_bad_optimizer_settings_are_one_line_before_any_run_folder(
     assert list(tmp_path.iterdir()) == []  # no run folder
 
 
+# Issue 29 (every input safe): settings Lightning, numpy or the sampler would end in a traceback on, from any source.
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)
+UNSAFE_CONFIGS = {
+    "latin1.yaml": b"model:\n  n_layer: 2  # caf\xe9\n",
+    "empty-model.yaml": b"data:\n  batch_size: 8\nmodel:\n",
+    "only-model.yaml": b"model:\n",
+    "laughs.yaml": (LAUGHS + "model:\n  n_layer: *i\n").encode(),
+    "deep.yaml": ("model: " + "[" * 200 + "]" * 200 + "\n").encode(),
+    "sample-nan.yaml": b"sample:\n  temperature: .nan\n",
+    "sample-seed.yaml": b"sample:\n  seed: 99999999999999999999999\n",
+    "sample-prompt.yaml": b'sample:\n  prompt: ""\n',
+}
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be in (0, inf), got 0"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be a positive integer"),
+        (["--trainer.devices", "-1", "--trainer.accelerator", "cpu"], "trainer.devices must be a positive number"),
+        (["--seed_everything", "99999999999"], "seed_everything must be an integer from 0 to 4294967295"),
+        (["--config", "latin1.yaml"], "--config latin1.yaml: byte 25 (0xe9) is not UTF-8; save it as UTF-8"),
+        (["--config", "empty-model.yaml"], "--config empty-model.yaml: section model: is empty"),
+        (["--config", "only-model.yaml"], "--config only-model.yaml: section model: is empty"),
+        (["--config", "laughs.yaml"], "YAML expanding to over 200,000 values (through aliases) refused"),
+        (["--config", "deep.yaml"], "YAML nested over 64 levels deep refused"),
+        (["--config", "sample-nan.yaml"], "sample.temperature must be a finite number, got nan"),
+        (["--config", "sample-seed.yaml"], "sample.seed must be an integer from 0 to 2**64 - 1"),
+        (["--config", "sample-prompt.yaml"], "sample.prompt must hold at least one byte"),
+        (["--sample.prompt", "\udcff\ud800"], "sample.prompt must be UTF-8 text"),
+        (["--sample.top_k", "0"], "sample.top_k must be in 1..256"),
+    ],
+    ids=[
+        "val-check-interval-0",
+        "accumulate-0",
+        "devices-minus-1-cpu",
+        "seed-past-32-bits",
+        "config-latin1",
+        "config-empty-model",
+        "config-only-model",
+        "config-billion-laughs",
+        "config-deep",
+        "sample-temperature-nan-yaml",
+        "sample-seed-past-64-bits-yaml",
+        "sample-prompt-empty-yaml",
+        "sample-prompt-lone-surrogate",
+        "sample-top-k-0",
+    ],
+)
+def test_every_input_safe_settings_are_one_line_before_any_run_folder(
+    trained, tmp_path, monkeypatch, capsys, setting, expected
+):
+    monkeypatch.chdir(trained)
+    for name, content in UNSAFE_CONFIGS.items():
+        (trained / name).write_bytes(content)
+    start = time.perf_counter()
+    code = main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.default_root_dir", str(tmp_path), *setting])
+    err = error_lines(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert list(tmp_path.iterdir()) == [] and time.perf_counter() - start < 5  # no run folder; laughs refused at once
+
+
+def test_every_input_safe_estimate_refuses_laughs_and_an_infinite_budget_in_one_line(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    (trained / "laughs.yaml").write_bytes(UNSAFE_CONFIGS["laughs.yaml"])
+    start = time.perf_counter()
+    assert main(["estimate", "--config", "laughs.yaml"]) == 2
+    assert time.perf_counter() - start < 1.0  # refused from the parser's events, before anything is expanded
+    assert error_lines(capsys.readouterr().err)[0].endswith("refused (see estimate --help)")
+    (trained / "small.yaml").write_text("model:\n  n_layer: 2\n")
+    assert main(["estimate", "--config", "small.yaml", "--budget", "1e400"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "error: --budget '1e400' is not a finite size; write it like 14GB, 14GiB or 8e9 (bytes)"
+    ]
+
+
 @pytest.mark.parametrize(
     "command, ckpt, expected",
     [
@@ -530,6 +608,34 @@ def test_generate_output_problems_are_one_line(trained, generating, redirect, co
     err = error_lines(done.stderr.decode())
     assert done.returncode == code and len(err) == 1 and err[0].startswith(expected), done.stderr[-2000:]
     assert not list(trained.glob("*.part")) and Path("/dev/full").is_char_device()
+
+
+def test_every_input_safe_generate_never_replaces_a_file_unasked_nor_its_own_checkpoint(
+    trained, generating, monkeypatch, capsys
+):
+    monkeypatch.chdir(trained)
+    ckpt = Path(generating[2])
+    before = ckpt.read_bytes()
+    (trained / "kept.txt").write_bytes(b"mine")
+    short = [*generating[:-4], "--max_new_tokens", "5", "--temperature", "0"]
+    for output, extra, expected in [
+        ("kept.txt", [], "--output: kept.txt exists; give --overwrite true to replace it, or another --output"),
+        (str(ckpt), [], f"--output: {ckpt} exists; give --overwrite true"),
+        (str(ckpt), ["--overwrite"], f"--output {ckpt} is the checkpoint being read (--ckpt_path); give another"),
+    ]:
+        assert main([*short, "--output", output, *extra]) == 2
+        err = error_lines(capsys.readouterr().err)
+        assert len(err) == 1 and err[0].startswith(f"error: {expected}"), err
+    assert ckpt.read_bytes() == before and (trained / "kept.txt").read_bytes() == b"mine"
+    assert main([*short, "--output", "kept.txt", "--overwrite"]) == 0
+    assert (trained / "kept.txt").read_bytes().startswith(PROMPT) and not list(trained.glob(".kept.txt.part*"))
+
+
+def test_every_input_safe_file_names_in_error_lines_are_escaped(trained, generating, monkeypatch, capsysbinary):
+    monkeypatch.chdir(trained)
+    assert main([*generating[:3], "--prompt_file", "\x1b]0;owned\x07.txt"]) == 2
+    err = capsysbinary.readouterr().err
+    assert b"\x1b" not in err and b"\x07" not in err and b"\\x1b]0;owned\\x07.txt" in err, err
 
 
 # ---------------------------------------------------------------- estimate
