@@ -362,6 +362,26 @@ def G_cross_share(model: BDH, edges: int) -> float:
     return float(((index // (H * N)) // N != (index % (H * N)) // N).double().mean())
 
 
+def test_inspect_over_a_run_folder_writes_the_trajectory(trained):
+    folder = next((trained / "lightning_logs").glob("version_*")) / "checkpoints"
+    args = ["--ckpt_path", str(folder), "--output", "trajectory", "--data.windows", "2", "--graph.seeds", "1"]
+    done = run_cli(trained, "inspect", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = trained / "trajectory"
+    rows = json.loads((out / "trajectory.json").read_text())
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 10 and (out / "trajectory.png").stat().st_size > 0
+    for row in rows:
+        report = json.loads((out / f"step_{row['step']}" / "report.json").read_text())
+        assert row["modularity"] == report["graph"]["trained"]["modularity"]
+        assert row["active_ab"] == report["sparsity"]["trained"]["active"]["ab"]
+        assert row["init_modularity"] == report["graph"]["init"]["modularity"]
+    empty = trained / "no_checkpoints"
+    empty.mkdir()
+    done = run_cli(trained, "inspect", "--ckpt_path", str(empty), "--output", "never")
+    assert done.returncode == 2 and "no checkpoints" in done.stderr and not (trained / "never").exists()
+
+
 BAD_INPUT = {  # arguments, and a word the one-line message must hold
     "missing checkpoint": (["--ckpt_path", "nowhere.ckpt"], "nowhere.ckpt"),
     "empty probe": (["--probe.concept", "empty.txt", "--probe.control", "empty.txt"], "no sentences"),

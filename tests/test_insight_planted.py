@@ -261,3 +261,37 @@ def test_missing_extra_is_one_line_naming_the_pip_command(monkeypatch, capsys, t
     with pytest.raises(BDHError, match=r"inspect.every_n_validations needs networkx: pip install"):
         InsightMonitor(every_n_validations=1)
     InsightMonitor(every_n_validations=0)  # off: nothing needed
+
+
+@torch.no_grad()
+def test_sentence_synapses_are_the_attention_state_of_the_spec_layer():
+    """sigma[h, n, d] = sum over positions of a[n] x[d] / T, averaged over layers: recomputed head by head with
+    the spec oracle's layer; head-major flattening (h, n, d)."""
+    from spec_oracle import oracle_layer, oracle_layer_norm
+
+    from bdh_lightning.insight.activations import sentence_synapses
+
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=4, dropout=0.0)).eval()
+    text = b"a sentence of bytes"
+    x = oracle_layer_norm(model.embed.weight[torch.tensor(list(text))])[None]
+    expected = 0
+    for _ in range(2):
+        expected = expected + torch.stack([torch.relu(x[0] @ model.encoder[h]).T @ x[0] for h in range(2)])
+        x = oracle_layer(x, model.encoder, model.encoder_v, model.decoder)
+    got = sentence_synapses(model, [text])[0]
+    assert torch.allclose(got, (expected / (2 * len(text))).flatten(), atol=1e-5)
+
+
+def test_synapse_probe_names_the_planted_synapse(monkeypatch):
+    import bdh_lightning.insight.probes as probes
+
+    model = BDH(BDHConfig(n_layer=1, n_embd=8, n_head=2, mlp_internal_dim_multiplier=2, dropout=0.0))
+    H, N, D = 2, 8, 8
+    rng = np.random.default_rng(0)
+    values = {"concept": rng.normal(size=(25, H * N * D)), "control": rng.normal(size=(25, H * N * D))}
+    values["concept"][:, (1 * N + 3) * D + 5] += 3.0  # head 1, neuron 3, residual dimension 5
+    monkeypatch.setattr(probes, "sentence_synapses", lambda model, s: torch.from_numpy(values[s[0]]))
+    report = probes.synapse_report(model, ["concept"], ["control"], top=2, permutations=200)
+    assert report["synapses"][0]["synapse"] == "h1:3~x5" and report["synapses"][0]["p_holm"] < 0.01
+    assert report["tested"] == H * N * D and report["significant"]["holm"] == 1

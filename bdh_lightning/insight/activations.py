@@ -325,3 +325,25 @@ def sentence_values(model: BDH, sentences: list[bytes], signal: str) -> torch.Te
         values[order[start:end]] = (pooled * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         start = end
     return values
+
+
+@torch.no_grad()
+def sentence_synapses(model: BDH, sentences: list[bytes]) -> torch.Tensor:
+    """(sentences, H*N*D): the attention state each sentence leaves, sigma[h, n, d] = the sum over its positions
+    of a[n] * x[d] (neuron n's co-activation with residual dimension d, which the layer's attention reads;
+    taken before RoPE's position phases), divided by the sentence's length and averaged over layers."""
+    c = model.config
+    H, N = c.n_head, c.neurons_per_head
+    states = torch.empty(len(sentences), H * N * c.n_embd)
+    for row, sentence in enumerate(sentences):
+        idx = torch.frombuffer(bytearray(sentence), dtype=torch.uint8).long()[None]
+        T = idx.shape[1]
+        cos, sin = rope_cos_sin(torch.arange(T), N)
+        x = model.embed_bytes(idx)  # 1, 1, T, D
+        state = 0
+        for _ in range(c.n_layer):
+            a, b = neuron_activations(x, model.encoder, model.encoder_v, cos, sin)  # 1, H, T, N: all heads at once
+            state = state + torch.einsum("htn,td->hnd", a[0].float(), x[0, 0].float())
+            x = layer_output(x, decode(a * b, model.decoder))
+        states[row] = (state / (T * c.n_layer)).flatten()
+    return states

@@ -17,7 +17,7 @@ from ..weights import load_model_from_checkpoint
 from .activations import CorpusSample, sparsity_report, strongest_contexts
 from .graph import graph_report, whole_graph_report
 from .options import DataOptions, GraphOptions, NeuronOptions, ProbeOptions, require_extra
-from .probes import probe_report, read_sentences
+from .probes import probe_report, read_sentences, synapse_report
 from .report import (
     plot_active_vs_loss,
     plot_degrees,
@@ -26,6 +26,7 @@ from .report import (
     plot_sparsity_layers,
     summary,
     write_report,
+    write_trajectory,
 )
 
 PASS_FLOPS = 2e12  # the default corpus sample's size: about this many FLOPs per model
@@ -60,7 +61,8 @@ def check_output(output: Path) -> None:
     """An output folder must be new, empty, or hold an earlier report (which is replaced)."""
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; give a folder for the report")
-    if output.is_dir() and any(output.iterdir()) and not (output / "report.json").is_file():
+    earlier = (output / "report.json").is_file() or (output / "trajectory.json").is_file()
+    if output.is_dir() and any(output.iterdir()) and not earlier:
         raise UsageError(
             f"--output {output} holds other files; give a new or empty folder (an earlier report there is replaced)"
         )
@@ -119,15 +121,18 @@ def inspect_models(model: BDH, init: BDH, sample: CorpusSample, graph: GraphOpti
     whole = [whole_graph_report(model, graph, path) for path in PATHS]
     whole_init = [whole_graph_report(init, graph, w["path"], edges=w["edges"]) for w in whole]
     sparsity_trained, sparsity_init = sparsity_report(model, sample, neurons), sparsity_report(init, sample, neurons)
-    probe_result = None
+    probe_result, synapses = None, None
     if sentences:
+        sides = (("trained", model), ("init", init))
         probe_result = {side: probe_report(m, *sentences, neurons.signal, probe.top, probe.permutations)
-                        for side, m in (("trained", model), ("init", init))}  # fmt: skip
+                        for side, m in sides}  # fmt: skip
+        synapses = {side: synapse_report(m, *sentences, probe.top, probe.permutations) for side, m in sides}
         for neuron in probe_result["trained"]["neurons"]:
             neuron["contexts"] = strongest_contexts(sparsity_trained, sample, neuron["index"], neurons.width)
     return {"sparsity": {"trained": sparsity_trained, "init": sparsity_init},
             "graph": {"trained": graph_trained, "init": graph_init},
-            "whole_graph": {"trained": whole, "init": whole_init}, "probe": probe_result}  # fmt: skip
+            "whole_graph": {"trained": whole, "init": whole_init}, "probe": probe_result,
+            "synapses": synapses}  # fmt: skip
 
 
 def figures(model: BDH, report: dict) -> dict:
@@ -157,7 +162,9 @@ def inspect_command(
     a summary. Every section compares the trained model with the same architecture at initialisation.
 
     Args:
-        ckpt_path: A checkpoint written by fit, or `last` (the newest run's last.ckpt under --logs).
+        ckpt_path: A checkpoint written by fit, `last` (the newest run's last.ckpt under --logs), or a folder:
+            every checkpoint under it, one report per step in OUTPUT/step_N and the trajectory
+            (OUTPUT/trajectory.png and trajectory.json: sparsity, modularity, tail, significant neurons by step).
         output: Folder for the report: new, empty, or holding an earlier report (replaced).
         data: The corpus sample the activations are measured on.
         graph: The neuron graph G = decoder_h @ encoder_h per head, and across heads.
@@ -175,12 +182,32 @@ def inspect_command(
     sentences = None
     if probe.concept:
         sentences = (read_sentences(probe.concept, "probe.concept"), read_sentences(probe.control, "probe.control"))
+    looks = (data, graph, neurons, probe, seed, sentences)
+    if not ckpt.is_dir():
+        report = inspect_checkpoint(ckpt, out, *looks)
+        report["seconds"] = time.perf_counter() - started
+        write_report(report, out, figures(report.pop("_model"), report))
+        print(summary(report, out))
+        return 0
+    reports = []
+    for step, path in run_checkpoints(ckpt):
+        report = inspect_checkpoint(path, out / f"step_{step}", *looks)
+        write_report(report, out / f"step_{step}", figures(report.pop("_model"), report))
+        reports.append(report)
+        print(summary(report, out / f"step_{step}").splitlines()[1])
+    write_trajectory(reports, out)
+    print(f"trajectory over {len(reports)} checkpoints -> {out / 'trajectory.png'}, {out / 'trajectory.json'}")
+    return 0
+
+
+def inspect_checkpoint(ckpt: Path, out: Path, data, graph, neurons, probe, seed, sentences) -> dict:
+    """One checkpoint beside its initialisation: the report (the trained model kept under _model for plots)."""
     model = load_model_from_checkpoint(ckpt)
     settings = run_settings(ckpt)
     sample, corpus_name = open_sample(data, settings, model)
     seed = run_seed(seed, settings)
     c = model.config
-    report = {
+    return {
         "checkpoint": str(ckpt),
         "step": read_checkpoint(ckpt).get("global_step") if ckpt.suffix == ".ckpt" else None,  # weights: none
         "model": {**c.architecture(), "neurons_per_head": c.neurons_per_head},
@@ -194,8 +221,18 @@ def inspect_command(
         },  # fmt: skip
         "options": {"graph": asdict(graph), "neurons": asdict(neurons), "probe": asdict(probe)},
         **inspect_models(model, model_at_init(c, seed), sample, graph, neurons, probe, sentences),
+        "seconds": 0.0,
+        "_model": model,
     }
-    report["seconds"] = time.perf_counter() - started
-    write_report(report, out, figures(model, report))
-    print(summary(report, out))
-    return 0
+
+
+def run_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint under `folder`, one per step (last.ckpt is usually another's copy)."""
+    found = {}
+    for path in sorted(folder.rglob("*.ckpt")):
+        step = read_checkpoint(path).get("global_step")
+        if is_int(step):
+            found.setdefault(step, path)
+    if not found:
+        raise UsageError(f"--ckpt_path {folder} is a folder with no checkpoints (*.ckpt) in it; give a run's folder")
+    return sorted(found.items())

@@ -263,18 +263,38 @@ def html_selective(sel: dict, sel0: dict) -> list[str]:
     return parts
 
 
-def html_probe(probe: dict) -> list[str]:
-    t, t0 = probe["trained"], probe["init"]
+def significance_table(t: dict, t0: dict, key: str) -> str:
+    """Counts significant at 0.05 (raw, BH, Holm, permutation) and the best U and p, trained beside init."""
     rows = [[label, side["significant"]["raw"], side["significant"]["bh"], side["significant"]["holm"],
-             fmt(side["significant"]["permutation"]), f"{side['neurons'][0]['U']:.0f} / {side['pairs']}",
+             fmt(side["significant"]["permutation"]), f"{side[key][0]['U']:.0f} / {side['pairs']}",
              f"{side['best_p_holm']:.2g}", fmt(side["best_p_permutation"])]
             for label, side in (("trained", t), ("initialisation", t0))]  # fmt: skip
+    return table(["", "raw p", "BH", "Holm", "permutation", "best U", "best Holm p", "best permutation p"], rows)
+
+
+def html_synapses(synapses: dict) -> list[str]:
+    t, t0 = synapses["trained"], synapses["init"]
+    if "skipped" in t:
+        return [f"<h2>Probe on synapses</h2><p>Skipped: {html.escape(t['skipped'])}.</p>"]
+    rows = [[n["synapse"], f"{n['U']:.0f} / {t['pairs']}", f"{n['p']:.2g}", f"{n['p_bh']:.2g}", f"{n['p_holm']:.2g}",
+             fmt(n["p_permutation"]), f"{n['rank_biserial']:.3f}"] for n in t["synapses"]]  # fmt: skip
+    return [
+        "<h2>Probe on synapses</h2><p>The attention state each sentence leaves, σ[h, n, d] = Σ a[n]·x[d] over "
+        f"its positions / its length, averaged over layers ({t['tested']} synapses h{{h}}:{{n}}~x{{d}}), "
+        "concept against control, corrected as the neurons are. Significant at 0.05:</p>",
+        significance_table(t, t0, "synapses"),
+        table(["synapse", "U", "p", "p BH", "p Holm", "p perm", "rank-biserial"], rows),
+    ]
+
+
+def html_probe(probe: dict) -> list[str]:
+    t, t0 = probe["trained"], probe["init"]
     parts = [
         f"<h2>Probe: concept against control</h2><p>{t['concept_sentences']} concept and "
         f"{t['control_sentences']} control sentences; a neuron's value is its {html.escape(t['signal'])} averaged "
         f"over the sentence; {t['tested']} neurons tested; {html.escape(t['correction'])}; permutation: "
         f"{t['permutations']} label shuffles, max |U| over neurons. Neurons significant at 0.05:</p>",
-        table(["", "raw p", "BH", "Holm", "permutation", "best U", "best Holm p", "best permutation p"], rows),
+        significance_table(t, t0, "neurons"),
     ]
     rows = [[n["neuron"], f"{n['U']:.0f} / {t['pairs']}", f"{n['p']:.2g}", f"{n['p_bh']:.2g}", f"{n['p_holm']:.2g}",
              fmt(n["p_permutation"]), f"{n['rank_biserial']:.3f}", f"{n['concept_mean']:.4g}",
@@ -305,6 +325,8 @@ def write_html(report: dict, path: Path) -> None:
         parts += html_selective(s["selective"], s0["selective"])
     if r.get("probe"):
         parts += html_probe(r["probe"])
+    if r.get("synapses"):
+        parts += html_synapses(r["synapses"])
     parts.append(f"<p>Took {r['seconds']:.0f} s.</p></body></html>")
     path.write_text("".join(parts), encoding="utf-8")
 
@@ -337,6 +359,14 @@ def summary(report: dict, out: Path) -> str:
             f"{best['p_holm']:.2g}); significant at BH 0.05: {t['significant']['bh']} neurons, initialisation "
             f"{t0['significant']['bh']}"
         )
+    synapses = report.get("synapses") or {}
+    if synapses and "skipped" not in synapses["trained"]:
+        t, t0 = synapses["trained"], synapses["init"]
+        lines.append(
+            f"synapses: {t['synapses'][0]['synapse']} U = {t['synapses'][0]['U']:.0f} of {t['pairs']} (Holm "
+            f"{t['best_p_holm']:.2g}); significant at BH 0.05: {t['significant']['bh']} of {t['tested']}, "
+            f"initialisation {t0['significant']['bh']}"
+        )
     return "\n".join(lines)
 
 
@@ -347,3 +377,51 @@ def write_report(report: dict, out: Path, figures: dict) -> None:
         save_png(figure, out / name)
     (out / "report.json").write_text(json.dumps(strip_private(report), indent=1), encoding="utf-8")
     write_html(report, out / "report.html")
+
+
+def trajectory_row(report: dict) -> dict:
+    """One checkpoint's headline numbers, each beside its control, for the trajectory."""
+    s, g = report["sparsity"]["trained"], report["graph"]["trained"]
+    fit = g["out_degree"]["fit"] or {}
+    selective = s.get("selective") or {}
+    probe, synapses = report.get("probe") or {}, report.get("synapses") or {}
+    return {
+        "step": report["step"], "loss": s["loss"], "active_ab": s["active"]["ab"],
+        "init_active_ab": report["sparsity"]["init"]["active"]["ab"],
+        "modularity": g["modularity"], "modularity_sd": g["modularity_sd"], "null_modularity": g["null_modularity"],
+        "init_modularity": report["graph"]["init"]["modularity"],
+        "out_tail": fit.get("verdict"), "out_tail_lr_vs_exponential": fit.get("vs_exponential", {}).get("lr"),
+        "cross_head_share": report["whole_graph"]["trained"][0]["cross_head_share"],
+        "context_selective_share": selective.get("share_above_2"),
+        "probe_bh": probe["trained"]["significant"]["bh"] if probe else None,
+        "init_probe_bh": probe["init"]["significant"]["bh"] if probe else None,
+        "synapse_bh": synapses["trained"]["significant"]["bh"] if "significant" in synapses.get("trained", {}) else None,
+    }  # fmt: skip
+
+
+def plot_trajectory(rows: list[dict]):
+    figure = new_figure(10, 6)
+    axes = figure.subplots(2, 2).ravel()
+    steps = [r["step"] for r in rows]
+    panels = (
+        ("a·b active fraction", (("active_ab", "trained"), ("init_active_ab", "initialisation"))),
+        ("Louvain modularity", (("modularity", "trained"), ("null_modularity", "random graph"),
+                                ("init_modularity", "initialisation"))),
+        ("out-degree LR vs exponential (> 0: heavier)", (("out_tail_lr_vs_exponential", "trained"),)),
+        ("probe: neurons significant (BH 0.05)", (("probe_bh", "trained"), ("init_probe_bh", "initialisation"),
+                                                   ("synapse_bh", "synapses, trained"))),
+    )  # fmt: skip
+    for axis, (title, series) in zip(axes, panels):
+        for key, label in series:
+            values = [r[key] for r in rows]
+            if any(v is not None for v in values):
+                axis.plot(steps, [np.nan if v is None else v for v in values], "-o", label=label)
+        axis.set(title=title, xlabel="step")
+        axis.legend(fontsize=7)
+    return figure
+
+
+def write_trajectory(reports: list[dict], out: Path) -> None:
+    rows = [trajectory_row(report) for report in reports]
+    (out / "trajectory.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    save_png(plot_trajectory(rows), out / "trajectory.png")
