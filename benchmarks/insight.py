@@ -1,9 +1,10 @@
 """How long `inspect` takes at the guide's sizes, on CPU, with random-init weights of each config's shape.
 
 For each config: the neuron graph of one model (every head: G = decoder_h @ encoder_h in row blocks, the
-top mean_degree * N entries, Louvain on it and on a degree-matched random graph, the degree fits), and the
-activation pass (sparsity counts, per-neuron values pooled over layers, selectivity top-k) per 1,000
-corpus positions; wall-clock and CPU time of this process (on a machine shared with other jobs, the
+top mean_degree * N entries, Louvain on it and on degree-matched random graphs over graph.seeds seeds, the
+degree fits with their Vuong tests), the whole graph across heads (one path), and the activation pass
+(sparsity counts, per-neuron values pooled over layers, selectivity top-k on the text and on shuffled
+windows, the window bootstrap) per 1,000 corpus positions; wall-clock and CPU time of this process (on a machine shared with other jobs, the
 CPU time is what a quiet core would take). `inspect` does each twice (trained model and the model at
 initialisation), plus the probe sentences if given.
 
@@ -22,7 +23,9 @@ import torch
 import yaml
 
 from bdh_lightning.data.corpus import read_corpus
-from bdh_lightning.insight import CorpusSample, GraphOptions, NeuronOptions, graph_report, sparsity_report
+from bdh_lightning.insight import GraphOptions, NeuronOptions
+from bdh_lightning.insight.activations import CorpusSample, sparsity_report
+from bdh_lightning.insight.graph import graph_report, whole_graph_report
 from bdh_lightning.model import BDH, BDHConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +53,9 @@ def main() -> None:
         start, cpu = time.perf_counter(), time.process_time()
         graph = graph_report(model, GraphOptions())
         graph_seconds, graph_cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
+        whole_graph_report(model, GraphOptions())
+        whole_seconds, whole_cpu = time.perf_counter() - start, time.process_time() - cpu
         sample = CorpusSample(corpus, args.block_size, args.windows, 0.1)
         start, cpu = time.perf_counter(), time.process_time()
         sparsity_report(model, sample, NeuronOptions())
@@ -57,7 +63,7 @@ def main() -> None:
         positions = len(sample.offsets) * args.block_size
         print(f"{name}: L{c.n_layer} D{c.n_embd} H{c.n_head} N={c.neurons_per_head}: graph {graph_seconds:.1f} s wall, "
               f"{graph_cpu:.1f} s CPU ({graph['edges']} edges, modularity {graph['modularity']:.3f}, random graph "
-              f"{graph['null_modularity']:.3f}); activations {pass_seconds / positions * 1000:.1f} s wall, "
+              f"{graph['null_modularity']:.3f}); whole graph {whole_seconds:.1f} s wall, {whole_cpu:.1f} s CPU; activations {pass_seconds / positions * 1000:.1f} s wall, "
               f"{pass_cpu / positions * 1000:.1f} s CPU per 1,000 positions ({positions} timed)",
               flush=True)  # fmt: skip
 
