@@ -393,23 +393,27 @@ def trajectory_row(report: dict) -> dict:
         "out_tail": fit.get("verdict"), "out_tail_lr_vs_exponential": fit.get("vs_exponential", {}).get("lr"),
         "cross_head_share": report["whole_graph"]["trained"][0]["cross_head_share"],
         "context_selective_share": selective.get("share_above_2"),
+        "init_context_selective_share": (report["sparsity"]["init"].get("selective") or {}).get("share_above_2"),
         "probe_bh": probe["trained"]["significant"]["bh"] if probe else None,
         "init_probe_bh": probe["init"]["significant"]["bh"] if probe else None,
-        "synapse_bh": synapses["trained"]["significant"]["bh"] if "significant" in synapses.get("trained", {}) else None,
+        **{f"{prefix}synapse_bh": synapses[side]["significant"]["bh"] if "significant" in synapses.get(side, {})
+           else None for prefix, side in (("", "trained"), ("init_", "init"))},
     }  # fmt: skip
 
 
 def plot_trajectory(rows: list[dict]):
-    figure = new_figure(10, 6)
-    axes = figure.subplots(2, 2).ravel()
+    figure = new_figure(12, 6)
+    axes = figure.subplots(2, 3).ravel()
     steps = [r["step"] for r in rows]
     panels = (
         ("a·b active fraction", (("active_ab", "trained"), ("init_active_ab", "initialisation"))),
         ("Louvain modularity", (("modularity", "trained"), ("null_modularity", "random graph"),
                                 ("init_modularity", "initialisation"))),
         ("out-degree LR vs exponential (> 0: heavier)", (("out_tail_lr_vs_exponential", "trained"),)),
-        ("probe: neurons significant (BH 0.05)", (("probe_bh", "trained"), ("init_probe_bh", "initialisation"),
-                                                   ("synapse_bh", "synapses, trained"))),
+        ("probe: neurons significant (BH 0.05)", (("probe_bh", "trained"), ("init_probe_bh", "initialisation"))),
+        ("probe: synapses significant (BH 0.05)", (("synapse_bh", "trained"), ("init_synapse_bh", "initialisation"))),
+        ("share of neurons 2x stronger on text than shuffled", (("context_selective_share", "trained"),
+                                                                 ("init_context_selective_share", "initialisation"))),
     )  # fmt: skip
     for axis, (title, series) in zip(axes, panels):
         for key, label in series:
