@@ -48,6 +48,35 @@ TESTS = {
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
     "errors": ["tests/test_cli.py", "tests/test_generate.py", "tests/test_model.py", "tests/test_data.py"],
     "console": ["tests/test_console.py"],
+    # insight: the planted-truth tests and test_insight.py's in-process ones (its command tests run subprocesses).
+    "insight/graph": [
+        "tests/test_insight_planted.py",
+        *(
+            f"tests/test_insight.py::{t}"
+            for t in (
+                "test_thresholded_edges_are_the_largest_entries_of_the_dense_product",
+                "test_louvain_finds_planted_communities_and_random_init_has_no_excess_modularity",
+                "test_modularity_is_networkx_modularity",
+                "test_power_law_exponent_is_recovered",
+            )
+        ),
+    ],
+    "insight/probes": [
+        "tests/test_insight_planted.py",
+        "tests/test_insight.py::test_a_neuron_wired_to_one_byte_is_found_by_probe_and_contexts",
+    ],
+    "insight/activations": [
+        "tests/test_insight_planted.py",
+        *(
+            f"tests/test_insight.py::{t}"
+            for t in (
+                "test_a_neuron_wired_to_one_byte_is_found_by_probe_and_contexts",
+                "test_sentence_values_are_each_sentence_read_alone",
+                "test_sparsity_counts_equal_the_monitors",
+                "test_sparsity_report_fractions_are_the_monitor_counts",
+            )
+        ),
+    ],
 }
 # pytest -k expressions leaving tests out of a module's selection.
 # torch.compile cannot trace through mutmut's trampolines (a graph break): these fail on the unmutated copy.

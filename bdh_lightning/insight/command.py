@@ -119,7 +119,8 @@ def inspect_models(model: BDH, init: BDH, sample: CorpusSample, graph: GraphOpti
     graph_trained = graph_report(model, graph)
     graph_init = graph_report(init, graph, edges_per_head=[h["edges"] for h in graph_trained["heads"]])
     whole = [whole_graph_report(model, graph, path) for path in PATHS]
-    whole_init = [whole_graph_report(init, graph, w["path"], edges=w["edges"]) for w in whole]
+    # The random model's whole graph is its own random baseline (per head, measured equal): no null draws there.
+    whole_init = [whole_graph_report(init, graph, w["path"], edges=w["edges"], null=False) for w in whole]
     sparsity_trained, sparsity_init = sparsity_report(model, sample, neurons), sparsity_report(init, sample, neurons)
     probe_result, synapses = None, None
     if sentences:
