@@ -42,6 +42,18 @@ TESTS = {
     "data/corpus": ["tests/test_data.py"],
     "data/module": ["tests/test_data.py", "tests/test_streams.py"],
     "data/streams": ["tests/test_streams.py", "tests/test_data.py"],
+    # prepared folders: test_prepare.py without its two subprocess runs (the command line, two ranks)
+    **{
+        name: [
+            "tests/test_prepare.py",
+            *("--deselect", "tests/test_prepare.py::test_prepare_and_fit_through_the_real_command_line"),
+            *(
+                "--deselect",
+                "tests/test_prepare.py::test_two_cpu_ranks_stream_disjoint_windows_of_a_prepared_directory",
+            ),
+        ]
+        for name in ("data/litdata", "data/prepare")
+    },
     "precision": ["tests/test_precision.py", "tests/test_estimate.py", "tests/test_checkpoints.py"],
     "estimate": ["tests/test_estimate.py"],
     "generate": ["tests/test_generate.py", "tests/test_streams.py"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import json
 import math
@@ -21,7 +22,8 @@ from bdh_lightning.data import ByteDataModule
 from bdh_lightning.data import litdata as prepared_folders
 from bdh_lightning.data import prepare as prepare_module
 from bdh_lightning.data.prepare import PrepareData, document_split, prepare_command
-from bdh_lightning.errors import DataError, UsageError
+from bdh_lightning.errors import DataError, ResourceError, UsageError
+from bdh_lightning.estimate import format_bytes
 
 litdata = pytest.importorskip("litdata", reason="the stream extra (litdata) is part of the test extra")
 
@@ -432,6 +434,46 @@ def test_a_damaged_manifest_is_exit_2_and_one_line_on_the_command_line(copy_of, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "Traceback" not in err, err
     assert "this prepared folder is damaged: bdh_prepared.json.splits should be a mapping, not []" in err, err
+
+
+def test_a_full_disk_or_an_unwritable_folder_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A disk without room for the chunks (refused before packing: LitData 0.2.76 waits forever for a chunk its writer
+    failed to write), a full disk while the manifest is written, and an output that cannot be made: one line naming
+    the path, and nothing of the run left (a folder prepare made goes; one that was there stays, empty)."""
+    from bdh_lightning.files import write_failure
+
+    docs = write_documents(tmp_path / "src", count=20)
+    real_usage = shutil.disk_usage
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+        with pytest.raises(ResourceError) as error:
+            prepare(tmp_path / "src", tmp_path / "out", num_workers=1)
+    assert str(error.value) == (
+        f"prepare needs about {format_bytes(sum(len(d) for d in docs.values()))} in {tmp_path / 'out'} but its disk has "
+        "1000 B free; free some space or choose another --output"
+    )
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "out").mkdir()
+    real_write = prepare_module.write_atomically
+
+    def manifest_on_a_full_disk(path, data, what=None):
+        if str(path).endswith(prepared_folders.MANIFEST):
+            raise write_failure(str(path), OSError(errno.ENOSPC, "No space left on device"))
+        return real_write(path, data, what)
+
+    monkeypatch.setattr(prepare_module, "write_atomically", manifest_on_a_full_disk)
+    with pytest.raises(ResourceError, match="cannot write .*bdh_prepared.json \\(No space left on device\\)"):
+        prepare(tmp_path / "src", tmp_path / "out", num_workers=1)
+    assert list((tmp_path / "out").iterdir()) == []  # the folder was there before: kept, empty
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ResourceError) as error:
+        prepare(tmp_path / "src", tmp_path / "file" / "out", num_workers=1)
+    assert str(error.value) == (
+        f"cannot write {tmp_path / 'file' / 'out'} (Not a directory); nothing was left in {tmp_path / 'file' / 'out'}"
+    )
+    assert (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_without_a_test_split_test_refuses(tmp_path):

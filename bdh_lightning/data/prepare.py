@@ -10,7 +10,6 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import threading
@@ -409,6 +408,7 @@ def pack(plan: Plan, data: PrepareData, output: str, finished: dict, text_key: s
     bytes_read = context.Value("q", 0)
     todo = [split for split in SPLITS if split not in finished and plan.units[split]]
     planned = sum(sum(p[2] for p in u[1]) if u[0] == "files" else u[3] - u[2] for s in todo for u in plan.units[s])
+    check_free_space(output, planned)  # a .jsonl's text is at most its size
     bar = Progress(planned, bytes_read, progress)
     try:
         for split in todo:
@@ -422,8 +422,8 @@ def pack(plan: Plan, data: PrepareData, output: str, finished: dict, text_key: s
                     num_workers=min(workers, len(plan.units[split])), keep_data_ordered=True, reorder_files=False,
                     verbose=False, start_method=context.get_start_method(),
                 )  # fmt: skip
-            except RuntimeError as error:  # a worker's exception, as LitData reports it: its traceback in the message
-                raise worker_failure(error) from None
+            except RuntimeError as error:
+                raise worker_failure(error, split) from None
             if os.path.exists(error_file):
                 with open(error_file) as f:
                     raise DataError(f.read().strip())
@@ -443,15 +443,22 @@ def pack(plan: Plan, data: PrepareData, output: str, finished: dict, text_key: s
     return splits
 
 
-def worker_failure(error: RuntimeError) -> BaseException:
-    """The OSError a packing worker died of (a full disk, an unwritable folder), read back from LitData's message,
-    which carries the worker's traceback; any other error as it was."""
-    found = re.findall(r"(?:OSError|PermissionError|FileNotFoundError): \[Errno (\d+)\] ([^\n]+?)(?:: '([^'\n]*)')?$",
-                       str(error), re.MULTILINE)  # fmt: skip
-    if not found:
-        return error
-    number, reason, filename = found[-1]
-    return OSError(int(number), reason, filename or None)
+def worker_failure(error: RuntimeError, split: str) -> DataError:
+    """LitData's report of a packing worker's exception (its traceback in the message) as one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() not in ("", ".")]
+    return DataError(
+        f"packing the {split} split failed ({lines[-1] if lines else error}); fix it and run prepare again"
+    )
+
+
+def check_free_space(output: str, needed: int) -> None:
+    """Refuse a run whose chunks cannot fit: LitData waits forever for a chunk its writer failed to write."""
+    free = shutil.disk_usage(output).free
+    if needed > free:
+        raise ResourceError(
+            f"prepare needs about {format_bytes(needed)} in {output} but its disk has {format_bytes(free)} free; "
+            "free some space or choose another --output"
+        )
 
 
 def manifest_of(data: PrepareData, plan: Plan, text_key: str, splits: dict, litdata_version: str) -> dict:
