@@ -55,7 +55,8 @@ def plot_degrees(trained: dict, init: dict | None):
                             label=f"power-law fit α={fit['alpha']:.2f}, x_min={fit['xmin']}")  # fmt: skip
         fit = trained["out_degree" if key == "_out" else "in_degree"]["fit"]
         verdict = f"\ntrained: {fit['verdict']}" if fit else ""
-        axis.set(title=title + verdict, xlabel="degree k", ylabel="P(K ≥ k)")
+        axis.set(xlabel="degree k", ylabel="P(K ≥ k)")
+        axis.set_title(title + verdict, fontsize=8)
         axis.legend(fontsize=8)
     return figure
 
