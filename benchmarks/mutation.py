@@ -41,7 +41,23 @@ TESTS = {
     "kernels/masks": ["tests/test_masks.py", "tests/test_kernels.py", "tests/test_layer.py"],
     "data/corpus": ["tests/test_data.py"],
     "data/module": ["tests/test_data.py", "tests/test_streams.py"],
-    "data/streams": ["tests/test_streams.py", "tests/test_data.py"],
+    # streams: the layout's and batches' own tests (test_streams' training runs reach them too, minutes per mutant)
+    "data/streams": [
+        *(
+            f"tests/test_streams.py::test_{name}"
+            for name in (
+                "each_row_reads_its_stretch_window_after_window_and_restarts_at_its_end",
+                "no_window_spans_two_files_and_streams_restart_at_file_boundaries",
+                "pieces_of_exact_multiples_of_block_size_keep_their_last_window_inside_them",
+                "validation_streams_never_restart_within_one_validation",
+                "validation_streams_are_as_many_as_the_windows_and_the_split_allow",
+                "a_split_too_small_for_its_streams_is_one_line",
+                "every_rank_reads_streams_of_its_own",
+            )
+        ),
+        "tests/test_data.py::test_validation_streams_read_the_validation_split_contiguously",
+        "tests/test_data.py::test_streams_sampling_gives_each_row_of_each_rank_its_stretch_of_the_train_split",
+    ],
     # prepared folders: test_prepare.py without its two subprocess runs (the command line, two ranks)
     **{
         name: [

@@ -97,6 +97,15 @@ def test_validation_streams_never_restart_within_one_validation():
             assert y[row].tolist() == [i % 251 for i in range(start + 1, start + 17)]
 
 
+def test_validation_streams_are_as_many_as_the_windows_and_the_split_allow():
+    corpus = corpus_of([2000])
+    assert [x.shape for x, _, _ in validation_streams(corpus, 1600, 2000, 16, 3)] == [(3, 16)]  # one per window
+    assert [x.shape for x, _, _ in validation_streams(corpus, 1600, 2000, 16, 1)] == [(1, 16)]
+    batches = validation_streams(corpus, 1600, 1650, 8, 64)  # 50 bytes hold 5 windows of T + 1 = 9 bytes
+    assert [x.shape for x, _, _ in batches] == [(5, 8)]  # 5 streams (not 8) of one window each
+    assert batches[0][0][:, 0].tolist() == [(1600 + 10 * row) % 251 for row in range(5)]  # stretches of 10 bytes
+
+
 def test_a_split_too_small_for_its_streams_is_one_line():
     with pytest.raises(DataError) as error:
         StreamLayout(np.array([0, 100]), 0, 100, rows=32, block_size=T)

@@ -95,26 +95,24 @@ class Prepared:
         return f"{self.path.rstrip('/')}/{split}" if is_url(self.path) else os.path.join(self.path, split)
 
     def windows(self, split: str) -> int:
-        return int(self.manifest["splits"].get(split, {}).get("windows", 0))
+        return self.manifest["splits"][split]["windows"]
 
     def has(self, split: str) -> bool:
         return self.windows(split) > 0
 
     def split_bytes(self) -> dict[str, int]:
-        names = {"train": "train", "validation": "validation", "test": "test"}
-        return {key: int(self.manifest["splits"].get(name, {}).get("bytes", 0)) for key, name in names.items()}
+        return {split: self.manifest["splits"][split]["bytes"] for split in SPLITS}
 
     def identity(self) -> str:
         return self.manifest["sources"]["sha256"]
 
     def describe(self) -> str:
         m = self.manifest
-
         splits = m["splits"]
         parts = [
             f"{name} {format_bytes(splits[name]['bytes'])} ({splits[name]['documents']:,} documents)"
             for name in SPLITS
-            if splits.get(name, {}).get("documents")
+            if splits[name]["documents"]
         ]
         text = (
             f"corpus {self.path}: prepared from {m['source']['path']}, {m['sources']['count']:,} files, "
@@ -122,7 +120,7 @@ class Prepared:
         )
         if not self.has("test"):
             text += "; no test split"
-        if m.get("left_out"):
+        if m["left_out"]:
             text += "; left out: " + ", ".join(f"{n:,} {reason}" for reason, n in sorted(m["left_out"].items()))
         return text
 
@@ -414,7 +412,7 @@ def open_prepared(path: str, block_size: int) -> Prepared:
     for split in ("train", "validation"):
         if not prepared.has(split):
             raise DataError(
-                f"the {split} split of {path} is empty ({manifest['splits'].get(split, {}).get('documents', 0)} "
+                f"the {split} split of {path} is empty ({manifest['splits'][split]['documents']} "
                 "documents, "
                 f"no window of {prepared.window} bytes); prepare it again with a larger data.val_fraction, smaller "
                 "documents or more data"
