@@ -237,7 +237,7 @@ def gpu_check(
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "compile"
     if what == "compile":
-        print(json.dumps(compile_offline("bf16"), indent=1))
+        print(json.dumps(compile_offline("bf16")))
     elif what == "check":
         print(json.dumps(gpu_check(baselines={"chunked": chunked_layer}), indent=1))
     else:

@@ -88,6 +88,14 @@ def chunk_bounds(n: int, width: int) -> list[tuple[int, int]]:
     return [(n0, min(n0 + width, n)) for n0 in range(0, n, width)]
 
 
+def read_backward(dy, y, rstd, S, xc, att):
+    """Back through y = ln(S x): (the gradient before the norm, x's share through S x, dS); dS is symmetrised
+    because S = tril(q qᵀ) holds each product twice."""
+    dy_pre = (rstd * (dy - dy.mean(-1, keepdim=True) - y * (dy * y).mean(-1, keepdim=True))).to(att)
+    dS = (dy_pre @ xc.to(att).transpose(-1, -2)).tril_(diagonal=-1)
+    return dy_pre, S.transpose(-1, -2) @ dy_pre, dS + dS.transpose(-1, -2)
+
+
 class ChunkedLayer(torch.autograd.Function):
     """u = (relu(x E) * relu(ln(tril(q q^T) x) Ev) * mask) @ Dec for all heads, q = rope(relu(x E)).
 
@@ -191,11 +199,8 @@ class ChunkedLayer(torch.autograd.Function):
                         d_enc[h, :, n0:n1] += x_flat.T @ da_from_z.reshape(B * T, -1)
                         dx += da_from_z @ enc[h, :, n0:n1].T
                 # y = ln(S x), S = tril(q q^T): back to S, then through q = rope(a) to a.
-                dy_pre = rstd * (dy - dy.mean(-1, keepdim=True) - y * (dy * y).mean(-1, keepdim=True))
-                dy_pre = dy_pre.to(att)
-                dx += S.transpose(-1, -2) @ dy_pre
-                dS = (dy_pre @ xc.to(att).transpose(-1, -2)).tril_(diagonal=-1)
-                dS = dS + dS.transpose(-1, -2)
+                dy_pre, dx_read, dS = read_backward(dy, y, rstd, S, xc, att)
+                dx += dx_read
                 # Pass B: the rope/score path.
                 for n0, n1 in chunks:
                     if not one_chunk:

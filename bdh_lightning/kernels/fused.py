@@ -36,7 +36,7 @@ import triton.language as tl
 from ..errors import ConfigError
 from ..layer import LN_EPS, attention_dtype, layer_output
 from . import masks
-from .chunked import compute_dtypes
+from .chunked import compute_dtypes, read_backward
 
 # Decided when the kernels are decorated, as Triton decides it (it reads the variable at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -803,36 +803,17 @@ class FusedLayer(torch.autograd.Function):
             du = (grad_u.squeeze(1) / (1.0 - dropout)).to(dtype).contiguous()  # dropout's scale, as in forward
             dy = torch.empty(B, H, T, D, dtype=torch.float32, device=x.device)
             dx_heads = torch.empty_like(dy)  # per head: the share through z, then through the scores
-            _rows_z_kernel[(triton.cdiv(T, tiles.wide_rows), B * H)](
-                xc,
-                y,
-                du,
-                enc,
-                enc_v,
-                dec,
-                dy,
-                dx_heads,
-                seed_hash,
-                threshold,
-                H,
-                T,
-                D,
-                N,
-                DROPOUT=dropout > 0,
-                **{**_without(meta, "ATT"), "BT": tiles.wide_rows},
-            )
+            z_args = (xc, y, du, enc, enc_v, dec, dy, dx_heads, seed_hash, threshold, H, T, D, N)
+            z_meta = {**_without(meta, "ATT"), "BT": tiles.wide_rows}
+            _rows_z_kernel[(triton.cdiv(T, tiles.wide_rows), B * H)](*z_args, DROPOUT=dropout > 0, **z_meta)
             # y = ln(S x) with S = tril(q q^T): back through the layer norm to S x, then to x and S.
-            dy = dy.to(acc)
-            dy_pre = rstd * (dy - dy.mean(-1, keepdim=True) - y * (dy * y).mean(-1, keepdim=True))
-            dy_pre = dy_pre.to(att)
-            dx_s = (scores.transpose(-1, -2) @ dy_pre).to(acc).sum(1)
-            d_scores = (dy_pre @ xc.to(att).unsqueeze(1).transpose(-1, -2)).tril_(diagonal=-1)
-            g = (d_scores + d_scores.transpose(-1, -2)).contiguous()  # S's gradient, as seen by q q^T
+            _, dx_s, g = read_backward(dy.to(acc), y, rstd, scores, xc.unsqueeze(1), att)
+            dx_s, g = dx_s.to(acc).sum(1), g.contiguous()  # g: S's gradient, as seen by q q^T
             _rows_q_kernel[(rows, B * H)](xc, enc, cos, sin, g, dx_heads, H, T, D, N, **meta)
             d_enc = torch.empty(H, D, N, dtype=torch.float32, device=x.device)
             d_enc_v = torch.empty_like(d_enc)
             d_dec = torch.empty(H, N, D, dtype=torch.float32, device=x.device)
-            _cols_kernel[(triton.cdiv(N // 2, tiles.pairs), H)](
+            col_args = (
                 xc,
                 y,
                 du,
@@ -852,21 +833,11 @@ class FusedLayer(torch.autograd.Function):
                 T,
                 D,
                 N,
-                DROPOUT=dropout > 0,
-                **meta,
             )
+            _cols_kernel[(triton.cdiv(N // 2, tiles.pairs), H)](*col_args, DROPOUT=dropout > 0, **meta)
             dx = dx_s + dx_heads.sum(1).to(acc)
-        return (
-            dx.unsqueeze(1).to(x.dtype),
-            d_enc.to(encoder.dtype),
-            d_enc_v.to(encoder_v.dtype),
-            d_dec.view(H * N, D).to(decoder.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = dx.unsqueeze(1).to(x.dtype), d_enc.to(encoder.dtype), d_enc_v.to(encoder_v.dtype)
+        return *grads, d_dec.view(H * N, D).to(decoder.dtype), *[None] * 5
 
 
 @torch.compiler.disable  # Triton launches from a Python autograd Function: torch.compile runs it as it is
