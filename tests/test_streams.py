@@ -101,9 +101,49 @@ def test_validation_streams_are_as_many_as_the_windows_and_the_split_allow():
     corpus = corpus_of([2000])
     assert [x.shape for x, _, _ in validation_streams(corpus, 1600, 2000, 16, 3)] == [(3, 16)]  # one per window
     assert [x.shape for x, _, _ in validation_streams(corpus, 1600, 2000, 16, 1)] == [(1, 16)]
-    batches = validation_streams(corpus, 1600, 1650, 8, 64)  # 50 bytes hold 5 windows of T + 1 = 9 bytes
+    batches = validation_streams(corpus, 1600, 1645, 8, 64)  # 45 bytes hold 5 windows of T + 1 = 9 bytes
     assert [x.shape for x, _, _ in batches] == [(5, 8)]  # 5 streams (not 8) of one window each
-    assert batches[0][0][:, 0].tolist() == [(1600 + 10 * row) % 251 for row in range(5)]  # stretches of 10 bytes
+    assert batches[0][0][:, 0].tolist() == [(1600 + 9 * row) % 251 for row in range(5)]  # stretches of 9 bytes
+    # A file boundary inside a stream: it restarts there, and the validation still reads all 12 windows of each.
+    batches = validation_streams(corpus_of([1600, 100, 300]), 1600, 2000, 16, 24, max_streams=2)
+    assert len(batches) == 12
+    assert [int(positions[0]) for _, _, positions in batches] == [16 * k for k in range(6)] * 2
+
+
+def test_split_and_file_layouts_word_for_word():
+    one = StreamLayout(np.array([0, 9]), 0, 9, rows=1, block_size=T)  # exactly T + 1 bytes: one window
+    assert int(one.windows[0][-1]) == 1 and one.window(0, 5) == (0, 0)
+    uneven = StreamLayout(np.array([0, 50]), 0, 50, rows=3, block_size=T)  # 50 // 3 = 16 bytes per stream
+    assert [uneven.window(row, 0) for row in range(3)] == [(0, 0), (16, 0), (32, 0)]
+    counts = StreamLayout(corpus_of([9, 17, 25]).starts, 0, 51, rows=1, block_size=T)  # n * T + 1 bytes: n windows
+    assert int(counts.windows[0][-1]) == 1 + 2 + 3
+    with pytest.raises(DataError) as error:
+        StreamLayout(np.array([0, 100]), 0, 16, rows=2, block_size=T)
+    assert str(error.value) == (
+        "data.sampling streams: the training split (16 bytes) gives each of 2 streams (devices x data.batch_size) "
+        "8 bytes, fewer than block_size + 1 = 9; use a smaller data.batch_size or data.block_size, or more data"
+    )
+    with pytest.raises(DataError) as error:
+        validation_streams(corpus_of([2000]), 1600, 1608, T, 64)
+    assert str(error.value).startswith("data.sampling streams: the validation split (8 bytes) gives each of 1 streams")
+    with pytest.raises(DataError) as error:
+        StreamLayout(corpus_of([5, 5, 5, 5]).starts, 0, 20, rows=1, block_size=T)
+    assert str(error.value) == (
+        "data.sampling streams: stream 0 (0..20) holds no whole window of 9 bytes inside one file; use a smaller "
+        "data.block_size, or data.sampling windows"
+    )
+
+
+def test_loader_workers_take_turns_so_the_stream_is_the_same_for_any_number():
+    corpus = corpus_of([400])
+    layout = StreamLayout(corpus.starts, 0, 400, rows=2, block_size=T)
+    batches = StreamBatches(corpus, layout, 0, 2, start=3)
+    expected = [batches.batch(k) for k in range(3, 8)]
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers)
+        got = [batch for batch, _ in zip(loader, range(5))]
+        for (x, y, p), (ex, ey, ep) in zip(got, expected):
+            assert torch.equal(x, ex) and torch.equal(y, ey) and torch.equal(p, ep), workers
 
 
 def test_a_split_too_small_for_its_streams_is_one_line():
