@@ -295,3 +295,108 @@ def test_synapse_probe_names_the_planted_synapse(monkeypatch):
     report = probes.synapse_report(model, ["concept"], ["control"], top=2, permutations=200)
     assert report["synapses"][0]["synapse"] == "h1:3~x5" and report["synapses"][0]["p_holm"] < 0.01
     assert report["tested"] == H * N * D and report["significant"]["holm"] == 1
+
+
+def test_probe_report_every_field_against_scipy(monkeypatch):
+    """Unequal group sizes, a constant (all-tied) neuron, a neuron lower on the concept side: each field of the
+    report equals scipy's Mann-Whitney U and p, the corrections, and a permutation p recomputed here."""
+    from scipy.stats import mannwhitneyu
+
+    import bdh_lightning.insight.probes as probes
+
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(9, 6)), rng.normal(size=(13, 6))
+    x[:, 2] += 2.5
+    x[:, 4] -= 2.5
+    x[:, 5], y[:, 5] = 1.0, 1.0  # all tied: U = n1 n2 / 2, p = 1
+    values = {"concept": x, "control": y}
+    monkeypatch.setattr(probes, "sentence_values", lambda model, s, signal: torch.from_numpy(values[s[0]]))
+    model = BDH(BDHConfig(n_layer=1, n_embd=6, n_head=3, mlp_internal_dim_multiplier=1, dropout=0.0))  # N = 2
+    report = probe_report(model, ["concept"], ["control"], "b", top=6, permutations=150)
+    U, p = mannwhitneyu(x, y, alternative="two-sided", axis=0)
+    p = np.nan_to_num(p, nan=1.0)
+    null = permutation_null(x, y, 150)
+    assert report["signal"] == "b" and report["permutations"] == 150 and report["tested"] == 6
+    assert (report["concept_sentences"], report["control_sentences"], report["pairs"]) == (9, 13, 117)
+    by_index = {n["index"]: n for n in report["neurons"]}
+    assert [n["index"] for n in report["neurons"]][:1] == [2] and len(by_index) == 6
+    for i, n in by_index.items():
+        assert n["neuron"] == f"h{i // 2}:{i % 2}" and n["U"] == U[i] and n["p"] == pytest.approx(p[i])
+        assert n["p_bh"] == pytest.approx(benjamini_hochberg(p)[i]) and n["p_holm"] == pytest.approx(holm(p)[i])
+        assert n["p_permutation"] == (1 + (null >= abs(U[i] - 58.5) - 1e-9).sum()) / 151
+        assert n["rank_biserial"] == pytest.approx(2 * U[i] / 117 - 1)
+        assert n["concept_mean"] == pytest.approx(x[:, i].mean()) and n["control_mean"] == pytest.approx(y[:, i].mean())
+    assert by_index[5]["U"] == 58.5 and by_index[5]["p"] == 1.0
+    assert by_index[4]["U"] < 10  # lower on the concept side: a small U, last but for ties
+    assert report["best_p_holm"] == pytest.approx(holm(p).min())
+    assert report["best_p_permutation"] == min(n["p_permutation"] for n in report["neurons"])
+    significant = report["significant"]
+    assert significant == {"raw": int((p < 0.05).sum()), "bh": int((benjamini_hochberg(p) < 0.05).sum()),
+                           "holm": int((holm(p) < 0.05).sum()),
+                           "permutation": sum(n["p_permutation"] < 0.05 for n in report["neurons"])}  # fmt: skip
+    none = probe_report(model, ["concept"], ["control"], "ab", top=2)  # no permutations by default
+    assert none["significant"]["permutation"] is None and none["neurons"][0]["p_permutation"] is None
+    assert none["best_p_permutation"] is None and none["permutations"] == 0 and len(none["neurons"]) == 2
+
+
+def test_permutation_null_is_the_largest_u_of_each_relabelling():
+    """Recomputed draw by draw with scipy, over two chunks (150 draws, 100 per chunk) and unequal groups."""
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(8, 3))
+    null = permutation_null(x, y, draws=150, seed=2)
+    pooled = np.concatenate([x, y])
+    draws = np.random.default_rng(2)
+    expected = []
+    for size in (100, 50):
+        for row in np.argsort(draws.random((size, 13)), axis=1)[:, :5]:
+            rest = np.setdiff1d(np.arange(13), row)
+            U = mannwhitneyu(pooled[row], pooled[rest], axis=0).statistic
+            expected.append(np.abs(U - 20).max())
+    assert null == pytest.approx(np.array(expected))
+    assert permutation_null(x, y, draws=0).shape == (0,)
+
+
+def test_corrections_are_capped_at_one():
+    p = np.array([0.3, 0.6, 0.9])
+    assert holm(p).tolist() == pytest.approx([0.9, 1.0, 1.0]) and holm(p)[1:].tolist() == [1.0, 1.0]
+    assert benjamini_hochberg(np.array([0.5, 0.9, 0.95])).tolist() == pytest.approx([0.95, 0.95, 0.95])
+    assert benjamini_hochberg(np.array([0.6, 0.7])).tolist() == [0.7, 0.7]
+    assert benjamini_hochberg(np.array([0.9, 0.99])).max() <= 1.0 and holm(np.array([0.9, 0.99])).max() == 1.0
+
+
+def test_read_sentences_keeps_non_empty_lines_cut_to_1024_bytes(tmp_path):
+    from bdh_lightning.errors import DataError, UsageError
+    from bdh_lightning.insight.probes import read_sentences
+
+    path = tmp_path / "s.txt"
+    path.write_bytes(b"  first line \n\n   \n" + b"x" * 2000 + b"\nlast")
+    assert read_sentences(str(path), "probe.concept") == [b"first line", b"x" * 1024, b"last"]
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(DataError, match=r"^probe.control .*blank.txt holds no sentences; write one sentence per line$"):
+        read_sentences(str(tmp_path / "blank.txt"), "probe.control")
+    with pytest.raises(UsageError, match=r"^probe.concept .*nowhere.txt: cannot read it \(.*\); give a text file"):
+        read_sentences(str(tmp_path / "nowhere.txt"), "probe.concept")
+
+
+def test_synapse_report_fields_and_its_size_limit(monkeypatch):
+    import bdh_lightning.insight.probes as probes
+
+    model = BDH(BDHConfig(n_layer=1, n_embd=4, n_head=2, mlp_internal_dim_multiplier=1, dropout=0.0))  # N = 2
+    rng = np.random.default_rng(1)
+    values = {"concept": rng.normal(size=(7, 16)), "control": rng.normal(size=(6, 16))}
+    monkeypatch.setattr(probes, "sentence_synapses", lambda model, s: torch.from_numpy(values[s[0]]))
+    report = probes.synapse_report(model, ["concept"], ["control"], top=16, permutations=20)
+    names = sorted(n["synapse"] for n in report["synapses"])
+    assert names == sorted(f"h{h}:{n}~x{d}" for h in range(2) for n in range(2) for d in range(4))
+    assert all(
+        n["synapse"] == f"h{n['index'] // 8}:{n['index'] // 4 % 2}~x{n['index'] % 4}" for n in report["synapses"]
+    )
+    assert report["tested"] == 16 and report["pairs"] == 42 and report["permutations"] == 20
+    monkeypatch.setattr(probes, "SYNAPSE_BUDGET", 15)
+    assert probes.synapse_report(model, ["concept"], ["control"], top=2) == {
+        "skipped": "16 synapses per sentence, more than the 15 handled"
+    }
+    monkeypatch.setattr(probes, "SYNAPSE_BUDGET", 16)
+    assert "synapses" in probes.synapse_report(model, ["concept"], ["control"], top=2)

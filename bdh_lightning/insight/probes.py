@@ -47,7 +47,7 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (q-values: false discovery rate)."""
     order = np.argsort(p)
     scaled = p[order] * p.size / np.arange(1, p.size + 1)
-    adjusted = np.minimum.accumulate(scaled[::-1])[::-1].clip(max=1.0)
+    adjusted = np.minimum.accumulate(scaled[::-1])[::-1]  # at most the largest p: never above 1
     out = np.empty_like(adjusted)
     out[order] = adjusted
     return out
