@@ -10,7 +10,7 @@ from typing import Literal
 from ..errors import BDHError
 
 KINDS = ("a", "b", "ab")  # relu(x E), relu(y Ev), their product a*b (what the decoder reads)
-INSTALL = "pip install 'bdh-lightning[insight]'"
+INSIGHT_INSTALL = "pip install 'bdh-lightning[insight]'"
 EXTRA = ("matplotlib", "networkx", "scipy")
 
 
@@ -27,7 +27,7 @@ def require_extra(feature: str = "inspect") -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise MissingExtra(f"{feature} needs {', '.join(missing)}: {INSTALL}")
+        raise MissingExtra(f"{feature} needs {', '.join(missing)}: {INSIGHT_INSTALL}")
 
 
 @dataclass(frozen=True)
