@@ -127,6 +127,7 @@ CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices
 KERNEL_DEVICE_MUTANTS = ("device=None", "dtype=acc, )", "dtype=wide, )", "seed.to(None)", "n1, dropout, None)",
                          "n1, dropout, )")  # fmt: skip
 EQUIVALENT = [
+    ("precision", "compute_dtype", 'name or "XX32XX"', "an unknown name computes in float32 too, as 32 does"),
     # kernels/masks.py: the index vectors' dtype and device.
     (
         "kernels/masks",

@@ -44,6 +44,7 @@ def test_gpus_pick_bf16_from_ampere_up_without_a_cuda_context(no_cuda_context, m
     monkeypatch.setattr(devices, "nvml_capabilities", lambda: capabilities)
     assert default_precision() == expected
     assert default_precision("cuda") == expected
+    assert default_precision("gpu") == expected  # Lightning's other name for it
     assert default_precision("cpu") == "32-true"  # a CPU run on a GPU machine
 
 
@@ -156,3 +157,14 @@ def test_an_unknown_precision_is_a_config_error_and_computes_in_float32():
         precision.precision("8-true")
     assert precision.compute_dtype("8-true") == torch.float32
     assert precision.compute_dtype(None) == torch.float32
+
+
+def test_tf32_is_on_by_default_on_cuda():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        TF32().setup(SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0))), None, "fit")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
