@@ -15,6 +15,7 @@ from conftest import SUBPROCESS_ENV, finish, scalars, start_process
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from bdh_lightning.main import main
 from bdh_lightning.module import BDHLitModule
 
 ENV = SUBPROCESS_ENV
@@ -64,7 +65,7 @@ def check_one_data_parallel_run(folder: Path) -> None:
     assert len(losses) == 20 and losses[-1] < losses[0] - 1.0
 
 
-def test_two_cpu_devices_train_one_model(tmp_path):
+def test_two_cpu_devices_train_one_model(tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path, "  devices: 2\n  strategy: ddp")
     fit = subprocess.run([sys.executable, "-m", "bdh_lightning", "fit", "--config", str(config)], cwd=tmp_path, env=ENV,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -74,12 +75,14 @@ def test_two_cpu_devices_train_one_model(tmp_path):
     # The logged validation loss is the mean over both ranks' windows: the same as one process validating all 8.
     ddp_val_loss = list(scalars(tmp_path / "lightning_logs/version_0", "val/loss").values())[-1]
     last = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
-    validate = subprocess.run([sys.executable, "-m", "bdh_lightning", "validate", "--config", str(config), "--trainer.devices", "1",
-                               "--trainer.strategy", "auto", "--ckpt_path", str(last)],
-                              cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert validate.returncode == 0, validate.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)  # one process: validated here, not in a child (a launch saved)
+    capsys.readouterr()
+    code = main(["validate", "--config", str(config), "--trainer.devices", "1", "--trainer.strategy", "auto",
+                 "--ckpt_path", str(last)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
     # validate writes no run folder: its figures are in the table it prints (rich's or plain).
-    one_process_val_loss = float(re.search(r"val/loss[^0-9]*([0-9]+\.[0-9]+)", validate.stdout)[1])
+    one_process_val_loss = float(re.search(r"val/loss[^0-9]*([0-9]+\.[0-9]+)", out)[1])
     assert abs(ddp_val_loss - one_process_val_loss) < 1e-5, (ddp_val_loss, one_process_val_loss)
 
 
