@@ -5,6 +5,7 @@ The other subcommands (`COMMANDS`) are typed functions run by `main.py`; this pa
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ from .errors import (
     NothingToDo,
     UsageError,
     finite_float,
+    is_int,
     one_line,
     positive_int,
     seed_setting,
@@ -213,6 +215,7 @@ class BDHCLI(LightningCLI):
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_trainer_settings(config.trainer)
         check_cpu_devices(config.trainer)
+        check_workers(config.data)
         if config.model.get("carry_state") and config.data.get("sampling") != "streams":
             raise ConfigError(
                 "model.carry_state true needs data.sampling streams (consecutive windows to carry the state across)"
@@ -260,7 +263,9 @@ class BDHCLI(LightningCLI):
         trainer_config = self._get(self.config_init, "trainer", default={})
         # Our header and closing block always; with them our progress, unless the bar is turned off.
         report = RunSummary if trainer_config.get("enable_progress_bar") is False else RunReport
-        kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), report(getattr(self, "header_lines", []))]
+        given = trainer_config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]  # --trainer.callbacks may name a single one
+        kwargs["callbacks"] = [*given, report(getattr(self, "header_lines", []))]
         if self.subcommand in ("validate", "test"):
             kwargs["logger"] = False
         try:
@@ -471,7 +476,14 @@ def check_cpu_devices(trainer_config) -> None:
 
 def check_trainer_settings(trainer_config) -> None:
     """trainer.* values Lightning accepts but then divides by, or rejects with a traceback, refused in one line."""
-    positive_int("trainer.accumulate_grad_batches", trainer_config.accumulate_grad_batches, UsageError)
+    accumulate = positive_int("trainer.accumulate_grad_batches", trainer_config.accumulate_grad_batches, UsageError)
+    if accumulate > 2**31 - 1:  # the loss is divided by it as a tensor
+        raise UsageError(f"trainer.accumulate_grad_batches must be at most 2**31 - 1, got {accumulate}")
+    if trainer_config.check_val_every_n_epoch is not None:
+        positive_int("trainer.check_val_every_n_epoch", trainer_config.check_val_every_n_epoch, UsageError)
+    for name, value in trainer_config.items():  # counts and fractions Lightning indexes with or compares
+        if is_int(value) and abs(value) > sys.maxsize or isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"trainer.{name} must be a finite number below 2**63, got {value!r}")
     interval = trainer_config.val_check_interval
     if interval is not None:
         finite_float("trainer.val_check_interval", interval, 0, low_open=True, error=UsageError,
@@ -567,3 +579,12 @@ def bounded_yaml_load(text: str):
 
 JSONARGPARSE_YAML_LOAD = get_loader("yaml")
 set_loader("yaml", bounded_yaml_load, exceptions=(yaml.YAMLError,))
+
+
+def check_workers(data_config) -> None:
+    """DataLoader worker processes beyond a few per core only thrash; a huge number forks until memory runs out."""
+    workers, most = data_config.get("num_workers"), max(8, 4 * len(os.sched_getaffinity(0)))
+    if isinstance(workers, int) and workers > most:
+        raise UsageError(
+            f"data.num_workers {workers} would start that many processes; use at most {most} on this machine"
+        )

@@ -64,8 +64,9 @@ CONTROL_ESCAPES = {
 
 
 def shown(text: str) -> str:
-    """Text as it is safe to print on a terminal: control characters other than newline and tab escaped."""
-    return text.translate(CONTROL_ESCAPES)
+    """Text as it is safe to print on a terminal: control characters other than newline and tab escaped, and lone
+    surrogates (bytes a shell argument held that were not UTF-8) as \\udcNN."""
+    return text.translate(CONTROL_ESCAPES).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def say(line: str) -> None:
@@ -157,7 +158,7 @@ class RunSummary(Callback):
         return lines
 
     # -- closing -------------------------------------------------------------------------------------
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer, pl_module) -> None:  # after every on_train_end: the final last.ckpt is written
         log_dir = trainer.log_dir  # on every rank, as above
         if trainer.is_global_zero:
             for line in self.closing(trainer, log_dir):
@@ -282,7 +283,6 @@ class RunReport(RunSummary, ProgressBar):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             self.end_redraw()
-        super().on_train_end(trainer, pl_module)
 
 
 def memory_line(predicted: int, device: torch.device) -> str:

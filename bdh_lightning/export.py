@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from .checkpoints import find_last
+from .console import shown
 from .weights import export_paths, load_weights, parameter_count, write_weights
 
 
@@ -40,8 +41,10 @@ def export_command(
     written = write_weights(tensors, config, format, output, step=weights.step, overwrite=overwrite)
     step = "" if weights.step is None else f", step {weights.step}"
     dtype = str(tensors["encoder"].dtype).removeprefix("torch.")
-    print(
-        f"wrote {' and '.join(map(str, written))} ({format}: {parameter_count(tensors):,} parameters, {dtype}{step}) "
-        f"from {source}"
+    print(  # the names as typed, escaped where a terminal would act on them or cannot encode them
+        shown(
+            f"wrote {' and '.join(map(str, written))} ({format}: {parameter_count(tensors):,} parameters, "
+            f"{dtype}{step}) from {source}"
+        )
     )
     return 0

@@ -325,7 +325,7 @@ UNSAFE_CONFIGS = {
         (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be a positive integer"),
         (["--trainer.devices", "-1", "--trainer.accelerator", "cpu"], "trainer.devices must be a positive number"),
         (["--seed_everything", "99999999999"], "seed_everything must be an integer from 0 to 4294967295"),
-        (["--config", "latin1.yaml"], "--config latin1.yaml: byte 25 (0xe9) is not UTF-8; save it as UTF-8"),
+        (["--config", "latin1.yaml"], "--config latin1.yaml: byte 26 (0xe9) is not UTF-8; save it as UTF-8"),
         (["--config", "empty-model.yaml"], "--config empty-model.yaml: section model: is empty"),
         (["--config", "only-model.yaml"], "--config only-model.yaml: section model: is empty"),
         (["--config", "laughs.yaml"], "YAML expanding to over 200,000 values (through aliases) refused"),
