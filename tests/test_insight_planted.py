@@ -400,3 +400,41 @@ def test_synapse_report_fields_and_its_size_limit(monkeypatch):
     }
     monkeypatch.setattr(probes, "SYNAPSE_BUDGET", 16)
     assert "synapses" in probes.synapse_report(model, ["concept"], ["control"], top=2)
+
+
+def test_probe_ties_in_u_are_ordered_by_the_larger_mean_difference(monkeypatch):
+    """Three neurons separate the groups perfectly (U = 12 each); the one with the largest concept-minus-control
+    gap comes first, whatever the control means' scale."""
+    import bdh_lightning.insight.probes as probes
+
+    x = np.array([[3.0, 10.0, 5.0, 0.0]] * 4) + np.arange(4)[:, None] * 0.01
+    y = np.array([[1.0, 9.5, 0.0, 0.0]] * 3) + np.arange(3)[:, None] * 0.01
+    values = {"concept": x, "control": y}
+    monkeypatch.setattr(probes, "sentence_values", lambda model, s, signal: torch.from_numpy(values[s[0]]))
+    model = BDH(BDHConfig(n_layer=1, n_embd=4, n_head=2, mlp_internal_dim_multiplier=1, dropout=0.0))  # N = 2
+    report = probe_report(model, ["concept"], ["control"], "ab", top=3)
+    assert [n["index"] for n in report["neurons"]] == [2, 0, 1] and {n["U"] for n in report["neurons"]} == {12.0}
+    assert report["correction"] == "Benjamini-Hochberg (p_bh) and Holm (p_holm) over all tested"
+
+
+@torch.no_grad()
+def test_synapse_report_on_a_model_reads_its_synapses():
+    from bdh_lightning.insight.activations import sentence_synapses
+    from bdh_lightning.insight.probes import synapse_report
+
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_layer=1, n_embd=4, n_head=2, mlp_internal_dim_multiplier=1, dropout=0.0)).eval()
+    concept, control = [b"king", b"kingdom", b"kings"], [b"dog", b"cat", b"cow", b"ant"]
+    report = synapse_report(model, concept, control, top=2)
+    best = report["synapses"][0]
+    assert len(report["synapses"]) == 2 and report["permutations"] == 0 and best["p_permutation"] is None
+    x = sentence_synapses(model, concept)[:, best["index"]]
+    assert best["concept_mean"] == pytest.approx(float(x.mean()))
+
+
+def test_read_sentences_names_the_reason_it_cannot_read(tmp_path):
+    from bdh_lightning.errors import UsageError
+    from bdh_lightning.insight.probes import read_sentences
+
+    with pytest.raises(UsageError, match=r"nowhere.txt: cannot read it \(No such file or directory\); give"):
+        read_sentences(str(tmp_path / "nowhere.txt"), "probe.concept")
