@@ -73,7 +73,12 @@ TESTS = {
         for name in ("data/litdata", "data/prepare")
     },
     "precision": ["tests/test_precision.py", "tests/test_estimate.py"],
-    "estimate": ["tests/test_estimate.py"],
+    "estimate": [
+        "tests/test_estimate.py",
+        "tests/test_kernels.py::test_auto_choice_for_the_configs",  # choose_kernel
+        "tests/test_module.py::test_choose_kernel_on_a_gpu_counts_the_carried_state",
+        "tests/test_module.py::test_configure_model_chooses_the_kernel_once_from_the_data_and_precision",
+    ],
     "devices": ["tests/test_precision.py", "tests/test_estimate.py"],
     "generate": ["tests/test_generate.py", "tests/test_streams.py"],
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],

@@ -185,3 +185,75 @@ def test_precision_16_is_estimated_as_lightnings_16_mixed(tmp_path, capsys):
     assert report.optimizer_bytes == 8 * report.parameters
     assert f"{report.kernels['chunked'].peak_bytes / 2**30:.2f}" == "1.78"
     assert f"{true.kernels['chunked'].peak_bytes / 2**30:.2f}" == "1.60"
+
+
+def test_format_bytes_at_each_unit_boundary():
+    cases = {0: "0 B", 10.7: "10 B", 1023: "1023 B", 1024: "1.00 KiB", 1536: "1.50 KiB", 2**20 - 1: "1024.00 KiB",
+             2**20: "1.00 MiB", 3 * 2**20: "3.00 MiB", 2**30: "1.00 GiB", 2**31: "2.00 GiB", 3 * 2**30: "3.00 GiB",
+             -2048: "-2.00 KiB"}  # fmt: skip
+    assert {n: estimate.format_bytes(n) for n in cases} == cases
+
+
+def test_largest_batch_at_its_edges_and_with_several_ranks():
+    kwargs = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16)
+
+    def need(batch: int, world: int = 1) -> int:
+        return estimate_memory(kwargs, batch, 128, "bf16-mixed", "cuda", world).kernels["chunked"].device_bytes
+
+    def most(budget: int, world: int = 1) -> int:
+        return largest_batch(kwargs, 128, "bf16-mixed", "cuda", "chunked", budget, world)
+
+    assert most(need(1) - 1) == 0 and most(need(1)) == 1  # fitting exactly is fitting
+    assert most(need(2) - 1) == 1 and most(need(5)) == 5 and most(need(6) - 1) == 5
+    assert most(need(5, 2), world=2) == 5  # NCCL's buffers and DDP's buckets counted
+    assert most(need(5), world=2) < 5
+
+
+def expected_render(report, budget, model_kwargs) -> list[str]:
+    """render's layout, line by line, from the report's own numbers."""
+    b = estimate.format_bytes
+    lines = [f"parameters: {report.parameters:,}",
+             f"weights: {b(report.weight_bytes)}   gradients: {b(report.grad_bytes)}   AdamW state: {b(report.optimizer_bytes)}",
+             f"batch {report.batch_size} x block {report.block_size}, precision {report.precision}, device {report.device_type}"]  # fmt: skip
+    if report.state_bytes:
+        lines.append(f"carried state (model.carry_state): {b(report.state_bytes)} kept between steps, twice that during "
+                     "a step (the incoming and the written state), in every kernel's peak")  # fmt: skip
+    lines.append(
+        "kernel       saved for backward    transient   predicted peak   device needs" + ("   fits" if budget else "")
+    )
+    for kernel, m in report.kernels.items():
+        row = f"{kernel:<10} {b(m.saved_bytes):>20} {b(m.transient_bytes):>12} {b(m.peak_bytes):>16} {b(m.device_bytes):>14}"
+        if budget:
+            fit = largest_batch(model_kwargs, report.block_size, report.precision, report.device_type, kernel, budget,
+                                report.world_size)  # fmt: skip
+            row += f"   {'yes' if m.device_bytes <= budget else 'no '} (largest batch that fits {b(budget)}: {fit})"
+        lines.append(row)
+    return lines
+
+
+def test_render_word_for_word():
+    """The table `estimate` prints: on CUDA with two ranks, a carried state and a budget (and the device line with
+    NCCL's buffers and DDP's buckets); on the CPU without a budget (no fits column, no device line)."""
+    carried = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16, carry_state=True)
+    report = estimate_memory(carried, 4, 128, "bf16-mixed", "cuda", world_size=2)
+    device_line = ("device needs = predicted peak x 1.15 (allocator rounding and fragmentation) + 600.00 MiB CUDA context "
+                   "+ 64.00 MiB cuBLAS workspaces")  # fmt: skip
+    tail = [estimate.PREDICTION_NOTE, (
+        "model.kernel auto on CUDA uses the reference where its predicted peak fits the GPU with a margin, else "
+        "chunked; on the CPU the reference for small layers (B*H*T*N under 2**23) and chunked above; never fused "
+        "(Triton, keeps chunked's bytes; its GPU speed is not measured).")]  # fmt: skip
+    buckets = f"; DDP's gradient buckets ({estimate.format_bytes(report.bucket_bytes)}) are in the peak"
+    expected = [
+        *expected_render(report, 3 * 2**30, carried),
+        device_line + " + 256.00 MiB NCCL buffers" + buckets,
+        *tail,
+    ]
+    assert estimate.render(report, carried, 3 * 2**30).splitlines() == expected
+    assert "yes (largest batch that fits 3.00 GiB: " in expected[5] and report.state_bytes == 2 * 2**20
+    small = estimate_memory(carried, 4, 128, "32-true", "cuda")
+    expected = [*expected_render(small, 2**25, carried), device_line, *tail]
+    assert estimate.render(small, carried, 2**25).splitlines() == expected
+    assert expected[5].endswith("   no  (largest batch that fits 32.00 MiB: 0)")
+    plain = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16)
+    cpu = estimate_memory(plain, 4, 128, "32-true", "cpu")
+    assert estimate.render(cpu, plain, None).splitlines() == [*expected_render(cpu, None, plain), *tail]
