@@ -407,8 +407,8 @@ def test_probe_ties_in_u_are_ordered_by_the_larger_mean_difference(monkeypatch):
     gap comes first, whatever the control means' scale."""
     import bdh_lightning.insight.probes as probes
 
-    x = np.array([[3.0, 10.0, 5.0, 0.0]] * 4) + np.arange(4)[:, None] * 0.01
-    y = np.array([[1.0, 9.5, 0.0, 0.0]] * 3) + np.arange(3)[:, None] * 0.01
+    x = np.array([[3.0, 10.0, 6.0, 0.0]] * 4) + np.arange(4)[:, None] * 0.01
+    y = np.array([[1.0, 9.5, 1.5, 0.0]] * 3) + np.arange(3)[:, None] * 0.01  # gaps 2, 0.5, 4.5
     values = {"concept": x, "control": y}
     monkeypatch.setattr(probes, "sentence_values", lambda model, s, signal: torch.from_numpy(values[s[0]]))
     model = BDH(BDHConfig(n_layer=1, n_embd=4, n_head=2, mlp_internal_dim_multiplier=1, dropout=0.0))  # N = 2
@@ -438,3 +438,19 @@ def test_read_sentences_names_the_reason_it_cannot_read(tmp_path):
 
     with pytest.raises(UsageError, match=r"nowhere.txt: cannot read it \(No such file or directory\); give"):
         read_sentences(str(tmp_path / "nowhere.txt"), "probe.concept")
+
+
+def test_permutation_p_counts_relabellings_as_extreme_as_the_labels(monkeypatch):
+    """Two against two sentences, one neuron separating them: of the 6 relabellings, 2 are as extreme as the true
+    one (itself and its mirror), so ties with the observed |U| count; with 19 shuffles and none as extreme the
+    p-value is exactly 1/20 = 0.05, not significant (p < 0.05 is)."""
+    import bdh_lightning.insight.probes as probes
+
+    x, y = np.array([[5.0, 1.0], [6.0, 2.0]]), np.array([[1.0, 1.5], [2.0, 2.5]])
+    null = probes.permutation_null(x, y, 60)
+    assert set(null.tolist()) <= {0.0, 1.0, 2.0} and (null == 2.0).sum() > 5
+    result = probes.ranking(x, y, 2, 60, str)
+    assert result["ranked"][0]["p_permutation"] == (1 + (null == 2.0).sum()) / 61
+    monkeypatch.setattr(probes, "permutation_null", lambda x, y, draws: np.zeros(draws))
+    result = probes.ranking(x, y, 2, 19, str)
+    assert result["ranked"][0]["p_permutation"] == 0.05 and result["significant"]["permutation"] == 0
