@@ -136,20 +136,24 @@ def generate_command(
     """
     data = prompt_bytes(prompt, prompt_file)
     check_generate_settings(max_new_tokens, num_samples, chunk_size, temperature, top_k, top_p, seed, n_layer)
-    paths = sample_paths(output, num_samples, overwrite, raw)
-    where = resolve_device(device)
+    paths, where = sample_paths(output, num_samples, overwrite, raw), resolve_device(device)
     source = checkpoint_to_read(ckpt_path, logs_dir, paths)
     model = load_model_from_checkpoint(source, where, settings=None if n_layer is None else {"n_layer": n_layer})
     check_sample_memory(model, num_samples, len(data), chunk_size, where)
-    run = (run_precision(source) or "32") if precision == "auto" else precision
-    dtype = compute_dtype(run if where.type == "cuda" else "32")
+    dtype = sampling_dtype(where, precision, source)
     sink = FileSink(paths, data) if paths else RawSink(data) if raw else TextSink(num_samples, data)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size)
     seconds = stream_samples(model, sink, data, num_samples, max_new_tokens, seed, dtype, settings)
-    total = max_new_tokens * num_samples
-    wrote = f", written to {', '.join(map(str, paths))}" if paths else ""
+    total, wrote = max_new_tokens * num_samples, f", written to {', '.join(map(str, paths))}" if paths else ""
     say(f"[{total} bytes in {seconds:.2f} s, {total / seconds:.1f} bytes/s, {where}, {dtype}{wrote}]")
     return 0
+
+
+def sampling_dtype(where: torch.device, precision: str, source: Path) -> torch.dtype:
+    """float32 on the CPU; on a GPU --precision, or with auto the run's trainer.precision (its config.yaml)."""
+    if where.type != "cuda":
+        return torch.float32
+    return compute_dtype((run_precision(source) or "32") if precision == "auto" else precision)
 
 
 def check_generate_settings(max_new_tokens, num_samples, chunk_size, temperature, top_k, top_p, seed, n_layer) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 
 import torch
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from .checkpoints import last_good_checkpoint
+from .console import say
 from .errors import NonFiniteError, TrainingInterrupted
 
 # How often the non-finite check looks when logging is off (trainer.log_every_n_steps 0).
@@ -102,7 +102,7 @@ class StopOnSignal(Callback):
         if (
             signum == signal.SIGINT
         ):  # someone at a terminal waits for the step to end; SIGTERM gets one line, at the stop
-            sys.stderr.write("Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts without saving)\n")
+            say("Ctrl-C: saving a checkpoint after this step (Ctrl-C again aborts without saving)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
@@ -259,8 +259,7 @@ class StopEveryRank(Callback):
                 what = "rank 0 stopped"
             if self.done.is_set():
                 return  # this rank is ending on its own: its error is the one to print
-            sys.stderr.write(f"error: {what}; stopping rank {self.rank} too\n")
-            sys.stderr.flush()
+            say(f"error: {what}; stopping rank {self.rank} too")
             os._exit(1)  # the main thread may be blocked inside a collective: nothing else would end it
 
     def on_exception(self, trainer, pl_module, exception) -> None:

@@ -616,3 +616,28 @@ def test_run_checkpoint_every_step_and_a_last_name_with_the_step(tmp_path):
     finally:
         RunCheckpoint.CHECKPOINT_NAME_LAST = "last"
     assert ("last-step=3.ckpt", 3) in saves and saves[-1] == ("last-step=4.ckpt", 4)  # the name's metrics filled in
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_every_input_safe_a_real_full_disk_during_a_checkpoint_write(tmp_path):
+    """Issue 29: on a full tmpfs torch's zip writer fails with 'unexpected pos' (no errno): one line saying the disk
+    is full and naming the last good checkpoint, which stays whole, and no .part left."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs")
+    try:
+        io = AtomicCheckpointIO()
+        last = mount / "last.ckpt"
+        io.save_checkpoint({"global_step": 2, "w": torch.arange(1000.0)}, last)
+        with pytest.raises(ResourceError) as error:
+            io.save_checkpoint({"global_step": 4, "w": torch.rand(1_000_000)}, mount / "best.ckpt")
+        assert message(error) == (
+            f"cannot write checkpoint {mount / 'best.ckpt'} (No space left on device); the last good checkpoint of "
+            f"this run is {last} (step 2); free some space and resume from it with --ckpt_path"
+        )
+        assert os.listdir(mount) == ["last.ckpt"] and torch.load(last, weights_only=True)["global_step"] == 2
+    finally:
+        subprocess.run(["umount", str(mount)])
