@@ -146,8 +146,14 @@ def save_lightning_checkpoint(tmp_path: Path) -> tuple[Path, BDHLitModule]:
     return path, module
 
 
-def test_load_model_from_lightning_checkpoint(tmp_path):
-    path, module = save_lightning_checkpoint(tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, BDHLitModule]:
+    """One real checkpoint that this file's tests read (never write): trained once, not once per test."""
+    return save_lightning_checkpoint(tmp_path_factory.mktemp("trained"))
+
+
+def test_load_model_from_lightning_checkpoint(trained, tmp_path):
+    path, module = trained
     model = load_model_from_checkpoint(path, "cpu")
     assert not model.training
     for name, value in module.model.state_dict().items():
@@ -157,8 +163,8 @@ def test_load_model_from_lightning_checkpoint(tmp_path):
         torch.testing.assert_close(model(idx), module.model.eval()(idx))
 
 
-def test_generate_command_streams_the_prompt_and_continuation(tmp_path, capsys):
-    path, module = save_lightning_checkpoint(tmp_path)
+def test_generate_command_streams_the_prompt_and_continuation(trained, tmp_path, capsys):
+    path, module = trained
     args = [
         "--ckpt_path",
         str(path),
@@ -180,8 +186,8 @@ def test_generate_command_streams_the_prompt_and_continuation(tmp_path, capsys):
     assert cli_main(["generate", *args]) == 0 and capsys.readouterr().out == out  # same seed, same text
 
 
-def test_generate_command_batch_greedy_and_prompt_file(tmp_path, capsys):
-    path, _ = save_lightning_checkpoint(tmp_path)
+def test_generate_command_batch_greedy_and_prompt_file(trained, tmp_path, capsys):
+    path, _ = trained
     prompt_file = tmp_path / "prompt.bin"
     prompt_file.write_bytes(b"\xffabc")  # not valid UTF-8 itself
     args = ["--ckpt_path", str(path), "--prompt_file", str(prompt_file), "--max_new_tokens", "30", "--num_samples", "3"]
@@ -217,8 +223,8 @@ def test_generate_from_a_checkpoint_of_a_real_fit(tmp_path, monkeypatch, capsys)
     assert out == bytes(greedy[0].tolist()).decode("utf-8", errors="backslashreplace") + "\n"
 
 
-def test_ckpt_path_last_picks_the_newest_run(tmp_path, capsys):
-    path, _ = save_lightning_checkpoint(tmp_path)
+def test_ckpt_path_last_picks_the_newest_run(trained, tmp_path, capsys):
+    path, _ = trained
     logs = tmp_path / "logs"
     for version, age in (("version_0", 100), ("version_1", 0), ("version_2", 200)):
         target = logs / version / "checkpoints" / "last.ckpt"
@@ -263,14 +269,14 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path, capsys, args, message):
 @pytest.mark.parametrize(
     "kind", ["missing", "directory", "corrupt", "truncated", "pickle_payload", "not_bdh", "no_logs"]
 )
-def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
+def test_bad_checkpoints_get_one_line_and_exit_2(trained, tmp_path, capfd, kind):
     path = tmp_path / "model.ckpt"
     if kind == "directory":
         path.mkdir()
     elif kind == "corrupt":
         path.write_bytes(b"\x00garbage" * 100)
     elif kind == "truncated":
-        good, _ = save_lightning_checkpoint(tmp_path)
+        good, _ = trained
         path.write_bytes(good.read_bytes()[:5000])
     elif kind == "pickle_payload":
         torch.save({"state_dict": {}, "hyper_parameters": Payload()}, path)
@@ -284,9 +290,9 @@ def test_bad_checkpoints_get_one_line_and_exit_2(tmp_path, capfd, kind):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "16"])
-def test_generate_precision_is_float32_on_cpu(tmp_path, capsys, precision):
+def test_generate_precision_is_float32_on_cpu(trained, tmp_path, capsys, precision):
     """--precision chooses the GPU's compute dtype; on the CPU the text is float32's, byte for byte, and says so."""
-    path, _ = save_lightning_checkpoint(tmp_path)
+    path, _ = trained
     args = ["generate", "--ckpt_path", str(path), "--prompt", "ab", "--max_new_tokens", "40", "--seed", "2"]
     assert cli_main([*args, "--precision", "32"]) == 0
     full = capsys.readouterr()
@@ -323,14 +329,14 @@ def test_recurrent_generation_under_autocast_keeps_a_float32_state(dtype):
     assert any((g.float() - w).abs().max() > 0 for g, w in zip(got, want))  # 16-bit did run
 
 
-def test_ctrl_c_in_generate_exits_130_with_one_line(tmp_path):
+def test_ctrl_c_in_generate_exits_130_with_one_line(trained, tmp_path):
     import signal
     import subprocess
     import sys
 
     from conftest import SUBPROCESS_ENV
 
-    path, _ = save_lightning_checkpoint(tmp_path)
+    path, _ = trained
     proc = subprocess.Popen([sys.executable, "-m", "bdh_lightning", "generate", "--ckpt_path", str(path), "--prompt", "hi",
                              "--max_new_tokens", "100000000"],
                             cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
