@@ -454,3 +454,122 @@ def test_permutation_p_counts_relabellings_as_extreme_as_the_labels(monkeypatch)
     monkeypatch.setattr(probes, "permutation_null", lambda x, y, draws: np.zeros(draws))
     result = probes.ranking(x, y, 2, 19, str)
     assert result["ranked"][0]["p_permutation"] == 0.05 and result["significant"]["permutation"] == 0
+
+
+def test_graph_report_every_field_on_the_planted_model():
+    from bdh_lightning.insight.graph import degree_matched_null, louvain_modularity
+
+    model = planted_graph_model()
+    options = GraphOptions(hubs=3, seeds=2, seed=4)
+    report = graph_report(model, options, edges_per_head=[len(HUB), len(CHAIN)])
+    for head, planted in ((0, HUB), (1, CHAIN)):
+        src, dst, threshold = thresholded_edges(*head_graph(model, head), edges=len(planted))
+        runs = [louvain_modularity(src, dst, N, seed) for seed in (4, 5)]
+        nulls = [louvain_modularity(*degree_matched_null(src, dst, seed), N, seed)[0] for seed in (4, 5)]
+        sizes = sorted((len(c) for c in runs[0][1]), reverse=True)
+        h = report["heads"][head]
+        assert (h["head"], h["edges"], h["threshold"]) == (head, len(planted), threshold) and 0.99 < threshold < 1.01
+        assert h["seeds"] == [m for m, _ in runs] and h["modularity"] == pytest.approx(np.mean(h["seeds"]))
+        assert h["modularity_sd"] == pytest.approx(np.std(h["seeds"]))
+        assert h["null_draws"] == nulls and h["null_modularity"] == pytest.approx(np.mean(nulls))
+        assert h["null_modularity_sd"] == pytest.approx(np.std(nulls))
+        assert h["community_sizes"] == sizes and h["communities"] == sum(s >= 2 for s in sizes)
+        assert h["isolated"] == N - len(set(src.tolist()) | set(dst.tolist()))
+    assert report["heads"][0]["isolated"] == N - 11 and report["heads"][1]["isolated"] == N - 15
+    assert report["edges"] == 18 and report["mean_degree"] == 18 / (H * N)
+    heads = report["heads"]
+    for key in ("modularity", "modularity_sd", "null_modularity", "null_modularity_sd"):
+        assert report[key] == pytest.approx(np.mean([h[key] for h in heads]))
+    assert report["in_degree"]["max"] == 1 and report["in_degree"]["fit"] is None  # under 50 neurons with edges
+    assert [x["neuron"] for x in report["out_degree"]["hubs"]] == ["h0:5", "h1:0", "h1:1"]
+    assert report["_out"].shape == (H * N,) and report["_in"].sum() == 18
+    without = graph_report(model, GraphOptions(seeds=1), edges_per_head=[len(HUB), len(CHAIN)], null=False)
+    assert without["null_modularity"] is None and without["null_modularity_sd"] is None
+    assert without["heads"][0]["null_modularity"] is None and "null_draws" not in without["heads"][0]
+
+
+def test_whole_graph_report_every_field():
+    from bdh_lightning.insight.graph import community_order, louvain_modularity
+
+    model = planted_graph_model()
+    planted = HUB + CHAIN + CROSS
+    whole = whole_graph_report(model, GraphOptions(hubs=2, seeds=2, seed=1), edges=len(planted))
+    src, dst = whole["_edges"]
+    runs = [louvain_modularity(src, dst, H * N, seed)[0] for seed in (1, 2)]
+    assert whole["path"] == "encoder" and whole["edges"] == 20 and 0.99 < whole["threshold"] < 1.01
+    assert whole["seeds"] == runs and whole["modularity"] == pytest.approx(np.mean(runs))
+    assert whole["random_cross_head_share"] == 0.5 and len(whole["null_draws"]) == 2
+    assert whole["communities"] >= 3 and whole["out_degree"]["hubs"][0] == {"neuron": "h0:5", "degree": 10}
+    assert whole["in_degree"]["max"] == 1 and len(whole["in_degree"]["hubs"]) == 2
+    communities = louvain_modularity(src, dst, H * N, 1)[1]
+    assert whole["_order"].tolist() == community_order(communities, H * N).tolist()
+    # With a threshold instead of an edge count, and no random graphs.
+    by_threshold = whole_graph_report(model, GraphOptions(threshold=1.9, seeds=1), null=False)
+    assert by_threshold["edges"] == 1 and by_threshold["null_modularity"] is None
+
+
+def test_community_order_is_the_communities_largest_first_then_the_rest():
+    from bdh_lightning.insight.graph import community_order
+
+    assert community_order([{5, 3, 9}, {1}], 10).tolist() == [3, 5, 9, 1, 0, 2, 4, 6, 7, 8]
+    assert community_order([], 3).tolist() == [0, 1, 2]
+
+
+def test_largest_entries_within_and_across_heads():
+    from bdh_lightning.insight.graph import largest_entries
+
+    decoder = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])  # 2 heads of 2 neurons
+    encoder = torch.tensor([[5.0, 1.0, 0.0, 4.0], [0.0, 0.5, 0.7, 0.0]])
+    # G = decoder @ encoder; the diagonal is left out.
+    G = decoder @ encoder
+    assert largest_entries(decoder, encoder, 2, block_rows=3) == {
+        "within_head_max": max(G[0, 1], G[1, 0], G[2, 3], G[3, 2]).item(),
+        "cross_head_max": G[[0, 0, 1, 1, 2, 2, 3, 3], [2, 3, 2, 3, 0, 1, 0, 1]].max().item(),
+    }
+    assert largest_entries(decoder[:2], encoder[:, :2], 2)["cross_head_max"] is None  # one head: nothing crosses
+
+
+def test_tail_verdict_in_words():
+    from bdh_lightning.insight.graph import tail_verdict
+
+    def fit(exp_lr, exp_p, logn_lr=0.0, logn_p=1.0, at_bound=False):
+        return {"at_bound": at_bound, "vs_exponential": {"lr": exp_lr, "p": exp_p},
+                "vs_lognormal": {"lr": logn_lr, "p": logn_p}}  # fmt: skip
+
+    assert tail_verdict(fit(-5, 0.01)) == "no heavy tail (an exponential tail fits better)"
+    assert tail_verdict(fit(5, 0.5, at_bound=True)) == "no heavy tail"
+    assert tail_verdict(fit(-5, 0.09)) == "no heavy tail (an exponential tail fits better)"
+    assert tail_verdict(fit(-5, 0.1)) == "undecided (power law and exponential fit alike)"
+    assert tail_verdict(fit(5, 0.1)) == "undecided (power law and exponential fit alike)"
+    assert tail_verdict(fit(5, 0.01, -3, 0.01)) == "heavy tail, lognormal rather than power law"
+    assert tail_verdict(fit(5, 0.01, -3, 0.5)) == "heavy tail (power law or lognormal)"
+    assert tail_verdict(fit(5, 0.01, 3, 0.1)) == "heavy tail (power law or lognormal)"
+    assert tail_verdict(fit(5, 0.01, 3, 0.01)) == "power-law tail"
+
+
+def test_compare_tails_log_likelihoods_by_hand():
+    """The exponential side of Vuong's test written out: the geometric MLE on k - x_min and its log-likelihood."""
+    from scipy.special import zeta
+    from scipy.stats import norm
+
+    from bdh_lightning.insight.graph import compare_tails
+
+    tail = np.array([3, 3, 4, 5, 7, 9, 12, 20])
+    alpha, xmin = 2.2, 3
+    result = compare_tails(tail, alpha, xmin)
+    power = -alpha * np.log(tail) - np.log(zeta(alpha, xmin))
+    q = 1 / (1 + 1 / (tail - xmin).mean())  # P(K = k) = (1 - q) q^(k - xmin)
+    exponential = np.log(1 - q) + (tail - xmin) * np.log(q)
+    difference = power - exponential
+    assert result["vs_exponential"]["lr"] == pytest.approx(difference.sum())
+    expected_p = math.erfc(abs(difference.sum()) / (math.sqrt(2 * tail.size) * difference.std()))
+    assert result["vs_exponential"]["p"] == pytest.approx(expected_p)
+    # The lognormal side: its fitted discrete likelihood is at least that of the starting guess.
+    logs = np.log(tail)
+    mu, sigma = logs.mean(), logs.std()
+
+    def lognormal_mass(k):
+        return norm.cdf((np.log(k + 0.5) - mu) / sigma) - norm.cdf((np.log(k - 0.5) - mu) / sigma)
+
+    start = np.log(lognormal_mass(tail)).sum() - tail.size * np.log(norm.sf((np.log(xmin - 0.5) - mu) / sigma))
+    assert power.sum() - result["vs_lognormal"]["lr"] >= start - 1e-6
