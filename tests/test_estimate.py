@@ -257,3 +257,39 @@ def test_render_word_for_word():
     plain = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16)
     cpu = estimate_memory(plain, 4, 128, "32-true", "cpu")
     assert estimate.render(cpu, plain, None).splitlines() == [*expected_render(cpu, None, plain), *tail]
+
+
+def test_parse_bytes_reads_every_unit_and_refuses_nothing_at_all():
+    cases = {"7": 7, "512B": 512, "3b": 3, "2KB": 2000, "2kb": 2000, "3MB": 3 * 10**6, "1.5GB": 15 * 10**8,
+             "5TB": 5 * 10**12, "2KiB": 2048, "3MiB": 3 * 2**20, "2GiB": 2**31, "1TiB": 2**40, " 8e9 ": 8 * 10**9}  # fmt: skip
+    assert {text: parse_bytes(text) for text in cases} == cases
+    for bad in ("0", "0GB", "-1", "14XB", "GB", ""):
+        with pytest.raises(EstimateError) as error:
+            parse_bytes(bad)
+        assert str(error.value) == f"--budget {bad!r} is not a size; write it like 14GB, 14GiB or 8e9 (bytes)"
+
+
+def test_the_carried_state_is_float32_or_float64_never_16_bits():
+    cfg = BDHConfig(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)
+    numbers = 3 * 2 * 2 * cfg.neurons_per_head * 32  # rows x layers x heads x N x D
+    assert estimate.carried_state_bytes(cfg, 3, "64-true") == numbers * 8
+    for precision in ("32-true", "bf16-mixed", "16-true"):
+        assert estimate.carried_state_bytes(cfg, 3, precision) == numbers * 4
+
+
+def test_one_rank_needs_no_nccl_buffers():
+    overhead = estimate.CUDA_CONTEXT_BYTES + estimate.CUBLAS_WORKSPACE_BYTES
+    assert estimate.device_bytes(10**9, "cuda") == int(10**9 * (1 + estimate.ALLOCATOR_SLACK) + overhead)
+    assert estimate.device_bytes(10**9, "cpu", 2) == 10**9
+
+
+def test_the_chunked_kernels_inventory_at_32_true():
+    """What chunked keeps for backward, term by term (the inventory the measured tests hold within 15%): once per
+    step the bytes and targets, the embedding, its layer norm's stats, cos/sin, lm_head's input and the float32
+    log-softmax; per layer x, the scores, y and its rstd, and the tail's two layer norms."""
+    cfg = BDHConfig(n_layer=3, n_embd=32, n_head=4, mlp_internal_dim_multiplier=8)
+    B, T, D, H, N, V, L = 2, 24, 32, cfg.n_head, cfg.neurons_per_head, cfg.vocab_size, 3
+    head = 16 * B * T + B * T * D * 4 + 2 * B * T * 4 + 2 * T * N * 4 + B * T * D * 4 + B * T * V * 4
+    layer = B * T * D * 4 + B * H * T * T * 4 + B * H * T * D * 4 + B * H * T * 4
+    tail = B * T * D * 8 + 2 * B * T * 8
+    assert estimate.saved_bytes("chunked", cfg, B, T, "32-true", "cpu") == head + L * (layer + tail)
