@@ -211,12 +211,13 @@ def test_the_link_checker_finds_a_broken_link(tmp_path):
 
 
 def commands(lines: list[str]) -> list[list[str]]:
-    """Shell lines as argument lists, split at `&&` and `;`, with pip's -q and `|| true` dropped."""
+    """Shell lines as argument lists, split at `&&` and `;`, with `|| true` and pip's flags that change its
+    output and speed, not what it installs (-q, --no-compile), dropped."""
     found = []
     for line in lines:
         line = line.split("#")[0].replace("|| true", "")
         for part in re.split(r"&&|;", line):
-            words = [w for w in shlex.split(part) if w != "-q"]
+            words = [w for w in shlex.split(part) if w not in ("-q", "--no-compile")]
             if words:
                 found.append(words)
     return found
