@@ -20,7 +20,7 @@ from bdh_lightning.module import BDHLitModule
 
 
 def schedule_formula(step, peak, warmup, decay, floor):
-    """The schedule as README states it, written independently: linear warmup to the peak over `warmup` steps
+    """The schedule as BDHLitModule's help states it, written independently: linear warmup to the peak over `warmup` steps
     (step s uses peak * (s + 1) / warmup), then cosine from the peak to the floor over `decay` steps, then the
     floor; decay 0 means constant after warmup."""
     if step < warmup:
