@@ -8,6 +8,7 @@ import yaml
 from measure import measure_step
 
 from bdh_lightning import estimate
+from bdh_lightning.errors import ConfigError
 from bdh_lightning.estimate import (
     EstimateError,
     estimate_memory,
@@ -293,3 +294,67 @@ def test_the_chunked_kernels_inventory_at_32_true():
     layer = B * T * D * 4 + B * H * T * T * 4 + B * H * T * D * 4 + B * H * T * 4
     tail = B * T * D * 8 + 2 * B * T * 8
     assert estimate.saved_bytes("chunked", cfg, B, T, "32-true", "cpu") == head + L * (layer + tail)
+
+
+def test_choose_kernel_word_for_word(monkeypatch):
+    """What `model.kernel` stands for: a set kernel as set (resolved for the device), auto on the CPU by the measured
+    B x H x T x N rule (at 2**23 exactly: chunked), auto on CUDA by the predicted peak against the device's memory
+    with the margins (the device asked when no size is given), and a reason for the run's header."""
+    from bdh_lightning.estimate import choose_kernel
+
+    tiny = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)  # N = 128
+    chunked = BDHConfig(**tiny, kernel="chunked")
+    assert choose_kernel(chunked, 4, 64, "32-true", "cpu") == ("chunked", "kernel chunked: set by model.kernel")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):  # fused, resolved for the CPU
+        choose_kernel(BDHConfig(**tiny, kernel="fused"), 4, 64, "32-true", "cpu")
+    assert choose_kernel(BDHConfig(**tiny, kernel="fused"), 4, 64, "32-true", "cuda")[0] == "fused"
+    auto = BDHConfig(**tiny, kernel="auto")
+    rule = "elements per B x H x T x N tensor (this run: {}), measured faster"
+    assert choose_kernel(auto, 4, 64, "32-true", "cpu") == (
+        "reference", "kernel reference: on the CPU, below 2**23 " + rule.format("65,536"))  # fmt: skip
+    assert choose_kernel(auto, 511, 64, "32-true", "cpu")[0] == "reference"  # 2**23 - 2**14
+    assert choose_kernel(auto, 512, 64, "32-true", "cpu") == (
+        "chunked", "kernel chunked: on the CPU, from 2**23 " + rule.format("8,388,608"))  # fmt: skip
+    peaks = {
+        k: m.peak_bytes
+        for k, m in estimate_memory({**tiny, "kernel": "auto"}, 4, 64, "bf16-mixed", "cuda").kernels.items()
+    }
+    need = {k: int(peak * 1.15) + 2**30 for k, peak in peaks.items()}  # the margins: 15% and 1 GiB
+    b = estimate.format_bytes
+    asked = []
+    monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: asked.append(device) or need["reference"] + 1)
+    assert choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1") == (
+        "reference", f"kernel reference: it needs {b(peaks['reference'])} (predicted), the GPU has {b(need['reference'] + 1)}")  # fmt: skip
+    assert asked == [torch.device("cuda", 1)]
+    assert choose_kernel(auto, 4, 64, "bf16-mixed", "cuda", need["reference"] - 2)[0] == "chunked"
+    assert estimate.fits_device(0, 2**30) and not estimate.fits_device(1, 2**30)  # fitting exactly is fitting
+    too_small = need["chunked"] - 2
+    assert choose_kernel(auto, 4, 64, "bf16-mixed", "cuda", too_small) == (
+        "chunked", f"kernel chunked: reference needs {b(peaks['reference'])}, the GPU has {b(too_small)}; chunked needs "
+        f"{b(peaks['chunked'])} and may not fit either: lower data.batch_size")  # fmt: skip
+
+
+def test_layer_norms_of_16_bit_inputs_keep_float32_on_cuda():
+    """Under autocast on CUDA layer norm keeps its low-precision input as float32 (on the CPU in its own dtype): the
+    tail's two layer norms per layer cost 2 bytes more per element and per mean/rstd there."""
+    cfg = BDHConfig(n_layer=3, n_embd=32, n_head=4, mlp_internal_dim_multiplier=8)
+    B, T, D, L = 2, 24, 32, 3
+    cuda = estimate.saved_bytes("chunked", cfg, B, T, "bf16-mixed", "cuda")
+    cpu = estimate.saved_bytes("chunked", cfg, B, T, "bf16-mixed", "cpu")
+    assert cuda - cpu == L * (B * T * D * 2 + 2 * B * T * 2)
+
+
+def test_largest_batch_doubles_then_halves_to_an_exact_integer():
+    kwargs = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16)
+
+    def need(batch: int) -> int:
+        return estimate_memory(kwargs, batch, 128, "bf16-mixed", "cuda").kernels["chunked"].device_bytes
+
+    for batch in (2, 3, 4, 5, 7, 8):
+        most = largest_batch(kwargs, 128, "bf16-mixed", "cuda", "chunked", need(batch))
+        assert most == batch and type(most) is int
+    report = estimate_memory(kwargs, 4, 128, "bf16-mixed", "cuda")
+    exactly = report.kernels["chunked"].device_bytes
+    row = estimate.render(report, kwargs, exactly).splitlines()[-4]
+    assert row.startswith("chunked ") and "   yes (largest batch that fits" in row  # fitting exactly is fitting
