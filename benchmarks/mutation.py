@@ -135,6 +135,13 @@ CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices
 KERNEL_DEVICE_MUTANTS = ("device=None", "dtype=acc, )", "dtype=wide, )", "seed.to(None)", "n1, dropout, None)",
                          "n1, dropout, )")  # fmt: skip
 EQUIVALENT = [
+    ("estimate", "choose_kernel", "B, T, precision, ).kernels", "estimate_memory's device_type defaults to cuda"),
+    (
+        "estimate",
+        "largest_batch",
+        "low, high = high, high * 3",
+        "a wider bracket above a batch that does not fit: the search ends at the same batch",
+    ),
     ("precision", "compute_dtype", 'name or "XX32XX"', "an unknown name computes in float32 too, as 32 does"),
     # kernels/masks.py: the index vectors' dtype and device.
     (
