@@ -573,3 +573,70 @@ def test_compare_tails_log_likelihoods_by_hand():
 
     start = np.log(lognormal_mass(tail)).sum() - tail.size * np.log(norm.sf((np.log(xmin - 0.5) - mu) / sigma))
     assert power.sum() - result["vs_lognormal"]["lr"] >= start - 1e-6
+
+
+def test_tail_verdict_at_its_boundaries():
+    from bdh_lightning.insight.graph import tail_verdict
+
+    def fit(exp_lr, exp_p, logn_lr=0.0, logn_p=1.0, at_bound=False):
+        return {"at_bound": at_bound, "vs_exponential": {"lr": exp_lr, "p": exp_p},
+                "vs_lognormal": {"lr": logn_lr, "p": logn_p}}  # fmt: skip
+
+    assert tail_verdict(fit(0.0, 0.01)) == "undecided (power law and exponential fit alike)"
+    assert tail_verdict(fit(0.5, 0.01)) == "heavy tail (power law or lognormal)"
+    assert tail_verdict(fit(0.5, 0.5, at_bound=True)) == tail_verdict(fit(0.0, 0.5, at_bound=True)) == "no heavy tail"
+    assert tail_verdict(fit(5, 0.01, 0.0, 0.01)) == tail_verdict(fit(5, 0.01, 0.5, 0.01)) == "power-law tail"
+    assert tail_verdict(fit(5, 0.01, -3, 0.1)) == "heavy tail (power law or lognormal)"
+
+
+def test_modularity_edge_cases_match_networkx():
+    import networkx as nx
+
+    from bdh_lightning.insight.graph import louvain_modularity, modularity
+
+    assert modularity(np.empty((0, 2), dtype=np.int64), np.zeros(3, dtype=np.int64)) == 0.0
+    assert modularity(np.array([[0, 1]]), np.array([0, 1])) == pytest.approx(-0.5)
+    pairs, labels = np.array([[0, 1], [1, 2]]), np.array([0, 0, 1])  # the last community has no inside edge
+    graph = nx.Graph(pairs.tolist())
+    assert modularity(pairs, labels) == pytest.approx(nx.community.modularity(graph, [{0, 1}, {2}]))
+    empty = np.empty(0, dtype=np.int64)
+    assert louvain_modularity(empty, empty, 5, seed=0) == (0.0, [])
+    assert louvain_modularity(np.array([0]), np.array([1]), 3, seed=0) == (0.0, [{0, 1}])
+    # Two cliques, the smaller first in node order: communities come largest first.
+    small = [(i, j) for i in range(3) for j in range(3) if i < j]
+    large = [(i, j) for i in range(3, 9) for j in range(3, 9) if i < j]
+    src, dst = np.array([e[0] for e in small + large]), np.array([e[1] for e in small + large])
+    _, communities = louvain_modularity(src, dst, 9, seed=0)
+    assert [len(c) for c in communities] == [6, 3]
+
+
+def test_modularity_spread_uses_seed_plus_i_for_louvain_and_the_random_graphs():
+    from bdh_lightning.insight.graph import degree_matched_null, louvain_modularity, modularity_spread
+
+    rng = np.random.default_rng(0)
+    src, dst = rng.integers(0, 300, 1500), rng.integers(0, 300, 1500)
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    spread = modularity_spread(src, dst, 300, seed=3, seeds=3, null=True)
+    assert spread["seeds"] == [louvain_modularity(src, dst, 300, s)[0] for s in (3, 4, 5)]
+    assert len(set(spread["seeds"])) > 1  # seeds matter on a random graph: the spread is real
+    assert spread["null_draws"] == [louvain_modularity(*degree_matched_null(src, dst, s), 300, s)[0] for s in (3, 4, 5)]
+    off = modularity_spread(src, dst, 300, seed=3, seeds=1, null=False)
+    assert off["null_modularity"] is None and off["null_modularity_sd"] is None
+
+
+def test_whole_graph_report_counts_communities_hubs_and_empty_graphs():
+    from bdh_lightning.insight.graph import louvain_modularity
+
+    model = planted_graph_model()
+    planted = HUB + CHAIN + CROSS
+    whole = whole_graph_report(model, GraphOptions(hubs=2, seeds=1), edges=len(planted), null=False)
+    communities = louvain_modularity(*whole["_edges"], H * N, 0)[1]
+    assert any(len(c) == 2 for c in communities)  # h0:20 -> h1:3 alone
+    assert whole["communities"] == sum(1 for c in communities if len(c) >= 2)
+    assert len(whole["out_degree"]["hubs"]) == len(whole["in_degree"]["hubs"]) == 2
+    report = graph_report(model, GraphOptions(hubs=3, seeds=1), edges_per_head=[10, 8])
+    assert len(report["in_degree"]["hubs"]) == 3
+    assert whole_graph_report(model, GraphOptions(mean_degree=0.001, seeds=1), null=False)["edges"] == 1
+    none = whole_graph_report(model, GraphOptions(threshold=100.0, seeds=1), null=False)
+    assert none["edges"] == 0 and none["cross_head_share"] is None and none["modularity"] == 0.0
