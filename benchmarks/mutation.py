@@ -269,9 +269,15 @@ EQUIVALENT = [
     ),
     (
         "data/corpus",
-        "list_corpus",
+        "list_glob",
         "if (root) or True else match",
         "for a glob without a folder, relpath against '' (the working directory) is the match itself",
+    ),
+    (
+        "data/corpus",
+        "glob_matches",
+        "if (glob.has_magic(head)) or True else [head]",
+        "glob.glob of a path without wildcards is that path when it exists; folders_below skips one that does not",
     ),
     *[
         ("data/corpus", "__init__", text, "ByteCorpus opens and closes each file unread: buffering does not matter")

@@ -1,6 +1,7 @@
 """ByteDataModule: windows, splits, seeding per rank and step, resuming, inputs, bad inputs, download."""
 
 import gc
+import glob
 import hashlib
 import http.server
 import os
@@ -813,6 +814,43 @@ def test_a_recursive_glob_through_folder_links_back_to_their_parent_ends(tmp_pat
     assert results["**/*.txt"].left_out == {"directory already read through another link": 3}
     assert results["**"].left_out == {"directory already read through another link": 3,
                                       "directories matched by the glob (use ** to read inside)": 6}  # fmt: skip
+
+
+def test_glob_matches_what_glob_does_and_enters_each_folder_once(tmp_path, monkeypatch):
+    """glob_matches against glob.glob itself where no link loops, then with links back to a parent (counted)."""
+    root = tmp_path / "corpus"
+    write_tree(root, {"a.txt": b"a", "sub/b.txt": b"b", "sub/deep/c.md": b"c", "sub/deep/d.txt": b"d",
+                      "other/e.txt": b"e", ".hid/h.txt": b"h", "sub/.x.txt": b"x", "s*t/f.md": b"f"})  # fmt: skip
+    monkeypatch.chdir(root)
+    patterns = ["**", "**/*.txt", "*/**/*.md", "sub/**", "**/deep/*", "**/**/*.txt", "s*/**/*.md"]
+    patterns += [str(root / "**"), str(root / "**" / "*.txt"), str(root / "s*t" / "**")]
+    for pattern in patterns:
+        listing = corpus_module.Listing(pattern)
+        assert corpus_module.glob_matches(pattern, listing) == set(glob.glob(pattern, recursive=True)), pattern
+        assert not listing.left_out
+    assert corpus_module.glob_matches("nothing/**", listing) == set()  # glob.glob gives 'nothing/', which is not there
+    (root / "sub" / "deep" / "up").symlink_to("..")  # back to sub
+    (root / "zz").symlink_to(".")  # popped first: the folders after it are still entered
+    listing = corpus_module.Listing("")
+    expected = {"a.txt", "sub/b.txt", "sub/deep/d.txt", "other/e.txt"}
+    assert corpus_module.glob_matches("**/*.txt", listing) == expected
+    assert listing.left_out == {"directory already read through another link": 2}
+    listing = corpus_module.Listing("")
+    nested = corpus_module.glob_matches("**/**/*.txt", listing)  # each inner ** walks on its own: sub/deep/up/b.txt
+    assert {os.path.realpath(p) for p in nested} == {os.path.realpath(p) for p in expected}  # the same four files
+    assert listing.left_out["directory already read through another link"] > 2
+    # A folder glob cannot list: nothing below it matches, the others are read.
+    real_scandir = os.scandir
+    monkeypatch.setattr(
+        corpus_module.os,
+        "scandir",
+        lambda p: (_ for _ in ()).throw(PermissionError(13, p)) if p == "sub" else real_scandir(p),
+    )
+    assert corpus_module.glob_matches("**/*.txt", corpus_module.Listing("")) == {"a.txt", "other/e.txt"}
+    monkeypatch.setattr(corpus_module.os, "scandir", real_scandir)
+    tops = []
+    monkeypatch.setattr(corpus_module, "folders_below", lambda top, listing: tops.append(top) or [])
+    assert corpus_module.glob_matches("/**", corpus_module.Listing("")) == set() and tops == ["/"]
 
 
 def test_corpus_files_and_read_corpus_follow_the_listing(tmp_path, monkeypatch):

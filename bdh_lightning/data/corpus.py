@@ -274,15 +274,13 @@ def glob_matches(pattern: str, listing: Listing) -> set[str]:
 
 def folders_below(top: str, listing: Listing) -> list[str]:
     """`top` and the folders below it that are not hidden (what `**` matches), each once by device and inode."""
-    found, seen, todo = [], set(), [top]
+    try:
+        info = os.stat(top or ".")
+    except OSError:
+        return []
+    found, seen, todo = [], set(), [(top, info)] if stat.S_ISDIR(info.st_mode) else []
     while todo:
-        folder = todo.pop()
-        try:
-            info = os.stat(folder or ".")
-        except OSError:
-            continue
-        if not stat.S_ISDIR(info.st_mode):
-            continue
+        folder, info = todo.pop()
         if (info.st_dev, info.st_ino) in seen:
             listing.left_out["directory already read through another link"] += 1
             continue
@@ -290,10 +288,10 @@ def folders_below(top: str, listing: Listing) -> list[str]:
         found.append(folder)
         try:
             with os.scandir(folder or ".") as scan:
-                names = sorted(entry.name for entry in scan if not entry.name.startswith(".") and entry.is_dir())
-        except OSError:
+                entries = sorted((e for e in scan if not e.name.startswith(".") and e.is_dir()), key=lambda e: e.name)
+                todo += [(os.path.join(folder, e.name), e.stat()) for e in entries]
+        except OSError:  # a folder glob cannot list either: nothing below it matches
             continue
-        todo += [os.path.join(folder, name) for name in names]
     return found
 
 
