@@ -24,6 +24,7 @@ ARCHITECTURE = ("n_layer", "n_embd", "dropout", "n_head", "mlp_internal_dim_mult
 # How a carried state is read (docs/carried-state.md): part of the function, so stored with the weights, but
 # written only where they differ from the reference's plain sum (files of default models stay as they were).
 CARRY_FORM = {"carry_half_lives": (), "carry_mean": False}
+MAX_LAYERS = 10_000
 STORED_SETTINGS = (*ARCHITECTURE, *CARRY_FORM)  # what a checkpoint or an exported file says about the model
 
 
@@ -50,6 +51,8 @@ class BDHConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.n_layer > MAX_LAYERS:  # layers share their weights: no memory check stops a huge count, time would
+            raise ConfigError(f"model.n_layer must be at most {MAX_LAYERS:,}, got {self.n_layer:,}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.vocab_size != 256:

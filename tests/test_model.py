@@ -426,3 +426,12 @@ def test_forward_stream_exact_reads_in_float32_under_autocast_and_drops_out_in_t
         second, _ = model.forward_stream(idx, 0)
     assert (first - second).abs().max() > 1e-3  # dropout=0.5 while training
     assert (first - full).abs().max() > 1e-3
+
+
+def test_every_input_safe_n_layer_has_an_upper_bound():
+    """Layers share their weights, so no memory check stops 1e30 of them: refused in one line, any source."""
+    assert BDHConfig(n_layer=10_000, n_embd=8, n_head=1, mlp_internal_dim_multiplier=2).n_layer == 10_000
+    with pytest.raises(ConfigError, match=r"^model.n_layer must be at most 10,000, got 10,001$"):
+        BDHConfig(n_layer=10_001)
+    with pytest.raises(ConfigError, match="n_layer must be at most"):
+        BDHConfig.from_checkpoint({"hyper_parameters": {"n_layer": 10**30}})
