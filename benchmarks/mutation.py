@@ -135,6 +135,59 @@ CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices
 KERNEL_DEVICE_MUTANTS = ("device=None", "dtype=acc, )", "dtype=wide, )", "seed.to(None)", "n1, dropout, None)",
                          "n1, dropout, )")  # fmt: skip
 EQUIVALENT = [
+    # generate.py
+    *[
+        ("generate", "sample_next", text, "the logits are 2-D (B, V): dimension 1 is dimension -1")
+        for text in (
+            "argmax(dim=+1)",
+            "dim=+1).values",
+            "softmax(logits, dim=+1)",
+            "sort(dim=+1",
+            "cumsum(dim=+1)",
+            "scatter(+1,",
+            "squeeze(+1)",
+            "logits.shape[+1]",
+        )
+    ],  # fmt: skip
+    *[
+        ("generate", "sample_next", text, "topk, softmax and sort take the last dimension of the 2-D logits anyway")
+        for text in (
+            "torch.topk(logits, top_k, ).values",
+            "F.softmax(logits, dim=None)",
+            "F.softmax(logits, )",
+            "probs.sort(descending=True)",
+        )
+    ],  # fmt: skip
+    ("generate", "sample_next", 'float("-INF")', "float() reads inf in any case"),
+    ("generate", "sample_next", "top_k <= logits.shape[-1]", "a top_k of all V bytes keeps every byte"),
+    *[
+        ("generate", f, "top_p: float = 2.0", "every top_p of 1 or more skips the nucleus")
+        for f in ("sample_next", "generate_text")
+    ],
+    *[
+        ("generate", f, text, "a prompt read in chunks of any size gives the same logits (tested)")
+        for f, text in (
+            ("generate_text", "chunk_size: int = 257"),
+            ("generate_text", "generator, )"),
+            ("prefill", "chunk_size: int = 257"),
+        )
+    ],  # fmt: skip
+    *[
+        ("generate", "generate_text", text, "torch.tensor of Python ints is int64")
+        for text in ("dtype=None, device=device)", "torch.tensor(list(prompt), device=device)")
+    ],
+    *[
+        ("generate", f, text, CPU_ONLY)
+        for f, text in (
+            ("generate_text", "device=None)"),
+            ("generate_text", "dtype=torch.long, )"),
+            ("generate_text", "device = None"),
+            ("__init__", "device=None, dtype"),
+            ("__init__", "torch.zeros(shape, dtype=torch.float32)"),
+        )
+    ],  # fmt: skip
+    ("generate", "generate_text", "Generator(model, ).generate", "zero states of one row broadcast over the rows"),
+    ("generate", "__init__", "states = None", "forward_stream reads no state as zero states"),
     ("estimate", "choose_kernel", "B, T, precision, ).kernels", "estimate_memory's device_type defaults to cuda"),
     (
         "estimate",

@@ -7,11 +7,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_MODEL
 from measure import full_prefix_generate
 
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.commands import shown
+from bdh_lightning.errors import ConfigError
 from bdh_lightning.generate import (
     Generator,
     generate_text,
@@ -346,3 +348,59 @@ def test_ctrl_c_in_generate_exits_130_with_one_line(trained, tmp_path):
     assert proc.returncode == 130, stderr.decode()[-2000:]
     lines = stderr.decode().strip().splitlines()
     assert "Traceback" not in stderr.decode() and lines[-1] == "interrupted", lines
+
+
+def sampled_from(monkeypatch, logits, **settings) -> torch.Tensor:
+    """The distribution sample_next draws from (what it hands torch.multinomial), normalised."""
+    seen = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, **kw: seen.append(probs) or multinomial(probs, n, **kw))
+    sample_next(logits, **settings)
+    return seen[0] / seen[0].sum(dim=-1, keepdim=True)
+
+
+def test_sampling_draws_from_the_stated_distribution(monkeypatch):
+    """softmax(logits / temperature), then only the top_k most likely, then the most likely bytes until their mass
+    reaches top_p (a byte whose mass before it equals top_p is out); top_p 1 keeps every byte, however unlikely."""
+    logits = torch.randn(2, 256, generator=torch.Generator().manual_seed(0)) * 3
+    plain = F.softmax(logits / 0.5, dim=-1)
+    torch.testing.assert_close(sampled_from(monkeypatch, logits, temperature=0.5), plain)
+    top5 = logits.topk(5, dim=-1).indices
+    kept = torch.zeros_like(plain).scatter(-1, top5, plain.gather(-1, top5))
+    torch.testing.assert_close(sampled_from(monkeypatch, logits, temperature=0.5, top_k=5), kept / kept.sum(-1, True))
+    probs = F.softmax(logits, dim=-1)
+    ordered = probs.sort(dim=-1, descending=True).values
+    mass_before = ordered.cumsum(dim=-1) - ordered
+    top_p = mass_before[0, 3].item()  # row 0: the 4th byte's mass before it is exactly top_p
+    nucleus = sampled_from(monkeypatch, logits, top_p=top_p)
+    assert (nucleus[0] > 0).sum() == 3
+    assert (nucleus[1] > 0).sum() == (mass_before[1] < top_p).sum()
+    certain = torch.full((1, 256), -30.0)
+    certain[0, 7] = 30.0  # the other bytes' mass before them rounds to 1.0 in float32
+    assert (sampled_from(monkeypatch, certain, top_p=1.0) > 0).all()
+
+
+def test_generate_text_passes_top_k_and_defaults_to_temperature_1():
+    model = random_model(seed=4, std=0.3)
+    greedy = generate_text(model, b"ab", 20, temperature=0)
+    assert generate_text(model, b"ab", 20, top_k=1, seed=3) == greedy
+    assert generate_text(model, b"ab", 20, seed=3) == generate_text(model, b"ab", 20, temperature=1.0, seed=3)
+    assert generate_text(model, b"ab", 20, seed=3) != generate_text(model, b"ab", 20, temperature=2.0, seed=3)
+
+
+def test_the_generators_state_is_float32_whatever_the_default_dtype():
+    model = random_model()
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        states = Generator(model, batch_size=3).states
+    finally:
+        torch.set_default_dtype(default)
+    assert len(states) == model.config.n_layer
+    assert all(s.dtype == torch.float32 and s.shape == (3, 2, model.config.neurons_per_head, 32) for s in states)
+
+
+def test_generation_refuses_a_state_faded_per_training_window():
+    model = random_model(carry_half_lives=(64.0,))
+    with pytest.raises(ConfigError, match="^generation reads a stream byte by byte, but model.carry_half_lives"):
+        generate_text(model, b"ab", 3, seed=0)
