@@ -85,7 +85,7 @@ TESTS = {
     "devices": ["tests/test_precision.py", "tests/test_estimate.py"],
     "generate": ["tests/test_generate.py", "tests/test_streams.py"],
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
-    "errors": ["tests/test_cli.py", "tests/test_generate.py", "tests/test_model.py", "tests/test_data.py"],
+    "errors": ["tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py", "tests/test_cli.py"],
     "console": ["tests/test_console.py"],
     # insight: the planted-truth tests and test_insight.py's in-process ones (its command tests run subprocesses).
     "insight/graph": [
@@ -119,8 +119,9 @@ TESTS = {
 }
 # pytest -k expressions leaving tests out of a module's selection.
 # torch.compile cannot trace through mutmut's trampolines (a graph break): these fail on the unmutated copy.
-# Ctrl-C sent to a child `generate` (it inherits mutmut's environment and fails under its trampolines).
-DESELECT = "not graph_breaks and not compile and not traces_as_one_graph and not ctrl_c"
+# Ctrl-C sent to a child `generate` and test_fuzz_settings' real process: each child inherits mutmut's environment
+# and fails under its trampolines.
+DESELECT = "not graph_breaks and not compile and not traces_as_one_graph and not ctrl_c and not real_process"
 
 # Functions left unmutated, with why: BDHLitModule.__init__ calls save_hyperparameters(), which reads the
 # arguments from its caller's frame; under mutmut's trampoline that frame is the trampoline's, and every test
