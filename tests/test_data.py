@@ -829,6 +829,7 @@ def test_glob_matches_what_glob_does_and_enters_each_folder_once(tmp_path, monke
         assert corpus_module.glob_matches(pattern, listing) == set(glob.glob(pattern, recursive=True)), pattern
         assert not listing.left_out
     assert corpus_module.glob_matches("nothing/**", listing) == set()  # glob.glob gives 'nothing/', which is not there
+    assert corpus_module.glob_matches("a.txt/**", listing) == set()  # and 'a.txt/' for a file
     (root / "sub" / "deep" / "up").symlink_to("..")  # back to sub
     (root / "zz").symlink_to(".")  # popped first: the folders after it are still entered
     listing = corpus_module.Listing("")
@@ -839,6 +840,7 @@ def test_glob_matches_what_glob_does_and_enters_each_folder_once(tmp_path, monke
     nested = corpus_module.glob_matches("**/**/*.txt", listing)  # each inner ** walks on its own: sub/deep/up/b.txt
     assert {os.path.realpath(p) for p in nested} == {os.path.realpath(p) for p in expected}  # the same four files
     assert listing.left_out["directory already read through another link"] > 2
+    assert corpus_module.list_corpus("**/*.txt").left_out == {"directory already read through another link": 2}
     # A folder glob cannot list: nothing below it matches, the others are read.
     real_scandir = os.scandir
     monkeypatch.setattr(
