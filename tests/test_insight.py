@@ -419,3 +419,30 @@ def test_inspect_missing_checkpoint_from_a_shell(trained):
         done.stderr[-2000:]
     )
     assert "nowhere.ckpt" in done.stderr and not (trained / "never").exists()
+
+
+def test_every_input_safe_inspect_output_full_disk_keeps_the_earlier_report(trained, capsys, monkeypatch):
+    """A disk that fills while the report is written: one line naming --output, the earlier report intact, and no
+    half-written folder beside it (the report is built in a hidden folder and renamed into place)."""
+    import errno
+
+    from bdh_lightning.insight import report as report_module
+
+    monkeypatch.chdir(trained)
+    earlier = trained / "kept"
+    earlier.mkdir()
+    (earlier / "report.json").write_text('{"earlier": true}')
+    real_save = report_module.save_png
+
+    def fill_the_disk(figure, path):
+        real_save(figure, path)  # one figure lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_module, "save_png", fill_the_disk)
+    code = main(["inspect", "--ckpt_path", "last", "--output", "kept", "--data.windows", "2", "--graph.seeds", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1, lines
+    assert lines[0].startswith("error: cannot write --output kept (No space left on device)"), lines[0]
+    assert sorted(p.name for p in earlier.iterdir()) == ["report.json"]
+    assert (earlier / "report.json").read_text() == '{"earlier": true}'
+    assert not [p for p in trained.iterdir() if p.name.startswith(".kept")]  # no hidden leftovers

@@ -12,6 +12,7 @@ import torch
 from ..checkpoints import find_last, read_checkpoint
 from ..data.corpus import TINYSHAKESPEARE, download_tinyshakespeare, read_corpus
 from ..errors import DataError, UsageError, finite_float, is_int, non_negative_int, positive_int
+from ..files import atomic_output, write_failure
 from ..model import BDH, BDHConfig
 from ..weights import load_model_from_checkpoint
 from .activations import CorpusSample, sparsity_report, strongest_contexts
@@ -184,21 +185,35 @@ def inspect_command(
     if probe.concept:
         sentences = (read_sentences(probe.concept, "probe.concept"), read_sentences(probe.control, "probe.control"))
     looks = (data, graph, neurons, probe, seed, sentences)
-    if not ckpt.is_dir():
-        report = inspect_checkpoint(ckpt, out, *looks)
-        report["seconds"] = time.perf_counter() - started
-        write_report(report, out, figures(report.pop("_model"), report))
-        print(summary(report, out))
-        return 0
-    reports = []
-    for step, path in run_checkpoints(ckpt):
-        report = inspect_checkpoint(path, out / f"step_{step}", *looks)
-        write_report(report, out / f"step_{step}", figures(report.pop("_model"), report))
-        reports.append(report)
-        print(summary(report, out / f"step_{step}").splitlines()[1])
-    write_trajectory(reports, out)
-    print(f"trajectory over {len(reports)} checkpoints -> {out / 'trajectory.png'}, {out / 'trajectory.json'}")
+    try:  # the report is written whole or not at all: a full disk leaves the earlier report (or nothing)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_failure(f"--output {out}", error) from None
+    with atomic_output(out, what=f"--output {out}", folder=True) as folder:
+        lines = write_reports(ckpt, folder, out, looks, started)
+    print("\n".join(lines))
     return 0
+
+
+def write_reports(ckpt: Path, folder: Path, out: Path, looks: tuple, started: float) -> list[str]:
+    """Write one checkpoint's report (or, for a run folder, one per step and the trajectory) into `folder`, which
+    becomes `out`; the lines to print."""
+    if not ckpt.is_dir():
+        report = inspect_checkpoint(ckpt, folder, *looks)
+        report["seconds"] = time.perf_counter() - started
+        write_report(report, folder, figures(report.pop("_model"), report))
+        return [summary(report, out)]
+    reports, lines = [], []
+    for step, path in run_checkpoints(ckpt):
+        report = inspect_checkpoint(path, folder / f"step_{step}", *looks)
+        write_report(report, folder / f"step_{step}", figures(report.pop("_model"), report))
+        reports.append(report)
+        lines.append(summary(report, out / f"step_{step}").splitlines()[1])
+    write_trajectory(reports, folder)
+    return [
+        *lines,
+        f"trajectory over {len(reports)} checkpoints -> {out / 'trajectory.png'}, {out / 'trajectory.json'}",
+    ]
 
 
 def inspect_checkpoint(ckpt: Path, out: Path, data, graph, neurons, probe, seed, sentences) -> dict:
