@@ -40,15 +40,18 @@ SIZES = {
     "tiny": dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16),
     "8gb": dict(n_layer=4, n_embd=192, n_head=4, mlp_internal_dim_multiplier=64),
 }
-# form name -> (carried state?, model settings, reset every R windows (0 = never) or "curriculum")
+# form name -> (carried state? (None: streams read window-local), model settings, reset every R windows (0 = never),
+# "curriculum", or "jump R": every R windows each row resets and jumps to a random place of the split)
 FORMS = {
     "random windows": (False, {}, 0),
+    "streams, no state": (None, {}, 0),
     "sum (today)": (True, {}, 0),
     "sum, reset every 2": (True, {}, 2),
     "decay, half-lives 64/1024": (True, {"carry_half_lives": "short,long"}, 0),
     "mean": (True, {"carry_mean": True}, 0),
     "mean, half-lives 64/1024": (True, {"carry_mean": True, "carry_half_lives": "short,long"}, 0),
     "mean, curriculum": (True, {"carry_mean": True}, "curriculum"),
+    "decay 64/1024, jump every 8": (True, {"carry_half_lives": "short,long"}, "jump 8"),
 }
 BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, 10**9))
 LN2 = math.log(2)
@@ -74,7 +77,7 @@ def reset_every(rule, step: int, steps: int) -> int:
     """Windows per stream before its state resets (0 = never); the curriculum goes 1, 2, 8, never by quarters."""
     if rule == "curriculum":
         return (1, 2, 8, 0)[min(3, 4 * step // steps)]
-    return rule
+    return int(rule.split()[1]) if isinstance(rule, str) else rule
 
 
 def batch_at(data: torch.Tensor, offsets, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,15 +98,25 @@ def train(form: str, seed: int, data: torch.Tensor, args) -> tuple[BDH, float]:
     stretch = (len(data) - 1) // B  # row b streams through [b * stretch, (b + 1) * stretch)
     per_row = (stretch - 1) // T
     states, window = None, 0
+    starts = [b * stretch for b in range(B)]  # where each row's stream began
     begin = time.perf_counter()
     for step in range(args.steps):
-        if carried:
+        if carried is None:  # the streams' bytes in the streams' order, each window read alone
+            k = window % per_row
+            x, y = batch_at(data, [b * stretch + k * T for b in range(B)], T, args.device)
+            logits = model(x)
+            window += 1
+        elif carried:
             every = reset_every(rule, step, args.steps)
             k = window % per_row  # the stream wraps to its stretch's start after per_row windows
             since = k % every if every else k  # windows since the last reset: the window's stream position
             if since == 0:
                 states = None
-            x, y = batch_at(data, [b * stretch + k * T for b in range(B)], T, args.device)
+                if isinstance(rule, str) and rule.startswith("jump"):
+                    starts = [int(o) for o in rng.integers(0, len(data) - every * T - 1, B)]
+                else:
+                    starts = [b * stretch + k * T for b in range(B)]
+            x, y = batch_at(data, [o + since * T for o in starts], T, args.device)
             logits, written = model.forward_stream(x, since * T, states)
             states = [s.detach() for s in written]
             window += 1
