@@ -123,9 +123,10 @@ class BDHLitModule(L.LightningModule):
                 export, or another run's .ckpt. Their shapes must fit the model settings; read without
                 unpickling code. On resume (--ckpt_path) the checkpoint's weights replace them.
             carry_state: Carry each layer's attention state from one window to the next (truncated
-                backpropagation through time, as the paper trained): needs data.sampling streams. Positions
-                continue across windows; gradients stay within a window; a stream's state resets where the
-                stream restarts. Costs batch x n_layer x H x N x D float32 numbers per device.
+                backpropagation through time): needs data.sampling streams. Positions continue across
+                windows; gradients stay within a window; a stream's state resets where the stream restarts.
+                Costs batch x n_layer x H x N x D float32 numbers per device. Measured worse than random
+                windows so far, in every form (docs/carried-state.md).
             carry_half_lives: With carry_state: half-life in bytes of the carried state, one for all heads or
                 one per head (None = never fades: the reference's sum, whose norm grows with the stream).
                 Applied per window: before a window of T bytes reads it, the state is multiplied by
