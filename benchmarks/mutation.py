@@ -85,7 +85,7 @@ TESTS = {
     "devices": ["tests/test_precision.py", "tests/test_estimate.py"],
     "generate": ["tests/test_generate.py", "tests/test_streams.py"],
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
-    "errors": ["tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py", "tests/test_cli.py"],
+    "errors": ["tests/test_errors.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py"],
     "console": ["tests/test_console.py"],
     # insight: the planted-truth tests and test_insight.py's in-process ones (its command tests run subprocesses).
     "insight/graph": [
