@@ -136,6 +136,10 @@ CPU_ONLY = "the same on a CPU-only machine; on CUDA tensors it would mix devices
 KERNEL_DEVICE_MUTANTS = ("device=None", "dtype=acc, )", "dtype=wide, )", "seed.to(None)", "n1, dropout, None)",
                          "n1, dropout, )")  # fmt: skip
 EQUIVALENT = [
+    *[
+        ("errors", "text_bytes", text, "str.encode's default codec is UTF-8, and codec names ignore case")
+        for text in ('value.encode(errors="surrogateescape")', 'value.encode("UTF-8", errors="surrogateescape")')
+    ],
     # generate.py
     *[
         ("generate", "sample_next", text, "the logits are 2-D (B, V): dimension 1 is dimension -1")

@@ -46,6 +46,7 @@ def test_finite_float_bounds_and_messages():
     assert refusal(finite_float, "t", 0.0, 0.0, 1.0, low_open=True) == "t must be in (0, 1], got 0.0"
     assert refusal(finite_float, "t", 1.0, 0.0, 1.0, high_open=True) == "t must be in [0, 1), got 1.0"
     assert refusal(finite_float, "t", 2, None, 1.5) == "t must be in (-inf, 1.5], got 2"
+    assert refusal(finite_float, "t", 0, 1e-05, 1e20) == "t must be in [1e-05, 1e+20], got 0"
     assert refusal(finite_float, "t", -1, 0.25, None) == "t must be in [0.25, inf), got -1"
     for bad in (float("nan"), float("inf"), True, None, "abc"):
         assert (
@@ -100,3 +101,5 @@ def test_sampling_settings():
         refusal(sampling_settings, "", 1.0, None, 0, error=UsageError, raises=UsageError)
         == "top_p must be in (0, 1], got 0"
     )
+    message = refusal(sampling_settings, "", -1, None, error=UsageError, raises=UsageError)
+    assert message == "temperature must be in [0, 10000], got -1 (0 = greedy)"
