@@ -1381,3 +1381,10 @@ def test_a_corpus_that_failed_to_open_goes_quietly(tmp_path, monkeypatch):
         corpus_module.ByteCorpus([tmp_path / "a.bin", tmp_path / "gone.bin"])
     gc.collect()
     assert unraisable == []
+
+
+def test_every_input_safe_val_windows_has_an_upper_bound(corpus):
+    """10**23 validation windows ended in numpy's 'Maximum allowed size exceeded' traceback: one line now."""
+    assert_one_line_error("data.val_windows must be at most 16,777,216, got 16,777,217", str(corpus[0]),
+                          block_size=T, val_windows=2**24 + 1)  # fmt: skip
+    assert_one_line_error("data.val_windows must be at most", str(corpus[0]), block_size=T, val_windows=10**23)

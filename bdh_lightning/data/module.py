@@ -81,11 +81,16 @@ NO_TEST_SPLIT = (
 )
 
 
+MAX_VAL_WINDOWS = 2**24
+
+
 def check_settings(settings: dict) -> None:
     """ByteDataModule's arguments, each checked on its own and against the others: one DataError if not."""
     for name in ("block_size", "batch_size", "val_windows"):
         if not is_int(settings[name]) or settings[name] <= 0:
             raise DataError(f"data.{name} must be a positive integer, got {settings[name]!r}")
+    if settings["val_windows"] > MAX_VAL_WINDOWS:  # each window's offset is held in memory
+        raise DataError(f"data.val_windows must be at most {MAX_VAL_WINDOWS:,}, got {settings['val_windows']:,}")
     for name in ("seed", "num_workers"):
         if not is_int(settings[name]) or settings[name] < 0:
             raise DataError(f"data.{name} must be a non-negative integer, got {settings[name]!r}")
