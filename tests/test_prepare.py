@@ -599,3 +599,31 @@ data: {{path: out, block_size: 32, batch_size: 8, val_windows: 8}}
     assert not set(ranks[0]["train"]) & set(ranks[1]["train"])
     val0, val1 = set(ranks[0]["val"]), set(ranks[1]["val"])
     assert len(val0) == len(val1) == 4 and not val0 & val1
+
+
+def test_every_input_safe_overwrite_that_fails_keeps_the_old_prepared_folder(tmp_path, prepared, monkeypatch):
+    """--overwrite builds the new folder beside the old one: a full disk while it is written leaves the old prepared
+    folder exactly as it was (it still loads) and nothing beside it; a finished one replaces it."""
+    from bdh_lightning.files import write_failure
+
+    write_documents(tmp_path / "src", count=20)
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.out, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    real_write = prepare_module.write_atomically
+
+    def manifest_on_a_full_disk(path, data, what=None):
+        if str(path).endswith(prepared_folders.MANIFEST):
+            raise write_failure(str(path), OSError(errno.ENOSPC, "No space left on device"))
+        return real_write(path, data, what)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module, "write_atomically", manifest_on_a_full_disk)
+        with pytest.raises(ResourceError, match="No space left on device"):
+            prepare(tmp_path / "src", copy, overwrite=True, num_workers=1)
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "src"]  # no half-built folder beside it
+    assert prepare(tmp_path / "src", copy, overwrite=True, num_workers=1) == 0
+    assert json.loads((copy / prepared_folders.MANIFEST).read_text())["sources"]["count"] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "src"]
+    assert not [p for p in copy.rglob(".old-*")]

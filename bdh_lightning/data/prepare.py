@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DataError, ResourceError, UsageError, finite_float, positive_int
 from ..estimate import format_bytes
-from ..files import remove, write_atomically, write_failure
+from ..files import remove, temporary_beside, write_atomically, write_failure
 from .corpus import ByteCorpus, list_corpus
 from .litdata import FORMAT, FORMAT_VERSION, INCOMPLETE, MANIFEST, SPLITS, is_prepared, is_url, require_litdata
 
@@ -219,6 +219,20 @@ def clear(output: str, splits=SPLITS) -> None:
     for name in (MANIFEST, SOURCES, ERROR):
         if os.path.exists(os.path.join(output, name)):
             os.remove(os.path.join(output, name))
+
+
+def swap_in(built: str, output: str) -> None:
+    """Replace prepare's own entries in `output` by those of the finished folder `built` (renames on one disk:
+    no space needed), the manifest last so that `output` loads as complete only once every split is in."""
+    os.replace(os.path.join(output, MANIFEST), os.path.join(built, ".old-" + MANIFEST))
+    for name in (*SPLITS, SOURCES):
+        old, new = os.path.join(output, name), os.path.join(built, name)
+        if os.path.exists(old):
+            os.replace(old, os.path.join(built, ".old-" + name))
+        if os.path.exists(new):
+            os.replace(new, old)
+    os.replace(os.path.join(built, MANIFEST), os.path.join(output, MANIFEST))
+    shutil.rmtree(built, ignore_errors=True)
 
 
 def claim_output(output: str, plan: str, overwrite: bool) -> dict:
@@ -513,21 +527,27 @@ def prepare_command(
     output = check_request(data, output, num_workers)
     started = time.monotonic()
     plan = plan_run(data, text_key)
-    created = not os.path.exists(output)
+    # --overwrite of a complete prepared folder builds the new one beside it, so a failure leaves the old one whole
+    replacing = overwrite and os.path.exists(os.path.join(output, MANIFEST))
+    target = str(temporary_beside(Path(output))) if replacing else output
+    created = not os.path.exists(target)
     try:
-        finished = claim_output(output, plan.digest, overwrite)
-        write_atomically(os.path.join(output, SOURCES), plan.sources.encode("utf-8", "surrogateescape"))
-        splits = pack(plan, data, output, finished, text_key, num_workers or os.cpu_count() or 1, progress)
-        write_json(os.path.join(output, MANIFEST), manifest_of(data, plan, text_key, splits, litdata.__version__))
-        os.remove(os.path.join(output, INCOMPLETE))  # from here on the directory loads as complete
+        finished = claim_output(target, plan.digest, overwrite)
+        write_atomically(os.path.join(target, SOURCES), plan.sources.encode("utf-8", "surrogateescape"))
+        splits = pack(plan, data, target, finished, text_key, num_workers or os.cpu_count() or 1, progress)
+        write_json(os.path.join(target, MANIFEST), manifest_of(data, plan, text_key, splits, litdata.__version__))
+        os.remove(os.path.join(target, INCOMPLETE))  # from here on the directory loads as complete
+        if replacing:
+            swap_in(target, output)
     except (OSError, ResourceError) as error:  # a full disk, an unwritable folder
-        clear(output)  # nothing half-written stays: what prepare wrote goes, the folder too if prepare made it
-        remove(Path(output, INCOMPLETE))
+        clear(target)  # nothing half-written stays: what prepare wrote goes, the folder too if prepare made it
+        remove(Path(target, INCOMPLETE))
         if created:
-            remove(Path(output))
+            remove(Path(target))
         if isinstance(error, ResourceError):
             raise
-        raise write_failure(error.filename or output, error, f"nothing was left in {output}") from None
+        kept = f"{output} is as it was" if replacing else f"nothing was left in {output}"
+        raise write_failure(error.filename or output, error, kept) from None
     seconds = time.monotonic() - started
     parts = ", ".join(f"{s} {format_bytes(splits[s]['bytes'])} ({splits[s]['documents']:,} documents)"
                       for s in SPLITS if splits[s]["documents"])  # fmt: skip
