@@ -21,7 +21,7 @@ from ..errors import DataError, finite_float, is_int
 from ..estimate import format_bytes
 from . import litdata
 from .corpus import TINYSHAKESPEARE, ByteCorpus, download_tinyshakespeare, list_corpus
-from .streams import StreamBatches, StreamLayout, validation_streams
+from .streams import StreamBatches, StreamLayout, validation_streams, worker_turns
 
 
 class TrainBatches(IterableDataset):
@@ -39,13 +39,7 @@ class TrainBatches(IterableDataset):
         return split_window(self.corpus.windows(offsets, self.block_size + 1))
 
     def __iter__(self):
-        # Workers take turns (DataLoader reads them round-robin), so the stream is the same for any num_workers.
-        worker = get_worker_info()
-        k = self.start + (worker.id if worker else 0)
-        step = worker.num_workers if worker else 1
-        while True:
-            yield self.batch(k)
-            k += step
+        return (self.batch(k) for k in worker_turns(self.start))
 
 
 class ValBatches(IterableDataset):

@@ -10,6 +10,8 @@ same streams exactly.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -80,13 +82,14 @@ class StreamBatches(IterableDataset):
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), positions
 
     def __iter__(self):
-        # Workers take turns, as the random windows do, so the stream is the same for any num_workers.
-        worker = get_worker_info()
-        k = self.start + (worker.id if worker else 0)
-        step = worker.num_workers if worker else 1
-        while True:
-            yield self.batch(k)
-            k += step
+        return (self.batch(k) for k in worker_turns(self.start))
+
+
+def worker_turns(start: int):
+    """Batch numbers start, start+1, ... as this DataLoader worker's share: workers take turns (DataLoader reads
+    them round-robin), so the batches come in the same order for any num_workers."""
+    worker = get_worker_info()
+    return itertools.count(start + (worker.id if worker else 0), worker.num_workers if worker else 1)
 
 
 def validation_streams(corpus, begin: int, end: int, block_size: int, windows: int, max_streams: int = 8):
