@@ -130,3 +130,19 @@ def scalar_tags(run_dir: Path) -> list[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
+
+
+def record_carried_losses(monkeypatch) -> list[float]:
+    """The loss of every carried-state training window, as the module computes it (rounded to 6 places), in order."""
+    from bdh_lightning.module import BDHLitModule
+
+    seen: list[float] = []
+    original = BDHLitModule.carried_loss
+
+    def recording(self, batch):
+        loss = original(self, batch)
+        seen.append(round(float(loss), 6))
+        return loss
+
+    monkeypatch.setattr(BDHLitModule, "carried_loss", recording)
+    return seen

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_ARGS, write_letters
+from conftest import TINY_ARGS, record_carried_losses, write_letters
 
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.errors import ConfigError, UsageError
 from bdh_lightning.layer import layer_norm, rope_cos_sin
 from bdh_lightning.model import BDH, BDHConfig
-from bdh_lightning.module import BDHLitModule, position_bucket
+from bdh_lightning.module import position_bucket
 from bdh_lightning.weights import load_weights, write_weights
 
 T, WINDOWS = 6, 5
@@ -160,15 +160,7 @@ FORM_ARGS = (
 def test_a_form_trains_resumes_exactly_and_validates_by_position(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_letters(tmp_path / "corpus.txt")
-    seen: list[float] = []
-    original = BDHLitModule.carried_loss
-
-    def recording(self, batch):
-        loss = original(self, batch)
-        seen.append(round(float(loss), 6))
-        return loss
-
-    monkeypatch.setattr(BDHLitModule, "carried_loss", recording)
+    seen = record_carried_losses(monkeypatch)
 
     def fit(root: str, steps: int, *extra: str) -> BDHCLI:
         args = ["fit", "--data.path", "corpus.txt", *FORM_ARGS, "--trainer.max_steps", str(steps)]

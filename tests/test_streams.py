@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, write_letters
+from conftest import TINY_ARGS, record_carried_losses, write_letters
 
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.data.streams import StreamBatches, StreamLayout, validation_streams
@@ -238,15 +238,7 @@ STREAM_ARGS = (
 def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_letters(tmp_path / "corpus.txt")
-    seen: list[float] = []
-    original = BDHLitModule.carried_loss
-
-    def recording(self, batch):
-        loss = original(self, batch)
-        seen.append(round(float(loss), 6))
-        return loss
-
-    monkeypatch.setattr(BDHLitModule, "carried_loss", recording)
+    seen = record_carried_losses(monkeypatch)
 
     def fit(root: str, steps: int, *extra: str) -> BDHCLI:
         args = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", str(steps)]
