@@ -87,6 +87,11 @@ TESTS = {
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
     "errors": ["tests/test_errors.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py"],
     "console": ["tests/test_console.py"],
+    # files: test_files.py without the tmpfs test (it mounts one with a subprocess; monkeypatched full disks stand in)
+    "files": [
+        "tests/test_files.py",
+        *("--deselect", "tests/test_files.py::test_a_real_full_disk_keeps_the_old_file_and_leaves_no_temporary"),
+    ],
     # insight: the planted-truth tests and test_insight.py's in-process ones (its command tests run subprocesses).
     "insight/graph": [
         "tests/test_insight_planted.py",
@@ -520,6 +525,18 @@ EQUIVALENT = [
         "    x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, )",  # fused_layer's arguments
         "fused_layer accepts chunk_size and ignores it (its tiles are its own)",
     ),
+    # files.py
+    *[
+        ("files", "remove", text, "a missing file's FileNotFoundError is an OSError, suppressed around it anyway")
+        for text in ("path.unlink(missing_ok=None)", "path.unlink(missing_ok=False)")
+    ],
+    (
+        "files",
+        "sync_tree",
+        "open(file, )",
+        "open's default mode reads; fsync needs only the descriptor, nothing is decoded",
+    ),
+    ("files", "write_atomically", 'data.encode("UTF-8")', "codec names ignore case"),
 ]
 
 

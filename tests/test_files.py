@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -101,3 +102,133 @@ def test_a_real_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 def test_temporary_is_hidden_beside_the_target():
     assert files.temporary_beside(Path("a/b.ckpt")) == Path(f"a/.b.ckpt.part-{os.getpid()}")
+
+
+@pytest.mark.parametrize(
+    "error, full",
+    [(OSError(errno.ENOSPC, "disk is full"), True), (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+     (RuntimeError("[enforce fail] No space left on device"), True), (OSError(errno.EACCES, "Permission denied"), False),
+     (RuntimeError("no space left"), False), (RuntimeError("unexpected pos 64"), False)],
+)  # fmt: skip
+def test_a_full_disk_is_known_by_its_errno_or_the_os_words(error, full):
+    assert files.is_disk_full(error) is full
+
+
+@pytest.mark.parametrize(
+    "error, written",
+    [(OSError(errno.EACCES, "Permission denied"), True), (RuntimeError("[enforce fail at inline_container.cc] write"), True),
+     (RuntimeError("PytorchStreamWriter failed writing file data/0"), True), (RuntimeError("a bug"), False),
+     (ValueError("write failed"), False)],
+)  # fmt: skip
+def test_a_write_error_is_an_oserror_or_torchs_writer_failing(error, written):
+    assert files.is_write_error(error) is written
+
+
+def test_torchs_unexpected_pos_on_a_nearly_full_disk_is_named_as_a_full_disk(tmp_path, monkeypatch):
+    unexpected = RuntimeError("[enforce fail at inline_container.cc:783] . unexpected pos 448 vs 342")
+    free = {"bytes": files.NEARLY_FULL - 1}
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda folder: SimpleNamespace(free=free["bytes"]))
+    cause = files.write_cause(unexpected, tmp_path)
+    assert isinstance(cause, OSError) and cause.errno == errno.ENOSPC and cause.strerror == "No space left on device"
+    full = OSError(errno.ENOSPC, "No space left on device: 'x'")
+    assert files.write_cause(full, tmp_path) is full  # the OS's own words kept
+    free["bytes"] = files.NEARLY_FULL  # exactly a mebibyte free: not nearly full
+    assert files.write_cause(unexpected, tmp_path) is unexpected
+
+    def unreadable(folder):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(files.shutil, "disk_usage", unreadable)
+    assert files.write_cause(unexpected, tmp_path) is unexpected
+
+
+def test_atomic_output_replaces_an_existing_folder_and_leaves_no_old_copy(tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "stale.json").write_text("old")
+    with atomic_output(report, folder=True) as folder:
+        (folder / "a.json").write_text("new")
+    assert sorted(os.listdir(report)) == ["a.json"] and (report / "a.json").read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["report"]
+
+
+def test_a_folder_written_over_a_link_replaces_the_link_not_what_it_points_to(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.json").write_text("keep")
+    (tmp_path / "report").symlink_to(elsewhere)
+    with atomic_output(tmp_path / "report", folder=True) as folder:
+        (folder / "a.json").write_text("new")
+    assert not (tmp_path / "report").is_symlink() and os.listdir(tmp_path / "report") == ["a.json"]
+    assert (elsewhere / "keep.json").read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["elsewhere", "report"]
+
+
+def fail_first_unlink(monkeypatch):
+    """os.unlink refuses its first file (whichever rmtree meets first), then works."""
+    real, refused = os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if not refused:
+            refused.append(path)
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    return refused
+
+
+def test_an_old_folder_that_cannot_be_fully_removed_does_not_fail_the_write(tmp_path, monkeypatch):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "stale.json").write_text("old")
+    with atomic_output(report, folder=True) as folder:
+        (folder / "a.json").write_text("new")
+        refused = fail_first_unlink(monkeypatch)
+    assert refused and (report / "a.json").read_text() == "new"
+
+
+def test_a_failed_folder_write_removes_what_it_can_of_its_temporary(tmp_path, monkeypatch):
+    """One file of the temporary cannot be removed: every other one still is."""
+    with pytest.raises(ResourceError):
+        with atomic_output(tmp_path / "report", folder=True) as folder:
+            for name in "abcdef":
+                (folder / f"{name}.json").write_text(name)
+            refused = fail_first_unlink(monkeypatch)
+            raise OSError(errno.EIO, "Input/output error")
+    left = [path.name for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(refused) == 1 and left == [Path(refused[0]).name]
+
+
+def test_removing_what_is_not_there_is_quiet(tmp_path):
+    files.remove(tmp_path / "never-written")
+    files.remove(tmp_path / "never-written-folder" / "x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_file_of_a_written_folder_is_synced_to_disk(tmp_path, monkeypatch):
+    synced, real = [], os.fsync
+
+    def fsync(handle):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{handle}")).name)
+        return real(handle)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_output(tmp_path / "report", folder=True) as folder:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "b.json").write_text("b")
+        (folder / "a.json").write_text("a")
+    assert synced[:2] == ["a.json", "b.json"] and synced[2:] == [tmp_path.name]  # then the rename, in its folder
+    synced.clear()
+    write_atomically(tmp_path / "one.txt", "x")
+    assert synced[0].startswith(".one.txt.part-") and synced[1:] == [tmp_path.name]
+
+
+def test_a_temporary_that_cannot_be_removed_still_fails_in_one_line(tmp_path, monkeypatch):
+    def full_disk(self, data):
+        self.write_text("half")
+        fail_first_unlink(monkeypatch)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(ResourceError, match="^cannot write out.txt .No space left on device."):
+        write_atomically(tmp_path / "out.txt", b"data", what="out.txt")
