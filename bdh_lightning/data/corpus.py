@@ -1,8 +1,5 @@
-"""A corpus of files: which files a data.path names, and their bytes read as one stream.
-
-The files are seen in sorted order as one stream of bytes, without being loaded: bytes are read with pread
-through a small cache of open files, so a corpus of any number of files holds at most MAX_OPEN_FILES
-descriptors, and a file that shrinks under a running job is a one-line DataError rather than a SIGBUS.
+"""A corpus of files: which files a data.path names, and their bytes read (pread, never loaded) as one stream
+through at most MAX_OPEN_FILES open descriptors; a file that shrinks under a running job is a DataError, not a SIGBUS.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ import urllib.request
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,10 +70,11 @@ class Listing:
         self._blob, self._ends = bytearray(), array("q")
         self._sizes, self._devices, self._inodes = array("q"), array("q"), array("q")
         self.left_out = Counter()  # reason -> count
-        self.files, self.sizes = PathList(prefix, b"", np.zeros(0, np.int64)), np.zeros(0, np.int64)
-        self.identities = None
 
     def add(self, file: str, info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            self.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
+            return
         if info.st_size == 0:
             self.left_out["empty"] += 1
             return
@@ -95,10 +94,7 @@ class Listing:
         ends, kept = np.frombuffer(self._ends, np.int64), np.flatnonzero(keep)
         starts = np.concatenate([[0], ends[:-1]])
         lengths = (ends - starts)[kept]
-        if keep.all():
-            blob = bytes(self._blob)
-        else:
-            blob = b"".join(self._blob[a:b] for a, b in zip(starts[kept], ends[kept]))
+        blob = bytes(self._blob) if keep.all() else b"".join(self._blob[a:b] for a, b in zip(starts[kept], ends[kept]))
         self.files = PathList(self.prefix, blob, np.cumsum(lengths))
         self.sizes = np.frombuffer(self._sizes, np.int64)[kept].copy()
         self.identities = identities[kept]
@@ -107,22 +103,17 @@ class Listing:
 
     def shared_with(self, other: Listing) -> list[str]:
         """Files of this listing that are the same files (device and inode) as files of `other`."""
-        mine = {tuple(pair) for pair in self.identities.tolist()}
         theirs = {tuple(pair) for pair in other.identities.tolist()}
-        return [self.files[i] for i, pair in enumerate(self.identities.tolist()) if tuple(pair) in theirs & mine]
+        return [self.files[i] for i, pair in enumerate(self.identities.tolist()) if tuple(pair) in theirs]
+
+
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device",
+              stat.S_IFBLK: "a device", stat.S_IFDIR: "a directory"}  # fmt: skip
 
 
 def kind_of(mode: int) -> str:
     """What a non-regular file is, in words."""
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    return "not a regular file"
+    return FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
 def short_kind(mode: int) -> str:
@@ -155,26 +146,29 @@ def walk(
         if excluded(rel, exclude):
             listing.left_out["excluded by data.exclude"] += 1
             continue
-        try:
-            info = os.stat(entry.path)  # follows links
-        except FileNotFoundError:
-            listing.left_out["broken link"] += 1
+        info = stat_entry(entry.path, listing)
+        if info is None:
             continue
-        except OSError as error:
-            raise DataError(
-                f"cannot read data file {entry.path}: {error.strerror or error}; fix it or leave it out with "
-                "data.exclude"
-            ) from None
-        if stat.S_ISDIR(info.st_mode):
-            if (info.st_dev, info.st_ino) in visited:
-                listing.left_out["directory already read through another link"] += 1
-                continue
+        if not stat.S_ISDIR(info.st_mode):
+            listing.add(entry.path, info)
+        elif (info.st_dev, info.st_ino) in visited:
+            listing.left_out["directory already read through another link"] += 1
+        else:
             visited.add((info.st_dev, info.st_ino))
             walk(entry.path, f"{rel}/", listing, exclude, include_hidden, visited)
-        elif stat.S_ISREG(info.st_mode):
-            listing.add(entry.path, info)
-        else:
-            listing.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
+
+
+def stat_entry(path: str, listing: Listing) -> os.stat_result | None:
+    """os.stat of a listed entry (following links); None for a broken link (counted), one line if unreadable."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        listing.left_out["broken link"] += 1
+        return None
+    except OSError as error:  # e.g. a link that loops
+        raise DataError(
+            f"cannot read data file {path}: {error.strerror or error}; fix it or leave it out with data.exclude"
+        ) from None
 
 
 def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> Listing:
@@ -194,15 +188,10 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
         raise DataError(f"cannot read data.path {path!r}: {error.strerror or error}") from None
     if info is not None and stat.S_ISREG(info.st_mode):
         listing.add(expanded, info)
-        if not len(listing.finish().files):
-            raise DataError(f"data.path {path!r} is an empty file (0 bytes); point data.path at text files")
+        nothing = "is an empty file (0 bytes); point data.path at text files"
     elif info is not None and stat.S_ISDIR(info.st_mode):
         walk(expanded, "", listing, exclude, include_hidden, {(info.st_dev, info.st_ino)})
-        if not len(listing.finish().files):
-            raise DataError(
-                f"data.path {path!r} is a directory with no files to read in it{left_out_words(listing)}; point "
-                "data.path at text files"
-            )
+        nothing = "is a directory with no files to read in it{}; point data.path at text files"
     elif info is not None:
         raise DataError(
             f"data.path {path!r} is {kind_of(info.st_mode)}, not a file or a directory; give a file, a "
@@ -215,13 +204,11 @@ def list_corpus(path: str, exclude: list[str] | None = None, include_hidden: boo
         )
     elif glob.has_magic(expanded):
         list_glob(expanded, listing, exclude)
-        if not len(listing.finish().files):
-            raise DataError(
-                f"data.path {path!r} is a glob that matches no files to read{left_out_words(listing)}; check "
-                "the pattern"
-            )
+        nothing = "is a glob that matches no files to read{}; check the pattern"
     else:
         raise DataError(f"data.path {path!r} does not exist; give a file, a directory or a glob")
+    if not len(listing.finish().files):  # a single file's "empty" goes without the count
+        raise DataError(f"data.path {path!r} " + nothing.format(left_out_words(listing)))
     return listing
 
 
@@ -233,21 +220,11 @@ def list_glob(pattern: str, listing: Listing, exclude: list[str]) -> None:
         if excluded(rel, exclude):
             listing.left_out["excluded by data.exclude"] += 1
             continue
-        try:
-            info = os.stat(match)
-        except FileNotFoundError:
-            listing.left_out["broken link"] += 1
-            continue
-        except OSError as error:  # e.g. a link that loops: one line, as inside a directory
-            raise DataError(
-                f"cannot read data file {match}: {error.strerror or error}; fix it or leave it out with data.exclude"
-            ) from None
-        if stat.S_ISREG(info.st_mode):
-            listing.add(match, info)
-        elif stat.S_ISDIR(info.st_mode):
+        info = stat_entry(match, listing)
+        if info is not None and stat.S_ISDIR(info.st_mode):
             listing.left_out["directories matched by the glob (use ** to read inside)"] += 1
-        else:
-            listing.left_out[f"not regular files ({short_kind(info.st_mode)})"] += 1
+        elif info is not None:
+            listing.add(match, info)
 
 
 def glob_matches(pattern: str, listing: Listing) -> set[str]:
@@ -312,24 +289,8 @@ class ByteCorpus:
     """
 
     def __init__(self, files: Sequence[str], sizes: Sequence[int] | None = None):
-        if sizes is None:
-            sizes = []
-            for file in files:
-                try:
-                    sizes.append(os.stat(file).st_size)
-                except OSError as error:
-                    raise DataError(
-                        f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
-                    ) from None
-        for file in files:
-            try:
-                with open(file, "rb", buffering=0):
-                    pass
-            except OSError as error:
-                raise DataError(
-                    f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
-                ) from None
-        sizes = np.asarray(sizes, dtype=np.int64)
+        opened_sizes = [size_if_readable(file) for file in files]
+        sizes = np.asarray(opened_sizes if sizes is None else sizes, dtype=np.int64)
         if (sizes == 0).any():  # empty files add nothing (a listing has none)
             keep = np.flatnonzero(sizes)
             files, sizes = [str(files[i]) for i in keep], sizes[keep]
@@ -412,15 +373,24 @@ class ByteCorpus:
         return torch.from_numpy(np.stack([self.read(int(o), length) for o in offsets]).astype(np.int64))
 
 
+def size_if_readable(file: str) -> int:
+    """The size of a file that opens for reading; a one-line DataError if it does not."""
+    try:
+        with open(file, "rb") as handle:
+            return os.fstat(handle.fileno()).st_size
+    except OSError as error:
+        raise DataError(
+            f"cannot read data file {file}: {error.strerror or error}; fix its permissions or leave it out"
+        ) from None
+
+
 def read_corpus(path: str, exclude: list[str] | None = None, include_hidden: bool = False) -> ByteCorpus:
     """The corpus at a local `path` (file, directory or glob) as one stream of bytes."""
     listing = list_corpus(path, exclude, include_hidden)
     return ByteCorpus(listing.files, listing.sizes)
 
 
-def cache_dir():
-    from pathlib import Path
-
+def cache_dir() -> Path:
     return Path(os.environ.get("BDH_LIGHTNING_CACHE", "~/.cache/bdh_lightning")).expanduser()
 
 
