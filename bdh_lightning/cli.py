@@ -31,7 +31,7 @@ from .checkpoints import (
     find_last,
     read_checkpoint,
 )
-from .console import RunReport, RunSummary, device_memory, memory_line
+from .console import RunReport, RunSummary, device_memory, format_bytes, memory_line
 from .data import ByteDataModule
 from .devices import cuda_present
 from .errors import (
@@ -46,9 +46,8 @@ from .errors import (
     positive_int,
     seed_setting,
 )
-from .estimate import choose_kernel, estimate_memory, format_bytes, largest_batch
+from .estimate import choose_kernel, estimate_memory, largest_batch
 from .faults import StopEveryRank, StopOnNonFinite, StopOnSignal
-from .insight import InsightMonitor
 from .model import STORED_SETTINGS, BDHConfig
 from .module import BDHLitModule
 from .monitor import SparsityMonitor, TextSample
@@ -168,6 +167,8 @@ class BDHCLI(LightningCLI):
         return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 
     def add_arguments_to_parser(self, parser) -> None:
+        from .insight.callback import InsightMonitor  # an optional feature: imported when the parser is built
+
         parser.add_argument(
             "--force",
             action=ActionYesNo,

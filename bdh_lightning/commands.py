@@ -18,9 +18,9 @@ import torch
 
 from .checkpoints import find_last, run_precision
 from .cli import parse_settings
-from .console import device_memory, say, shown
+from .console import abandon_stdout, device_memory, format_bytes, say, shown
 from .errors import ResourceError, UsageError, positive_int, sampling_settings, seed_setting, text_bytes
-from .estimate import estimate_memory, format_bytes, normalize_precision, parse_bytes, render
+from .estimate import estimate_memory, normalize_precision, parse_bytes, render
 from .files import output_paths, replace_atomically, temporary_beside, write_failure
 from .generate import Generator
 from .model import BDHConfig
@@ -56,16 +56,6 @@ def prompt_bytes(prompt: str | None, prompt_file: str | None) -> bytes:
     if not data:
         raise UsageError("the prompt is empty; give at least one byte with --prompt or --prompt_file")
     return data
-
-
-def abandon_stdout() -> None:
-    """Point standard output at /dev/null, so the interpreter's flush at exit cannot fail a second time."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, AttributeError, ValueError):
-        pass
 
 
 def check_sample_memory(model, num_samples: int, prompt_length: int, chunk_size: int, where: torch.device) -> None:

@@ -21,7 +21,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
 from .devices import cuda_total_memory
-from .estimate import format_bytes
 
 # Lightning's notices that say nothing about this run (each checked against Lightning 2.6's wording).
 QUIET_MESSAGES = (
@@ -73,6 +72,23 @@ def say(line: str) -> None:
     """One line to stderr in a single write (the lines of several ranks never interleave), control bytes escaped."""
     sys.stderr.write(shown(line) + "\n")
     sys.stderr.flush()
+
+
+def abandon_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's flush at exit cannot fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def duration(seconds: float) -> str:

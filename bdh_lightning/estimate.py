@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .console import format_bytes
 from .devices import device_memory_bytes
 from .errors import ConfigError
 from .errors import UsageError as EstimateError
@@ -57,13 +58,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
         raise EstimateError(f"--budget {text!r} is not a size; write it like 14GB, 14GiB or 8e9 (bytes)")
     return int(float(match.group(1)) * units[match.group(2).upper()])
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 # What a CUDA process holds beyond its tensors. Basis of each constant; none measured for BDH yet.

@@ -14,7 +14,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from .cli import BDHCLI, COMMANDS
-from .console import quiet, say
+from .console import abandon_stdout, quiet, say
 from .errors import BDHError, one_line
 from .faults import OUT_OF_MEMORY, is_out_of_memory
 
@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {OUT_OF_MEMORY}")
         return 1
     except BrokenPipeError:  # the reader went away (`| head`): end quietly, as other Unix tools do
-        from .commands import abandon_stdout
-
         abandon_stdout()
         return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:

@@ -41,8 +41,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_step  # noqa: E402
 
+from bdh_lightning.console import format_bytes  # noqa: E402
 from bdh_lightning.errors import ConfigError  # noqa: E402
-from bdh_lightning.estimate import estimate_memory, format_bytes  # noqa: E402
+from bdh_lightning.estimate import estimate_memory  # noqa: E402
 from bdh_lightning.kernels import resolve_kernel  # noqa: E402
 from bdh_lightning.module import BDHLitModule  # noqa: E402
 

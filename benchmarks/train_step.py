@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from measure import measure_peak_bytes, measure_step, tensor_bytes  # noqa: E402
 
-from bdh_lightning.estimate import estimate_memory, format_bytes  # noqa: E402
+from bdh_lightning.console import format_bytes  # noqa: E402
+from bdh_lightning.estimate import estimate_memory  # noqa: E402
 from bdh_lightning.model import BDH, BDHConfig  # noqa: E402
 from bdh_lightning.module import BDHLitModule  # noqa: E402
 from bdh_lightning.precision import precision as precision_row  # noqa: E402

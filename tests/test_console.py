@@ -10,6 +10,7 @@ import pytest
 from conftest import SUBPROCESS_ENV, TINY_ARGS, run_cli, scalar_tags, scalars, write_letters
 
 from bdh_lightning import cli as cli_module
+from bdh_lightning.console import format_bytes
 from bdh_lightning.main import main
 
 # TINY_ARGS without its "no progress bar": the report is the progress bar.
@@ -156,3 +157,10 @@ def test_every_input_safe_header_and_closing_block_without_the_progress_bar(tmp_
     for head in ("run ", "device ", "model ", "batch ", "kernel ", "memory ", "training ", "done ", "last "):
         assert any(line.startswith(head) for line in lines), (head, lines)
     assert not any(line.startswith("step ") for line in lines)  # the progress lines stay off
+
+
+def test_format_bytes_at_each_unit_boundary():
+    cases = {0: "0 B", 10.7: "10 B", 1023: "1023 B", 1024: "1.00 KiB", 1536: "1.50 KiB", 2**20 - 1: "1024.00 KiB",
+             2**20: "1.00 MiB", 3 * 2**20: "3.00 MiB", 2**30: "1.00 GiB", 2**31: "2.00 GiB", 3 * 2**30: "3.00 GiB",
+             -2048: "-2.00 KiB"}  # fmt: skip
+    assert {n: format_bytes(n) for n in cases} == cases

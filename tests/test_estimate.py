@@ -8,6 +8,7 @@ import yaml
 from measure import measure_step
 
 from bdh_lightning import estimate
+from bdh_lightning.console import format_bytes
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.estimate import (
     EstimateError,
@@ -188,13 +189,6 @@ def test_precision_16_is_estimated_as_lightnings_16_mixed(tmp_path, capsys):
     assert f"{true.kernels['chunked'].peak_bytes / 2**30:.2f}" == "1.60"
 
 
-def test_format_bytes_at_each_unit_boundary():
-    cases = {0: "0 B", 10.7: "10 B", 1023: "1023 B", 1024: "1.00 KiB", 1536: "1.50 KiB", 2**20 - 1: "1024.00 KiB",
-             2**20: "1.00 MiB", 3 * 2**20: "3.00 MiB", 2**30: "1.00 GiB", 2**31: "2.00 GiB", 3 * 2**30: "3.00 GiB",
-             -2048: "-2.00 KiB"}  # fmt: skip
-    assert {n: estimate.format_bytes(n) for n in cases} == cases
-
-
 def test_largest_batch_at_its_edges_and_with_several_ranks():
     kwargs = dict(n_layer=2, n_embd=64, n_head=2, mlp_internal_dim_multiplier=16)
 
@@ -212,7 +206,7 @@ def test_largest_batch_at_its_edges_and_with_several_ranks():
 
 def expected_render(report, budget, model_kwargs) -> list[str]:
     """render's layout, line by line, from the report's own numbers."""
-    b = estimate.format_bytes
+    b = format_bytes
     lines = [f"parameters: {report.parameters:,}",
              f"weights: {b(report.weight_bytes)}   gradients: {b(report.grad_bytes)}   AdamW state: {b(report.optimizer_bytes)}",
              f"batch {report.batch_size} x block {report.block_size}, precision {report.precision}, device {report.device_type}"]  # fmt: skip
@@ -243,7 +237,7 @@ def test_render_word_for_word():
         "model.kernel auto on CUDA uses the reference where its predicted peak fits the GPU with a margin, else "
         "chunked; on the CPU the reference for small layers (B*H*T*N under 2**23) and chunked above; never fused "
         "(Triton, keeps chunked's bytes; its GPU speed is not measured).")]  # fmt: skip
-    buckets = f"; DDP's gradient buckets ({estimate.format_bytes(report.bucket_bytes)}) are in the peak"
+    buckets = f"; DDP's gradient buckets ({format_bytes(report.bucket_bytes)}) are in the peak"
     expected = [
         *expected_render(report, 3 * 2**30, carried),
         device_line + " + 256.00 MiB NCCL buffers" + buckets,
@@ -321,7 +315,7 @@ def test_choose_kernel_word_for_word(monkeypatch):
         for k, m in estimate_memory({**tiny, "kernel": "auto"}, 4, 64, "bf16-mixed", "cuda").kernels.items()
     }
     need = {k: int(peak * 1.15) + 2**30 for k, peak in peaks.items()}  # the margins: 15% and 1 GiB
-    b = estimate.format_bytes
+    b = format_bytes
     asked = []
     monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: asked.append(device) or need["reference"] + 1)
     assert choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1") == (

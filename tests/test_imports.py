@@ -45,8 +45,13 @@ def imported_modules(name: str, is_package: bool, tree: ast.Module, known: set[s
     return found - {name, "__init__"}
 
 
-def package_imports() -> dict[str, set[str]]:
+def package_imports(at_import_time: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports; `at_import_time`: only its top-level imports, not those inside
+    functions (what `import module` loads)."""
     trees = modules()
+    if at_import_time:
+        top = (ast.Import, ast.ImportFrom)
+        trees = {name: ast.Module([n for n in tree.body if isinstance(n, top)], []) for name, tree in trees.items()}
     packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
     return {name: imported_modules(name, name in packages, tree, set(trees)) for name, tree in trees.items()}
 
@@ -91,6 +96,23 @@ def test_the_library_never_imports_the_commands():
     for module, imported in package_imports().items():
         if module not in COMMAND_FLOOR:
             assert not imported & COMMAND_FLOOR, f"{module} imports {imported & COMMAND_FLOOR}"
+
+
+# Optional features, imported where they are used: importing the core never loads them.
+OPTIONAL = ("insight", "kernels.fused")
+
+
+def test_the_core_loads_no_optional_feature_at_import_time():
+    graph = package_imports(at_import_time=True)
+    for module in graph:
+        if module.startswith(OPTIONAL):
+            continue
+        seen, todo = set(), [module]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        assert not {m for m in seen if m.startswith(OPTIONAL)}, f"importing {module} loads {sorted(seen)}"
 
 
 def top_level_imports(tree: ast.Module) -> set[str]:

@@ -458,7 +458,8 @@ def fake_run(module, monkeypatch, gpu_bytes, batch_size=8, block_size=256, preci
 
 def test_auto_on_cuda_takes_the_reference_where_it_fits(monkeypatch):
     """The run resolves `auto` once from the estimate and the GPU's memory (faked here)."""
-    from bdh_lightning.estimate import AUTO_FIXED_MARGIN, estimate_memory, format_bytes
+    from bdh_lightning.console import format_bytes
+    from bdh_lightning.estimate import AUTO_FIXED_MARGIN, estimate_memory
     from bdh_lightning.module import BDHLitModule
 
     settings = dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8)

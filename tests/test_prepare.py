@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from bdh_lightning.console import format_bytes
 from bdh_lightning.data import ByteDataModule
 from bdh_lightning.data import litdata as prepared_folders
 from bdh_lightning.data import prepare as prepare_module
 from bdh_lightning.data.prepare import PrepareData, document_split, prepare_command
 from bdh_lightning.errors import DataError, ResourceError, UsageError
-from bdh_lightning.estimate import format_bytes
 
 litdata = pytest.importorskip("litdata", reason="the stream extra (litdata) is part of the test extra")
 

@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from ..console import format_bytes
 from ..errors import DataError, is_int
-from ..estimate import format_bytes
 
 MANIFEST = "bdh_prepared.json"
 INCOMPLETE = ".bdh_prepare_incomplete"  # present from the first byte written until the manifest is

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..console import format_bytes
 from ..errors import DataError, finite_float, is_int
-from ..estimate import format_bytes
 from . import litdata
 from .corpus import TINYSHAKESPEARE, ByteCorpus, download_tinyshakespeare, list_corpus
 from .streams import StreamBatches, StreamLayout, validation_streams, worker_turns

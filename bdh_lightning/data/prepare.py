@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..console import format_bytes
 from ..errors import DataError, ResourceError, UsageError, finite_float, positive_int
-from ..estimate import format_bytes
 from ..files import remove, temporary_beside, write_atomically, write_failure
 from .corpus import ByteCorpus, list_corpus
 from .litdata import FORMAT, FORMAT_VERSION, INCOMPLETE, MANIFEST, SPLITS, is_prepared, is_url, require_litdata
