@@ -1,8 +1,5 @@
-"""Checkpoints, in one place: reading them without running code, finding `last`, checking that their weights
-fit the settings, writing them atomically, and loading the model they hold.
-
-A checkpoint is Lightning's: `state_dict` holds the BDH weights under `model.`, `hyper_parameters` the
-settings `BDHLitModule` was built with.
+"""Lightning checkpoints (BDH weights under `model.` in `state_dict`, the module's settings in `hyper_parameters`):
+read without running code, `last` found, checked against the settings before Lightning loads them, written atomically.
 """
 
 from __future__ import annotations
@@ -69,8 +66,7 @@ def load_plain(path: str | Path, checkpoint: bool = False) -> object:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The contents of a Lightning checkpoint, unpickled with weights_only=True: tensors and plain values only,
-    so a file carrying a pickled function or object is refused instead of run. Tensors stay memory-mapped."""
+    """The contents of a Lightning checkpoint, read by `load_plain` (nothing pickled is run; tensors memory-mapped)."""
     checkpoint = load_plain(path, checkpoint=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(
@@ -79,11 +75,14 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def weight_shapes(config: BDHConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return {name: tuple(t.shape) for name, t in BDH(config).state_dict().items()}
+
+
 def check_model_shape(checkpoint: dict, path: str | Path, model_args: dict) -> None:
     """Raise CheckpointError unless the checkpoint's weights have the shapes of the model `model_args` describe."""
-    config = BDHConfig.from_dict(model_args)
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = {f"model.{name}": tuple(t.shape) for name, t in BDH(config).state_dict().items()}
+    expected = {f"model.{name}": shape for name, shape in weight_shapes(BDHConfig.from_dict(model_args)).items()}
     saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items() if torch.is_tensor(t)}
     if not expected.keys() <= saved.keys():
         raise CheckpointError(
@@ -148,11 +147,7 @@ def last_good_checkpoint(trainer) -> tuple[str, int] | None:
     """(path, step) of the newest checkpoint this run wrote that is still on disk, or None: written by this process,
     never one of another run that the same folder or a resumed checkpoint's state would name."""
     io = getattr(trainer.strategy, "checkpoint_io", None)
-    written = getattr(io, "written", None) or []
-    for path, step in reversed(written):
-        if os.path.isfile(path):
-            return path, step
-    return None
+    return io.last_good() if isinstance(io, AtomicCheckpointIO) else None
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -191,12 +186,9 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to `<name>.part` in its own folder, syncs it to disk, then renames it over `<name>`.
-
-    A kill or power cut during the write leaves the previous file whole. (Lightning's writer buffers the whole
-    checkpoint in memory, writes it to the system temp folder and moves it into place: a copy, not a rename,
-    whenever that folder is on another file system, and never synced to disk.)
-    """
+    """Writes a checkpoint to `<name>.part` beside it, syncs it to disk, then renames it over `<name>`: a kill or power
+    cut during the write leaves the previous file whole (Lightning's writer goes through the system temp folder, a
+    copy whenever that is another file system, and never syncs)."""
 
     def __init__(self):
         super().__init__()
@@ -225,14 +217,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         step = checkpoint.get("global_step")
         self.written = [entry for entry in self.written if entry[0] != str(path)] + [(str(path), step)]
 
+    def last_good(self) -> tuple[str, int] | None:
+        return next(((path, step) for path, step in reversed(self.written) if os.path.isfile(path)), None)
+
     def last_good_words(self) -> str:
-        for written, step in reversed(self.written):
-            if os.path.isfile(written):
-                return (
-                    f"the last good checkpoint of this run is {written} (step {step}); free some space and resume "
-                    "from it with --ckpt_path"
-                )
-        return "this run saved no checkpoint before it; free some space and start again"
+        good = self.last_good()
+        if good is None:
+            return "this run saved no checkpoint before it; free some space and start again"
+        return (
+            f"the last good checkpoint of this run is {good[0]} (step {good[1]}); free some space and resume from it "
+            "with --ckpt_path"
+        )
 
 
 def run_precision(ckpt_path: Path) -> str | None:
