@@ -1,8 +1,6 @@
-"""Weights in and out: the reference's state_dict, safetensors, the Hugging Face layout and Lightning
-checkpoints, read without running code and checked before use (formats: docs/moving-weights.md).
-
-BDH's five tensors keep the reference's names (`pathwaycom/bdh`): embed.weight (V, D), encoder (H, D, N),
-encoder_v (H, D, N), decoder (H*N, D), lm_head (D, V); the reference's `attn.freqs` buffer is computed, not stored.
+"""Weights in and out (reference state_dict, safetensors, Hugging Face folder, Lightning checkpoint), read without
+running code and checked before use (docs/moving-weights.md). BDH's five tensors keep the reference's names:
+embed.weight (V, D), encoder (H, D, N), encoder_v (H, D, N), decoder (H*N, D), lm_head (D, V).
 """
 
 from __future__ import annotations
@@ -21,9 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .checkpoints import load_plain
+from .checkpoints import load_plain, weight_shapes
 from .errors import CheckpointError, ConfigError, ResourceError, UsageError, is_int, one_line
-from .files import output_paths, replace_atomically, temporary_beside
+from .files import output_paths, remove, replace_atomically, temporary_beside
 from .layer import rope_frequencies
 from .model import BDH, STORED_SETTINGS, BDHConfig
 
@@ -107,11 +105,8 @@ def read_torch_file(path: Path) -> Weights:
     if isinstance(content.get("state_dict"), dict):  # Lightning
         hparams = content.get("hyper_parameters")
         settings = {k: hparams[k] for k in STORED_SETTINGS if k in hparams} if isinstance(hparams, dict) else {}
-        tensors = {}
-        for key, value in content["state_dict"].items():
-            key = key.replace("_orig_mod.", "")
-            if key.startswith("model."):
-                tensors[key.removeprefix("model.")] = value
+        plain = {key.replace("_orig_mod.", ""): value for key, value in content["state_dict"].items()}
+        tensors = {key.removeprefix("model."): value for key, value in plain.items() if key.startswith("model.")}
         if not tensors:
             raise CheckpointError(f"{path} holds no BDH weights (no model.* keys); is it a checkpoint of this project?")
         return Weights(tensors, path, "lightning", settings, step_of(content.get("global_step")))
@@ -149,14 +144,7 @@ def read_settings_beside(path: Path) -> dict:
 
 def read_safetensors(path: Path) -> Weights:
     """Our safetensors file, or any safetensors file with BDH's or bdh-transformers' tensor names."""
-    try:
-        with safe_open(path, framework="pt") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({' '.join(str(error).split())}); use another one"
-        ) from None
+    tensors, metadata = safetensors_contents(path, "; use another one")
     try:
         settings = json.loads(metadata.get(METADATA + "settings", "{}"))
         step = int(metadata[METADATA + "step"]) if METADATA + "step" in metadata else None
@@ -195,17 +183,21 @@ def read_hf(folder: Path) -> Weights:
         raise CheckpointError(
             f"{folder} has no model.safetensors{sharded}; give a folder written by `export --format hf`"
         )
-    try:
-        with safe_open(weights_file, framework="pt") as file:
-            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{weights_file} is not a readable safetensors file ({' '.join(str(error).split())})"
-        ) from None
+    tensors, _ = safetensors_contents(weights_file)
     # transformers ties lm_head to the embedding unless told otherwise (and then does not store it).
     tied = config.get("tie_word_embeddings", True) and "lm_head.weight" not in tensors
     settings = {ours: config[theirs] for theirs, ours in HF_SETTINGS.items() if theirs in config}
     return Weights(from_hf_names(tensors, weights_file, tied), folder, "hf", settings)
+
+
+def safetensors_contents(path: Path, then: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; one CheckpointError line (ending in `then`) if unreadable."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            return {name: file.get_tensor(name) for name in file.keys()}, file.metadata() or {}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason}){then}") from None
 
 
 def from_hf_names(tensors: dict[str, torch.Tensor], path: Path, tied: bool) -> dict[str, torch.Tensor]:
@@ -265,11 +257,6 @@ def resolve_config(weights: Weights, settings: dict | None = None) -> BDHConfig:
         raise CheckpointError(f"{weights.path} has unusable model settings: {error}") from None
 
 
-def weight_shapes(config: BDHConfig) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        return {name: tuple(t.shape) for name, t in BDH(config).state_dict().items()}
-
-
 def describe(config: BDHConfig) -> str:
     return ", ".join(
         f"{k}={getattr(config, k)}" for k in ("n_layer", "n_embd", "n_head", "mlp_internal_dim_multiplier")
@@ -283,18 +270,16 @@ def check_weights(tensors: dict[str, torch.Tensor], config: BDHConfig, path: str
     given = {name: value for name, value in tensors.items() if name != FREQS}
     missing = [name for name in expected if name not in given]
     extra = sorted(given.keys() - expected.keys())
-    if missing or extra:
-        parts = [
-            f"missing {', '.join(missing)}" if missing else "",
-            f"unexpected {', '.join(extra[:5])}" if extra else "",
-        ]
-        raise CheckpointError(f"{path} does not hold BDH's weights: {'; '.join(p for p in parts if p)}")
+    parts = [f"missing {', '.join(missing)}"] if missing else []
+    if extra:
+        parts.append(f"unexpected {', '.join(extra[:5])}")
+    if parts:
+        raise CheckpointError(f"{path} does not hold BDH's weights: {'; '.join(parts)}")
     for name, shape in expected.items():
         if tuple(given[name].shape) != shape:
             raise CheckpointError(
                 f"{path}: {name} is {tuple(given[name].shape)} but {shape} with the model settings "
-                f"({describe(config)}); "
-                "use the settings the weights were trained with"
+                f"({describe(config)}); use the settings the weights were trained with"
             )
         if not given[name].is_floating_point():
             raise CheckpointError(
@@ -327,13 +312,8 @@ def load_weights(path: str | Path, settings: dict | None = None) -> tuple[BDHCon
 def load_model_from_checkpoint(
     path: str | Path, device: str | torch.device = "cpu", settings: dict | None = None
 ) -> BDH:
-    """The `BDH` held by a checkpoint of this project or an exported weights file, float32, eval mode, on `device`.
-
-    `path` is a .ckpt written by `fit`, a reference state_dict (.pt; its settings in the .json beside it), a
-    safetensors file, or a Hugging Face folder (weights.py). The model settings come from the file; `settings`
-    (n_layer, n_embd, n_head, mlp_internal_dim_multiplier, dropout) supply what it lacks and override what it
-    says. Only plain data is unpickled: a file that would run code is refused; the weights are checked.
-    """
+    """The `BDH` in a .ckpt written by `fit` or any file or folder `export` writes, checked, float32, eval mode, on
+    `device`. `settings` (n_layer, n_embd, ...) supply what the file does not say and override what it does."""
     config, tensors, _ = load_weights(path, settings)  # kernel: the machine's choice (auto), not the file's
     with torch.device("meta"):  # no random initialisation of weights about to be replaced
         model = BDH(config)
@@ -376,12 +356,7 @@ def hf_config(config: BDHConfig, dtype: torch.dtype) -> dict:
     return {
         "architectures": ["BDHForCausalLM"],
         "model_type": "bdh",
-        "num_hidden_layers": config.n_layer,
-        "hidden_size": config.n_embd,
-        "num_attention_heads": config.n_head,
-        "mlp_internal_dim_multiplier": config.mlp_internal_dim_multiplier,
-        "dropout": config.dropout,
-        "vocab_size": config.vocab_size,
+        **{theirs: getattr(config, ours) for theirs, ours in HF_SETTINGS.items()},
         "tie_word_embeddings": False,  # lm_head is its own weight (transformers would tie it to the embedding)
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
@@ -420,12 +395,14 @@ def export_paths(format: str, output: str | Path, overwrite: bool) -> list[Path]
 
 
 def sync(path: Path) -> None:
-    """Flush a written file to disk, with the permissions a new file gets here (safetensors writes 0600)."""
+    """Flush a written file (or each file of a written folder) to disk, with the permissions a new file gets here
+    (safetensors writes 0600)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    with open(path, "rb") as file:
-        os.fsync(file.fileno())
+    for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+        os.chmod(file, 0o666 & ~umask)
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def write_weights(
@@ -448,33 +425,24 @@ def write_weights(
         if format == "reference":
             torch.save(reference_state_dict(tensors, config), temporaries[0])
             temporaries[1].write_text(json.dumps(config.architecture(), indent=2) + "\n")
-            for temporary in temporaries:
-                sync(temporary)
         elif format == "safetensors":
-            save_file(
-                {name: tensors[name].contiguous() for name in WEIGHT_NAMES},
-                temporaries[0],
-                safetensors_metadata(config, step),
-            )
-            sync(temporaries[0])
+            ours = {name: tensors[name].contiguous() for name in WEIGHT_NAMES}
+            save_file(ours, temporaries[0], safetensors_metadata(config, step))
         else:
             folder = temporaries[0]
             folder.mkdir()
             dtype = tensors["encoder"].dtype
             (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2) + "\n")
             save_file(hf_tensors(tensors), folder / "model.safetensors", {"format": "pt"})
-            for name in ("config.json", "model.safetensors"):
-                sync(folder / name)
+        for temporary in temporaries:
+            sync(temporary)
         for temporary, target in zip(temporaries, targets):
             replace_atomically(temporary, target)
     except (OSError, SafetensorError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
         raise write_error(error, output, tensors) from None
     finally:
         for temporary in temporaries:
-            if temporary.is_dir():
-                shutil.rmtree(temporary, ignore_errors=True)
-            elif temporary.exists():
-                temporary.unlink()
+            remove(temporary)
     return targets
 
 
