@@ -1,7 +1,4 @@
-"""The `export` command: a checkpoint's weights in the reference's, safetensors or Hugging Face format (weights.py).
-
-It sits above checkpoints.py (for `--ckpt_path last`), which itself reads weights through weights.py.
-"""
+"""The `export` command: a checkpoint's weights in the reference's, safetensors or Hugging Face format (weights.py)."""
 
 from __future__ import annotations
 
