@@ -35,11 +35,8 @@ MAX_OPEN_FILES = 64  # descriptors one process keeps open for reading (least rec
 
 
 class PathList(Sequence):
-    """File paths kept compactly: one bytes blob of their names after a common prefix, and end offsets.
-
-    About 25 bytes per file (its name inside the corpus folder plus an offset) instead of a few hundred
-    for a list of str, so a listing of millions of files stays small and pickles cheaply to workers.
-    """
+    """File paths kept compactly (one bytes blob of their names after a common prefix, and end offsets): a listing
+    of millions of files stays small and pickles cheaply to workers."""
 
     def __init__(self, prefix: str, blob: bytes, ends: np.ndarray):
         self.prefix, self.blob, self.ends = prefix, blob, ends
@@ -57,12 +54,9 @@ class PathList(Sequence):
 
 
 class Listing:
-    """The regular files behind a data.path, each once, in sorted order, and a count of what was left out.
-
-    Files are recorded as they are found (name, size, device and inode, in compact arrays); `finish` drops
-    second links to a file already taken (same device and inode: symbolic or hard links) and makes `files`
-    (a PathList) and `sizes` (int64).
-    """
+    """The regular files behind a data.path, each once, in sorted order, and a count of what was left out. `add`
+    records them in compact arrays; `finish` drops second links to a file (same device and inode) and makes `files`
+    (a PathList), `sizes` (int64) and `identities` (device, inode)."""
 
     def __init__(self, path: str, prefix: str = ""):
         self.path, self.prefix = path, prefix
@@ -273,7 +267,7 @@ def folders_below(top: str, listing: Listing) -> list[str]:
 
 
 def left_out_words(listing: Listing) -> str:
-    """'; left out: 2 hidden, 1 empty' (or '' when nothing was left out)."""
+    """' (left out: 2 hidden, 1 empty)', or '' when nothing was left out."""
     if not listing.left_out:
         return ""
     return " (left out: " + ", ".join(f"{n} {reason}" for reason, n in sorted(listing.left_out.items())) + ")"
