@@ -82,7 +82,13 @@ TESTS = {
         "tests/test_module.py::test_choose_kernel_on_a_gpu_counts_the_carried_state",
         "tests/test_module.py::test_configure_model_chooses_the_kernel_once_from_the_data_and_precision",
     ],
-    "devices": ["tests/test_precision.py", "tests/test_estimate.py"],
+    # devices: a fake NVML; test_precision's two child-process tests left out (the probe's JSON is read in-process)
+    "devices": [
+        "tests/test_devices.py",
+        "tests/test_precision.py",
+        *("--deselect", "tests/test_precision.py::test_the_child_process_probe_runs"),
+        *("--deselect", "tests/test_precision.py::test_deciding_leaves_cuda_uninitialised_in_a_fresh_process"),
+    ],
     "generate": ["tests/test_generate.py", "tests/test_streams.py"],
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
     "errors": ["tests/test_errors.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py"],
