@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .kernels import KERNELS, apply_layer, layer_region, stream_layer_region
+from .kernels import KERNELS, apply_layer
 from .layer import layer_norm, reference_layer, rope_cos_sin, stream_attention
 
 # The settings that define the function the model computes (and the shapes of its weights). The others
@@ -148,10 +148,8 @@ class BDH(nn.Module):
         c = self.config
         cos, sin = rope_cos_sin(torch.arange(idx.shape[1], device=idx.device), c.neurons_per_head)
         x = self.embed_bytes(idx)
-        # One compile region for every layer; the Triton kernel (never run inside such a region yet) is called as is.
-        layer = apply_layer if c.kernel == "fused" else layer_region
         for _ in range(c.n_layer):
-            x = layer(
+            x = apply_layer(
                 x,
                 self.encoder,
                 self.encoder_v,
@@ -203,10 +201,10 @@ class BDH(nn.Module):
             if exact:  # generation: the read in float32 whatever the autocast
                 read = stream_attention(state, written, exact=True)
                 x = reference_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, read=read)
-            else:  # one compile region for every layer, as in forward
-                x, after = stream_layer_region(x, self.encoder, self.encoder_v, self.decoder, cos, sin, state,
-                                               kernel=c.kernel, dropout=c.dropout, training=self.training,
-                                               chunk_size=c.chunk_size)  # fmt: skip
+            else:
+                x, after = apply_layer(x, self.encoder, self.encoder_v, self.decoder, cos, sin, kernel=c.kernel,
+                                       dropout=c.dropout, training=self.training, chunk_size=c.chunk_size,
+                                       stream=True, state=state)  # fmt: skip
                 if form is not None and c.carry_mean:  # the weighted mean of the windows, this one included
                     after = (after + kept * form[1].to(after.dtype)) / form[2].to(after.dtype)
                 written.append(after)

@@ -642,12 +642,10 @@ def test_apply_layer_runs_the_kernel_it_names_with_dropout_in_training_only(stre
     inputs = [x, *weights]
 
     def run(kernel, training, p=0.3):
-        states = [] if stream else None
-        extra = dict(state=state, states_out=states) if stream else {}
+        extra = dict(stream=True, state=state) if stream else {}
         out = apply_layer(x, *weights, cos, sin, kernel=kernel, dropout=p, training=training, chunk_size=10, **extra)
+        out, states = (out[0], [out[1]]) if stream else (out, None)
         assert ran_chunked(out) == (kernel == "chunked")
-        if stream:
-            assert len(states) == 1
         return out, states
 
     def expected(mask=None, training=False, p=0.3):
@@ -749,11 +747,33 @@ def test_fused_is_handed_the_layer_and_the_applied_dropout(monkeypatch):
     assert len(calls) == 2 and calls[1][6:] == (0.3,)
     want = reference_layer(x, *weights, cos, sin, 0.3, True, dropout_mask=dropout_mask(seed, B, H, T, N, 0.3).double())
     assert_all_close([got], [want], 1e-10)
-    state, states, want_states = stream_state(B, H, N, D, torch.float64), [], []
-    got = kernels.apply_layer(x, *weights, cos, sin, kernel="fused", state=state, states_out=states)
+    state, want_states = stream_state(B, H, N, D, torch.float64), []
+    got, got_state = kernels.apply_layer(x, *weights, cos, sin, kernel="fused", stream=True, state=state)
     assert len(calls) == 2 and ran_chunked(got)
     want = reference_layer(x, *weights, cos, sin, read=stream_attention(state, want_states))
-    assert_all_close([got, *states], [want, *want_states], 1e-10)
+    assert_all_close([got, got_state], [want, *want_states], 1e-10)
+
+
+@pytest.mark.parametrize(
+    "kernel, stream, region",
+    [("chunked", False, True), ("reference", False, True), ("auto", False, True), ("fused", False, False),
+     ("fused", True, True), ("reference", True, True)],
+)  # fmt: skip
+def test_apply_layer_runs_through_the_compile_region_except_a_fused_window(monkeypatch, kernel, stream, region):
+    """Every layer goes through kernels.layer_region (one compile region), except the fused kernel's plain windows
+    (the Triton kernel has never run inside such a region); a stream window of `fused` runs chunked, in it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from bdh_lightning import kernels
+    from bdh_lightning.kernels import fused  # the plain import: triton's kernels compiled, not interpreted
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what lets resolve_kernel take fused on CPU tensors
+    called = []
+    monkeypatch.setattr(kernels, "layer_region", lambda x, *args: called.append(("region", *args[-5:-2])) or x)
+    monkeypatch.setattr(fused, "fused_layer", lambda x, *args, **kwargs: called.append(("plain",)) or x)
+    x, weights, cos, sin, _ = random_layer(torch.float64, **STREAM)
+    kernels.apply_layer(x, *weights, cos, sin, kernel=kernel, dropout=0.3, training=True, chunk_size=8, stream=stream)
+    resolved = "reference" if kernel == "auto" else kernel  # auto at this size on the CPU
+    assert called == [("region", resolved, 0.3, 8) if region else ("plain",)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -892,24 +912,25 @@ def test_kernel_names_and_messages(monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["reference", "chunked"])
 @pytest.mark.parametrize("fresh", [True, False])
-def test_apply_stream_layer_returns_the_state_apply_layer_appends(kernel, fresh):
-    """kernels.apply_stream_layer (forward_stream's compile region): the output and the written state of
-    apply_layer with a states_out list, the settings passed through (dropout in training, chunk_size)."""
-    from bdh_lightning.kernels import apply_layer, apply_stream_layer
+def test_apply_layer_on_a_stream_returns_the_output_and_the_state_after(kernel, fresh):
+    """apply_layer(stream=True) (forward_stream's call): the output and the state after the window that the kernel
+    computes from `state` (None: a fresh stream), the settings passed through (dropout in training, chunk_size)."""
+    from bdh_lightning.kernels import apply_layer
 
     x, weights, cos, sin, _ = random_layer(torch.float64, N=20)
     B, H, D, N = x.shape[0], weights[0].shape[0], x.shape[-1], 20
     state = None if fresh else torch.randn(B, H, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    settings = dict(kernel=kernel, dropout=0.25, training=True, chunk_size=6)
+    settings = dict(kernel=kernel, dropout=0.25, chunk_size=6, stream=True, state=state)
     written: list = []
     torch.manual_seed(3)
-    want = apply_layer(x, *weights, cos, sin, state=state, states_out=written, **settings)
+    if kernel == "chunked":
+        want = chunked_layer(x, *weights, cos, sin, 0.25, chunk_size=6, state=state, states_out=written)
+    else:
+        want = reference_layer(x, *weights, cos, sin, 0.25, True, read=stream_attention(state, written))
     torch.manual_seed(3)
-    got, got_state = apply_stream_layer(x, *weights, cos, sin, state, **settings)
-    assert torch.equal(got, want) and len(written) == 1 and torch.equal(got_state, written[0])
+    got, got_state = apply_layer(x, *weights, cos, sin, training=True, **settings)
+    assert torch.equal(got, want) and torch.equal(got_state, written[0])
     torch.manual_seed(3)
-    evaluated, _ = apply_stream_layer(x, *weights, cos, sin, state, **{**settings, "training": False})
+    evaluated, evaluated_state = apply_layer(x, *weights, cos, sin, **settings)
     assert not torch.equal(evaluated, want)  # no dropout outside training
-    torch.manual_seed(3)
-    plain = apply_layer(x, *weights, cos, sin, state=state, states_out=[], **{**settings, "training": False})
-    assert torch.equal(evaluated, plain)
+    assert torch.equal(evaluated_state, got_state)  # the state is the queries' and inputs': dropout never reaches it

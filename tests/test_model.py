@@ -361,19 +361,19 @@ def test_from_checkpoint_takes_the_architecture_and_this_machines_kernel():
         BDHConfig.from_checkpoint({"hyper_parameters": ["n_layer", 3]})
 
 
-def recorded_layer_settings(monkeypatch, region: str, run) -> list[dict]:
-    """The keyword settings each layer call of `run(model)` hands `region` (model.layer_region or
-    model.stream_layer_region, the compile regions around kernels.apply_layer), for a chunked model with dropout."""
+def recorded_layer_settings(monkeypatch, run) -> list[dict]:
+    """The keyword settings (all but the state) each layer call of `run(model)` hands kernels.apply_layer, for a
+    chunked model with dropout."""
     import bdh_lightning.model as model_module
 
     calls = []
-    real_layer = getattr(model_module, region)
+    real_layer = model_module.apply_layer
 
     def recording_layer(*args, **kwargs):
-        calls.append(kwargs)
+        calls.append({k: v for k, v in kwargs.items() if k != "state"})
         return real_layer(*args, **kwargs)
 
-    monkeypatch.setattr(model_module, region, recording_layer)
+    monkeypatch.setattr(model_module, "apply_layer", recording_layer)
     config = BDHConfig(
         n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, dropout=0.3, kernel="chunked", chunk_size=32
     )
@@ -392,20 +392,8 @@ def test_forward_and_forward_stream_hand_each_layer_the_kernel_settings(monkeypa
 
     want = dict(kernel="chunked", dropout=0.3, chunk_size=32)
     expected = [{**want, "training": True}] * 3 + [{**want, "training": False}] * 3
-    assert recorded_layer_settings(monkeypatch, "layer_region", forward) == expected
-    assert recorded_layer_settings(monkeypatch, "stream_layer_region", forward_stream) == expected
-
-
-@pytest.mark.parametrize("kernel, region", [("chunked", True), ("reference", True), ("auto", True), ("fused", False)])
-def test_forward_runs_layers_through_the_compile_region_except_fused(monkeypatch, kernel, region):
-    import bdh_lightning.model as model_module
-
-    called = []
-    monkeypatch.setattr(model_module, "layer_region", lambda x, *args, **kwargs: called.append("region") or x)
-    monkeypatch.setattr(model_module, "apply_layer", lambda x, *args, **kwargs: called.append("plain") or x)
-    config = BDHConfig(n_layer=3, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, kernel=kernel)
-    BDH(config)(random_bytes(1, 5))
-    assert called == ["region" if region else "plain"] * 3
+    assert recorded_layer_settings(monkeypatch, forward) == expected
+    assert recorded_layer_settings(monkeypatch, forward_stream) == [{**e, "stream": True} for e in expected]
 
 
 def test_forward_stream_exact_reads_in_float32_under_autocast_and_drops_out_in_training():

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from ..layer import reference_layer, stream_attention
+from ..layer import causal_attention, reference_layer, stream_attention
 from .chunked import chunked_layer
 
 # The layer implementations `model.kernel` can name; `auto` picks one of the others per device and size.
@@ -73,59 +73,40 @@ def apply_layer(
     dropout: float = 0.0,
     training: bool = False,
     chunk_size: int = 0,
+    stream: bool = False,
     state: torch.Tensor | None = None,
-    states_out: list | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One layer on x: (B, 1, T, D) with the implementation `kernel` stands for here (weights in, not a module).
 
-    With `states_out` (a list) the window continues a stream: the attention also reads `state` (B, H, N, D,
-    the earlier windows' sum of qᵀ x; None = a new stream), and the state after the window is appended to
-    `states_out` (see layer.stream_attention). The fused kernel does not read a carried state: `fused`
-    runs chunked then.
+    With `stream` the window continues a stream: the attention also reads `state` (B, H, N, D, the earlier
+    windows' sum of qᵀ x; None = a new stream) and the call returns (output, the state after the window)
+    (see layer.stream_attention). The fused kernel does not read a carried state: `fused` runs chunked then.
     """
     B, _, T, _ = x.shape
     H, _, N = encoder.shape
     chosen = resolve_kernel(kernel, x.device, n_wide=B * H * T * N)
-    if states_out is not None:
-        if chosen == "reference":
-            read = stream_attention(state, states_out)
-            return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training, read=read)
-        p = dropout if training else 0.0
-        return chunked_layer(
-            x, encoder, encoder_v, decoder, cos, sin, p, chunk_size=chunk_size, state=state, states_out=states_out
-        )
-    if chosen == "reference":
-        return reference_layer(x, encoder, encoder_v, decoder, cos, sin, dropout, training)
-    if chosen == "fused":
+    p = dropout if training else 0.0  # the dropout applied
+    if chosen == "fused" and not stream:  # experimental: never run inside a compile region yet
         from .fused import fused_layer  # imports triton: only when asked for
 
-        return fused_layer(
-            x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size
-        )
-    return chunked_layer(x, encoder, encoder_v, decoder, cos, sin, dropout if training else 0.0, chunk_size=chunk_size)
-
-
-def apply_stream_layer(
-    x: torch.Tensor,
-    encoder: torch.Tensor,
-    encoder_v: torch.Tensor,
-    decoder: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    state: torch.Tensor | None,
-    **settings,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_layer` for a window continuing a stream, returning (output, the state after the window) instead
-    of appending to a list: a function without side effects, so it can be a compile region."""
-    written: list[torch.Tensor] = []
-    x = apply_layer(x, encoder, encoder_v, decoder, cos, sin, state=state, states_out=written, **settings)
-    return x, written[0]
+        return fused_layer(x, encoder, encoder_v, decoder, cos, sin, p, chunk_size=chunk_size)
+    return layer_region(x, encoder, encoder_v, decoder, cos, sin, chosen, p, chunk_size, stream, state)
 
 
 # `torch.compile` traces BDH's layers (one set of weights, the same shapes) as one nested region compiled once
 # and stamped out n_layer times, instead of unrolling every layer into one graph: the chunked kernel's heads and
 # chunks unroll into many kernels, and compiling them for every layer took minutes (BENCHMARKS.md). Outside
-# torch.compile the wrappers just call the function.
-_compile_region = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)  # torch >= 2.8
-layer_region = _compile_region(apply_layer)
-stream_layer_region = _compile_region(apply_stream_layer)
+# torch.compile the wrapper just calls the function.
+@getattr(torch.compiler, "nested_compile_region", lambda fn: fn)  # torch >= 2.8
+def layer_region(x, encoder, encoder_v, decoder, cos, sin, kernel, p, chunk_size, stream, state):
+    """`apply_layer` once the kernel is resolved (reference, or chunked for the others) and `p` is the dropout
+    applied: a function without side effects, so it can be a compile region."""
+    written: list[torch.Tensor] | None = [] if stream else None
+    if kernel == "reference":
+        read = stream_attention(state, written) if stream else causal_attention
+        x = reference_layer(x, encoder, encoder_v, decoder, cos, sin, p, training=True, read=read)
+    else:
+        x = chunked_layer(
+            x, encoder, encoder_v, decoder, cos, sin, p, chunk_size=chunk_size, state=state, states_out=written
+        )
+    return (x, written[0]) if stream else x
