@@ -22,6 +22,10 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 import torch  # noqa: E402
 
+# Under pytest-xdist (`-n 2`, what CI runs) each worker gets one thread: two 2-thread workers on 2 cores run slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 # One OpenMP thread per child: two 2-thread torch processes on 2 cores run about 3x slower.
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}

@@ -750,15 +750,24 @@ def test_killing_one_data_parallel_rank_is_one_line_on_the_other(tmp_path):
     proc, _ = start_slow_run(
         tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
     )
-    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == proc.pid]
-    assert len(children) == 1, children  # Lightning started rank 1 as a child of rank 0
-    os.kill(children[0], signal.SIGKILL)
+    # Lightning started rank 1 as a child of rank 0; told apart from any other child by its LOCAL_RANK
+    children = [p for p in Path("/proc").iterdir() if p.name.isdigit() and parent_of(p) == proc.pid]
+    rank_one = [int(p.name) for p in children if b"\0LOCAL_RANK=1\0" in b"\0" + environ_of(p)]
+    assert len(rank_one) == 1, [p.name for p in children]
+    os.kill(rank_one[0], signal.SIGKILL)
     err = finish(proc, timeout=180)
     lines = error_lines(err)
     assert proc.returncode == 1 and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("error: another process of this run stopped (") and lines[0].endswith(
         "resume with --ckpt_path last"
     )
+
+
+def environ_of(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "environ").read_bytes()
+    except OSError:
+        return b""
 
 
 def parent_of(proc_dir: Path) -> int | None:
