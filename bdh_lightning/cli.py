@@ -215,7 +215,6 @@ class BDHCLI(LightningCLI):
             check_model_shape(self.checkpoint, config.ckpt_path, config.model)
             note_replaced_model_settings(self.model_settings_given, config.model.as_dict())
         check_trainer_settings(config.trainer)
-        check_cpu_devices(config.trainer)
         check_workers(config.data)
         if config.model.get("carry_state") and config.data.get("sampling") != "streams":
             raise ConfigError(
@@ -421,16 +420,13 @@ def plan_memory(config) -> list[str]:
     device = run_device(config.trainer)
     if device.type == "cuda" and not cuda_present():
         return []  # asked for a GPU this machine lacks: Lightning's trainer says so in one line
-    model, data = config.model.as_dict(), config.data
+    model, data, ranks = config.model.as_dict(), config.data, world_size(config.trainer)
     precision = str(config.trainer.precision)
     try:
-        report = estimate_memory(
-            model, data.batch_size, data.block_size, precision, device.type, world_size(config.trainer)
-        )
-        BDHConfig.from_dict(model)
+        report = estimate_memory(model, data.batch_size, data.block_size, precision, device.type, ranks)
+        c = BDHConfig.from_dict(model)
     except (BDHError, TypeError, ValueError):
         return []  # the settings themselves are wrong: the module or data module says so in one line
-    c = BDHConfig.from_dict(model)
     have, what = device_memory(device)
     # The module resolves `auto` the same way when training starts (BDHLitModule.choose_kernel).
     best, why = choose_kernel(
@@ -447,7 +443,7 @@ def plan_memory(config) -> list[str]:
         why += f"; the carried state, {format_bytes(report.state_bytes)} (twice that during a step), is included below"
     peak = report.kernels[best].device_bytes  # on CUDA with the context, workspaces and allocator slack
     if have and peak > have and not config.get("force"):
-        fits = largest_batch(model, data.block_size, precision, device.type, best, have, world_size(config.trainer))
+        fits = largest_batch(model, data.block_size, precision, device.type, best, have, ranks)
         accumulate = config.trainer.accumulate_grad_batches or 1
         if fits:
             same = -(-data.batch_size * accumulate // fits)
@@ -462,17 +458,6 @@ def plan_memory(config) -> list[str]:
             f"{format_bytes(have)}; {advice}; --force starts it anyway"
         )
     return [f"kernel     {why.removeprefix('kernel ')}", memory_line(peak, device)]
-
-
-def check_cpu_devices(trainer_config) -> None:
-    """Lightning runs any number of CPU "devices" (one process each); more than the cores here is a mistake."""
-    on_cpu = trainer_config.accelerator == "cpu" or (trainer_config.accelerator == "auto" and not cuda_present())
-    devices = trainer_config.devices
-    cores = len(os.sched_getaffinity(0))
-    if on_cpu and str(devices).isdigit() and int(devices) > cores:
-        raise UsageError(
-            f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; use at most {cores}"
-        )
 
 
 def check_trainer_settings(trainer_config) -> None:
@@ -497,6 +482,14 @@ def check_trainer_settings(trainer_config) -> None:
             raise UsageError(
                 f"trainer.devices must be a positive number of devices or auto{' (or -1: every GPU)' if on_gpu else ''}"
                 f", got {devices!r}"
+            )
+        # Lightning runs any number of CPU "devices" (one process each); more than the cores here is a mistake.
+        on_cpu = trainer_config.accelerator == "cpu" or (trainer_config.accelerator == "auto" and not cuda_present())
+        cores = len(os.sched_getaffinity(0))
+        if on_cpu and count > cores:
+            raise UsageError(
+                f"trainer.devices {devices} asks for {devices} CPU processes but this machine has {cores} cores; "
+                f"use at most {cores}"
             )
 
 

@@ -1,13 +1,12 @@
-"""The subcommands beside fit/validate/test, each a typed function: its signature and docstring are its --help.
-
-`main.py` builds each parser from the signature with jsonargparse and calls the function; errors are
-`errors.BDHError`s, printed there in one line.
-"""
+"""`generate` and `estimate`, typed functions: the signature and docstring are the --help (`main.run_command`
+builds the parser with jsonargparse); errors are `errors.BDHError`s, printed by main in one line."""
 
 from __future__ import annotations
 
 import codecs
+import math
 import os
+import re
 import stat
 import sys
 import time
@@ -20,9 +19,9 @@ from .checkpoints import find_last, run_precision
 from .cli import parse_settings
 from .console import abandon_stdout, device_memory, format_bytes, say, shown
 from .errors import ResourceError, UsageError, positive_int, sampling_settings, seed_setting, text_bytes
-from .estimate import estimate_memory, normalize_precision, parse_bytes, render
+from .estimate import estimate_memory, normalize_precision, render
 from .files import output_paths, replace_atomically, temporary_beside, write_failure
-from .generate import Generator
+from .generate import sample_bytes
 from .model import BDHConfig
 from .precision import compute_dtype, default_precision
 from .weights import load_model_from_checkpoint
@@ -166,12 +165,9 @@ def sample_paths(output: str | None, num_samples: int, overwrite: bool, raw: boo
             raise UsageError("standard output is closed; give --output FILE to write the text to a file")
         return []
     path = Path(output)
-    paths = (
-        [path]
-        if num_samples == 1
-        else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(num_samples)]
-    )
-    return output_paths(paths, overwrite)
+    if num_samples == 1:
+        return output_paths([path], overwrite)
+    return output_paths([path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(num_samples)], overwrite)
 
 
 def checkpoint_to_read(ckpt_path: str, logs_dir: str, paths: list[Path]) -> Path:
@@ -188,16 +184,10 @@ def checkpoint_to_read(ckpt_path: str, logs_dir: str, paths: list[Path]) -> Path
 def stream_samples(model, sink, data: bytes, num_samples: int, max_new_tokens: int, seed, dtype, settings) -> float:
     """Generate into `sink` (closed when done, aborted on any failure); the seconds it took."""
     where = model.encoder.device
-    generator = torch.Generator(device=where)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    idx = torch.tensor(list(data), dtype=torch.long, device=where).expand(num_samples, -1)
     start = time.perf_counter()
     try:
         with torch.autocast(where.type, dtype=dtype, enabled=dtype != torch.float32):
-            for byte in Generator(model, num_samples).generate(idx, max_new_tokens, generator=generator, **settings):
+            for byte in sample_bytes(model, data, max_new_tokens, num_samples, seed, **settings):
                 sink.add(byte.tolist())
         sink.close()
     except BaseException:
@@ -358,7 +348,7 @@ def estimate_command(
     if chosen is None:
         chosen = default_precision() if here else ("bf16-mixed" if target == "cuda" else "32-true")
     name = normalize_precision(chosen)
-    limit = budget_bytes(budget) if budget else None
+    limit = parse_bytes(budget) if budget else None
     if limit is None and here:
         limit, _ = device_memory(torch.device(target))
     print(f"predicting for {'this machine: ' if here else ''}{target}, precision {name}")
@@ -366,10 +356,17 @@ def estimate_command(
     return 0
 
 
-def budget_bytes(budget: str) -> int:
-    try:
-        return parse_bytes(budget)
-    except OverflowError:  # 1e400: an infinite float
-        raise UsageError(
-            f"--budget {budget!r} is not a finite size; write it like 14GB, 14GiB or 8e9 (bytes)"
-        ) from None
+# --budget's units: decimal (GB = 10^9) and binary (GiB = 2^30).
+BYTE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """--budget: '14GB' (10^9), '14GiB' (2^30), '512MB', '8e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in BYTE_UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"--budget {text!r} is not a size; write it like 14GB, 14GiB or 8e9 (bytes)")
+    size = float(match.group(1)) * BYTE_UNITS[match.group(2).upper()]
+    if not math.isfinite(size):  # 1e400
+        raise UsageError(f"--budget {text!r} is not a finite size; write it like 14GB, 14GiB or 8e9 (bytes)")
+    return int(size)

@@ -1,8 +1,5 @@
-"""What a run prints: a header before training, progress in steps, a closing block, and nothing else by default.
-
-Lightning's own notices (tips, warnings about its internals, the model summary) are filtered by `quiet`
-unless `--no_quiet` is given; a user's own warnings still show. Everything goes to stderr from global rank 0,
-each line in one write, so a log file reads like the terminal without carriage-return redraws.
+"""What a run prints, to stderr from global rank 0, one write per line: a header before training, progress in
+steps, a closing block. Lightning's own notices are filtered (`quiet`) unless `--no_quiet` is given.
 """
 
 from __future__ import annotations
@@ -41,15 +38,9 @@ def quiet() -> None:
     """Silence the framework's noise (warnings from its own modules, its info logs); keep the user's warnings."""
     for pattern in QUIET_MESSAGES:
         warnings.filterwarnings("ignore", message=pattern)
-    for module in (
-        r"lightning(\..*)?",
-        r"pytorch_lightning(\..*)?",
-        r"torch(\..*)?",
-        r"jsonargparse(\..*)?",
-        r"torchmetrics(\..*)?",
-    ):
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    for package in ("lightning", "pytorch_lightning", "torch", "jsonargparse", "torchmetrics"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=rf"{package}(\..*)?")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{package}(\..*)?")
     for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)  # "GPU available: ...", "💡 Tip: ...", seeds
 

@@ -1,16 +1,13 @@
 """Predict the memory of a training step before a run starts, and choose the kernel that fits.
 
-Every tensor autograd keeps for backward is written down below with its size and dtype, per layer and once
-per step (the inventory was taken with saved-tensor hooks; tests/measure.py measures a real step and the
-tests hold the two within 15%). The peak adds weights, gradients, AdamW state and the largest transient
-working set. On CUDA, `device_bytes` adds the context, cuBLAS workspaces, allocator slack and NCCL buffers:
-constants, not yet measured on a GPU (`PREDICTION_NOTE`).
+Every tensor autograd keeps for backward is counted below with its size and dtype (an inventory taken with
+saved-tensor hooks; tests/measure.py holds the two within 15% of real CPU steps), plus weights, gradients,
+AdamW state, the largest transient working set and, on CUDA, the context and allocator overheads.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +16,7 @@ from .console import format_bytes
 from .devices import device_memory_bytes
 from .errors import ConfigError
 from .errors import UsageError as EstimateError
+from .kernels import CPU_CHUNKED_FROM, resolve_kernel
 from .kernels.chunked import chunk_width
 from .model import BDHConfig
 from .precision import PRECISIONS, precision
@@ -40,44 +38,16 @@ def normalize_precision(name) -> str:
         raise EstimateError(str(error)) from None
 
 
-def parse_bytes(text: str) -> int:
-    """'14GB' (10^9), '14GiB' (2^30), '512MB', '8e9' -> bytes."""
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in units or float(match.group(1)) <= 0:
-        raise EstimateError(f"--budget {text!r} is not a size; write it like 14GB, 14GiB or 8e9 (bytes)")
-    return int(float(match.group(1)) * units[match.group(2).upper()])
-
-
-# What a CUDA process holds beyond its tensors. Basis of each constant; none measured for BDH yet.
-# The CUDA context: driver state and the kernel images of torch's libraries. With lazy module loading (the
-# default since CUDA 11.7 / PyTorch 1.13) nvidia-smi shows about 300-600 MiB for a PyTorch process before its
-# first tensor on A100/H100-class GPUs; we count the top of that range.
+# What a CUDA process holds beyond its tensors (sources' figures; none measured for BDH yet):
+# the context, driver state and torch's kernel images: 300-600 MiB in nvidia-smi with lazy loading (CUDA >= 11.7);
 CUDA_CONTEXT_BYTES = 600 * 2**20
-# cuBLAS workspaces: PyTorch's default CUBLAS_WORKSPACE_CONFIG is :4096:8 (32 MiB) on Hopper and newer,
-# :4096:2:16:8 (about 8 MiB) before; one per handle and stream, and the forward (main thread) and the
-# backward (autograd's device thread) use one handle each.
+# cuBLAS workspaces, CUBLAS_WORKSPACE_CONFIG :4096:8 (32 MiB) on Hopper, one for the forward's thread, one for
+# autograd's;
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
-# The caching allocator rounds blocks (512 B; 2 MiB segments, larger requests to 2 MiB multiples) and keeps
-# freed blocks it cannot reuse for other sizes: memory_reserved commonly exceeds the allocated peak by
-# 5-20% in training loops (less with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). We add 15%.
+# the caching allocator's rounding and blocks it cannot reuse: reserved is 5-20% above the allocated peak;
 ALLOCATOR_SLACK = 0.15
-# NCCL's own buffers (cudaMalloc, outside torch's allocator): NCCL_BUFFSIZE (4 MiB) per channel and peer in
-# each direction; one node's ring of NVLink GPUs uses up to 32 channels, about 256 MiB.
+# NCCL's own buffers: NCCL_BUFFSIZE (4 MiB) per channel, peer and direction, up to 32 channels on one node.
 NCCL_BUFFER_BYTES = 256 * 2**20
-# The tested accuracy of `peak_bytes`: within 15% of real CPU steps (tests/test_estimate.py).
-PEAK_TOLERANCE = 0.15
 PREDICTION_NOTE = (
     "predicted, not measured: tensors within 15% of measured CPU steps; the CUDA context, cuBLAS workspaces, "
     "allocator slack and NCCL buffers are modelled, not yet checked on a GPU"
@@ -242,23 +212,23 @@ def largest_batch(
 
 
 def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
+    """The table `estimate` prints."""
     r = report
     lines = [
         f"parameters: {r.parameters:,}",
         f"weights: {format_bytes(r.weight_bytes)}   gradients: {format_bytes(r.grad_bytes)}   "
         f"AdamW state: {format_bytes(r.optimizer_bytes)}",
         f"batch {r.batch_size} x block {r.block_size}, precision {r.precision}, device {r.device_type}",
-        *(
-            [
-                f"carried state (model.carry_state): {format_bytes(r.state_bytes)} kept between steps, twice that "
-                "during a step (the incoming and the written state), in every kernel's peak"
-            ]
-            if r.state_bytes
-            else []
-        ),  # fmt: skip
-        f"{'kernel':<10} {'saved for backward':>20} {'transient':>12} {'predicted peak':>16} {'device needs':>14}"
-        + ("   fits" if budget else ""),
     ]
+    if r.state_bytes:
+        lines.append(
+            f"carried state (model.carry_state): {format_bytes(r.state_bytes)} kept between steps, twice that "
+            "during a step (the incoming and the written state), in every kernel's peak"
+        )
+    lines.append(
+        f"{'kernel':<10} {'saved for backward':>20} {'transient':>12} {'predicted peak':>16} {'device needs':>14}"
+        + ("   fits" if budget else "")
+    )
     for kernel, mem in r.kernels.items():
         row = (f"{kernel:<10} {format_bytes(mem.saved_bytes):>20} {format_bytes(mem.transient_bytes):>12} "
                f"{format_bytes(mem.peak_bytes):>16} {format_bytes(mem.device_bytes):>14}")  # fmt: skip
@@ -303,14 +273,9 @@ def choose_kernel(
     device_bytes: int | None = None,
     carry_state: bool = False,
 ) -> tuple[str, str]:
-    """(kernel, one-line reason) for a run: what `config.kernel` stands for at this batch, block, precision
-    and device. `auto` on CUDA: the reference if its predicted peak fits `device_bytes` (default: the
-    device's total memory) with the margins above, else chunked; on the CPU kernels.resolve_kernel's
-    measured rule. `carry_state`: the run carries state between windows (its bytes count). The reason is for
-    the run's header, e.g. "kernel chunked: reference needs 192.77 GiB,
-    the GPU has 79.10 GiB"."""
-    from .kernels import CPU_CHUNKED_FROM, resolve_kernel
-
+    """(kernel, one-line reason for the run's header) for what `config.kernel` stands for in this run. `auto` on
+    CUDA: the reference if its predicted peak fits `device_bytes` (default: the device's) with the margins above,
+    else chunked; on the CPU kernels.resolve_kernel's rule. `carry_state`: the carried state's bytes count."""
     device = torch.device(device)
     B, T, H, N = batch_size, block_size, config.n_head, config.neurons_per_head
     if config.kernel != "auto":

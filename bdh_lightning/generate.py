@@ -92,6 +92,21 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_bytes(
+    model: BDH, prompt: bytes, max_new_tokens: int, num_samples: int = 1, seed: int | None = None, **settings
+) -> Iterator[torch.Tensor]:
+    """`num_samples` continuations of `prompt`, yielded a (num_samples,) tensor of bytes at a time; `settings` are
+    `Generator.generate`'s (temperature, top_k, top_p, chunk_size). The same seed gives the same bytes."""
+    device = model.encoder.device
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    idx = torch.tensor(list(prompt), dtype=torch.long, device=device).expand(num_samples, -1)
+    return Generator(model, num_samples).generate(idx, max_new_tokens, generator=generator, **settings)
+
+
 def generate_text(
     model: BDH,
     prompt: bytes,
@@ -104,14 +119,6 @@ def generate_text(
     chunk_size: int = 256,
 ) -> list[bytes]:
     """The new bytes of `num_samples` continuations of `prompt` (used by the training callbacks)."""
-    device = model.encoder.device
-    generator = torch.Generator(device=device)
-    if seed is not None:
-        generator.manual_seed(seed)
-    else:
-        generator.seed()
-    idx = torch.tensor(list(prompt), dtype=torch.long, device=device).expand(num_samples, -1)
-    new = list(
-        Generator(model, num_samples).generate(idx, max_new_tokens, temperature, top_k, top_p, generator, chunk_size)
-    )
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+    new = list(sample_bytes(model, prompt, max_new_tokens, num_samples, seed, **settings))
     return [bytes(row) for row in torch.stack(new, dim=1).tolist()]

@@ -57,15 +57,12 @@ PEER_LOST_MARKERS = (
 )
 
 
-def is_peer_lost(error: BaseException) -> bool:
-    return any(marker in str(error) for marker in PEER_LOST_MARKERS)
-
-
-def peer_lost_words(error: BaseException) -> str:
+def peer_lost(error: BaseException) -> str | None:
+    """What gloo or NCCL said, if `error` says the process at the other end of a collective has gone."""
     for marker in PEER_LOST_MARKERS:
         if marker in str(error):
             return marker[0].lower() + marker[1:]
-    return one_line(error)[:200]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {one_line(error)}")
         return 2
     except RuntimeError as error:  # torch's allocator, or cuBLAS/cuDNN/NCCL failing to get memory: one line
-        if is_peer_lost(error):
+        if peer_lost(error):
             say(
-                f"error: another process of this run stopped ({peer_lost_words(error)}); see its own output for why, "
+                f"error: another process of this run stopped ({peer_lost(error)}); see its own output for why, "
                 "then resume with --ckpt_path last"
             )
             return 1

@@ -8,14 +8,10 @@ import yaml
 from measure import measure_step
 
 from bdh_lightning import estimate
+from bdh_lightning.commands import parse_bytes
 from bdh_lightning.console import format_bytes
 from bdh_lightning.errors import ConfigError
-from bdh_lightning.estimate import (
-    EstimateError,
-    estimate_memory,
-    largest_batch,
-    parse_bytes,
-)
+from bdh_lightning.estimate import EstimateError, estimate_memory, largest_batch
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
 

@@ -1,10 +1,6 @@
-"""How a layer is computed (`model.kernel`), behind one entry point, `apply_layer`.
-
-- `reference`: `layer.reference_layer` under plain autograd (keeps B x H x T x N tensors for backward).
-- `chunked`: `chunked.chunked_layer`, the same function recomputing the N-wide tensors in backward.
-- `fused`: `fused.fused_layer`, Triton kernels; experimental until a GPU has measured it (`auto` never picks it).
-
-All compute the same function with the same weights, so checkpoints do not depend on the choice.
+"""How a layer is computed (`model.kernel`), behind one entry point, `apply_layer`: `reference` (layer.py under
+autograd), `chunked` (chunked.py, recomputing the N-wide tensors in backward) or `fused` (fused.py, Triton,
+experimental: `auto` never picks it). All compute the same function with the same weights.
 """
 
 from __future__ import annotations
@@ -21,21 +17,17 @@ from .chunked import chunked_layer
 # The layer implementations `model.kernel` can name; `auto` picks one of the others per device and size.
 KERNELS = ("auto", "reference", "chunked", "fused")
 
-# Where `auto` switches to `chunked` on the CPU, in elements of one B x H x T x N tensor. Measured with
-# benchmarks/train_step.py, 2 threads (BENCHMARKS.md): tiny (2.1 M) equal speed; 8gb at batch 2 (6.3 M)
-# reference 12% faster; 14gb at batch 1 (9.4 M) chunked 30% faster. Above it the reference's N-wide
-# tensors stop fitting in cache and memory traffic dominates.
+# Where `auto` switches to `chunked` on the CPU, in elements of one B x H x T x N tensor: above it the reference's
+# N-wide tensors stop fitting in cache (measured, BENCHMARKS.md).
 CPU_CHUNKED_FROM = 2**23
 
 
 def resolve_kernel(kernel: str, device: torch.device, n_wide: int = 0) -> str:
     """The implementation `kernel` stands for on `device`; `ConfigError` if it cannot run there.
 
-    `auto` on the CPU depends on `n_wide`, the elements of one B x H x T x N tensor: `reference` below
-    CPU_CHUNKED_FROM, `chunked` from there up (measured, see CPU_CHUNKED_FROM). On CUDA a training run
-    resolves `auto` once, by predicted memory (`estimate.choose_kernel`: the reference where it fits the
-    GPU, else chunked); where nothing resolved it (a bare `BDH` on a GPU) `auto` is `chunked`, the kernel
-    that fits.
+    `auto` on the CPU: `reference` below CPU_CHUNKED_FROM elements of one B x H x T x N tensor (`n_wide`), else
+    `chunked`. On CUDA a training run resolves `auto` by predicted memory (`estimate.choose_kernel`); where
+    nothing did (a bare `BDH` on a GPU) it is `chunked`, the kernel that fits.
     """
     if kernel == "auto":
         return "reference" if device.type == "cpu" and n_wide < CPU_CHUNKED_FROM else "chunked"

@@ -1,8 +1,6 @@
-"""The chunked kernel: the reference layer's function without keeping N-wide tensors for backward.
-
-It keeps the D-wide layer input, the attention read y (normalised) and the T x T scores S, and recomputes
-the N-wide activations in backward one head and one chunk of neurons at a time. Dropout masks come from a
-seed (masks.py), so the layer has no Python RNG and no host sync: `torch.compile` traces it whole.
+"""The chunked kernel: the reference layer's function, keeping only D-wide tensors and the T x T scores for
+backward and recomputing the N-wide activations there one head and one chunk of neurons at a time. Dropout
+masks come from a seed (masks.py): no Python RNG, no host sync, so `torch.compile` traces it whole.
 """
 
 from __future__ import annotations

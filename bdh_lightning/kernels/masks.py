@@ -1,15 +1,13 @@
-"""Dropout keep/drop masks from a counter-based hash: a pure integer function of (seed, head, row, position,
-neuron), so the same seed gives the same mask for any chunking, on any device, under any default dtype,
-and inside a compiled graph or a Triton kernel (HASH.md states the formula; the Triton kernel uses the same).
-
-All arithmetic is on unsigned 32-bit values held in int64 tensors (or Python ints), masked with M32 after
-every multiply: the multipliers are below 2**31, so a 32-bit value times one fits in int64.
+"""Dropout masks from a counter-based hash of (seed, head, row, position, neuron): the same seed gives the same
+mask for any chunking, device or default dtype, compiled or in a Triton kernel (HASH.md states the formula).
 """
 
 from __future__ import annotations
 
 import torch
 
+# Unsigned 32-bit values held in int64 tensors (or Python ints), masked with M32 after every multiply: the
+# multipliers are below 2**31, so a 32-bit value times one fits in int64.
 M32 = 0xFFFFFFFF
 MIX_MUL_1 = 0x21F0AAAD
 MIX_MUL_2 = 0x735A2D97
@@ -47,7 +45,7 @@ def keep_mask(seed, head, rows, positions, neurons, p: float) -> torch.Tensor:
     (B, T, chunk) block. Each mix runs on the shape of the indices so far, so the prefix up to the
     position is computed once per (head, row, position) and only the last mix runs over the whole block.
     """
-    return survives(mix32(position_hash(seed, head, rows, positions) ^ neurons), p)
+    return survives(entry_hash(seed, head, rows, positions, neurons), p)
 
 
 def position_hash(seed, head, rows, positions):
