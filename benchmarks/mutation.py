@@ -93,6 +93,15 @@ TESTS = {
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
     "errors": ["tests/test_errors.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py"],
     "console": ["tests/test_console.py"],
+    "monitor": ["tests/test_monitor.py", "tests/test_insight.py::test_sparsity_counts_equal_the_monitors"],
+    "throughput": ["tests/test_throughput.py"],
+    # faults: its callbacks driven directly with fakes (test_faults.py and test_fault_sync.py run them for real, in
+    # child processes), and one real fit whose loss goes NaN between checks
+    "faults": [
+        "tests/test_faults_callbacks.py",
+        "tests/test_fault_sync.py::test_out_of_memory_is_recognised_whoever_ran_out",
+        "tests/test_fault_sync.py::test_nan_between_checks_and_no_save_is_caught_at_the_last_step",
+    ],
     # files: test_files.py without the tmpfs test (it mounts one with a subprocess; monkeypatched full disks stand in)
     "files": [
         "tests/test_files.py",
@@ -543,6 +552,106 @@ EQUIVALENT = [
         "open's default mode reads; fsync needs only the descriptor, nothing is decoded",
     ),
     ("files", "write_atomically", 'data.encode("UTF-8")', "codec names ignore case"),
+    # monitor.py
+    *[
+        ("monitor", "sample", text, "str.encode and bytes.decode default to UTF-8, and codec names ignore case")
+        for text in (
+            'encode(errors="surrogateescape")',
+            'encode("UTF-8"',
+            'decode(errors="backslashreplace")',
+            'decode("UTF-8"',
+        )
+    ],  # fmt: skip
+    *[
+        (
+            "monitor",
+            "SparsityMonitorǁ__init__",
+            text,
+            "on_validation_epoch_start sets it before any batch of every validation",
+        )
+        for text in ("self.entries = None", "self.entries = 1")
+    ],
+    ("monitor", "on_validation_batch_end", "dataloader_idx=1", "the dataloader index is not read"),
+    # throughput.py
+    *[
+        ("throughput", f, text, "a batch is (inputs, targets), both (B, T): the targets' shape is the inputs'")
+        for f, text in (("add", "batch[1].shape[0]"), ("add", "batch[1].numel()"), ("batch_flops", "batch[1].shape"))
+    ],
+    ("throughput", "batch_flops", "training=None", "None is falsy as False is: forward FLOPs either way"),
+    *[
+        (
+            "throughput",
+            "ThroughputMonitorǁ__init__",
+            text,
+            "setup (available_flops, world_size) or on_train_start (train) sets it before any hook reads it",
+        )
+        for text in (
+            'self.available_flops: float | None = ""',
+            "self.world_size = None",
+            "self.world_size = 2",
+            'self.train: Span | None = ""',
+        )
+    ],  # fmt: skip
+    (
+        "throughput",
+        "_evaluation_end",
+        "if not trainer.is_global_zero and trainer.sanity_checking or self.evaluation is None:",
+        "a span is only ever started on rank 0 outside a sanity check: elsewhere evaluation is None either way",
+    ),
+    ("throughput", "on_validation_batch_end", "dataloader_idx=1", "the dataloader index is not read"),
+    # insight/probes.py
+    *[
+        ("insight/probes", "ranking", text, "scipy's defaults written out: two-sided, axis 0")
+        for text in ("mannwhitneyu(x, y, axis=0)", 'mannwhitneyu(x, y, alternative="two-sided", )')
+    ],
+    ("insight/probes", "ranking", 'alternative="TWO-SIDED"', "scipy reads the alternative in any case"),
+    ("insight/probes", "permutation_null", "(size, n)), )", "argsort's default axis, -1, is 1 for the 2-D draws"),
+    (
+        "insight/probes",
+        "permutation_null",
+        "chunk: int = 101",
+        "rows of n consecutive draws from one stream: the same relabellings in chunks of any size",
+    ),
+    (
+        "insight/probes",
+        "permutation_null",
+        "seed: int = 1",
+        "another fixed seed: an equally valid, equally "
+        "reproducible draw of the null (its statistics are tested, not one draw)",
+    ),
+    *[
+        ("insight/probes", "ranking", text, "mean sentence values are finite: Mann-Whitney gives no NaN to replace")
+        for text in ("np.nan_to_num(U, )", "nan=pairs * 2", "nan=pairs / 3", "np.nan_to_num(p, )", "nan=2.0")
+    ],
+    (
+        "insight/probes",
+        "ranking",
+        "(null[None, :] > effect[:, None] - 1e-9)",
+        "U and the null are multiples of 1/2: none lies within 1e-9 below an effect without equalling it",
+    ),
+    *[
+        (
+            "insight/probes",
+            "ranking",
+            text,
+            "differs only at a p-value of exactly 0.05: no exact Mann-Whitney p of "
+            "small samples is (searched), asymptotic ones are not round",
+        )
+        for text in ("int((p <= ALPHA).sum())", "int((p_bh <= ALPHA).sum())", "int((p_holm <= ALPHA).sum())")
+    ],
+    # insight/graph.py
+    *[
+        ("insight/graph", "community_order", text, "an array of Python ints is int64 anyway")
+        for text in ("if i not in seen], dtype=None)", "if i not in seen], )")
+    ],
+    ("insight/graph", "degree_summary", 'kind="STABLE"', "numpy reads the sort kind in any case"),
+    ("insight/graph", "modularity", "labels[pairs[:, 1]], 1]]", "an inside edge's two endpoints have one label"),
+    (
+        "insight/graph",
+        "modularity",
+        "total = np.bincount(labels, weights=degree, )",
+        "labels holds every label up to its largest: bincount's length is labels.max() + 1 anyway",
+    ),
 ]
 
 
