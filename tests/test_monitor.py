@@ -1,5 +1,9 @@
 """Seeing inside: the FLOPs count, the sparsity counts, and what a tiny run writes to TensorBoard."""
 
+import io
+import sys
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -143,3 +147,88 @@ def test_every_input_safe_the_closing_sample_escapes_control_bytes_as_generate_d
     sample.on_fit_end(trainer, None)
     printed = capsys.readouterr().out
     assert printed == "\n--- sample after 3 steps ---\nTo be\\x1b[2J\\x1b]0;owned\\x07\\x0d\\xc2\\x9b\tok\n\n---\n"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [(lambda: TextSample(prompt=""), "sample.prompt must hold at least one byte"),
+     (lambda: TextSample(prompt=1), "sample.prompt must be UTF-8 text, got 1"),
+     (lambda: TextSample(length=-1), "sample.length must be a non-negative integer (0 = no sample), got -1"),
+     (lambda: TextSample(top_k=0), "sample.top_k must be in 1..256 (there are 256 bytes), got 0"),
+     (lambda: TextSample(temperature=-1.0), "sample.temperature must be"),
+     (lambda: TextSample(seed=-1), "sample.seed must be an integer from 0 to 2**64 - 1, got -1"),
+     (lambda: SparsityMonitor(max_batches=0), "sparsity.max_batches must be positive or null (all batches), got 0")],
+)  # fmt: skip
+def test_bad_callback_settings_are_named_with_their_config_key(make, message):
+    with pytest.raises(ConfigError) as error:
+        make()
+    assert str(error.value).startswith(message)
+
+
+def test_callback_defaults_are_the_documented_ones():
+    sample = TextSample()
+    assert (sample.prompt, sample.length, sample.temperature, sample.top_k, sample.seed) == ("\n", 200, 0.8, None, 1337)
+    assert SparsityMonitor().max_batches is None and SparsityMonitor(max_batches=1).max_batches == 1
+
+
+def test_the_sample_is_generate_text_with_every_setting(tmp_path):
+    """Prompt bytes the shell passed undecoded (0xff) are kept, and temperature, top_k and seed all reach the
+    sampler: the sample is exactly generate_text's continuation of those bytes."""
+    from bdh_lightning.generate import generate_text
+
+    torch.manual_seed(0)
+    module = BDHLitModule(**TINY, dropout=0.0)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    sample = TextSample(prompt="a\udcff", length=24, temperature=0.05, top_k=3, seed=11)
+    (new,) = generate_text(module.model, b"a\xff", 24, temperature=0.05, top_k=3, seed=11)
+    text = sample.sample(trainer, module)
+    assert text == (b"a\xff" + new).decode("utf-8", errors="backslashreplace") and text.startswith("a\\xff")
+    others = [generate_text(module.model, b"a\xff", 24, **settings)[0] for settings in
+              ({"temperature": 1.0, "top_k": 3, "seed": 11}, {"temperature": 0.05, "seed": 11},
+               {"temperature": 0.05, "top_k": 3, "seed": 12})]  # fmt: skip
+    assert all(other != new for other in others)  # each setting changes this sample: the test can tell
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def add_text(self, tag, text, global_step):
+        self.calls.append((tag, text, global_step))
+
+
+def test_the_logged_sample_is_a_markdown_code_block_at_the_validation_step(monkeypatch):
+    sample = TextSample()
+    monkeypatch.setattr(sample, "sample", lambda trainer, module: "To be\nor not")
+    experiment = Recorder()
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, loggers=[SimpleNamespace(experiment=experiment)],
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=7)))  # fmt: skip
+    sample.on_validation_end(trainer, None)
+    assert experiment.calls == [("sample", "    To be\n    or not", 7)]
+
+
+def test_the_closing_sample_is_flushed_at_once(monkeypatch):
+    """Printed with flush: a piped log shows the sample before whatever the process writes next."""
+    sample = TextSample(length=5)
+    monkeypatch.setattr(sample, "sample", lambda trainer, module: "ok")
+    flushed = []
+
+    class Stdout(io.StringIO):
+        def flush(self):
+            flushed.append(self.getvalue())
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    sample.on_fit_end(SimpleNamespace(is_global_zero=True, global_step=3), None)
+    assert flushed == ["\n--- sample after 3 steps ---\nok\n---\n"]
+
+
+def test_sparsity_fractions_are_averaged_over_the_ranks_and_nothing_is_logged_without_batches():
+    monitor = SparsityMonitor()
+    logged = []
+    module = SimpleNamespace(log=lambda name, value, **kwargs: logged.append((name, float(value), kwargs)))
+    monitor.on_validation_epoch_end(None, module)  # no batch counted (sanity check only): nothing to log
+    assert logged == []
+    monitor.counts, monitor.entries = torch.tensor([[1, 2, 3]]), 4
+    monitor.on_validation_epoch_end(None, module)
+    assert logged == [(f"sparsity/layer0/{name}", value, {"sync_dist": True})
+                      for name, value in (("a", 0.25), ("b", 0.5), ("ab", 0.75))]  # fmt: skip
