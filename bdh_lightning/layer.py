@@ -85,7 +85,7 @@ def causal_attention(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def stream_attention(state: torch.Tensor | None, states_out: list, exact: bool = False) -> AttentionRead:
-    """The attention read of a window that continues a stream (the paper's carried state, and generation).
+    """The attention read of a window that continues a stream (a carried state, and generation).
 
     read(q, x) = ln(q M + strict_lower(q qᵀ) x), where M (B, H, N, D, float32 or wider) is the sum of qᵀ x over every
     earlier byte of the stream (None: the stream starts here). It is a constant: gradients stay within the

@@ -41,7 +41,9 @@ SIZES = {
     "8gb": dict(n_layer=4, n_embd=192, n_head=4, mlp_internal_dim_multiplier=64),
 }
 # form name -> (carried state? (None: streams read window-local), model settings, reset every R windows (0 = never),
-# "curriculum", or "jump R": every R windows each row resets and jumps to a random place of the split)
+# "curriculum", "jump R": every R windows each row resets and jumps to a random place of the split, or
+# "pool P jump R": P such streams (staggered, P a multiple of the batch), each step reads batch of them in turn)
+MEAN_DECAY = {"carry_mean": True, "carry_half_lives": "short,long"}
 FORMS = {
     "random windows": (False, {}, 0),
     "streams, no state": (None, {}, 0),
@@ -52,6 +54,14 @@ FORMS = {
     "mean, half-lives 64/1024": (True, {"carry_mean": True, "carry_half_lives": "short,long"}, 0),
     "mean, curriculum": (True, {"carry_mean": True}, "curriculum"),
     "decay 64/1024, jump every 8": (True, {"carry_half_lives": "short,long"}, "jump 8"),
+    "sum, staggered jump every 2": (True, {}, "pool 8 jump 2"),
+    "sum, pool 64, jump every 2": (True, {}, "pool 64 jump 2"),
+    "decay 64/1024, staggered jump every 8": (True, {"carry_half_lives": "short,long"}, "pool 8 jump 8"),
+    "decay 64/1024, pool 64, jump every 8": (True, {"carry_half_lives": "short,long"}, "pool 64 jump 8"),
+    "decay 64/1024, pool 64, jump every 4": (True, {"carry_half_lives": "short,long"}, "pool 64 jump 4"),
+    "mean+decay, pool 64, jump every 8": (True, MEAN_DECAY, "pool 64 jump 8"),
+    "mean+decay, staggered jump every 8": (True, MEAN_DECAY, "pool 8 jump 8"),
+    "mean+decay, pool 64, jump every 32": (True, MEAN_DECAY, "pool 64 jump 32"),
 }
 BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, 10**9))
 LN2 = math.log(2)
@@ -85,6 +95,38 @@ def batch_at(data: torch.Tensor, offsets, T: int, device) -> tuple[torch.Tensor,
     return windows[:, :-1], windows[:, 1:]
 
 
+class Pool:
+    """P streams, each R windows from a random place of the split, then a fresh one (state zeroed). Stream p's
+    first stream is R - p % R windows long, so the resets are staggered. Step after step the B rows read the
+    streams in turn (a new random order every P / B steps): with P > B consecutive steps see unrelated text."""
+
+    def __init__(self, rule: str, rng, n: int, B: int, T: int, model: BDH):
+        _, P, _, R = rule.split()
+        self.P, self.R, self.B, self.T, self.rng, self.n = int(P), int(R), B, T, rng, n
+        self.left = [0] * self.P  # windows left in each stream
+        self.first = [self.R - p % self.R for p in range(self.P)]
+        self.start, self.since, self.order = [0] * self.P, [0] * self.P, []
+        c = model.config
+        shape = (self.P, c.n_head, c.neurons_per_head, c.n_embd)
+        self.states = [torch.zeros(shape, device=model.lm_head.device) for _ in range(c.n_layer)]
+
+    def step(self, data, device):
+        if not self.order:
+            self.order = [int(p) for p in (self.rng.permutation(self.P) if self.P > self.B else range(self.P))]
+        rows, self.order = self.order[: self.B], self.order[self.B :]
+        for p in rows:
+            if self.left[p] == 0:
+                self.start[p] = int(self.rng.integers(0, self.n - self.R * self.T - 1))
+                self.since[p], self.left[p], self.first[p] = 0, self.first[p] or self.R, 0
+                for s in self.states:
+                    s[p] = 0
+        x, y = batch_at(data, [self.start[p] + self.since[p] * self.T for p in rows], self.T, device)
+        positions = torch.tensor([self.since[p] * self.T for p in rows], device=device)
+        for p in rows:
+            self.since[p], self.left[p] = self.since[p] + 1, self.left[p] - 1
+        return rows, x, y, positions
+
+
 def train(form: str, seed: int, data: torch.Tensor, args) -> tuple[BDH, float]:
     carried, settings, rule = FORMS[form]
     torch.manual_seed(seed)
@@ -99,9 +141,15 @@ def train(form: str, seed: int, data: torch.Tensor, args) -> tuple[BDH, float]:
     per_row = (stretch - 1) // T
     states, window = None, 0
     starts = [b * stretch for b in range(B)]  # where each row's stream began
+    pool = Pool(rule, rng, len(data), B, T, model) if str(rule).startswith("pool") else None
     begin = time.perf_counter()
     for step in range(args.steps):
-        if carried is None:  # the streams' bytes in the streams' order, each window read alone
+        if pool is not None:
+            rows, x, y, positions = pool.step(data, args.device)
+            logits, written = model.forward_stream(x, positions, [s[rows] for s in pool.states])
+            for s, w in zip(pool.states, written):
+                s[rows] = w.detach()
+        elif carried is None:  # the streams' bytes in the streams' order, each window read alone
             k = window % per_row
             x, y = batch_at(data, [b * stretch + k * T for b in range(B)], T, args.device)
             logits = model(x)
