@@ -124,6 +124,11 @@ TESTS = {
         "tests/test_insight_planted.py",
         "tests/test_insight.py::test_a_neuron_wired_to_one_byte_is_found_by_probe_and_contexts",
     ],
+    "insight/options": ["tests/test_insight_options.py"],
+    "insight/callback": [
+        "tests/test_insight_callback.py",
+        "tests/test_insight.py::test_tensorboard_callback_logs_graph_and_firing_rates",
+    ],
     "insight/activations": [
         "tests/test_insight_planted.py",
         *(
@@ -598,7 +603,17 @@ EQUIVALENT = [
         "if not trainer.is_global_zero and trainer.sanity_checking or self.evaluation is None:",
         "a span is only ever started on rank 0 outside a sanity check: elsewhere evaluation is None either way",
     ),
-    ("throughput", "on_validation_batch_end", "dataloader_idx=1", "the dataloader index is not read"),
+    *[
+        ("throughput", f, "dataloader_idx=1", "the dataloader index is not read")
+        for f in ("on_validation_batch_end", "on_test_batch_end")
+    ],
+    ("throughput", "_evaluation_batch_end", "training=None", "None is falsy as False is: forward FLOPs either way"),
+    (
+        "throughput",
+        "on_train_batch_end",
+        "last = trainer.max_steps >= 0 and",
+        "with max_steps 0 Lightning runs no training batch",
+    ),
     # insight/probes.py
     *[
         ("insight/probes", "ranking", text, "scipy's defaults written out: two-sided, axis 0")
