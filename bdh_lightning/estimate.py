@@ -7,7 +7,7 @@ AdamW state, the largest transient working set and, on CUDA, the context and all
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +41,7 @@ def normalize_precision(name) -> str:
 # What a CUDA process holds beyond its tensors (sources' figures; none measured for BDH yet):
 # the context, driver state and torch's kernel images: 300-600 MiB in nvidia-smi with lazy loading (CUDA >= 11.7);
 CUDA_CONTEXT_BYTES = 600 * 2**20
-# cuBLAS workspaces, CUBLAS_WORKSPACE_CONFIG :4096:8 (32 MiB) on Hopper, one for the forward's thread, one for
-# autograd's;
+# cuBLAS workspaces: :4096:8 (32 MiB) on Hopper, one for the forward's thread and one for autograd's;
 CUBLAS_WORKSPACE_BYTES = 2 * 32 * 2**20
 # the caching allocator's rounding and blocks it cannot reuse: reserved is 5-20% above the allocated peak;
 ALLOCATOR_SLACK = 0.15
@@ -161,8 +160,7 @@ def estimate_memory(
     """Predicted memory of one training step (forward, backward, AdamW) for each implementation, per device
     when `world_size` devices train together (DDP)."""
     precision = normalize_precision(precision)
-    names = inspect.signature(BDHConfig).parameters
-    cfg = BDHConfig(**{k: v for k, v in model_kwargs.items() if k in names})
+    cfg = BDHConfig.from_dict(model_kwargs)
     p = byte_sizes(precision)[0]
     params = cfg.num_parameters
     report = MemoryReport(
@@ -286,8 +284,7 @@ def choose_kernel(
         return kernel, (f"kernel {kernel}: on the {device.type.upper()}, {side} 2**{CPU_CHUNKED_FROM.bit_length() - 1} "
                         f"elements per B x H x T x N tensor (this run: {B * H * T * N:,}), measured faster")  # fmt: skip
     total = device_bytes if device_bytes is not None else device_memory_bytes(device)
-    settings = {name: getattr(config, name) for name in BDHConfig.__dataclass_fields__}
-    settings["carry_state"] = carry_state  # the carried state's bytes count against the device too
+    settings = {**dataclasses.asdict(config), "carry_state": carry_state}  # the carried state's bytes count too
     peaks = {k: m.peak_bytes for k, m in estimate_memory(settings, B, T, precision, "cuda").kernels.items()}
     if fits_device(peaks["reference"], total):
         return "reference", (f"kernel reference: it needs {format_bytes(peaks['reference'])} (predicted), "

@@ -108,17 +108,9 @@ def sample_bytes(
 
 
 def generate_text(
-    model: BDH,
-    prompt: bytes,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    chunk_size: int = 256,
+    model: BDH, prompt: bytes, max_new_tokens: int, num_samples: int = 1, seed: int | None = None, **settings
 ) -> list[bytes]:
-    """The new bytes of `num_samples` continuations of `prompt` (used by the training callbacks)."""
-    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, chunk_size=chunk_size)
+    """The new bytes of `num_samples` continuations of `prompt` (the training callbacks' sample); `settings` as
+    in `sample_bytes`."""
     new = list(sample_bytes(model, prompt, max_new_tokens, num_samples, seed, **settings))
     return [bytes(row) for row in torch.stack(new, dim=1).tolist()]

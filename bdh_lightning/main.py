@@ -6,8 +6,8 @@ parsers jsonargparse builds from their signatures and docstrings.
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 import sys
 
 from jsonargparse import ArgumentError, ArgumentParser
@@ -20,8 +20,7 @@ from .faults import OUT_OF_MEMORY, is_out_of_memory
 
 
 def command_function(name: str):
-    module, function = COMMANDS[name][0].split(":")
-    return getattr(importlib.import_module(module), function)
+    return pkgutil.resolve_name(COMMANDS[name][0])  # "module:function"
 
 
 def bare_flags(function, argv: list[str]) -> list[str]:
