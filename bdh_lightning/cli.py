@@ -31,7 +31,7 @@ from .checkpoints import (
     find_last,
     read_checkpoint,
 )
-from .console import RunReport, RunSummary, device_memory, format_bytes, memory_line
+from .console import RunReport, RunSummary, device_memory, format_bytes, memory_line, say
 from .data import ByteDataModule
 from .devices import cuda_present
 from .errors import (
@@ -249,9 +249,7 @@ class BDHCLI(LightningCLI):
             self.model_settings_given = config.model.as_dict()
             config.model.init_from = None  # the checkpoint's weights replace them: do not read that file again
             if last and rank_zero_only.rank == 0:
-                print(
-                    f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})", file=sys.stderr
-                )
+                say(f"--ckpt_path last: {config.ckpt_path} (step {self.checkpoint.get('global_step')})")
 
     def _set_seed(self) -> None:
         seed = self._get(self.config, "seed_everything")
@@ -387,7 +385,7 @@ def note_replaced_model_settings(given: dict, from_checkpoint: dict) -> None:
         if key in RESUMED_FROM_CHECKPOINT and comparable(from_checkpoint.get(key)) != comparable(value)
     ]
     if replaced:
-        print(f"note: model settings come from the checkpoint: {', '.join(replaced)}", file=sys.stderr)
+        say(f"note: model settings come from the checkpoint: {', '.join(replaced)}")
 
 
 def nothing_left_to_do(checkpoint: dict, config) -> None:

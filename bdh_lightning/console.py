@@ -277,10 +277,8 @@ class RunReport(RunSummary, ProgressBar):
             self.redrawn = False
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not self._enabled or not trainer.is_global_zero or trainer.sanity_checking:
-            return
         loss = trainer.callback_metrics.get("val/loss")
-        if loss is None:
+        if not self.active(trainer) or loss is None:
             return
         self.val_loss = float(loss)
         if trainer.state.fn == "fit":
