@@ -7,6 +7,7 @@ AdamW state, the largest transient working set and, on CUDA, the context and all
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -199,14 +200,11 @@ def largest_batch(
 
     if peak(1) > budget:
         return 0
-    high = 1
-    while peak(high * 2) <= budget:
-        high *= 2
-    low, high = high, high * 2  # peak(low) fits, peak(high) does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if peak(mid) <= budget else (low, mid)
-    return low
+    low = 1
+    while peak(low * 2) <= budget:
+        low *= 2
+    # peak(low) fits, peak(2 * low) does not: the batches in between that fit come first
+    return low - 1 + bisect.bisect_right(range(low, 2 * low), budget, key=peak)
 
 
 def render(report: MemoryReport, model_kwargs: dict, budget: int | None) -> str:
