@@ -667,6 +667,51 @@ EQUIVALENT = [
         "total = np.bincount(labels, weights=degree, )",
         "labels holds every label up to its largest: bincount's length is labels.max() + 1 anyway",
     ),
+    # faults.py
+    *[
+        (
+            "faults",
+            "StopEveryRankǁ__init__",
+            text,
+            "setup sets the rank whenever it sets the store, and the rank is read only with a store",
+        )
+        for text in ("self.rank = None", "self.rank = 1")
+    ],
+    (
+        "faults",
+        "StopOnNonFiniteǁ__init__",
+        'self.bad_loss: torch.Tensor | None = ""',
+        "on_train_start resets it, and the first on_before_backward sets it with bad_step before anything reads it",
+    ),
+    *[
+        (
+            "faults",
+            "on_before_backward",
+            text,
+            "torch.full of an int fills int64; torch.zeros' default dtype is float32",
+        )
+        for text in (
+            "torch.full((), -1, dtype=None, device=loss.device)",
+            "torch.full((), -1, device=loss.device)",
+            "torch.zeros((), dtype=None, device=loss.device)",
+            "torch.zeros((), device=loss.device)",
+        )
+    ],
+    *[
+        ("faults", "on_before_backward", text, CPU_ONLY)
+        for text in (
+            "torch.full((), -1, dtype=torch.int64, device=None)",
+            "torch.full((), -1, dtype=torch.int64, )",
+            "torch.zeros((), dtype=torch.float32, device=None)",
+            "torch.zeros((), dtype=torch.float32, )",
+        )
+    ],
+    (
+        "faults",
+        "stop_if_non_finite",
+        "if self.bad_step is not None else -2",
+        "any negative step means none was seen: -1 and -2 read alike",
+    ),
 ]
 
 
