@@ -19,6 +19,9 @@ import pytest
 # does, not inductor's vectorisation; scalar kernels take half the compile time (a chunked layer, cold: 66 s of CPU
 # to 33 s). Set before torch reads its inductor config, here and in every child (SUBPROCESS_ENV copies os.environ).
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+# Compile in the process itself: a pool of compile workers costs each compiling process about 20 s of start-up
+# (a cold compile test, 58 s to 39 s) and gains nothing on two cores that pytest-xdist already keeps busy.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 

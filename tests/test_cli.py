@@ -1,13 +1,10 @@
 """The command line end to end: real `fit` runs of a tiny model, TensorBoard read back, resume, configs, bad input."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, scalar_tags, scalars, write_phrases
+from conftest import REPO, run_cli, scalar_tags, scalars, write_phrases
 from conftest import TINY_ARGS as TINY
 
 from bdh_lightning.cli import BDHCLI
@@ -81,9 +78,7 @@ def test_every_shipped_config_parses_and_instantiates(config, monkeypatch, tmp_p
 
 def test_module_command_runs_end_to_end(corpus):
     """The installed entry point: `python -m bdh_lightning fit` in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "bdh_lightning", "fit", "--data.path", str(corpus), *TINY, "--trainer.max_steps", "3"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = run_cli(Path.cwd(), "fit", "--data.path", str(corpus), *TINY, "--trainer.max_steps", "3")
     assert done.returncode == 0, done.stderr[-2000:]
     assert Path("lightning_logs/version_0/checkpoints/last.ckpt").is_file()
 
