@@ -712,6 +712,14 @@ EQUIVALENT = [
         "if self.bad_step is not None else -2",
         "any negative step means none was seen: -1 and -2 read alike",
     ),
+    # insight/callback.py
+    (
+        "insight/callback",
+        "__init__",
+        "every_n_validations, zero=",
+        "non_negative_int's error class defaults to ConfigError",
+    ),
+    ("insight/callback", "on_validation_batch_end", "dataloader_idx=1", "the dataloader index is not read"),
 ]
 
 

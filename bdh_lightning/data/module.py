@@ -104,6 +104,10 @@ def check_settings(settings: dict) -> None:
         raise DataError(f"data.exclude must be a list of globs, e.g. ['*.log'], got {exclude!r}")
     if settings["sampling"] not in ("windows", "streams"):
         raise DataError(f"data.sampling must be windows or streams, got {settings['sampling']!r}")
+    if not is_int(settings["stream_windows"]) or settings["stream_windows"] < 0:
+        raise DataError(f"data.stream_windows must be a non-negative integer, got {settings['stream_windows']!r}")
+    if settings["stream_windows"] and settings["sampling"] != "streams":
+        raise DataError("data.stream_windows needs data.sampling streams (it sets how long each stream is)")
 
 
 def open_prepared_path(path: str, block_size: int, test_fraction: float, test_path, sampling: str):
@@ -136,6 +140,7 @@ class ByteDataModule(L.LightningDataModule):
         exclude: list[str] | None = None,
         include_hidden: bool = False,
         sampling: Literal["windows", "streams"] = "windows",
+        stream_windows: int = 0,
     ):
         """Byte-level language-model data: every byte of the corpus is one token.
 
@@ -160,7 +165,11 @@ class ByteDataModule(L.LightningDataModule):
             include_hidden: Also read hidden files and folders (names starting with '.', e.g. .git) inside a directory.
             sampling: Training windows: `windows`, drawn at random (the reference's way), or `streams`: each
                 batch row reads its own contiguous stretch of the training split window after window (for
-                model.carry_state, the paper's training on long streams; see streams.py).
+                model.carry_state; see streams.py and docs/carried-state.md).
+            stream_windows: With sampling streams: 0 = each row reads its whole stretch in order; k = each row
+                reads k consecutive windows from a random place of the training split, then k from another
+                (the carried state starts fresh each time), the rows out of step, so that every batch holds
+                unrelated text as random windows do. See docs/carried-state.md for the measured choice.
         """
         super().__init__()
         check_settings(locals())  # the arguments by name
@@ -168,6 +177,7 @@ class ByteDataModule(L.LightningDataModule):
         self.val_fraction, self.val_windows, self.seed, self.num_workers = val_fraction, val_windows, seed, num_workers
         self.test_fraction, self.test_path = float(test_fraction), test_path
         self.exclude, self.include_hidden, self.sampling = list(exclude or []), include_hidden, sampling
+        self.stream_windows = stream_windows
         self.listing = self.corpus = self.test_corpus = None
         self.stream = None  # a prepared directory (litdata.Prepared) instead of a corpus of files
         self.restored = None  # the data state of a checkpoint being resumed or evaluated
@@ -305,6 +315,13 @@ class ByteDataModule(L.LightningDataModule):
         rank, _ = self.rank_and_world_size()
         if self.stream is not None:
             return self.stream.train_loader(self.batch_size, self.seed, self.num_workers, self.batches_consumed())
+        if self.sampling == "streams" and self.stream_windows:
+            layout = StreamLayout(self.corpus.starts, 0, self.train_size, 1, self.block_size)
+            rows = ShortStreams(
+                self.corpus, layout, self.stream_windows, self.seed, rank * self.batch_size, self.batch_size,
+                self.batches_consumed(),
+            )  # fmt: skip
+            return self.loader(rows)
         if self.sampling == "streams":
             _, world_size = self.rank_and_world_size()
             layout = StreamLayout(self.corpus.starts, 0, self.train_size, world_size * self.batch_size, self.block_size)
