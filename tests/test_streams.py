@@ -10,7 +10,7 @@ import torch
 from conftest import TINY_ARGS, record_carried_losses, write_letters
 
 from bdh_lightning.cli import BDHCLI
-from bdh_lightning.data.streams import StreamBatches, StreamLayout, validation_streams
+from bdh_lightning.data.streams import ShortStreams, StreamBatches, StreamLayout, validation_streams
 from bdh_lightning.errors import DataError
 from bdh_lightning.generate import Generator
 from bdh_lightning.layer import layer_norm, rope_cos_sin
@@ -152,6 +152,87 @@ def test_a_split_too_small_for_its_streams_is_one_line():
     assert "streams" in str(error.value) and "\n" not in str(error.value)
 
 
+def short_streams(sizes, windows=4, seed=3, first_row=0, batch_size=5):
+    corpus = corpus_of(sizes)
+    layout = StreamLayout(corpus.starts, 0, sum(sizes), rows=1, block_size=T)
+    return ShortStreams(corpus, layout, windows, seed, first_row, batch_size, start=0), set(
+        int(s) for s in corpus.starts
+    )
+
+
+def test_short_streams_read_k_windows_from_random_places_out_of_step():
+    """data.stream_windows 4: each row reads 4 consecutive windows, then jumps to a random place and starts a
+    fresh stream (position 0); row r's first stream is 4 - r % 4 windows long, so the rows restart on
+    different steps; the rows and the streams read different places."""
+    batches, _ = short_streams([4000], windows=4)
+    fresh_at = {row: [] for row in range(5)}
+    begins = set()
+    for row in range(5):
+        previous = None
+        for k in range(40):
+            offset, position = batches.place(row, k)
+            first = 4 - row % 4
+            expected = (k if k < first else (k - first) % 4) * T
+            assert position == expected, (row, k)
+            if position:
+                assert offset == previous + T  # continues its stream
+            else:
+                fresh_at[row].append(k)
+                begins.add(offset)
+            previous = offset
+    assert fresh_at[0][:3] == [0, 4, 8] and fresh_at[1][:3] == [0, 3, 7] and fresh_at[3][:3] == [0, 1, 5]
+    assert len(begins) > 40  # random places, not a fixed stretch (5 rows x about 10 streams each)
+    x, y, positions = batches.batch(6)
+    assert x.shape == (5, T) and torch.equal(positions, torch.tensor([batches.place(r, 6)[1] for r in range(5)]))
+    assert torch.equal(y[:, :-1], x[:, 1:])
+
+
+def test_short_streams_restart_at_file_boundaries_and_never_span_two_files():
+    batches, starts = short_streams([50, 37, 200, 13, 90], windows=6, batch_size=4)
+    restarts_inside = 0
+    for row in range(4):
+        previous = None
+        for k in range(200):
+            offset, position = batches.place(row, k)
+            assert not [s for s in starts if offset < s < offset + T + 1], (row, k, offset)
+            first = 6 - row % 6
+            i = k if k < first else (k - first) % 6  # windows since the stream's random start
+            assert position <= i * T
+            if position:
+                assert offset == previous + T
+            elif i:  # restarted within its 6 windows: only where the next file begins
+                assert offset in starts and offset >= previous + T
+                restarts_inside += 1
+            previous = offset
+    assert restarts_inside > 0  # the boundary case was met
+
+
+def test_short_streams_are_a_pure_function_of_the_batch_number_and_the_seed():
+    one, _ = short_streams([3000], seed=5)
+    again, _ = short_streams([3000], seed=5)
+    other, _ = short_streams([3000], seed=6)
+    assert all(torch.equal(a, b) for a, b in zip(one.batch(17), again.batch(17)))
+    assert not torch.equal(one.batch(17)[0], other.batch(17)[0])
+    later = ShortStreams(one.corpus, one.layout, 4, 5, 0, 5, start=17)
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(later)), one.batch(17)))  # a resumed run
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--data.sampling", "streams", "--data.stream_windows", "-1"], "non-negative integer"),
+        (["--data.stream_windows", "4"], "needs data.sampling streams"),
+    ],
+)
+def test_bad_stream_windows_are_one_line(tmp_path, monkeypatch, capsys, extra, words):
+    monkeypatch.chdir(tmp_path)
+    write_letters(tmp_path / "corpus.txt")
+    assert main(["fit", "--data.path", "corpus.txt", *TINY_ARGS, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "data.stream_windows" in err
+    assert not (tmp_path / "lightning_logs").exists()
+
+
 def tiny_model(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     model = BDH(
@@ -235,13 +316,14 @@ STREAM_ARGS = (
 )
 
 
-def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp_path, monkeypatch):
+@pytest.mark.parametrize("short", [[], ["--data.stream_windows", "2"]])
+def test_training_with_carried_state_resumes_exactly_and_validates_both_ways(tmp_path, monkeypatch, short):
     monkeypatch.chdir(tmp_path)
     write_letters(tmp_path / "corpus.txt")
     seen = record_carried_losses(monkeypatch)
 
     def fit(root: str, steps: int, *extra: str) -> BDHCLI:
-        args = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS, "--trainer.max_steps", str(steps)]
+        args = ["fit", "--data.path", "corpus.txt", *STREAM_ARGS, *short, "--trainer.max_steps", str(steps)]
         return BDHCLI(args=[*args, "--trainer.default_root_dir", root, *extra])
 
     straight = fit("a", 6)

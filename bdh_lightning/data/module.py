@@ -21,7 +21,7 @@ from ..console import format_bytes
 from ..errors import DataError, finite_float, is_int
 from . import litdata
 from .corpus import TINYSHAKESPEARE, ByteCorpus, download_tinyshakespeare, list_corpus
-from .streams import StreamBatches, StreamLayout, validation_streams, worker_turns
+from .streams import ShortStreams, StreamBatches, StreamLayout, validation_streams, worker_turns
 
 
 class TrainBatches(IterableDataset):

@@ -5,7 +5,8 @@ equal stretches. Batch k gives every row its k-th window of block_size bytes, so
 window k. A stream restarts at the start of its stretch when the stretch is used up, and at every file
 boundary of a directory corpus (no window spans two files); a window at position 0 starts a new stream
 (the model's carried state resets there). Batch k is a pure function of k: a resumed run continues the
-same streams exactly.
+same streams exactly. With data.stream_windows k (ShortStreams), each stream is instead k windows from a
+random place of the split, so that every batch holds unrelated text, as random windows do.
 """
 
 from __future__ import annotations
@@ -74,15 +75,39 @@ class StreamBatches(IterableDataset):
             start,
         )
 
+    def place(self, row: int, k: int) -> tuple[int, int]:
+        """(offset in the corpus, position in its stream) of row's k-th window."""
+        return self.layout.window(row, k)
+
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = range(self.first_row, self.first_row + self.batch_size)
-        places = [self.layout.window(row, k) for row in rows]
+        places = [self.place(row, k) for row in rows]
         windows = self.corpus.windows(np.array([offset for offset, _ in places]), self.layout.block_size + 1)
         positions = torch.tensor([position for _, position in places], dtype=torch.long)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous(), positions
 
     def __iter__(self):
         return (self.batch(k) for k in worker_turns(self.start))
+
+
+class ShortStreams(StreamBatches):
+    """Streams of `windows` windows from random places (data.stream_windows): row r (of all ranks) reads
+    `windows` consecutive windows from a random window of the split, then as many from another, and so on.
+    Row r's first stream is windows - r % windows long, so the rows start fresh streams on different steps.
+    A stream also restarts at a file boundary. The place of row r's j-th stream is drawn from (seed, r, j):
+    batch k is a pure function of k, as with random windows. `layout` is the split as one row."""
+
+    def __init__(self, corpus, layout: StreamLayout, windows: int, seed: int, first_row: int, batch_size: int, start):
+        super().__init__(corpus, layout, first_row, batch_size, start)
+        self.windows, self.seed = windows, seed
+
+    def place(self, row: int, k: int) -> tuple[int, int]:
+        first = self.windows - row % self.windows
+        stream, i = (0, k) if k < first else (1 + (k - first) // self.windows, (k - first) % self.windows)
+        fits = max(1, int(self.layout.windows[0][-1]) - self.windows + 1)  # never past the split's end
+        begin = np.random.default_rng([self.seed, row, stream]).integers(fits)
+        offset, position = self.layout.window(0, int(begin) + i)
+        return offset, min(position, i * self.layout.block_size)  # less where a file boundary restarted it
 
 
 def worker_turns(start: int):
