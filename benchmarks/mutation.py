@@ -129,7 +129,11 @@ TESTS = {
         "tests/test_insight_callback.py",
         "tests/test_insight.py::test_tensorboard_callback_logs_graph_and_firing_rates",
     ],
+    # command: its checks, the sample it opens, and whole in-process inspects of a tiny run (test_insight.py runs the
+    # command line in child processes)
+    "insight/command": ["tests/test_insight_command.py"],
     "insight/activations": [
+        "tests/test_insight_activations.py",
         "tests/test_insight_planted.py",
         *(
             f"tests/test_insight.py::{t}"
