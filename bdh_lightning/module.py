@@ -125,12 +125,13 @@ class BDHLitModule(L.LightningModule):
             carry_state: Carry each layer's attention state from one window to the next (truncated
                 backpropagation through time): needs data.sampling streams. Positions continue across
                 windows; gradients stay within a window; a stream's state resets where the stream restarts.
-                Costs batch x n_layer x H x N x D float32 numbers per device. Measured worse than random
-                windows so far, in every form (docs/carried-state.md).
+                Costs batch x n_layer x H x N x D float32 numbers per device. No form tried has beaten random
+                windows; the closest is data.stream_windows 8 with carry_half_lives and carry_mean
+                (docs/carried-state.md).
             carry_half_lives: With carry_state: half-life in bytes of the carried state, one for all heads or
-                one per head (None = never fades: the reference's sum, whose norm grows with the stream).
-                Applied per window: before a window of T bytes reads it, the state is multiplied by
-                2^(-T/h). Stored with the weights. See docs/carried-state.md.
+                one per head (None = never fades: the plain sum, what one pass over the whole stream computes,
+                whose norm grows with the stream). Applied per window: before a window of T bytes reads it, the
+                state is multiplied by 2^(-T/h). Stored with the weights. See docs/carried-state.md.
             carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows'
                 contributions (divided by their accumulated weight), so the history weighs as one window
                 however long the stream. Stored with the weights.

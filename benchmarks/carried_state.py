@@ -62,6 +62,8 @@ FORMS = {
     "mean+decay, pool 64, jump every 8": (True, MEAN_DECAY, "pool 64 jump 8"),
     "mean+decay, staggered jump every 8": (True, MEAN_DECAY, "pool 8 jump 8"),
     "mean+decay, pool 64, jump every 32": (True, MEAN_DECAY, "pool 64 jump 32"),
+    "mean+decay, pool 64, jump every 2": (True, MEAN_DECAY, "pool 64 jump 2"),
+    "pool 64, jump every 8, no state": (None, {}, "pool 64 jump 8"),
 }
 BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, 10**9))
 LN2 = math.log(2)
@@ -144,7 +146,10 @@ def train(form: str, seed: int, data: torch.Tensor, args) -> tuple[BDH, float]:
     pool = Pool(rule, rng, len(data), B, T, model) if str(rule).startswith("pool") else None
     begin = time.perf_counter()
     for step in range(args.steps):
-        if pool is not None:
+        if pool is not None and carried is None:  # the pool's bytes in the pool's order, each window read alone
+            _, x, y, _ = pool.step(data, args.device)
+            logits = model(x)
+        elif pool is not None:
             rows, x, y, positions = pool.step(data, args.device)
             logits, written = model.forward_stream(x, positions, [s[rows] for s in pool.states])
             for s, w in zip(pool.states, written):
