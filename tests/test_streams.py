@@ -233,6 +233,35 @@ def test_bad_stream_windows_are_one_line(tmp_path, monkeypatch, capsys, extra, w
     assert not (tmp_path / "lightning_logs").exists()
 
 
+def test_short_streams_through_the_module_equal_one_long_pass_since_each_fresh_start(tmp_path):
+    """data.stream_windows 3 feeding BDHLitModule.carried_loss (the plain sum, random weights, float64): every
+    step's loss is that of one causal pass over each row's bytes since its stream's fresh start, so the state
+    resets exactly where a short stream begins and carries everywhere else."""
+    from bdh_lightning.data import ByteDataModule
+
+    write_letters(tmp_path / "corpus.txt")
+    data = ByteDataModule(
+        path=str(tmp_path / "corpus.txt"), block_size=T, batch_size=4, sampling="streams", stream_windows=3
+    )
+    data.trainer = SimpleNamespace(global_rank=0, world_size=1, global_step=0, accumulate_grad_batches=1)
+    module = BDHLitModule(n_layer=2, n_embd=16, n_head=2, mlp_internal_dim_multiplier=8, carry_state=True)
+    module.model = tiny_model()
+    since = [[] for _ in range(4)]  # each row's windows since its stream began
+    fresh = 0
+    for _, (x, y, start) in zip(range(8), data.train_dataloader()):
+        got = module.carried_loss((x, y, start))
+        logits = []
+        for row in range(4):
+            if int(start[row]) == 0:
+                since[row], fresh = [], fresh + 1
+            since[row].append(x[row])
+            assert int(start[row]) == (len(since[row]) - 1) * T
+            logits.append(module.model(torch.cat(since[row]).unsqueeze(0))[0, -T:])
+        expected = torch.nn.functional.cross_entropy(torch.stack(logits).float().flatten(0, 1), y.flatten())
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)  # the module takes its loss in float32
+    assert fresh >= 4 + 8  # every row restarted at least twice more in 8 steps (streams of at most 3 windows)
+
+
 def tiny_model(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     model = BDH(
