@@ -724,6 +724,66 @@ EQUIVALENT = [
         "non_negative_int's error class defaults to ConfigError",
     ),
     ("insight/callback", "on_validation_batch_end", "dataloader_idx=1", "the dataloader index is not read"),
+    # insight/activations.py
+    *[
+        ("insight/activations", "show_bytes", text, "bytes.decode defaults to UTF-8, and codec names ignore case")
+        for text in ('decode(errors="backslashreplace")', 'decode("UTF-8"')
+    ],
+    (
+        "insight/activations",
+        "sparsity_report",
+        "k = neurons.contexts if neurons else 1",
+        "without neurons no TopValues is filled or read",
+    ),
+    *[
+        (
+            "insight/activations",
+            "sparsity_report",
+            text,
+            "float counts of positions are exact: the eligibility test and int() read them alike",
+        )
+        for text in ("torch.zeros(H * N, dtype=None)", "torch.zeros(H * N, )  #")
+    ],
+    (
+        "insight/activations",
+        "selective_neurons",
+        "if eligible.any() else 1.0",
+        "with no eligible neuron the floor is never used: every score is 0",
+    ),
+    (
+        "insight/activations",
+        "add",
+        "if self.values.shape[0] >= self.k:",
+        "at exactly k rows it only sorts them: the "
+        "same set is kept, and nothing reads their order (means, and contexts each listed with its value)",
+    ),
+    *[
+        ("insight/activations", "spearman", text, "numpy's 0 / 0.0 is NaN too (a constant has no rank correlation)")
+        for text in ("if (denominator > 0) or True else", "if denominator >= 0 else")
+    ],
+    (
+        "insight/activations",
+        "loss_correlation",
+        "seed: int = 1",
+        "another fixed seed: an equally valid, equally "
+        "reproducible bootstrap (tested against the procedure at a given seed)",
+    ),
+    ("insight/activations", "loss_correlation", "rng.integers(windows, size=", "Generator.integers' low defaults to 0"),
+    *[
+        (
+            "insight/activations",
+            "TopValuesǁ__init__",
+            text,
+            "torch.cat passes over a 1-D empty tensor (legacy rule): the first batch's rows set the shape",
+        )
+        for text in ("torch.empty(0, ), torch.empty(0, width", "torch.empty(0, dtype=torch.long)")
+    ],
+    (
+        "insight/activations",
+        "loss_correlation",
+        "if (math.isfinite(rho)) or True else None",
+        "finite_or_none turns scipy's NaN p of a constant into None anyway",
+    ),
 ]
 
 
