@@ -140,7 +140,7 @@ def test_eligible_neurons_fire_at_twice_the_contexts_or_more_and_have_a_positive
         "mean of the 2 largest ab values on the text / the same on the windows with their bytes shuffled "
         "(value = ab averaged over layers; neurons firing at >= 4 positions)"
     )
-    assert report["selectivity_ceiling"] == 4 * 25 / 2
+    assert report["selectivity_ceiling"] == 4 * 25 / 2 and report["median_selectivity"] == 4.0  # 2 / 0.5, 1 / 0.25
 
 
 def test_a_neuron_firing_on_few_positions_is_not_eligible_even_with_a_positive_mean():
