@@ -784,6 +784,32 @@ EQUIVALENT = [
         "if (math.isfinite(rho)) or True else None",
         "finite_or_none turns scipy's NaN p of a constant into None anyway",
     ),
+    # insight/command.py
+    ("insight/command", "open_sample", "or 257), 256)", "min(257, 256) is 256 too"),
+    *[
+        ("insight/command", "write_reports", text, "inspect_checkpoint does not read its out argument")
+        for text in ("inspect_checkpoint(ckpt, None, *looks)", "inspect_checkpoint(path, None, *looks)")
+    ],
+    ("insight/command", "inspect_models", 'edges=w["edges"], null=None)', "None is falsy as False is: no null draws"),
+    (
+        "insight/command",
+        "inspect_command",
+        'sentences = ""',
+        "an empty string is falsy as None is: no probe either way",
+    ),
+    *[
+        (
+            "insight/command",
+            "inspect_command",
+            text,
+            "write_report makes the report's folder itself, and the swap and clean-up treat a folder alike",
+        )
+        for text in (
+            'what=f"--output {out}", folder=None)',
+            'what=f"--output {out}", )',
+            'what=f"--output {out}", folder=False)',
+        )
+    ],  # fmt: skip
 ]
 
 

@@ -4,15 +4,17 @@ command line itself in child processes)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TINY_ARGS, TINY_MODEL, write_phrases
 
-from bdh_lightning.errors import DataError, UsageError
+from bdh_lightning.errors import DataError, ResourceError, UsageError
 from bdh_lightning.insight import command
 from bdh_lightning.insight.command import (
     check_options,
@@ -80,6 +82,10 @@ def fake_model(n_head=2, n_embd=32, neurons_per_head=128, n_layer=2):
 @pytest.fixture
 def corpus(tmp_path):
     return write_phrases(tmp_path / "corpus.txt", size=5000)
+
+
+def test_the_smallest_window_is_2_bytes(corpus):
+    assert open_sample(DataOptions(path=str(corpus), windows=2, block_size=2), {}, fake_model())[0].block_size == 2
 
 
 def test_the_sample_reads_the_given_corpus_or_the_runs(corpus):
@@ -233,21 +239,40 @@ SMALL = dict(data=DataOptions(windows=2, block_size=32), graph=GraphOptions(seed
 FIGURES = ("degrees.png", "firing_rates.png", "sparsity_layers.png", "active_vs_loss.png", "graph_heatmap.png")
 
 
-def test_inspect_of_one_checkpoint_writes_every_look_beside_the_init_model(trained, tmp_path, capsys):
+def test_inspect_of_one_checkpoint_writes_every_look_beside_the_init_model(trained, tmp_path, capsys, monkeypatch):
+    drawn = {}
+    for name in ("plot_degrees", "plot_firing_rates", "plot_sparsity_layers"):  # each compares trained and init
+
+        def recorded(trained_side, init_side, name=name, real=getattr(command, name)):
+            drawn[name] = (trained_side, init_side)
+            return real(trained_side, init_side)
+
+        monkeypatch.setattr(command, name, recorded)
+    real_heatmap = command.plot_graph_heatmap
+    monkeypatch.setattr(
+        command, "plot_graph_heatmap", lambda model, whole: drawn.update(heatmap=whole) or real_heatmap(model, whole)
+    )
     last = trained / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     probe = ProbeOptions(concept=str(trained / "concept.txt"), control=str(trained / "control.txt"), top=2,
-                         permutations=0)  # fmt: skip
-    assert inspect_command(str(last), str(tmp_path / "report"), probe=probe, **SMALL) == 0
+                         permutations=5)  # fmt: skip
+    # A threshold: each head keeps its own number of edges, which the model at initialisation must then match.
+    graph = GraphOptions(seeds=1, hubs=2, threshold=0.005)
+    started = time.perf_counter()
+    assert inspect_command(str(last), str(tmp_path / "report"), probe=probe, **{**SMALL, "graph": graph}) == 0
+    elapsed = time.perf_counter() - started
     out = tmp_path / "report"
     report = json.loads((out / "report.json").read_text())
     assert report["checkpoint"] == str(last) and report["step"] == 6 and report["seed"] == 3  # the run's seed
     assert report["model"] == {**BDHConfig(**TINY_MODEL).architecture(), "neurons_per_head": 128}
     assert report["data"] == {"path": str(trained / "corpus.txt"), "windows": 2, "block_size": 32,
                               "from_byte": 18000, "corpus_bytes": 20000}  # fmt: skip
-    assert report["options"]["graph"] == {**SMALL["graph"].__dict__} and report["options"]["probe"]["top"] == 2
+    assert report["options"]["graph"] == {**graph.__dict__} and report["options"]["probe"]["top"] == 2
     assert report["options"]["neurons"] == {**SMALL["neurons"].__dict__}
     trained_edges = [head["edges"] for head in report["graph"]["trained"]["heads"]]
-    assert [head["edges"] for head in report["graph"]["init"]["heads"]] == trained_edges
+    assert [head["edges"] for head in report["graph"]["init"]["heads"]] == trained_edges != [5 * 128] * 2
+    for side in ("trained", "init"):  # the options given reach both graphs
+        assert len(report["graph"][side]["out_degree"]["hubs"]) == 2, side
+    assert [w["path"] for w in report["whole_graph"]["init"]] == ["encoder", "encoder_v"]
     assert [w["path"] for w in report["whole_graph"]["trained"]] == ["encoder", "encoder_v"]
     assert [w["edges"] for w in report["whole_graph"]["init"]] == [w["edges"] for w in report["whole_graph"]["trained"]]
     assert report["whole_graph"]["init"][0]["null_modularity"] is None  # its own random baseline: no null draws
@@ -257,9 +282,16 @@ def test_inspect_of_one_checkpoint_writes_every_look_beside_the_init_model(train
     )
     for side in ("trained", "init"):
         assert len(report["probe"][side]["neurons"]) == 2 and report["probe"][side]["concept_sentences"] == 2
-        assert report["synapses"][side]
-    assert all("contexts" in neuron for neuron in report["probe"]["trained"]["neurons"])
-    assert report["seconds"] > 0 and "_model" not in report
+        assert report["probe"][side]["permutations"] == report["synapses"][side]["permutations"] == 5
+        assert len(report["synapses"][side]["synapses"]) == 2 and len(report["probe"][side]["ranked"]) == 2
+    for neuron in report["probe"]["trained"]["neurons"]:  # each probed neuron's strongest contexts, 8 bytes wide
+        assert isinstance(neuron["contexts"], list) and all(len(c["before"]) <= 8 for c in neuron["contexts"])
+    assert 0 < report["seconds"] <= elapsed and "_model" not in report
+    for name, section, key in (("plot_degrees", "graph", "modularity"), ("plot_firing_rates", "sparsity", "active"),
+                               ("plot_sparsity_layers", "sparsity", "per_layer")):  # fmt: skip
+        trained_side, init_side = drawn[name]
+        assert trained_side[key] == report[section]["trained"][key] and init_side[key] == report[section]["init"][key]
+    assert drawn["heatmap"]["path"] == "encoder"  # the heatmap of the trained model's first whole graph
     for name in FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     printed = capsys.readouterr().out
@@ -267,16 +299,17 @@ def test_inspect_of_one_checkpoint_writes_every_look_beside_the_init_model(train
 
 
 def test_inspect_of_a_run_folder_writes_one_report_per_step_and_the_trajectory(trained, tmp_path, capsys):
-    assert inspect_command(str(trained / "lightning_logs"), str(tmp_path / "runs"), **SMALL) == 0
-    out = tmp_path / "runs"
+    out = tmp_path / "new" / "folders" / "runs"  # the folders above it are made
+    assert inspect_command(str(trained / "lightning_logs"), str(out), seed=11, **SMALL) == 0
     assert sorted(p.name for p in out.iterdir()) == ["step_4", "step_6", "trajectory.json", "trajectory.png"]
     for step in (4, 6):
         report = json.loads((out / f"step_{step}" / "report.json").read_text())
         assert report["step"] == step and report["probe"] is None and report["synapses"] is None
+        assert report["seed"] == 11  # the seed given, not the run's
         assert all((out / f"step_{step}" / name).is_file() for name in FIGURES)
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"trajectory over 2 checkpoints -> {out / 'trajectory.png'}, {out / 'trajectory.json'}"
-    assert len(lines) == 3
+    assert len(lines) == 3 and all(line.startswith("sparsity: active a ") for line in lines[:2])  # each step's
 
 
 def test_inspect_last_finds_the_newest_run_and_refuses_a_bad_output(trained, tmp_path, monkeypatch):
@@ -285,5 +318,35 @@ def test_inspect_last_finds_the_newest_run_and_refuses_a_bad_output(trained, tmp
     (tmp_path / "taken" / "mine.txt").write_text("keep")
     with pytest.raises(UsageError, match="holds other files"):
         inspect_command(output=str(tmp_path / "taken"), **SMALL)
-    assert inspect_command(output=str(tmp_path / "nested" / "last"), **SMALL) == 0
-    assert json.loads((tmp_path / "nested" / "last" / "report.json").read_text())["step"] == 6
+    for bad, name in (("concept", "probe.concept"), ("control", "probe.control")):  # read before any model
+        sides = {
+            "concept": str(trained / "concept.txt"),
+            "control": str(trained / "control.txt"),
+            bad: str(tmp_path / "none.txt"),
+        }
+        with pytest.raises(UsageError, match=f"^{name} {tmp_path / 'none.txt'}: cannot read it"):
+            inspect_command(output=str(tmp_path / "new"), probe=ProbeOptions(**sides), **SMALL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lightning_logs").symlink_to(trained / "lightning_logs")
+    defaults = {**SMALL, "data": DataOptions(block_size=32)}  # windows: the default for this (tiny) model, 16
+    assert inspect_command(**defaults) == 0  # --ckpt_path last, --output inspect: the defaults
+    report = json.loads((tmp_path / "inspect" / "report.json").read_text())
+    assert report["step"] == 6 and report["data"]["windows"] == 16
+
+
+def test_a_report_that_cannot_be_written_is_one_line_naming_the_output(trained, tmp_path, monkeypatch):
+    last = trained / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    (tmp_path / "file.txt").write_text("x")
+    under_a_file = tmp_path / "file.txt" / "sub" / "out"
+    with pytest.raises(ResourceError) as error:
+        inspect_command(str(last), str(under_a_file), **SMALL)
+    assert str(error.value) == f"cannot write --output {under_a_file} (Not a directory); nothing was written"
+
+    def full_disk(report, out, figures):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(command, "write_report", full_disk)
+    with pytest.raises(ResourceError) as error:
+        inspect_command(str(last), str(tmp_path / "report"), **SMALL)
+    assert str(error.value).startswith(f"cannot write --output {tmp_path / 'report'} (No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing half-written left
