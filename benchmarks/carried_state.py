@@ -63,6 +63,8 @@ FORMS = {
     "mean+decay, staggered jump every 8": (True, MEAN_DECAY, "pool 8 jump 8"),
     "mean+decay, pool 64, jump every 32": (True, MEAN_DECAY, "pool 64 jump 32"),
     "mean+decay, pool 64, jump every 2": (True, MEAN_DECAY, "pool 64 jump 2"),
+    "mean+decay, pool 256, jump every 8": (True, MEAN_DECAY, "pool 256 jump 8"),
+    "mean+decay, pool 1024, jump every 8": (True, MEAN_DECAY, "pool 1024 jump 8"),
     "pool 64, jump every 8, no state": (None, {}, "pool 64 jump 8"),
 }
 BUCKETS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, 10**9))
