@@ -412,13 +412,16 @@ def test_unitwise_clipping_bounds_each_neuron_by_its_weights():
     torch.testing.assert_close(model.encoder.grad[:, :, 0], small)
 
 
-def test_every_rank_reads_streams_of_its_own(tmp_path):
+@pytest.mark.parametrize("short", [0, 4])
+def test_every_rank_reads_streams_of_its_own(tmp_path, short):
     from bdh_lightning.data import ByteDataModule
 
     write_letters(tmp_path / "corpus.txt")
     seen = []
     for rank in range(2):
-        data = ByteDataModule(path=str(tmp_path / "corpus.txt"), block_size=T, batch_size=3, sampling="streams")
+        data = ByteDataModule(
+            path=str(tmp_path / "corpus.txt"), block_size=T, batch_size=3, sampling="streams", stream_windows=short
+        )
         data.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1)
         x, _, start = next(iter(data.train_dataloader()))
         assert torch.equal(start, torch.zeros(3, dtype=torch.long))
