@@ -135,9 +135,9 @@ class BDHLitModule(L.LightningModule):
             carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows'
                 contributions (divided by their accumulated weight), so the history weighs as one window
                 however long the stream. Stored with the weights.
-            decay: Shape of the decay after warmup over decay_steps: cosine, or linear (the paper's) to
+            decay: Shape of the decay after warmup over decay_steps: cosine, or linear to
                 min_learning_rate.
-            agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021, as the paper used): each
+            agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021): each
                 neuron's (or byte's) gradient is scaled down to at most agc_clip times its weights' norm,
                 both over the D-wide axis. 0 = off; 0.01-0.1 are usual. Lightning's
                 trainer.gradient_clip_val clips the global norm instead (both may be used).
