@@ -66,6 +66,7 @@ TESTS = {
     # prepared folders: test_prepare.py without its two subprocess runs (the command line, two ranks)
     **{
         name: [
+            *(["tests/test_litdata.py"] if name == "data/litdata" else []),  # its helpers with a fake storage client
             "tests/test_prepare.py",
             *("--deselect", "tests/test_prepare.py::test_prepare_and_fit_through_the_real_command_line"),
             *(
