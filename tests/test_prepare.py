@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 from types import SimpleNamespace
@@ -240,8 +241,10 @@ def test_a_killed_prepare_never_loads_as_complete_and_a_rerun_finishes_it(tmp_pa
         return real_optimize(*args, **kwargs)
 
     monkeypatch.setattr(litdata, "optimize", killed_at_validation)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3)
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # optimize's handler (it swallows Ctrl-C) is not left behind
     (tmp_path / "out" / "validation").mkdir(exist_ok=True)
     (tmp_path / "out" / "validation" / "chunk-0-0.bin").write_bytes(b"half")
     with pytest.raises(DataError, match="unfinished prepared directory.*run prepare again"):

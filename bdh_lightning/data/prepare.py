@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -424,6 +425,7 @@ def pack(plan: Plan, data: PrepareData, output: str, finished: dict, text_key: s
     planned = sum(sum(p[2] for p in u[1]) if u[0] == "files" else u[3] - u[2] for s in todo for u in plan.units[s])
     check_free_space(output, planned)  # a .jsonl's text is at most its size
     bar = Progress(planned, bytes_read, progress)
+    ctrl_c = signal.getsignal(signal.SIGINT)  # optimize installs its own and leaves it behind
     try:
         for split in todo:
             kept = context.Value("q", 0)
@@ -446,6 +448,7 @@ def pack(plan: Plan, data: PrepareData, output: str, finished: dict, text_key: s
             write_json(os.path.join(output, INCOMPLETE), {"plan": plan.digest, "finished": finished})
     finally:
         bar.close()
+        signal.signal(signal.SIGINT, ctrl_c)
     empty = {"bytes": 0, "windows": 0, "chunks": 0, "documents": 0}
     splits = {split: finished.get(split, empty) for split in SPLITS}
     for split in ("train", "validation"):
