@@ -811,6 +811,18 @@ EQUIVALENT = [
             'what=f"--output {out}", folder=False)',
         )
     ],  # fmt: skip
+    # data/litdata.py
+    ("data/litdata", "Preparedǁ__init__", "self._datasets = None", "_datasets is never read (noticed, left alone)"),
+    *[
+        (
+            "data/litdata",
+            f,
+            text,
+            "called only at import (the manifest schema's constants), before mutmut switches "
+            "a mutant on: no test can run it",
+        )
+        for f, text in (("Ruleǁ__init__", "self.words, self.test = None"), ("Absentǁ__init__", "self.schema = None"))
+    ],
 ]
 
 
