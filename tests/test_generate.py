@@ -343,8 +343,16 @@ def test_ctrl_c_in_generate_exits_130_with_one_line(trained, tmp_path):
                              "--max_new_tokens", "100000000"],
                             cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     assert proc.stdout.read(2) == b"hi"  # the prompt streams first: generation has begun
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    signals = [line for line in status.splitlines() if line.startswith(("State", "Sig", "ShdPnd", "Threads"))]
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)  # drains both pipes
+    try:
+        _, stderr = proc.communicate(timeout=120)  # drains both pipes
+    except subprocess.TimeoutExpired:
+        after = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+        proc.kill()
+        _, stderr = proc.communicate()
+        raise AssertionError(f"no exit 120 s after SIGINT; before {signals}, after {after}: {stderr[-2000:]}") from None
     assert proc.returncode == 130, stderr.decode()[-2000:]
     lines = stderr.decode().strip().splitlines()
     assert "Traceback" not in stderr.decode() and lines[-1] == "interrupted", lines
