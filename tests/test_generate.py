@@ -331,6 +331,14 @@ def test_recurrent_generation_under_autocast_keeps_a_float32_state(dtype):
     assert any((g.float() - w).abs().max() > 0 for g, w in zip(got, want))  # 16-bit did run
 
 
+def default_ctrl_c() -> None:
+    """A terminal's Ctrl-C reaches a foreground command with SIGINT at its default; a test run started in the
+    background (`pytest &` in a script, nohup) hands its children SIGINT ignored, which Python then keeps."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_generate_exits_130_with_one_line(trained, tmp_path):
     import signal
     import subprocess
@@ -341,7 +349,8 @@ def test_ctrl_c_in_generate_exits_130_with_one_line(trained, tmp_path):
     path, _ = trained
     proc = subprocess.Popen([sys.executable, "-m", "bdh_lightning", "generate", "--ckpt_path", str(path), "--prompt", "hi",
                              "--max_new_tokens", "100000000"],
-                            cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            cwd=tmp_path, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_ctrl_c)  # fmt: skip
     assert proc.stdout.read(2) == b"hi"  # the prompt streams first: generation has begun
     status = Path(f"/proc/{proc.pid}/status").read_text()
     signals = [line for line in status.splitlines() if line.startswith(("State", "Sig", "ShdPnd", "Threads"))]
