@@ -367,14 +367,22 @@ EQUIVALENT = [
         "if (glob.has_magic(head)) or True else [head]",
         "glob.glob of a path without wildcards is that path when it exists; folders_below skips one that does not",
     ),
+    (
+        "data/corpus",
+        "size_if_readable",
+        "open(file, )",
+        "the file is opened for its size and never read: the mode does not matter",
+    ),
     *[
-        ("data/corpus", "__init__", text, "ByteCorpus opens and closes each file unread: buffering does not matter")
-        for text in ('open(file, "rb", )', 'open(file, "rb", buffering=1)')
+        ("data/corpus", "__init__", text, "sizes from a listing or os.fstat are int64 anyway (numpy 2)")
+        for text in ("else sizes, dtype=None)", "else sizes, )")
     ],
-    *[
-        ("data/corpus", "__init__", text, "sizes from a listing or os.stat are int64 anyway (numpy 2)")
-        for text in ("np.asarray(sizes, dtype=None)", "np.asarray(sizes, )")
-    ],
+    (
+        "data/corpus",
+        "finish",
+        "if (keep.all()) and False else",
+        "the shortcut for a listing with nothing left out: joining every path's bytes gives the same blob",
+    ),
     (
         "data/corpus",
         "__init__",

@@ -1388,3 +1388,18 @@ def test_every_input_safe_val_windows_has_an_upper_bound(corpus):
     assert_one_line_error("data.val_windows must be at most 16,777,216, got 16,777,217", str(corpus[0]),
                           block_size=T, val_windows=2**24 + 1)  # fmt: skip
     assert_one_line_error("data.val_windows must be at most", str(corpus[0]), block_size=T, val_windows=10**23)
+
+
+def test_a_file_that_grows_after_listing_is_read_as_listed(tmp_path, monkeypatch):
+    """The listing's sizes are the corpus (the split and describe() were made from them): bytes appended to a file
+    after it was listed are not read, by read_corpus nor by a ByteCorpus built from the listing."""
+    (tmp_path / "a.txt").write_bytes(b"a" * 100)
+    (tmp_path / "b.txt").write_bytes(b"b" * 50)
+    listing = corpus_module.list_corpus(str(tmp_path))
+    with open(tmp_path / "a.txt", "ab") as grown:
+        grown.write(b"+" * 30)
+    corpus = corpus_module.ByteCorpus(listing.files, listing.sizes)
+    assert len(corpus) == 150 and corpus.read(0, 150).tobytes() == b"a" * 100 + b"b" * 50
+    monkeypatch.setattr(corpus_module, "list_corpus", lambda path, exclude=None, include_hidden=False: listing)
+    read = corpus_module.read_corpus(str(tmp_path))  # listed before the file grew
+    assert len(read) == 150 and read.read(99, 2).tobytes() == b"ab"
