@@ -32,6 +32,12 @@ def fake_trainer(**settings):
     return trainer
 
 
+def distributed(monkeypatch) -> None:
+    """torch.distributed available and initialised, as in a multi-process run."""
+    monkeypatch.setattr(faults.dist, "is_available", lambda: True)
+    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+
+
 @pytest.fixture
 def no_checkpoint(monkeypatch):
     monkeypatch.setattr(faults, "last_good_checkpoint", lambda trainer: None)
@@ -168,8 +174,7 @@ def test_a_vote_of_no_signal_goes_on(monkeypatch):
 
 
 def test_training_start_installs_the_handlers_and_a_gloo_group(monkeypatch):
-    monkeypatch.setattr(faults.dist, "is_available", lambda: True)
-    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    distributed(monkeypatch)
     made = []
     monkeypatch.setattr(faults.dist, "new_group", lambda backend: made.append(backend) or "gloo group")
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
@@ -195,8 +200,7 @@ def test_training_start_installs_the_handlers_and_a_gloo_group(monkeypatch):
 
 @pytest.mark.parametrize("error", [RuntimeError("no gloo"), ValueError("bad backend")])
 def test_without_a_gloo_group_the_vote_is_lightnings_collective(monkeypatch, error):
-    monkeypatch.setattr(faults.dist, "is_available", lambda: True)
-    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    distributed(monkeypatch)
 
     def new_group(backend):
         raise error
@@ -210,8 +214,7 @@ def test_without_a_gloo_group_the_vote_is_lightnings_collective(monkeypatch, err
 
 
 def test_one_process_never_makes_a_group(monkeypatch):
-    monkeypatch.setattr(faults.dist, "is_available", lambda: True)
-    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    distributed(monkeypatch)
     made = []
     monkeypatch.setattr(faults.dist, "new_group", lambda backend: made.append(backend) or "a group")
     stop = StopOnSignal()
@@ -393,8 +396,7 @@ def test_a_note_to_a_gone_store_is_skipped_and_without_a_store_nothing_is_writte
 def test_the_watcher_starts_only_with_several_ranks_and_a_store(monkeypatch):
     started = []
     monkeypatch.setattr(StopEveryRank, "watch", lambda self: started.append((self.rank, threading.current_thread())))
-    monkeypatch.setattr(faults.dist, "is_available", lambda: True)
-    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    distributed(monkeypatch)
     monkeypatch.setattr(faults.dist.distributed_c10d, "_get_default_store", lambda: "store")
     stop = StopEveryRank()
     stop.setup(fake_trainer(world_size=1), None, "fit")

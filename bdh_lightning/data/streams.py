@@ -100,12 +100,12 @@ class ShortStreams(StreamBatches):
     def __init__(self, corpus, layout: StreamLayout, windows: int, seed: int, first_row: int, batch_size: int, start):
         super().__init__(corpus, layout, first_row, batch_size, start)
         self.windows, self.seed = windows, seed
+        self.begins = max(1, int(layout.windows[0][-1]) - windows + 1)  # stream starts that end inside the split
 
     def place(self, row: int, k: int) -> tuple[int, int]:
         first = self.windows - row % self.windows
         stream, i = (0, k) if k < first else (1 + (k - first) // self.windows, (k - first) % self.windows)
-        fits = max(1, int(self.layout.windows[0][-1]) - self.windows + 1)  # never past the split's end
-        begin = np.random.default_rng([self.seed, row, stream]).integers(fits)
+        begin = np.random.default_rng([self.seed, row, stream]).integers(self.begins)
         offset, position = self.layout.window(0, int(begin) + i)
         return offset, min(position, i * self.layout.block_size)  # less where a file boundary restarted it
 
