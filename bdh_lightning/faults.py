@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -275,3 +276,52 @@ class StopEveryRank(Callback):
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self.done.set()
+
+
+def watch_started_ranks() -> None:
+    """Replace Lightning's watch over the ranks its DDP launcher starts as child processes of rank 0.
+
+    Lightning's watch SIGKILLs every process, rank 0 included, within 5 s of a rank ending with a non-zero code:
+    rank 0 then dies without a word (exit -9) even when it was about to say why, or was saving its stop
+    checkpoint. Ours gives rank 0 `RankWatch.GRACE_SECONDS` to end on its own (a peer-lost collective error, a
+    StopEveryRank note, an agreed signal stop), and only then says which rank ended and stops them all."""
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._launch_process_observer = lambda children: RankWatch(children).start()
+
+
+class RankWatch(threading.Thread):
+    POLL_SECONDS = 1.0
+    GRACE_SECONDS = 15.0  # a collective with a gone peer fails (gloo) or hangs (NCCL); a stop's last save ends
+
+    def __init__(self, children):
+        super().__init__(name="bdh-rank-watch", daemon=True)  # ends with the main process
+        self.children = list(children)
+
+    def run(self) -> None:
+        while True:
+            time.sleep(self.POLL_SECONDS)
+            codes = [child.poll() for child in self.children]
+            if all(code == 0 for code in codes):
+                return
+            ended = [(rank, code) for rank, code in enumerate(codes, start=1) if code]
+            if ended:
+                break
+        time.sleep(self.GRACE_SECONDS)  # still here: rank 0 is stuck, most likely inside a collective
+        rank, code = ended[0]
+        how = f"exit code {code}" if code > 0 else f"killed by {signal_name(-code)}"
+        say(
+            f"error: another process of this run stopped (rank {rank}, {how}); see its own output for why, "
+            "then resume with --ckpt_path last"
+        )
+        for child in self.children:
+            with contextlib.suppress(OSError):
+                child.kill()
+        os._exit(1)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

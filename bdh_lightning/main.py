@@ -16,7 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from .cli import BDHCLI, COMMANDS
 from .console import abandon_stdout, quiet, say
 from .errors import BDHError, one_line
-from .faults import OUT_OF_MEMORY, is_out_of_memory
+from .faults import OUT_OF_MEMORY, is_out_of_memory, watch_started_ranks
 
 
 def command_function(name: str):
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in COMMANDS:
             return run_command(argv[0], argv[1:])
+        watch_started_ranks()
         BDHCLI(args=None if from_shell else argv)
     except ArgumentError as error:
         command = f"{argv[0]} --help" if argv and (argv[0] in COMMANDS or argv[0] in BDHCLI.subcommands()) else "--help"

@@ -435,3 +435,57 @@ def test_out_of_memory_markers_and_their_kinds():
     assert faults.is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
     assert not faults.is_out_of_memory(RuntimeError("CUDNN_STATUS_BAD_PARAM"))
     assert not faults.is_out_of_memory(OSError("out of memory"))
+
+
+class FakeChild:
+    """A rank Lightning's launcher started: `poll` answers from `codes` (None while running), then keeps the last."""
+
+    def __init__(self, *codes):
+        self.codes, self.killed = list(codes), False
+
+    def poll(self):
+        return self.codes.pop(0) if len(self.codes) > 1 else self.codes[0]
+
+    def kill(self):
+        self.killed = True
+        raise ProcessLookupError  # gone already: the watch goes on to the next
+
+
+def test_ranks_that_all_end_well_end_the_watch_quietly(monkeypatch, capsys):
+    sleeps = []
+    monkeypatch.setattr(faults.time, "sleep", sleeps.append)
+    children = [FakeChild(None, 0), FakeChild(None, None, 0)]
+    faults.RankWatch(children).run()
+    assert sleeps == [faults.RankWatch.POLL_SECONDS] * 3 and capsys.readouterr().err == ""
+    assert not any(child.killed for child in children)
+
+
+@pytest.mark.parametrize(
+    "codes, how",
+    [((None, -9), "rank 2, killed by SIGKILL"), ((1,), "rank 2, exit code 1"), ((-77,), "rank 2, killed by signal 77")],
+)
+def test_a_rank_that_ends_badly_gets_rank_0_the_grace_then_one_line(monkeypatch, capsys, codes, how):
+    sleeps = []
+    monkeypatch.setattr(faults.time, "sleep", sleeps.append)
+    monkeypatch.setattr(faults.os, "_exit", lambda code: (_ for _ in ()).throw(Exited(code)))
+    children = [FakeChild(None, None, 0), FakeChild(*codes), FakeChild(None, None, 130)]
+    with pytest.raises(Exited) as exited:
+        faults.RankWatch(children).run()
+    assert exited.value.args == (1,) and all(child.killed for child in children)
+    assert sleeps == [faults.RankWatch.POLL_SECONDS] * len(codes) + [faults.RankWatch.GRACE_SECONDS]
+    assert faults.RankWatch.GRACE_SECONDS >= 10 * faults.RankWatch.POLL_SECONDS > 0
+    assert capsys.readouterr().err == (
+        f"error: another process of this run stopped ({how}); see its own output for why, "
+        "then resume with --ckpt_path last\n"
+    )
+
+
+def test_lightnings_launcher_starts_our_watch_instead_of_its_own(monkeypatch):
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    monkeypatch.setattr(subprocess_script, "_launch_process_observer", None)
+    started = []
+    monkeypatch.setattr(faults.RankWatch, "start", lambda self: started.append((self.name, self.daemon, self.children)))
+    faults.watch_started_ranks()
+    subprocess_script._launch_process_observer((child := FakeChild(0),))
+    assert started == [("bdh-rank-watch", True, [child])]
