@@ -94,10 +94,9 @@ def generate_command(
     raw: bool = False,
     n_layer: int | None = None,
 ) -> int:
-    """Sample text from a BDH checkpoint with BDH's recurrent form: the prompt is read in chunks, then each new
-    byte updates a fixed-size state per layer, so every byte costs the same whatever the context length. The
-    text streams as it is produced; bytes that are not valid UTF-8, and control bytes other than newline and
-    tab, show as \\xNN. --output or --raw give the exact bytes.
+    """Sample text from a BDH checkpoint with BDH's recurrent form: after the prompt, each new byte updates a
+    fixed-size state per layer, so every byte costs the same whatever the context length. The text streams as
+    it is produced; invalid UTF-8 and control bytes but newline and tab show as \\xNN (--output or --raw: exact).
 
     Args:
         ckpt_path: Checkpoint (.ckpt) written by fit, `last` for the newest run's last.ckpt, or weights written

@@ -31,7 +31,7 @@ STORED_SETTINGS = (*ARCHITECTURE, *CARRY_FORM)  # what a checkpoint or an export
 @dataclass
 class BDHConfig:
     """BDH model settings (the BDH configuration guide's names and defaults). Each is documented once, in
-    `BDHLitModule.__init__` (module.py): its docstring is what `fit --help` and docs/settings.md show.
+    `BDHLitModule` (module.py): its docstring is what `fit --help` and docs/settings.md show.
     Here carry_half_lives is a tuple, () for the reference's plain sum (None there).
     """
 

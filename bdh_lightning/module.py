@@ -62,6 +62,63 @@ def clip_unitwise(model, clip: float, eps: float = 1e-3) -> None:
 
 
 class BDHLitModule(L.LightningModule):
+    """BDH with AdamW.
+
+    Args:
+        n_layer: Layers L: the one shared layer is applied L times, so compute and activation memory grow
+            linearly with L and the parameters do not change.
+        n_embd: Embedding width D. N = m * D / H grows with D, so parameters (about 3 * m * D^2) and the
+            N-wide compute grow with D^2, the N-wide activations linearly.
+        dropout: Dropout on the sparse product a*b while training, in [0, 1). Regularises small data; no
+            cost at inference.
+        n_head: Heads H; neurons per head N = mlp_internal_dim_multiplier * n_embd // n_head, so the total
+            H * N stays about m * D; more heads mean more, smaller (T x T) attention maps.
+        mlp_internal_dim_multiplier: Neuron multiplier m, the main lever: parameters (3 * H * N * D),
+            compute and the N-wide activations all grow linearly with it. More neurons usually means lower
+            loss.
+        vocab_size: Bytes: must be 256.
+        kernel: Layer implementation: reference (plain autograd, keeps the N-wide tensors for backward:
+            most memory), chunked (recomputes them in backward, chunk by chunk: a tenth of the memory or
+            less), fused (Triton, CUDA only, experimental: chunked's memory, GPU speed not yet measured) or
+            auto (on CUDA the reference where its predicted peak fits the GPU with a margin, else chunked;
+            on the CPU chunked from B * H * T * N = 2^23 elements up, the reference below). Checkpoints do
+            not depend on it.
+        chunk_size: Neurons per chunk for chunked (0 = automatic; fused has its own tiles). Smaller: less
+            transient memory, more overhead.
+        compile: Compile the model with torch.compile: faster steps after a compile pause (the shared layer
+            is compiled once for all layers); checkpoint keys stay plain.
+        learning_rate: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay (applied to every parameter, as the reference does).
+        betas: AdamW betas.
+        warmup_steps: Linear warmup from 0 over this many optimizer steps (0 = none).
+        decay_steps: Decay (of the shape `decay`) from learning_rate to min_learning_rate over this many
+            steps after warmup (0 = constant learning rate, the reference run).
+        min_learning_rate: Floor of the decay.
+        init_from: Start from these weights instead of random ones, with a fresh optimizer and step 0
+            (fine-tuning): a reference state_dict (.pt), a safetensors file or hf folder written by
+            export, or another run's .ckpt. Their shapes must fit the model settings; read without
+            unpickling code. On resume (--ckpt_path) the checkpoint's weights replace them.
+        carry_state: Carry each layer's attention state from one window to the next (truncated
+            backpropagation through time): needs data.sampling streams. Positions continue across
+            windows; gradients stay within a window; a stream's state resets where the stream restarts.
+            Costs batch x n_layer x H x N x D float32 numbers per device. No form tried has beaten random
+            windows; the closest is data.stream_windows 8 with carry_half_lives and carry_mean
+            (docs/carried-state.md).
+        carry_half_lives: With carry_state: half-life in bytes of the carried state, one for all heads or
+            one per head (None = never fades: the plain sum, what one pass over the whole stream computes,
+            whose norm grows with the stream). Applied per window: before a window of T bytes reads it, the
+            state is multiplied by 2^(-T/h). Stored with the weights. See docs/carried-state.md.
+        carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows'
+            contributions (divided by their accumulated weight), so the history weighs as one window
+            however long the stream. Stored with the weights.
+        decay: Shape of the decay after warmup over decay_steps: cosine, or linear to
+            min_learning_rate.
+        agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021): each
+            neuron's (or byte's) gradient is scaled down to at most agc_clip times its weights' norm,
+            both over the D-wide axis. 0 = off; 0.01-0.1 are usual. Lightning's
+            trainer.gradient_clip_val clips the global norm instead (both may be used).
+    """
+
     def __init__(
         self,
         n_layer: int = 6,
@@ -86,62 +143,6 @@ class BDHLitModule(L.LightningModule):
         decay: Literal["cosine", "linear"] = "cosine",
         agc_clip: float = 0.0,
     ):
-        """BDH with AdamW.
-
-        Args:
-            n_layer: Layers L: the one shared layer is applied L times, so compute and activation memory grow
-                linearly with L and the parameters do not change.
-            n_embd: Embedding width D. N = m * D / H grows with D, so parameters (about 3 * m * D^2) and the
-                N-wide compute grow with D^2, the N-wide activations linearly.
-            dropout: Dropout on the sparse product a*b while training, in [0, 1). Regularises small data; no
-                cost at inference.
-            n_head: Heads H; neurons per head N = mlp_internal_dim_multiplier * n_embd // n_head, so the total
-                H * N stays about m * D; more heads mean more, smaller (T x T) attention maps.
-            mlp_internal_dim_multiplier: Neuron multiplier m, the main lever: parameters (3 * H * N * D),
-                compute and the N-wide activations all grow linearly with it. More neurons usually means lower
-                loss.
-            vocab_size: Bytes: must be 256.
-            kernel: Layer implementation: reference (plain autograd, keeps the N-wide tensors for backward:
-                most memory), chunked (recomputes them in backward, chunk by chunk: a tenth of the memory or
-                less), fused (Triton, CUDA only, experimental: chunked's memory, GPU speed not yet measured) or
-                auto (on CUDA the reference where its predicted peak fits the GPU with a margin, else chunked;
-                on the CPU chunked from B * H * T * N = 2^23 elements up, the reference below). Checkpoints do
-                not depend on it.
-            chunk_size: Neurons per chunk for chunked (0 = automatic; fused has its own tiles). Smaller: less
-                transient memory, more overhead.
-            compile: Compile the model with torch.compile: faster steps after a compile pause (the shared layer
-                is compiled once for all layers); checkpoint keys stay plain.
-            learning_rate: Peak AdamW learning rate.
-            weight_decay: AdamW weight decay (applied to every parameter, as the reference does).
-            betas: AdamW betas.
-            warmup_steps: Linear warmup from 0 over this many optimizer steps (0 = none).
-            decay_steps: Decay (of the shape `decay`) from learning_rate to min_learning_rate over this many
-                steps after warmup (0 = constant learning rate, the reference run).
-            min_learning_rate: Floor of the decay.
-            init_from: Start from these weights instead of random ones, with a fresh optimizer and step 0
-                (fine-tuning): a reference state_dict (.pt), a safetensors file or hf folder written by
-                export, or another run's .ckpt. Their shapes must fit the model settings; read without
-                unpickling code. On resume (--ckpt_path) the checkpoint's weights replace them.
-            carry_state: Carry each layer's attention state from one window to the next (truncated
-                backpropagation through time): needs data.sampling streams. Positions continue across
-                windows; gradients stay within a window; a stream's state resets where the stream restarts.
-                Costs batch x n_layer x H x N x D float32 numbers per device. No form tried has beaten random
-                windows; the closest is data.stream_windows 8 with carry_half_lives and carry_mean
-                (docs/carried-state.md).
-            carry_half_lives: With carry_state: half-life in bytes of the carried state, one for all heads or
-                one per head (None = never fades: the plain sum, what one pass over the whole stream computes,
-                whose norm grows with the stream). Applied per window: before a window of T bytes reads it, the
-                state is multiplied by 2^(-T/h). Stored with the weights. See docs/carried-state.md.
-            carry_mean: With carry_state: read the carried state as the weighted mean of the earlier windows'
-                contributions (divided by their accumulated weight), so the history weighs as one window
-                however long the stream. Stored with the weights.
-            decay: Shape of the decay after warmup over decay_steps: cosine, or linear to
-                min_learning_rate.
-            agc_clip: Adaptive gradient clipping, unit-wise (Brock et al. 2021): each
-                neuron's (or byte's) gradient is scaled down to at most agc_clip times its weights' norm,
-                both over the D-wide axis. 0 = off; 0.01-0.1 are usual. Lightning's
-                trainer.gradient_clip_val clips the global norm instead (both may be used).
-        """
         super().__init__()
         check_optimizer_settings(learning_rate, weight_decay, betas, warmup_steps, decay_steps, min_learning_rate)
         # Not init_from: the checkpoint holds the weights themselves, and loading it (load_from_checkpoint, resume)
