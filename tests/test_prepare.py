@@ -630,3 +630,129 @@ def test_every_input_safe_overwrite_that_fails_keeps_the_old_prepared_folder(tmp
     assert json.loads((copy / prepared_folders.MANIFEST).read_text())["sources"]["count"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "src"]
     assert not [p for p in copy.rglob(".old-*")]
+
+
+# Packer runs inside LitData's worker processes; these call it here, on a few small files, and check what it yields.
+def packer(tmp_path, units, split="train", val_fraction=0.0, test_fraction=0.0, text_key="text"):
+    import multiprocessing
+
+    error_file = str(tmp_path / prepare_module.ERROR)
+    read, kept = multiprocessing.Value("q", 0), multiprocessing.Value("q", 0)
+    return prepare_module.Packer(units, split, val_fraction, test_fraction, text_key, error_file, read, kept)
+
+
+def packed(packer, index) -> list[bytes]:
+    out = list(packer(index))
+    assert all(a.dtype == np.uint8 and a.ndim == 1 for a in out)
+    return [a.tobytes() for a in out]
+
+
+def test_a_files_unit_is_its_pieces_bytes_in_order_and_counts_them(tmp_path):
+    raw = [random_letters(500, 11), random_letters(300, 12)]
+    for i, data in enumerate(raw):
+        (tmp_path / f"f{i}").write_bytes(data)
+    f0, f1 = str(tmp_path / "f0"), str(tmp_path / "f1")
+    units = [("files", [(f1, 0, 300)]), ("files", [(f0, 120, 250), (f1, 7, 93), (f0, 0, 1)])]
+    p = packer(tmp_path, units)
+    assert packed(p, 1) == [raw[0][120:370] + raw[1][7:100] + raw[0][:1]]
+    assert p.bytes_read.value == 344 and p.documents.value == 0  # whole files are counted when planned
+    assert packed(p, 0) == [raw[1]]
+    assert p.bytes_read.value == 644 and not (tmp_path / prepare_module.ERROR).exists()
+
+
+def test_a_file_shorter_than_planned_writes_one_line_and_yields_nothing(tmp_path):
+    (tmp_path / "a").write_bytes(random_letters(100, 1))
+    (tmp_path / "b").write_bytes(random_letters(50, 2))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    p = packer(tmp_path, [("files", [(a, 0, 100), (b, 10, 41), (a, 0, 10)])])
+    assert packed(p, 0) == []
+    assert p.bytes_read.value == 100  # the whole first piece, nothing of the short one
+    assert (tmp_path / prepare_module.ERROR).read_text() == (
+        f"data file {b} changed while it was being prepared (it is shorter than listed); prepare again"
+    )
+    # The first error wins: a second failing unit leaves the file as it is.
+    packed(packer(tmp_path, [("files", [(a, 90, 11)])]), 0)
+    assert (tmp_path / prepare_module.ERROR).read_text().startswith(f"data file {b} changed")
+
+
+def jsonl_file(tmp_path, lines: list[str], name="docs.jsonl"):
+    """A .jsonl of `lines` (each written with its newline); the offset of each line."""
+    path = tmp_path / name
+    path.write_bytes("".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass"))
+    offsets, at = [], 0
+    for line in lines:
+        offsets.append(at)
+        at += len((line + "\n").encode("utf-8", "surrogatepass"))
+    return str(path), offsets
+
+
+def test_a_jsonl_unit_keeps_the_lines_of_its_split_from_its_range_only(tmp_path):
+    texts = [random_letters(int(n), i).decode() for i, n in enumerate(np.random.default_rng(5).integers(5, 40, 60))]
+    texts[3] = "caf\u00e9 \u2014 \U0001f600 and a lone \ud800"  # non-ASCII text, a lone surrogate (kept as is)
+    lines = [json.dumps({"text": t, "n": i}) for i, t in enumerate(texts)]
+    lines.insert(10, "   ")  # blank lines are no documents of any split
+    texts.insert(10, None)
+    path, offsets = jsonl_file(tmp_path, lines)
+    first, last = 2, 50  # a range starting and ending at line starts inside the file
+    start, end = offsets[first], offsets[last]
+    unit = ("jsonl", path, start, end, "sub/docs.jsonl")
+    expected = {split: b"" for split in prepare_module.SPLITS}
+    counts = dict.fromkeys(prepare_module.SPLITS, 0)
+    for i in range(first, last):
+        if texts[i] is not None:
+            split = document_split(f"sub/docs.jsonl:{offsets[i]}", 0.3, 0.2)
+            expected[split] += texts[i].encode("utf-8", "surrogatepass")
+            counts[split] += 1
+    assert all(counts.values())
+    for split in prepare_module.SPLITS:
+        p = packer(tmp_path, [("files", []), unit], split=split, val_fraction=0.3, test_fraction=0.2)
+        assert packed(p, 1) == [expected[split]], split
+        assert p.documents.value == counts[split] and p.bytes_read.value == end - start
+    assert "\ud800".encode("utf-8", "surrogatepass") in b"".join(expected.values())
+
+
+def test_a_jsonl_unit_without_lines_of_its_split_yields_nothing(tmp_path):
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(20)]
+    path, offsets = jsonl_file(tmp_path, lines)
+    splits = [document_split(f"x.jsonl:{o}", 0.5, 0.0) for o in offsets]
+    assert "validation" in splits and "train" in splits
+    p = packer(tmp_path, [("jsonl", path, 0, offsets[-1] + len(lines[-1]) + 1, "x.jsonl")], split="test",
+               val_fraction=0.5)  # fmt: skip
+    assert packed(p, 0) == [] and p.documents.value == 0 and p.bytes_read.value == os.path.getsize(path)
+    assert not (tmp_path / prepare_module.ERROR).exists()
+
+
+@pytest.mark.parametrize(
+    "bad, text_key, message",
+    [('{"body": "no text"}', "text", "has no 'text' field; fix it, or choose the field with --text_key"),
+     ('{"text": "no body"}', "body", "has no 'body' field; fix it, or choose the field with --text_key"),
+     ("not json", "text", "is not a JSON object; fix it, or choose the field with --text_key"),
+     ('["a", "list"]', "text", "is not a JSON object; fix it, or choose the field with --text_key"),
+     ('"text"', "text", "is not a JSON object; fix it, or choose the field with --text_key"),
+     ('{"text": 5}', "text", ": the 'text' field is int, not text"),
+     ('{"body": null}', "body", ": the 'body' field is NoneType, not text"),
+     ('{"text": ["a"]}', "text", ": the 'text' field is list, not text")],
+)  # fmt: skip
+def test_a_bad_jsonl_line_ends_its_unit_with_one_line_naming_file_and_line(tmp_path, bad, text_key, message):
+    good = json.dumps({text_key: "fine"})
+    lines = [good] * 3 + [bad] + [good] * 2
+    path, offsets = jsonl_file(tmp_path, lines)
+    p = packer(tmp_path, [("jsonl", path, offsets[1], os.path.getsize(path), "d.jsonl")], text_key=text_key)
+    assert packed(p, 0) == []
+    # line 4 of the file (counted from the file's start, not the range's); the lines before it are not counted
+    separator = "" if message.startswith(":") else " "
+    assert (tmp_path / prepare_module.ERROR).read_text() == f"{path}:4{separator}{message}"
+    assert p.documents.value == 0 and p.bytes_read.value == os.path.getsize(path) - offsets[1]
+
+
+def test_a_packing_workers_traceback_is_one_line_of_its_last_words():
+    error = RuntimeError(
+        "Worker 0 failed:\n\nTraceback (most recent call last):\n  File x, line 3\n  OSError: boom \n.\n"
+    )
+    assert str(prepare_module.worker_failure(error, "validation")) == (
+        "packing the validation split failed (OSError: boom); fix it and run prepare again"
+    )
+    assert str(prepare_module.worker_failure(RuntimeError(""), "train")) == (
+        "packing the train split failed (); fix it and run prepare again"
+    )
+    assert isinstance(prepare_module.worker_failure(RuntimeError("x"), "train"), DataError)
