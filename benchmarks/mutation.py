@@ -321,6 +321,25 @@ EQUIVALENT = [
     ("checkpoints", "load_plain", 'map_location="cpu", mmap=zipped)', "torch >= 2.6 defaults to weights_only=True"),
     ("checkpoints", "run_precision", '.get("trainer", None)', "None.get's AttributeError is caught: None either way"),
     ("checkpoints", "run_precision", '.get("trainer", )', "None.get's AttributeError is caught: None either way"),
+    # weights.py
+    *[
+        (
+            "weights",
+            "read_weights",
+            text,
+            "the header check looks at the first 9 bytes only: a longer head (None: the whole file) reads alike",
+        )
+        for text in ("head = file.read(None)", "head = file.read(10)")
+    ],
+    ("weights", "read_safetensors", "path, tied=None)", "None is falsy as False is: a missing lm_head stays missing"),
+    ("weights", "write_error", "full = None", "None is falsy as False is: not known to be full"),
+    (
+        "weights",
+        "sync",
+        "umask = os.umask(1)",
+        "os.umask returns the mask it replaces whatever it sets, and the next line sets that one back",
+    ),
+    ("weights", "sync", "with open(file, ) as handle:", "only the descriptor is fsynced: text mode reads nothing"),
     # data.py
     *[
         (

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -537,3 +538,527 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_output(run, tmp_path, monkeyp
     assert "no space left on the device" in one_line(error)
     assert {p.name: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # old output whole
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # temporaries removed
+
+
+# ------------------------------------------------------------------ each reader and writer, word for word
+# In-process and without a fit: random weights of a tiny model, written by hand in each layout. Each test names the
+# mistake it catches (benchmarks/mutation.py weights).
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny model's settings and its five random (normal, never zero) weights under BDH's names."""
+    config = BDHConfig(**TINY_MODEL)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model = BDH(config)
+    return config, {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def hf_names(tensors, lm_head=True):
+    """Our tensors under bdh-transformers' names (lm_head.weight transposed), as that port stores them."""
+    hf = {f"backbone.{name}": tensors[name] for name in ("embed.weight", "encoder", "encoder_v", "decoder")}
+    return {**hf, "lm_head.weight": tensors["lm_head"].t().contiguous()} if lm_head else hf
+
+
+def hf_folder(folder, tensors, **config):
+    folder.mkdir()
+    settings = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "mlp_internal_dim_multiplier": 8}
+    (folder / "config.json").write_text(json.dumps({"model_type": "bdh", **settings, **config}))
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def error_of(call, *args, error=CheckpointError, **kwargs) -> str:
+    with pytest.raises(error) as raised:
+        call(*args, **kwargs)
+    return one_line(raised)
+
+
+def test_check_weights_names_every_missing_and_unexpected_name_word_for_word(tiny):
+    """Catches names joined wrongly, more than five unexpected names listed, the two lists run together."""
+    config, tensors = tiny
+    check = weights_module.check_weights
+    without = {k: v for k, v in tensors.items() if k not in ("decoder", "encoder_v")}
+    assert error_of(check, without, config, "w.pt") == "w.pt does not hold BDH's weights: missing encoder_v, decoder"
+    extra = {**tensors, **{f"x{i}": tensors["decoder"] for i in range(6, 0, -1)}}
+    assert error_of(check, extra, config, "w.pt") == "w.pt does not hold BDH's weights: unexpected x1, x2, x3, x4, x5"
+    renamed = {**without, "encoder_v2": tensors["encoder_v"]}
+    assert (
+        error_of(check, renamed, config, "w.pt")
+        == "w.pt does not hold BDH's weights: missing encoder_v, decoder; unexpected encoder_v2"
+    )
+    freqs = {**tensors, "attn.freqs": oracle_rope_frequencies(128) * 2}
+    assert error_of(check, freqs, config, "w.pt") == (
+        "w.pt: attn.freqs is not BDH's rotary frequencies (theta 2^16, N=128); the weights are of a modified model"
+    )
+    right = {**tensors, "attn.freqs": oracle_rope_frequencies(128).view(1, 1, 1, 128)}
+    assert same_tensors(check(right, config, "w.pt"), tensors)  # the buffer checked, then left out
+
+
+def test_export_paths_refusals_word_for_word(tmp_path):
+    """Catches the list of formats or the reference's .json wording mangled."""
+    assert (
+        error_of(weights_module.export_paths, "onnx", tmp_path / "m", False, error=UsageError)
+        == "--format must be one of reference, safetensors, hf, got 'onnx'"
+    )
+    assert error_of(weights_module.export_paths, "reference", tmp_path / "m.json", False, error=UsageError) == (
+        f"--output {tmp_path / 'm.json'}: the reference state_dict needs a name not ending in .json "
+        "(its settings go to <name>.json)"
+    )
+
+
+def test_hf_names_become_ours_and_unknown_names_are_kept(tiny):
+    """Catches the port's rotary buffer not renamed, or an unknown name dropped or turned into None."""
+    _, tensors = tiny
+    freqs = oracle_rope_frequencies(128).view(1, 1, 1, 128)
+    hf = {**hf_names(tensors), "backbone.attn.freqs": freqs, "backbone.gate": tensors["decoder"]}
+    ours = weights_module.from_hf_names(hf, Path("m.safetensors"), tied=False)
+    assert same_tensors(ours, {**tensors, "attn.freqs": freqs, "backbone.gate": tensors["decoder"]})
+    tied = weights_module.from_hf_names(hf_names(tensors, lm_head=False), Path("m.safetensors"), tied=True)
+    assert same_tensors(tied, {**tensors, "lm_head": tensors["embed.weight"].t()})
+
+
+@pytest.mark.parametrize(
+    "head, size, expected",
+    [
+        (b"\x02" + bytes(7) + b"{}", 10, True),  # a header that ends the file exactly
+        (b"\x02" + bytes(7) + b"{}", 9, False),  # ... one byte short: truncated
+        (b"\x02" + bytes(7) + b"{", 9, False),
+        (b"\xe8\x03" + bytes(6) + b"{", 500, False),  # a header of 1000 bytes in a file of 500
+        (b"\xff" * 8 + b"{", 10**6, False),  # a length past 2^63: unsigned, not -1
+        (b"\x02" + bytes(7) + b"[]", 100, False),  # not a JSON object
+        (b"\x02" + bytes(7), 100, False),  # eight bytes: too short to tell
+        (b"", 0, False),
+    ],
+)
+def test_the_safetensors_header_check(head, size, expected):
+    """Catches the length read signed or off by one, the `{` check dropped, a short head taken for safetensors."""
+    assert weights_module.is_safetensors_header(head, size) is expected
+
+
+def test_a_whole_safetensors_file_passes_the_header_check(tiny, tmp_path):
+    """Catches the check looking past the first 9 bytes of a longer head, or a header cut short taken as whole."""
+    _, tensors = tiny
+    save_file(tensors, tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    assert weights_module.is_safetensors_header(data, len(data))  # the head may be longer than 9 bytes
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    assert weights_module.is_safetensors_header(data, header_end)
+    assert not weights_module.is_safetensors_header(data, header_end - 1)  # a file cut inside its header
+
+
+def test_load_model_from_checkpoint_puts_it_on_the_device_asked_for(tiny, tmp_path):
+    """Catches the device argument ignored (the meta device needs no GPU)."""
+    config, tensors = tiny
+    weights_module.write_weights(tensors, config, "safetensors", tmp_path / "m.safetensors")
+    assert load_model_from_checkpoint(tmp_path / "m.safetensors", device="meta").encoder.is_meta
+
+
+# ---------------------------------------------------------------------------------------- reading, per format
+
+
+def test_an_hf_folder_reads_as_what_it_holds(tiny, tmp_path):
+    """Catches the folder, kind or settings of an HF read lost, its stored lm_head replaced by the embedding."""
+    _, tensors = tiny
+    folder = hf_folder(tmp_path / "hf", hf_names(tensors), dropout=0.0)  # tie_word_embeddings not said: True
+    weights = read_weights(folder)
+    assert (weights.path, weights.kind, weights.step) == (folder, "hf", None)
+    assert weights.settings == {**TINY_MODEL, "dropout": 0.0}
+    assert same_tensors(weights.tensors, tensors)
+
+
+def test_an_hf_folder_that_unties_lm_head_must_store_it(tiny, tmp_path):
+    """Catches tie_word_embeddings: false not read (lm_head silently taken from the embedding)."""
+    config, tensors = tiny
+    folder = hf_folder(tmp_path / "hf", hf_names(tensors, lm_head=False), tie_word_embeddings=False)
+    message = error_of(weights_module.load_weights, folder)
+    assert message == f"{folder} does not hold BDH's weights: missing lm_head"
+
+
+@pytest.mark.parametrize(
+    "config_text, message",
+    [
+        ("[1, 2]", "{folder} holds a Hugging Face model of type None, not 'bdh' (bdh-transformers)"),
+        ('{"model_type": "gpt2"}', "{folder} holds a Hugging Face model of type 'gpt2', not 'bdh' (bdh-transformers)"),
+        ("{", "cannot read {folder}/config.json: Expecting property name enclosed in double quotes: line 1 column 2 "
+         "(char 1)"),
+    ],
+)  # fmt: skip
+def test_an_hf_config_that_is_not_bdh_is_one_line(tmp_path, config_text, message):
+    """Catches a config.json that is not an object crashing the type check, its path or reason mangled."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(config_text)
+    assert error_of(read_weights, folder) == message.format(folder=folder)
+
+
+def test_an_hf_folder_without_its_weights_says_whether_it_is_sharded(tmp_path):
+    """Catches the sharded hint given always, never, or worded wrongly."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bdh"}')
+    assert error_of(read_weights, folder) == (
+        f"{folder} has no model.safetensors; give a folder written by `export --format hf`"
+    )
+    (folder / "model.safetensors.index.json").write_text("{}")
+    assert error_of(read_weights, folder) == (
+        f"{folder} has no model.safetensors (sharded checkpoints are not supported); give a folder written by "
+        "`export --format hf`"
+    )
+
+
+def test_an_unreadable_hf_weights_file_names_it_and_the_reason(tmp_path):
+    """Catches the reader's reason dropped or re-joined, or a suffix added to the HF folder's message."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bdh"}')
+    (folder / "model.safetensors").write_bytes(b"\x05" + bytes(7) + b'{"a":')
+    message = error_of(read_weights, folder)
+    # the reason is safetensors' own words (they vary between its versions): here, one line after this prefix
+    assert re.fullmatch(
+        re.escape(f"{folder}/model.safetensors is not a readable safetensors file (Error while deserializing header: ")
+        + r"\S[^()]*\S\)",
+        message,
+    ), message
+
+
+@pytest.mark.parametrize("layout", ["hf", "safetensors"])
+def test_an_hf_lm_head_of_the_wrong_rank_names_the_file(tiny, tmp_path, layout):
+    """Catches the file or the shape left out of the message (HF folder and bare safetensors alike)."""
+    _, tensors = tiny
+    hf = {**hf_names(tensors), "lm_head.weight": tensors["lm_head"].t().reshape(256, 32, 1).contiguous()}
+    if layout == "hf":
+        path = hf_folder(tmp_path / "hf", hf) / "model.safetensors"
+        source = tmp_path / "hf"
+    else:
+        save_file(hf, tmp_path / "m.safetensors")
+        path = source = tmp_path / "m.safetensors"
+    assert error_of(read_weights, source) == (
+        f"{path}: lm_head.weight has shape (256, 32, 1), expected (vocab_size, hidden_size)"
+    )
+
+
+def test_a_safetensors_file_reads_as_what_it_holds(tiny, tmp_path):
+    """Catches the path, kind, settings or step of a safetensors read lost."""
+    config, tensors = tiny
+    weights_module.write_weights(tensors, config, "safetensors", tmp_path / "m.safetensors", step=7)
+    weights = read_weights(tmp_path / "m.safetensors")
+    assert (weights.path, weights.kind, weights.step) == (tmp_path / "m.safetensors", "safetensors", 7)
+    assert weights.settings == config.architecture() and same_tensors(weights.tensors, tensors)
+
+
+def test_a_bare_safetensors_file_of_hf_names_is_renamed_and_not_tied(tiny, tmp_path):
+    """Catches a bdh-transformers file not recognised by its backbone. prefix, or its missing lm_head tied."""
+    _, tensors = tiny
+    save_file(hf_names(tensors), tmp_path / "hf.safetensors")
+    assert same_tensors(read_weights(tmp_path / "hf.safetensors").tensors, tensors)
+    save_file(hf_names(tensors, lm_head=False), tmp_path / "untied.safetensors")
+    assert sorted(read_weights(tmp_path / "untied.safetensors").tensors) == sorted(set(tensors) - {"lm_head"})
+
+
+@pytest.mark.parametrize(
+    "metadata, settings",
+    [({"bdh_lightning.settings": '["n_layer", 2]'}, {}), ({"bdh_lightning.settings": '{"n_layer": 3, "x": 1}'},
+     {"n_layer": 3})],
+)  # fmt: skip
+def test_safetensors_settings_that_are_not_an_object_are_ignored(tiny, tmp_path, metadata, settings):
+    """Catches a JSON list of settings read as if it were an object."""
+    _, tensors = tiny
+    save_file(tensors, tmp_path / "m.safetensors", metadata)
+    assert read_weights(tmp_path / "m.safetensors").settings == settings
+
+
+@pytest.mark.parametrize(
+    "metadata", [{"bdh_lightning.settings": "{n_layer"}, {"bdh_lightning.step": "seven"}], ids=["settings", "step"]
+)
+def test_safetensors_metadata_that_is_not_valid_is_one_line(tiny, tmp_path, metadata):
+    """Catches the message about bad metadata lost."""
+    _, tensors = tiny
+    save_file(tensors, tmp_path / "m.safetensors", metadata)
+    assert error_of(read_weights, tmp_path / "m.safetensors") == (
+        f"{tmp_path / 'm.safetensors'}: its bdh_lightning.* metadata is not valid; give the model settings explicitly"
+    )
+
+
+def test_a_safetensors_file_of_another_model_lists_three_of_its_names(tmp_path):
+    """Catches the names joined wrongly or more than three listed."""
+    save_file({f"h.{i}.weight": torch.randn(2, 2) for i in range(5)}, tmp_path / "other.safetensors")
+    assert error_of(read_weights, tmp_path / "other.safetensors") == (
+        f"{tmp_path / 'other.safetensors'} holds the weights of another model (h.0.weight, h.1.weight, h.2.weight...), "
+        "not BDH's embed.weight, encoder, encoder_v, decoder, lm_head"
+    )
+
+
+def test_a_corrupt_safetensors_file_says_to_use_another(tmp_path):
+    """Catches the advice at the end of the message lost or mangled."""
+    (tmp_path / "m.safetensors").write_bytes(b"\x05" + bytes(7) + b'{"a":')
+    message = error_of(read_weights, tmp_path / "m.safetensors")
+    assert message.startswith(f"{tmp_path / 'm.safetensors'} is not a readable safetensors file (Error while ")
+    assert message.endswith("); use another one"), message
+
+
+def lightning_file(path, state_dict, **content):
+    torch.save({"state_dict": state_dict, **content}, path)
+    return path
+
+
+def test_a_lightning_checkpoint_reads_as_what_it_holds(tiny, tmp_path):
+    """Catches the path, kind, settings or step of a Lightning read lost, compiled names left unstripped."""
+    _, tensors = tiny
+    compiled = {f"model._orig_mod.{k}": v for k, v in tensors.items()}
+    hparams = {**TINY_MODEL, "learning_rate": 0.1}
+    path = lightning_file(tmp_path / "c.ckpt", {**compiled, "loss_scale": torch.ones(1)}, hyper_parameters=hparams,
+                          global_step=12)  # fmt: skip
+    weights = read_weights(path)
+    assert (weights.path, weights.kind, weights.step, weights.settings) == (path, "lightning", 12, TINY_MODEL)
+    assert same_tensors(weights.tensors, tensors)
+    bare = read_weights(lightning_file(tmp_path / "bare.ckpt", compiled, global_step=True))
+    assert (bare.settings, bare.step) == ({}, None)  # no hyper_parameters; a bool is no step
+
+
+def test_a_training_script_checkpoint_reads_its_step_from_iter_num(tiny, tmp_path):
+    """Catches nanoGPT's iter_num not read when there is no step."""
+    _, tensors = tiny
+    torch.save({"model": tensors, "iter_num": 40}, tmp_path / "ckpt.pt")
+    weights = read_weights(tmp_path / "ckpt.pt")
+    assert (weights.kind, weights.step, weights.settings) == ("reference", 40, {})
+    torch.save({"model": tensors, "step": 3, "iter_num": 40}, tmp_path / "ckpt.pt")
+    assert read_weights(tmp_path / "ckpt.pt").step == 3
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"state_dict": {"encoder": torch.ones(2)}}, "{path} holds no BDH weights (no model.* keys); is it a checkpoint "
+         "of this project?"),
+        ([1, 2], "{path} holds a list, not a state_dict or checkpoint; use a file written by `fit` or `export`"),
+        ({"encoder": torch.ones(2), "note": "x"}, "{path} is neither a Lightning checkpoint nor a state_dict ('note' is "
+         "not a tensor); use a file written by `fit` or `export`"),
+    ],
+    ids=["no-model-keys", "list", "not-a-tensor"],
+)  # fmt: skip
+def test_torch_files_that_hold_no_weights_word_for_word(tmp_path, content, message):
+    """Catches each refusal's advice mangled or lost."""
+    torch.save(content, tmp_path / "x.pt")
+    assert error_of(read_weights, tmp_path / "x.pt") == message.format(path=tmp_path / "x.pt")
+
+
+def test_a_folder_without_config_or_a_file_that_cannot_be_opened_is_one_line(tmp_path, monkeypatch):
+    """Catches the folder's advice or the OS's reason (not the errno's repr) lost."""
+    assert error_of(read_weights, tmp_path) == (
+        f"{tmp_path} is a directory without config.json (a sharded checkpoint?); give a .ckpt, .pt or .safetensors "
+        "file or a folder written by `export --format hf`"
+    )
+    (tmp_path / "m.pt").write_bytes(b"x" * 20)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(weights_module, "open", refused, raising=False)  # root reads any file: refuse by hand
+    assert error_of(read_weights, tmp_path / "m.pt") == f"cannot read {tmp_path / 'm.pt'}: Permission denied"
+
+
+def test_settings_beside_a_state_dict_that_are_not_json_are_one_line(tiny, tmp_path):
+    """Catches the settings file's path or the JSON reader's reason lost."""
+    _, tensors = tiny
+    torch.save(tensors, tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text("n_layer: 2")
+    assert error_of(read_weights, tmp_path / "m.pt") == (
+        f"cannot read the model settings {tmp_path / 'm.json'}: Expecting value: line 1 column 1 (char 0)"
+    )
+
+
+# ----------------------------------------------------------------------------------------- settings, checks
+
+
+def weights_of(tensors, settings=None, kind="safetensors"):
+    return weights_module.Weights(tensors, Path("w.safetensors"), kind, settings or {})
+
+
+@pytest.mark.parametrize(
+    "shape, settings, expected",
+    [
+        ((2, 32, 128), {"n_layer": 2, "n_head": None, "learning_rate": 1}, (2, 32, 2, 8)),  # None: not given
+        ((2, 32, 16), {"n_layer": 1}, (1, 32, 2, 1)),  # N * H divides by D, N / H does not
+        ((1, 1, 4), {"n_layer": 3}, (3, 1, 1, 4)),  # a width of 1
+        ((4, 8, 6), {"n_layer": 3, "n_head": 2}, (3, 8, 2, 128)),  # N * H not a multiple of D: the default
+    ],
+)
+def test_the_settings_the_shapes_show_fill_in_what_is_not_given(shape, settings, expected):
+    """Catches given None values or non-settings merged, the multiplier read off wrongly or not at all."""
+    config = weights_module.resolve_config(weights_of({"encoder": torch.ones(shape)}), settings)
+    assert (config.n_layer, config.n_embd, config.n_head, config.mlp_internal_dim_multiplier) == expected
+
+
+def test_weights_without_an_encoder_take_every_setting_as_given():
+    """Catches the encoder's shape read when there is none, or when it is not 3-D."""
+    for tensors in ({}, {"encoder": torch.ones(4, 4)}):
+        config = weights_module.resolve_config(weights_of(tensors), {"n_layer": 1, "n_embd": 16})
+        assert (config.n_layer, config.n_embd, config.n_head, config.mlp_internal_dim_multiplier) == (1, 16, 4, 128)
+
+
+@pytest.mark.parametrize("kind", ["reference", "safetensors"])
+def test_weights_that_do_not_say_their_depth_word_for_word(kind):
+    """Catches the advice to write settings beside a state_dict given for other files, or mangled."""
+    where = "write them beside it as w.json (as `export` does) or give" if kind == "reference" else "give"
+    assert error_of(weights_module.resolve_config, weights_of({}, kind=kind)) == (
+        f"w.safetensors does not say how many layers the model has; {where} the model settings (n_layer, and "
+        "n_embd, n_head, mlp_internal_dim_multiplier if they differ from the shapes)"
+    )
+
+
+@pytest.mark.parametrize(
+    "value, step", [(7, 7), (0, 0), (True, None), ("7", None), (7.0, None), (None, None)], ids=repr
+)
+def test_only_an_int_is_a_step(value, step):
+    """Catches a bool, a string or a float taken for a step."""
+    assert weights_module.step_of(value) == step and type(weights_module.step_of(value)) is type(step)
+
+
+def test_errors_of_load_weights_and_init_from_name_the_file(tiny, tmp_path):
+    """Catches the path left out of the shape check's message."""
+    config, tensors = tiny
+    save_file(tensors, tmp_path / "m.safetensors")
+    other = BDHConfig(**{**TINY_MODEL, "n_embd": 64})
+    message = error_of(weights_module.weights_to_start_from, tmp_path / "m.safetensors", other)
+    assert message == (
+        f"{tmp_path / 'm.safetensors'}: encoder is (2, 32, 128) but (2, 64, 256) with the model settings (n_layer=2, "
+        "n_embd=64, n_head=2, mlp_internal_dim_multiplier=8); use the settings the weights were trained with"
+    )
+    given = {**TINY_MODEL, "n_embd": 64}
+    assert error_of(weights_module.load_weights, tmp_path / "m.safetensors", given) == message
+
+
+def test_init_from_refusals_word_for_word(tiny, tmp_path):
+    """Catches the differing settings joined wrongly, or the missing file's advice mangled."""
+    config, tensors = tiny
+    weights_module.write_weights(tensors, config, "safetensors", tmp_path / "m.safetensors")
+    other = BDHConfig(**{**TINY_MODEL, "n_embd": 64, "n_head": 4})
+    assert error_of(weights_module.weights_to_start_from, tmp_path / "m.safetensors", other) == (
+        f"--model.init_from {tmp_path / 'm.safetensors'} holds a model of other settings (n_embd=32, n_head=2 there, "
+        "not n_embd=64, n_head=4); start from it with --model.n_embd 32 --model.n_head 2 "
+        "--model.mlp_internal_dim_multiplier 8"
+    )
+    assert error_of(weights_module.weights_to_start_from, tmp_path / "gone.pt", config) == (
+        f"--model.init_from {tmp_path / 'gone.pt'}: no such file or folder; give a .pt, .safetensors or .ckpt file "
+        "or a folder written by `export --format hf`"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def test_written_settings_files_byte_for_byte(tiny, tmp_path):
+    """Catches the JSON written without its two-space indent or final newline."""
+    config, tensors = tiny
+    weights_module.write_weights(tensors, config, "reference", tmp_path / "m.pt")
+    weights_module.write_weights(tensors, config, "hf", tmp_path / "hf")
+    settings = ('  "n_layer": 2,\n  "n_embd": 32,\n  "dropout": 0.1,\n  "n_head": 2,\n  '
+                '"mlp_internal_dim_multiplier": 8,\n  "vocab_size": 256')  # fmt: skip
+    assert (tmp_path / "m.json").read_text() == "{\n" + settings + "\n}\n"
+    assert (tmp_path / "hf/config.json").read_text() == (
+        '{\n  "architectures": [\n    "BDHForCausalLM"\n  ],\n  "model_type": "bdh",\n  "num_hidden_layers": 2,\n  '
+        '"hidden_size": 32,\n  "num_attention_heads": 2,\n  "mlp_internal_dim_multiplier": 8,\n  "dropout": 0.1,\n  '
+        '"vocab_size": 256,\n  "tie_word_embeddings": false,\n  "torch_dtype": "float32"\n}\n'
+    )
+    freqs = oracle_rope_frequencies(128).view(1, 1, 1, 128)
+    assert same_tensors(read_weights(tmp_path / "m.pt").tensors, {**tensors, "attn.freqs": freqs})
+
+
+@pytest.mark.parametrize("format", ["reference", "safetensors", "hf"])
+def test_written_files_get_the_permissions_of_a_new_file(tiny, tmp_path, format):
+    """Catches the mode not masked by the umask, or masked wrongly (safetensors itself writes 0600)."""
+    config, tensors = tiny
+    umask = os.umask(0o012)  # not a usual one: a fixed mode would not pass
+    try:
+        written = weights_module.write_weights(tensors, config, format, tmp_path / OUTPUTS[format])
+    finally:
+        os.umask(umask)
+    files = [f for path in written for f in (sorted(path.iterdir()) if path.is_dir() else [path])]
+    assert len(files) == (1 if format == "safetensors" else 2), files
+    assert {oct(f.stat().st_mode & 0o7777) for f in files} == {"0o664"}
+
+
+def test_an_existing_output_is_kept_unless_overwrite_is_given(tiny, tmp_path):
+    """Catches write_weights overwriting by default."""
+    config, tensors = tiny
+    (tmp_path / "m.safetensors").write_bytes(b"keep me")
+    message = error_of(weights_module.write_weights, tensors, config, "safetensors", tmp_path / "m.safetensors",
+                       error=UsageError)  # fmt: skip
+    assert message.startswith(f"--output: {tmp_path / 'm.safetensors'} exists")
+    assert (tmp_path / "m.safetensors").read_bytes() == b"keep me"
+
+
+def test_a_carried_state_form_is_refused_by_hf_only(tiny, tmp_path):
+    """Catches the refusal skipped for hf, or applied to the other formats."""
+    _, tensors = tiny
+    config = BDHConfig(**TINY_MODEL, carry_half_lives=(64.0,))
+    assert error_of(weights_module.write_weights, tensors, config, "hf", tmp_path / "hf", error=UsageError) == (
+        "--format hf cannot hold model.carry_half_lives / model.carry_mean (bdh-transformers reads a carried state as "
+        "the plain sum); export this model as safetensors or reference"
+    )
+    assert not (tmp_path / "hf").exists()
+    for format in ("safetensors", "reference"):
+        weights_module.write_weights(tensors, config, format, tmp_path / OUTPUTS[format])
+        assert read_weights(tmp_path / OUTPUTS[format]).settings["carry_half_lives"] == [64.0]
+
+
+def test_a_write_the_os_refuses_is_one_line_with_its_reason(tiny, tmp_path, monkeypatch):
+    """Catches the error itself not passed on to the message."""
+    config, tensors = tiny
+
+    def refused(tensors, path, metadata=None):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(weights_module, "save_file", refused)
+    output = tmp_path / "m.safetensors"
+    assert error_of(weights_module.write_weights, tensors, config, "safetensors", output, error=UsageError) == (
+        f"--output {output}: cannot write it (Permission denied); nothing was written"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+NEEDED = 1_050_000  # bytes: 1.05 MB, which rounds to 1.1 (and 1.0 if divided by anything above 1e6)
+
+
+@pytest.mark.parametrize(
+    "error, free, kind, reason",
+    [
+        (OSError(28, "quota"), 10**9, ResourceError, None),  # ENOSPC in any words
+        (SafetensorError("I/O error: No space left on device (os error 28)"), 10**9, ResourceError, None),
+        (PermissionError(13, "Permission denied"), NEEDED, UsageError, "Permission denied"),  # exactly enough space
+        (PermissionError(13, "Permission denied"), NEEDED - 1, ResourceError, None),  # too little: the disk is full
+        (PermissionError(13, "Permission denied"), OSError(5, "Input/output error"), UsageError, "Permission denied"),
+        (OSError("no strerror"), 10**9, UsageError, "no strerror"),
+        (RuntimeError("torch\n  said this"), 10**9, UsageError, "torch said this"),
+    ],
+    ids=["enospc", "safetensors-full", "just-fits", "short", "no-disk-usage", "no-strerror", "runtime-error"],
+)
+def test_write_errors_say_full_disk_or_the_reason(monkeypatch, tmp_path, error, free, kind, reason):
+    """Catches a full disk missed (by errno, by message, by free space) or claimed for another error, a wrong
+    size, the OS's reason replaced by the error's repr."""
+    asked = []
+
+    def disk_usage(path):
+        asked.append(path)
+        if isinstance(free, OSError):
+            raise free
+        return SimpleNamespace(free=free)
+
+    monkeypatch.setattr(weights_module.shutil, "disk_usage", disk_usage)
+    output = tmp_path / "m.safetensors"
+    tensors = {"encoder": torch.ones(NEEDED // 4 - 100), "decoder": torch.ones(200, dtype=torch.float16)}
+    made = weights_module.write_error(error, output, tensors)
+    assert type(made) is kind and asked == [tmp_path]
+    if kind is ResourceError:
+        assert str(made) == (
+            f"--output {output}: no space left on the device for 1.1 MB of weights; free some space or write elsewhere "
+            "(nothing was written)"
+        )
+    else:
+        assert str(made) == f"--output {output}: cannot write it ({reason}); nothing was written"
