@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import errno
 import hashlib
+import io
 import json
 import math
 import os
@@ -747,7 +748,7 @@ def test_a_bad_jsonl_line_ends_its_unit_with_one_line_naming_file_and_line(tmp_p
 
 def test_a_packing_workers_traceback_is_one_line_of_its_last_words():
     error = RuntimeError(
-        "Worker 0 failed:\n\nTraceback (most recent call last):\n  File x, line 3\n  OSError: boom \n.\n"
+        "Worker 0 failed:\n\nTraceback (most recent call last):\n  File x, line 3\n  OSError: boom \n.\n \n"
     )
     assert str(prepare_module.worker_failure(error, "validation")) == (
         "packing the validation split failed (OSError: boom); fix it and run prepare again"
@@ -756,3 +757,248 @@ def test_a_packing_workers_traceback_is_one_line_of_its_last_words():
         "packing the train split failed (); fix it and run prepare again"
     )
     assert isinstance(prepare_module.worker_failure(RuntimeError("x"), "train"), DataError)
+
+
+def test_the_split_fractions_are_half_open_intervals_of_the_hash():
+    """A hash exactly at a fraction's edge goes to the split above it: test is [0, t), validation [t, t + v)."""
+    u = int.from_bytes(hashlib.blake2b(b"doc0.txt", digest_size=8).digest(), "big") / 2**64
+    assert document_split("doc0.txt", 0.0, u) == "train" and document_split("doc0.txt", 0.0, u + 1e-12) == "test"
+    assert document_split("doc0.txt", u, 0.0) == "train" and document_split("doc0.txt", u + 1e-12, 0.0) == "validation"
+
+
+def test_a_path_that_is_not_utf_8_hashes_by_its_bytes():
+    """os.fsdecode turns undecodable bytes into lone surrogates; the hash reads the path's original bytes."""
+    name = os.fsdecode(b"caf\xe9.txt")
+    u = int.from_bytes(hashlib.blake2b(b"caf\xe9.txt", digest_size=8).digest(), "big") / 2**64
+    assert document_split(name, 0.0, u) == "train" and document_split(name, 0.0, u + 1e-12) == "test"
+
+
+@pytest.mark.parametrize(
+    "unit, ranges",
+    [(10, [(0, 21), (21, 35), (35, 37)]),  # cut at the first line start after each unit's end
+     (33, [(0, 35), (35, 37)]),
+     (36, [(0, 37)]),  # the unit ends inside the last line: one range
+     (37, [(0, 37)]),
+     (4, [(0, 5), (5, 21), (21, 35), (35, 37)]),  # a unit ending on a newline: the next line starts a range
+     (5, [(0, 21), (21, 35), (35, 37)])],  # a unit ending on a line start: that whole line goes with it
+)  # fmt: skip
+def test_jsonl_ranges_start_at_line_starts_and_cover_the_file(tmp_path, monkeypatch, unit, ranges):
+    data = b"0123\n" + b"5\xff\xfe\r9abcdefghij\n" + b"kl\n" + b"mnopqrstuv\n" + b"w\n"  # not UTF-8, a lone \r
+    assert len(data) == 37 and [i for i, c in enumerate(data) if c == 10] == [4, 20, 23, 34, 36]
+    (tmp_path / "a.jsonl").write_bytes(data)
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", unit)
+    assert prepare_module.jsonl_ranges(str(tmp_path / "a.jsonl"), 37) == ranges
+
+
+def test_swap_in_moves_the_new_entries_in_and_the_old_ones_out_with_the_build(tmp_path, monkeypatch):
+    output, built = tmp_path / "out", tmp_path / "out.new"
+    for folder, tag in ((output, "old"), (built, "new")):
+        for split in ("train", "validation"):
+            (folder / split).mkdir(parents=True)
+            (folder / split / "chunk-0-0.bin").write_text(f"{tag} {split}")
+        (folder / prepared_folders.MANIFEST).write_text(f"{tag} manifest")
+        (folder / "sources.tsv").write_text(f"{tag} sources")
+    (output / "test").mkdir()  # the old folder had a test split, the new one has none
+    (output / "test" / "chunk-0-0.bin").write_text("old test")
+    (output / "notes.txt").write_text("not prepare's")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing lands in the working directory
+    prepare_module.swap_in(str(built), str(output))
+    assert {str(p.relative_to(output)): p.read_text() for p in output.rglob("*") if p.is_file()} == {
+        "train/chunk-0-0.bin": "new train",
+        "validation/chunk-0-0.bin": "new validation",
+        prepared_folders.MANIFEST: "new manifest",
+        "sources.tsv": "new sources",
+        "notes.txt": "not prepare's",
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "out"] and not list((tmp_path / "cwd").iterdir())
+
+
+def test_a_build_folder_that_cannot_be_removed_does_not_fail_a_finished_swap(tmp_path, monkeypatch):
+    output, built = tmp_path / "out", tmp_path / "out.new"
+    for folder in (output, built):
+        (folder / "train").mkdir(parents=True)
+        (folder / prepared_folders.MANIFEST).write_text(folder.name)
+    real_rmdir = os.rmdir
+
+    def refused(path, *args, **kwargs):
+        if os.path.basename(str(path)) == "out.new":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", refused)
+    prepare_module.swap_in(str(built), str(output))
+    assert (output / prepared_folders.MANIFEST).read_text() == "out.new"
+
+
+def test_a_progress_line_is_bytes_done_of_all_with_rate_and_time_left():
+    import multiprocessing
+    import time
+
+    bar = prepare_module.Progress(242000, multiprocessing.Value("q", 115000), enabled=False)
+    bar.close()
+    bar.started = time.monotonic() - 10
+    assert bar.line() == "prepare:  48% 115k/242k [00:10<00:11, 11.5kB/s]"
+
+
+def marker(folder, state) -> None:
+    (folder / prepared_folders.INCOMPLETE).write_text(state if isinstance(state, str) else json.dumps(state))
+
+
+def test_claim_output_resumes_only_the_same_plan_and_says_what_it_keeps(tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError) as error:
+        prepare_module.claim_output(str(tmp_path / "file"), "plan", False)
+    assert str(error.value) == f"--output {tmp_path / 'file'} is a file; give a new or empty directory"
+    for split in prepared_folders.SPLITS:
+        (out / split).mkdir(parents=True)
+    marker(out, {"plan": "plan", "finished": {"train": {"bytes": 5}, "test": {"bytes": 1}}})
+    assert prepare_module.claim_output(str(out), "plan", False) == {"train": {"bytes": 5}, "test": {"bytes": 1}}
+    assert capsys.readouterr().err == f"prepare: resuming the unfinished run in {out} (kept: train, test)\n"
+    assert sorted(p.name for p in out.iterdir()) == [prepared_folders.INCOMPLETE, "test", "train"]  # validation redone
+    marker(out, {"plan": "plan"})  # nothing finished yet
+    assert prepare_module.claim_output(str(out), "plan", False) == {}
+    assert capsys.readouterr().err == f"prepare: resuming the unfinished run in {out} (kept: nothing)\n"
+    assert json.loads((out / prepared_folders.INCOMPLETE).read_text()) == {"plan": "plan", "finished": {}}
+    assert sorted(p.name for p in out.iterdir()) == [prepared_folders.INCOMPLETE]
+    for state in ({"plan": "another", "finished": {"train": {}}}, "{not json", {"plan": "plan", "finished": {}}):
+        (out / "train").mkdir()
+        marker(out, state)
+        overwrite = state == {"plan": "plan", "finished": {}}  # --overwrite starts the same plan again too
+        assert prepare_module.claim_output(str(out), "plan", overwrite) == {}
+        assert capsys.readouterr().err == (
+            f"prepare: {out} holds an unfinished run of other sources or settings; starting again\n"
+        )
+        assert sorted(p.name for p in out.iterdir()) == [prepared_folders.INCOMPLETE]
+
+
+def test_the_manifest_records_the_settings_sources_and_the_utc_time(tmp_path, monkeypatch):
+    import datetime
+    import time
+
+    monkeypatch.setenv("TZ", "Etc/GMT-5")  # five hours east of UTC: local time is not what the manifest says
+    time.tzset()
+    try:
+        data = PrepareData(path="src", block_size=8, val_fraction=0.25, test_fraction=0.125, exclude=["*.md"])
+        listing = SimpleNamespace(files=["a", "b"], sizes=np.array([3, 4]), left_out={"hidden": 2})
+        plan = prepare_module.Plan(listing, {}, {}, "", "abc", "digest")
+        manifest = prepare_module.manifest_of(data, plan, "body", {"train": {}}, "9.9")
+        now = datetime.datetime.now(datetime.timezone.utc)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    created = datetime.datetime.strptime(manifest.pop("created"), "%Y-%m-%dT%H:%M:%SZ")
+    assert abs((created.replace(tzinfo=datetime.timezone.utc) - now).total_seconds()) < 60
+    assert manifest == {
+        "format": prepared_folders.FORMAT, "version": prepared_folders.FORMAT_VERSION, "block_size": 8,
+        "source": {"path": "src", "exclude": ["*.md"], "include_hidden": False, "text_key": "body"},
+        "val_fraction": 0.25, "test_fraction": 0.125,
+        "sources": {"file": "sources.tsv", "count": 2, "bytes": 7, "sha256": "abc"},
+        "left_out": {"hidden": 2}, "splits": {"train": {}}, "litdata": "9.9",
+    }  # fmt: skip
+
+
+def test_claim_output_refuses_a_prepared_or_foreign_folder_and_overwrite_clears_only_its_own(tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / prepared_folders.MANIFEST).write_text("{}")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(UsageError) as error:
+        prepare_module.claim_output(str(out), "plan", False)
+    assert str(error.value) == (
+        f"--output {out} is already a prepared directory; give another --output, or --overwrite to replace it"
+    )
+    assert prepare_module.claim_output(str(out), "plan", True) == {}
+    assert sorted(p.name for p in out.iterdir()) == [prepared_folders.INCOMPLETE, "notes.txt"]
+    with pytest.raises(UsageError) as error:
+        prepare_module.claim_output(str(tmp_path), "plan", False)
+    assert str(error.value) == (
+        f"--output {tmp_path} exists and is not empty; give a new or empty directory (prepare deletes only its own "
+        "output)"
+    )
+
+
+def test_json_files_are_written_indented_by_one_space(tmp_path):
+    prepare_module.write_json(str(tmp_path / "a.json"), {"plan": "p", "finished": {"train": {"bytes": 1}}})
+    assert (tmp_path / "a.json").read_text() == (
+        '{\n "plan": "p",\n "finished": {\n  "train": {\n   "bytes": 1\n  }\n }\n}'
+    )
+
+
+def test_split_stats_of_an_absent_split_are_zeros(tmp_path):
+    assert prepare_module.split_stats(str(tmp_path / "none"), 17) == {"bytes": 0, "windows": 0, "chunks": 0}
+    (tmp_path / "index.json").write_text(json.dumps({"chunks": [{"dim": 40}, {"dim": None}, {"dim": 17}]}))
+    assert prepare_module.split_stats(str(tmp_path), 17) == {"bytes": 57, "windows": 3, "chunks": 3}
+
+
+class Ticks:
+    """A stand-in for Progress's stop event: `wait` says 'not yet' `n` times, then 'stop'; it records the waits."""
+
+    def __init__(self, n: int):
+        self.n, self.waits = n, []
+
+    def wait(self, timeout):
+        self.waits.append(timeout)
+        self.n -= 1
+        return self.n < 0
+
+    def set(self):
+        pass
+
+
+class FakeStderr(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def progress(monkeypatch, tty: bool, enabled: bool, done: int, total: int, ticks: int):
+    """A Progress drawn on a fake stderr whose thread is not started: the test runs its loop for `ticks` ticks."""
+    import multiprocessing
+    import threading
+
+    stderr = FakeStderr(tty)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            threading, "Thread", lambda target, daemon: SimpleNamespace(start=lambda: None, join=lambda: None)
+        )
+        bar = prepare_module.Progress(total, multiprocessing.Value("q", done), enabled)
+    bar.done = Ticks(ticks)
+    bar.run()
+    assert bar.done.waits == [0.5] * (ticks + 1)  # it looks twice a second
+    return bar, stderr
+
+
+def test_a_log_file_gets_a_progress_line_every_log_every_seconds_and_one_at_the_end(monkeypatch):
+    monkeypatch.setattr(prepare_module.Progress, "LOG_EVERY", 0.0)
+    bar, stderr = progress(monkeypatch, tty=False, enabled=True, done=1000, total=4000, ticks=2)
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.startswith("prepare:  25% 1.00k/4.00k [") for line in lines)
+    bar.counter.value = 4000
+    bar.close()
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("prepare: 100% 4.00k/4.00k [")
+    monkeypatch.setattr(prepare_module.Progress, "LOG_EVERY", 10.0)
+    _, stderr = progress(monkeypatch, tty=False, enabled=True, done=1000, total=4000, ticks=2)
+    assert stderr.getvalue() == ""  # within 10 s: no line yet
+    monkeypatch.setattr(prepare_module.Progress, "LOG_EVERY", 0.0)
+    bar, stderr = progress(monkeypatch, tty=False, enabled=False, done=1000, total=4000, ticks=2)
+    bar.close()
+    assert stderr.getvalue() == ""  # --progress false: nothing at all
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch):
+    bar, stderr = progress(monkeypatch, tty=True, enabled=True, done=3000, total=4000, ticks=1)
+    assert bar.bar.n == 3000 and "\rprepare:  75%|" in stderr.getvalue() and "| 3.00k/4.00k [" in stderr.getvalue()
+    bar.counter.value = 4000
+    bar.close()
+    assert "\rprepare: 100%|" in stderr.getvalue() and "| 4.00k/4.00k [" in stderr.getvalue()
+    assert "% 4.00k" not in stderr.getvalue()  # no log line (a bar has | after the percentage)
+    bar, stderr = progress(monkeypatch, tty=True, enabled=False, done=3000, total=4000, ticks=1)
+    bar.close()
+    assert stderr.getvalue() == ""
