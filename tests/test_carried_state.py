@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_ARGS, record_carried_losses, write_letters
 
+from bdh_lightning import model as model_module
 from bdh_lightning.cli import BDHCLI
 from bdh_lightning.errors import ConfigError, UsageError
 from bdh_lightning.layer import layer_norm, rope_cos_sin
@@ -108,19 +109,50 @@ def test_the_default_is_the_reference_sum_and_writes_no_new_setting():
 @pytest.mark.parametrize(
     "settings,words",
     [({"carry_half_lives": (1.0, 2.0, 3.0)}, "n_head=2"), ({"carry_half_lives": (0,)}, "positive"),
-     ({"carry_half_lives": (math.inf,)}, "positive"), ({"carry_mean": "yes"}, "true or false")],
+     ({"carry_half_lives": (math.inf,)}, "positive"), ({"carry_mean": "yes"}, "true or false"),
+     ({"carry_half_lives": (True,)}, "positive"), ({"carry_half_lives": ("64",)}, "positive")],
 )  # fmt: skip
 def test_bad_forms_are_one_line(settings, words):
+    """Catches a bool or a string taken for a number of bytes (True would be a half-life of 1)."""
     with pytest.raises(ConfigError) as error:
         BDHConfig(n_head=2, **settings)
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_half_life_under_one_byte_is_a_half_life():
+    """Catches a lower bound of 1 instead of 0: any positive number of bytes is a half-life."""
+    assert BDHConfig(n_head=2, carry_half_lives=[0.5]).carry_half_lives == (0.5,)
+
+
+@pytest.mark.parametrize("lives, mean", FORMS[1:4])
+def test_float32_states_stay_float32_under_every_form(lives, mean):
+    """Catches a form's float64 factors promoting the carried state (twice its memory, every window after)."""
+    model = tiny_model(lives, mean).float()
+    states = None
+    for k in range(3):
+        _, states = model.forward_stream(torch.randint(0, 256, (2, T)), k * T, states)
+        assert [s.dtype for s in states] == [torch.float32] * model.config.n_layer
+
+
+def test_the_mean_counts_whole_windows_before_the_start():
+    """Catches the number of earlier windows taken as start / T instead of start // T."""
+    g = 2.0 ** (-T / 9.0)
+    config = BDHConfig(n_head=2, carry_half_lives=[9.0], carry_mean=True)
+    _, factor, divisor = model_module.carry_form(config, T, 2 * T + 1, "cpu")  # two whole windows before
+    weight = 1 + g
+    assert torch.allclose(factor.flatten(), torch.tensor([g * weight - 1] * 2, dtype=torch.float64))
+    assert torch.allclose(divisor.flatten(), torch.tensor([g * weight + 1] * 2, dtype=torch.float64))
+
+
 def test_generation_refuses_a_form_it_cannot_read_byte_by_byte():
     model = tiny_model((8.0,), True)
     _, states = model.forward_stream(torch.randint(0, 256, (1, T)), 0)
-    with pytest.raises(ConfigError, match="generation"):
+    with pytest.raises(ConfigError) as error:
         model.forward_stream(torch.randint(0, 256, (1, 1)), T, states, exact=True)
+    assert str(error.value) == (
+        "generation reads a stream byte by byte, but model.carry_half_lives / model.carry_mean are defined per "
+        "training window; generate from this model without a carried state"
+    )
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "reference"])
