@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # every entry under it ("data" runs data/corpus, data/module, ...).
 TESTS = {
     "layer": ["tests/test_layer.py", "tests/test_model.py", "tests/test_streams.py"],  # streams: stream_attention
-    "model": ["tests/test_model.py", "tests/test_layer.py", "tests/test_streams.py"],  # streams: forward_stream
+    "model": ["tests/test_model.py", "tests/test_layer.py", "tests/test_streams.py", "tests/test_carried_state.py"],
     "module": ["tests/test_module.py", "tests/test_streams.py"],  # test_streams: carried state, linear decay, AGC
     "checkpoints": ["tests/test_checkpoints.py"],  # load_plain's weights wording too
     "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],  # kernels/__init__.py: the dispatch
@@ -94,6 +94,12 @@ TESTS = {
     "weights": ["tests/test_weights.py", "tests/test_checkpoints.py"],
     "errors": ["tests/test_errors.py", "tests/test_model.py", "tests/test_generate.py", "tests/test_fuzz_settings.py"],
     "console": ["tests/test_console.py"],
+    # the commands' front doors: in-process runs of main() and the command functions (test_trust's and test_cli's
+    # few child-process runs reach nothing under mutmut; they only cost the first, mapping run)
+    "main": ["tests/test_cli.py", "tests/test_commands.py", "tests/test_generate.py", "tests/test_trust.py"],
+    "commands": ["tests/test_commands.py", "tests/test_generate.py", "tests/test_trust.py", "tests/test_estimate.py"],
+    "export": ["tests/test_weights.py"],
+    "cli": ["tests/test_cli.py", "tests/test_commands.py", "tests/test_fuzz_settings.py", "tests/test_trust.py"],
     "monitor": ["tests/test_monitor.py", "tests/test_insight.py::test_sparsity_counts_equal_the_monitors"],
     "throughput": ["tests/test_throughput.py"],
     # faults: its callbacks driven directly with fakes (test_faults.py and test_fault_sync.py run them for real, in
@@ -133,6 +139,9 @@ TESTS = {
     # command: its checks, the sample it opens, and whole in-process inspects of a tiny run (test_insight.py runs the
     # command line in child processes)
     "insight/command": ["tests/test_insight_command.py"],
+    # report: its HTML, JSON, summary and plots from a hand-made report (test_insight*.py's inspects reach it too,
+    # minutes per mutant; test_insight.py's are child processes)
+    "insight/report": ["tests/test_insight_report.py"],
     "insight/activations": [
         "tests/test_insight_activations.py",
         "tests/test_insight_planted.py",
@@ -208,20 +217,20 @@ EQUIVALENT = [
         )
     ],  # fmt: skip
     *[
-        ("generate", "generate_text", text, "torch.tensor of Python ints is int64")
+        ("generate", "sample_bytes", text, "torch.tensor of Python ints is int64")
         for text in ("dtype=None, device=device)", "torch.tensor(list(prompt), device=device)")
     ],
     *[
         ("generate", f, text, CPU_ONLY)
         for f, text in (
-            ("generate_text", "device=None)"),
-            ("generate_text", "dtype=torch.long, )"),
-            ("generate_text", "device = None"),
+            ("sample_bytes", "device=None)"),
+            ("sample_bytes", "dtype=torch.long, )"),
+            ("sample_bytes", "device = None"),
             ("__init__", "device=None, dtype"),
             ("__init__", "torch.zeros(shape, dtype=torch.float32)"),
         )
     ],  # fmt: skip
-    ("generate", "generate_text", "Generator(model, ).generate", "zero states of one row broadcast over the rows"),
+    ("generate", "sample_bytes", "Generator(model, ).generate", "zero states of one row broadcast over the rows"),
     ("generate", "__init__", "states = None", "forward_stream reads no state as zero states"),
     ("estimate", "choose_kernel", "B, T, precision, ).kernels", "estimate_memory's device_type defaults to cuda"),
     (
@@ -291,6 +300,14 @@ EQUIVALENT = [
     ("model", "forward_stream", "device=None", CPU_ONLY),
     ("model", "forward_stream", "torch.arange(T, )", CPU_ONLY),
     ("model", "forward_stream", "torch.arange(start, start + T, )", CPU_ONLY),
+    ("model", "forward_stream", "carry_form(c, T, start, None)", CPU_ONLY),
+    ("model", "x_carry_form", "g.view(1, -1, 1, 1).to(None)", CPU_ONLY),
+    ("model", "x_carry_form", "torch.as_tensor(start, device=None)", CPU_ONLY),
+    ("model", "x_carry_form", "torch.as_tensor(start, )", CPU_ONLY),
+    ("model", "x_carry_form", "g.view(-1, 1, 1)", "(H, 1, 1) broadcasts over (B, H, N, D) as (1, H, 1, 1) does"),
+    ("model", "x_carry_form", "torch.ones(c.n_head, dtype=None)", "ones are exact in float32, and a half-life's float64 factor, k and the kernel's .to(dtype) make every result the same"),
+    ("model", "x_carry_form", "torch.ones(c.n_head, )", "ones are exact in float32, and a half-life's float64 factor, k and the kernel's .to(dtype) make every result the same"),
+    ("model", "x_carry_form", ".to(None).view(-1, 1, 1, 1) // T", "an integer k: g**k and torch.where with float64 give the same float64 values"),
     (
         "checkpoints",
         "on_train_batch_end",
@@ -571,6 +588,7 @@ EQUIVALENT = [
     ("kernels/chunked", "draw_seed", "torch.randint(0, 2**62, (), )", "torch.randint's default dtype is int64"),
     ("kernels/chunked", "draw_seed", "torch.randint(2**62, ()", "torch.randint's low defaults to 0"),
     ("kernels", "resolve_kernel", "n_wide: int = 1", "0 and 1 are both far below CPU_CHUNKED_FROM"),
+    ("kernels", "apply_layer", "cos, sin, p, )", "fused_layer takes chunk_size for the common signature and ignores it"),
     (
         "kernels",
         "apply_layer",
@@ -850,6 +868,110 @@ EQUIVALENT = [
         )
         for f, text in (("Ruleǁ__init__", "self.words, self.test = None"), ("Absentǁ__init__", "self.schema = None"))
     ],
+    # data/prepare.py
+    *[
+        ("data/prepare", f, text, "codec names ignore case")
+        for f, text in (
+            ("document_split", 'encode("UTF-8", "surrogateescape")'),
+            ("Packerǁ__call__", 'encode("UTF-8", "surrogatepass")'),
+        )
+    ],  # fmt: skip
+    (
+        "data/prepare",
+        "document_split",
+        "int.from_bytes(digest, )",
+        'int.from_bytes\'s byteorder defaults to "big" from Python 3.11 (on 3.10 it is required: a TypeError)',
+    ),
+    *[
+        (
+            "data/prepare",
+            "jsonl_ranges",
+            text,
+            "the loop's test only ends it early: a seek at or past the end reads no line and the break ends it there",
+        )
+        for text in ("while cuts[-1] - UNIT_BYTES < size:", "while cuts[-1] + UNIT_BYTES <= size:")
+    ],
+    *[
+        (
+            "data/prepare",
+            "swap_in",
+            text,
+            "the old entries moved into the build folder are removed with it: their names there are never read "
+            "(none of them collides with the build's own entries)",
+        )
+        for text in ('"XX.old-XX" + ', '".OLD-" + ')
+    ],
+    # insight/report.py (the text matches both of plot_degrees' `continue`s; the other, after an empty side, is
+    # killed by test_insight_report.py: no mutant of it is left to match)
+    (
+        "insight/report",
+        "plot_degrees",
+        "                break",
+        "only the initialisation side (drawn last) can be None: leaving the loop there is skipping it",
+    ),
+    *[
+        (
+            "insight/report",
+            f,
+            text,
+            "json.dumps escapes every non-ASCII character: report.json and trajectory.json are ASCII in any encoding",
+        )
+        for f in ("write_report", "write_trajectory")
+        for text in ("indent=1), encoding=None)", "indent=1), )", 'indent=1), encoding="UTF-8")')
+    ],
+    ("insight/report", "write_html", '"".join(parts), encoding="UTF-8")', "codec names ignore case"),
+    ("insight/report", "plot_firing_rates", "range(4)", "zip stops at the three axes and kinds anyway"),
+    (
+        "insight/report",
+        "plot_firing_rates",
+        "                break",
+        "only the initialisation side (drawn last) can be None",
+    ),
+    *[
+        (
+            "insight/report",
+            "plot_firing_rates",
+            text,
+            "a firing rate is a share of positions, at most 1: the upper bound never clips",
+        )
+        for text in ("np.clip(rates, 1e-5, None)", "np.clip(rates, 1e-5, 2)")
+    ],  # fmt: skip
+    *[
+        (
+            "insight/report",
+            "html_graph",
+            text,
+            "only a missing fit ({}) lacks at_bound, and it has no alpha either: fmt(None) is '' too",
+        )
+        for text in ('fit.get("at_bound", None)', 'fit.get("at_bound", )', 'fit.get("at_bound", False)')
+    ],  # fmt: skip
+    (
+        "insight/report",
+        "plot_sparsity_layers",
+        "            break",
+        "only the initialisation side (drawn last) can be None",
+    ),
+    *[
+        ("insight/report", f, text, "a colour bar takes its space from its image's own axes when ax is not given")
+        for f, text in (
+            ("plot_sparsity_layers", "figure.colorbar(image, ax=None)"),
+            ("plot_sparsity_layers", "figure.colorbar(image, )"),
+            ("plot_graph_heatmap", "figure.colorbar(image, ax=None)"),
+            ("plot_graph_heatmap", "figure.colorbar(image, )"),
+        )
+    ],
+    (
+        "insight/report",
+        "plot_graph_heatmap",
+        'interpolation="NEAREST"',
+        "matplotlib reads interpolation names in any case",
+    ),
+    (
+        "insight/report",
+        "html_whole",
+        "whole[1]['random_cross_head_share']",
+        "random_cross_head_share is (H - 1) / H for both whole graphs (the same heads)",
+    ),
 ]
 
 

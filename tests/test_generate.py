@@ -17,6 +17,7 @@ from bdh_lightning.errors import ConfigError
 from bdh_lightning.generate import (
     Generator,
     generate_text,
+    sample_bytes,
     sample_next,
 )
 from bdh_lightning.main import main as cli_main
@@ -403,6 +404,12 @@ def test_generate_text_passes_top_k_and_defaults_to_temperature_1():
     assert generate_text(model, b"ab", 20, top_k=1, seed=3) == greedy
     assert generate_text(model, b"ab", 20, seed=3) == generate_text(model, b"ab", 20, temperature=1.0, seed=3)
     assert generate_text(model, b"ab", 20, seed=3) != generate_text(model, b"ab", 20, temperature=2.0, seed=3)
+
+
+def test_sample_bytes_yields_one_sample_by_default():
+    """Catches another default for `num_samples`: each step yields a tensor of one byte per sample."""
+    steps = list(sample_bytes(random_model(), b"ab", 3, seed=1))
+    assert [step.shape for step in steps] == [torch.Size([1])] * 3
 
 
 def test_the_generators_state_is_float32_whatever_the_default_dtype():
