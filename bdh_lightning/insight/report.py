@@ -64,13 +64,13 @@ def plot_degrees(trained: dict, init: dict | None):
 def plot_firing_rates(trained: dict, init: dict | None):
     """Histogram of per-neuron firing rates (share of positions x layers where the neuron is non-zero)."""
     figure = new_figure()
-    bins = np.concatenate([[0], np.logspace(-5, 0, 41)])
+    bins = np.logspace(-5, 0, 41)
     for axis, k, kind in zip(figure.subplots(1, 3), range(3), ("a", "b", "a·b")):
         for report, label in ((trained, "trained"), (init, "initialisation")):
             if report is None:
                 continue
             rates = report["_rates"][k].ravel()
-            axis.hist(np.clip(rates, 1e-5, 1), bins=bins[1:], histtype="step", label=label)
+            axis.hist(np.clip(rates, 1e-5, 1), bins=bins, histtype="step", label=label)
         axis.set(
             xscale="log", title=f"{kind}: firing rate per neuron", xlabel="rate (dead shown at 1e-5)", ylabel="neurons"
         )
