@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SUBPROCESS_ENV, TINY_ARGS, run_cli, scalar_tags, scalars, write_letters
+from conftest import SUBPROCESS_ENV, TINY_ARGS, run_cli, scalar_tags, scalars, skip_under_mutmut, write_letters
 
 from bdh_lightning import cli as cli_module
 from bdh_lightning.console import format_bytes
@@ -80,6 +80,7 @@ def test_tensorboard_steps_agree_and_no_hp_metric(finished):
 
 def test_a_terminal_gets_one_redrawn_progress_line(tmp_path):
     write_letters(tmp_path / "corpus.txt")
+    skip_under_mutmut()
     main_fd, child_fd = pty.openpty()
     proc = subprocess.Popen(
         [

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SUBPROCESS_ENV, finish, run_cli, start_cli, stderr_of, wait_for_line, write_letters
+from conftest import (
+    SUBPROCESS_ENV,
+    finish,
+    run_cli,
+    skip_under_mutmut,
+    start_cli,
+    stderr_of,
+    wait_for_line,
+    write_letters,
+)
 from conftest import TINY_ARGS as TINY
 
 from bdh_lightning import checkpoints as checkpoints_module
@@ -506,6 +515,7 @@ def test_out_of_cpu_memory_is_one_line(trained, tmp_path):
         "--trainer.default_root_dir",
         str(tmp_path),
     ]
+    skip_under_mutmut()
     done = subprocess.run(
         [sys.executable, "-m", "bdh_lightning", *args],
         cwd=trained,
@@ -545,6 +555,7 @@ def generating(trained):
 
 
 def generate_shell(trained: Path, generating: list[str], redirect: str) -> subprocess.CompletedProcess:
+    skip_under_mutmut()
     command = " ".join([sys.executable, "-m", "bdh_lightning", *generating])
     return subprocess.run(
         ["bash", "-c", f"{command} {redirect}"], cwd=trained, env=SUBPROCESS_ENV, capture_output=True, timeout=300
