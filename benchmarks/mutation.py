@@ -901,6 +901,15 @@ EQUIVALENT = [
         )
         for text in ('"XX.old-XX" + ', '".OLD-" + ')
     ],
+    *[
+        (
+            "data/prepare",
+            "pack",
+            text,
+            "a shared Value starts at 0 anyway, and a count of bytes or lines is never negative",
+        )
+        for text in ('context.Value("q", )', 'context.Value("Q", 0)')
+    ],
     # insight/report.py (the text matches both of plot_degrees' `continue`s; the other, after an empty side, is
     # killed by test_insight_report.py: no mutant of it is left to match)
     (

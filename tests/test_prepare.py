@@ -1002,3 +1002,230 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch):
     bar, stderr = progress(monkeypatch, tty=True, enabled=False, done=3000, total=4000, ticks=1)
     bar.close()
     assert stderr.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    "settings, workers, error, message",
+    [(dict(block_size=0), 0, DataError, "data.block_size must be a positive integer, got 0"),
+     (dict(val_fraction=0.0), 0, DataError, "data.val_fraction must be in (0, 1), got 0.0"),
+     (dict(val_fraction=1.0), 0, DataError, "data.val_fraction must be in (0, 1), got 1.0"),
+     (dict(test_fraction=-0.1), 0, DataError, "data.test_fraction must be in [0, 1), got -0.1"),
+     (dict(test_fraction=1.0), 0, DataError, "data.test_fraction must be in [0, 1), got 1.0"),
+     (dict(val_fraction=0.75, test_fraction=0.25), 0, DataError,
+      "data.val_fraction + data.test_fraction must be below 1 (training needs documents too), got 0.75 + 0.25"),
+     ({}, -1, UsageError, "--num_workers must be a non-negative integer (0 = one per core), got -1"),
+     ({}, 1.5, UsageError, "--num_workers must be a non-negative integer (0 = one per core), got 1.5")],
+)  # fmt: skip
+def test_bad_prepare_settings_are_refused_word_for_word(tmp_path, settings, workers, error, message):
+    with pytest.raises(error) as raised:
+        prepare_module.check_request(PrepareData(path=str(tmp_path), **settings), str(tmp_path / "out"), workers)
+    assert str(raised.value) == message
+
+
+def test_the_output_is_a_full_local_path_outside_a_source_folder(tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    check = prepare_module.check_request
+    assert check(PrepareData(path="src", val_fraction=0.5, test_fraction=0.49), "out", 0) == str(tmp_path / "out")
+    assert check(PrepareData(path="src"), "~/out", 0) == str(tmp_path / "home" / "out")
+    assert check(PrepareData(path="src/a.txt"), "src/out", 0) == str(tmp_path / "src" / "out")  # beside a file: fine
+    assert check(PrepareData(path="src/*.txt"), "src/out", 0) == str(tmp_path / "src" / "out")  # a glob's folder too
+    with pytest.raises(UsageError) as raised:
+        check(PrepareData(path="src"), "src/out", 0)
+    assert str(raised.value) == (
+        f"--output {tmp_path / 'src' / 'out'} is inside data.path 'src'; write it somewhere else (a re-run would read "
+        "it as source)"
+    )
+    with pytest.raises(UsageError) as raised:
+        check(PrepareData(path="src"), "s3://bucket/out", 0)
+    assert str(raised.value) == (
+        "--output s3://bucket/out: prepare writes to a local directory; copy it to object storage afterwards (e.g. aws "
+        "s3 sync DIR s3://bucket/DIR) and train with --data.path s3://bucket/DIR"
+    )
+    (tmp_path / "src" / prepared_folders.MANIFEST).write_text("{}")
+    with pytest.raises(DataError) as raised:
+        check(PrepareData(path="src"), "out", 0)
+    assert str(raised.value) == "data.path 'src' is already a prepared directory; give the source files"
+
+
+def test_document_ids_are_relative_to_the_folder_the_source_names(tmp_path, monkeypatch):
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "a.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    root = prepare_module.source_root
+    assert root("data") == "data" and root("~/data") == str(tmp_path / "data")
+    assert root("data/a.txt") == "data" and root("a.txt") == "." and root("data/none.txt") == "data"
+    (tmp_path / "b.txt").write_text("x")
+    assert root("b.txt") == "."
+    assert root("data/sub/*.txt") == "data/sub" and root("data/su?/x.txt") == "data" and root("data/[ab].txt") == "data"
+    assert root("*.txt") == "." and root("data/**/x*.txt") == "data"
+
+
+def split_of_each(names, val_fraction, test_fraction):
+    return {name: document_split(name, val_fraction, test_fraction) for name in names}
+
+
+def test_a_split_without_documents_is_named_with_the_setting_to_raise(tmp_path):
+    names = [f"f{i}.txt" for i in range(40)]
+    splits = split_of_each(names, 0.5, 0.0)
+    for split, val_fraction, test_fraction, setting in (
+        ("train", 0.5, 0.0, ""),
+        ("validation", 0.5, 0.0, " or raise data.val_fraction"),
+        ("test", 0.5, 1e-9, " or raise data.test_fraction"),
+    ):
+        folder = tmp_path / split
+        folder.mkdir()
+        chosen = [n for n in names if splits[n] != split][:2]
+        if split == "test":  # one of each of the others
+            chosen = [next(n for n in names if splits[n] == s) for s in ("train", "validation")]
+        for name in chosen:
+            (folder / name).write_bytes(random_letters(100, 0))
+        data = PrepareData(path=str(folder), val_fraction=val_fraction, test_fraction=test_fraction)
+        with pytest.raises(DataError) as raised:
+            prepare_module.plan_run(data, "text")
+        assert str(raised.value) == (
+            f"the {split} split gets none of the 2 documents (each file goes whole to one split, by a hash of its "
+            f"path); give more, smaller files{setting}"
+        )
+
+
+def test_a_plan_lists_each_sources_bytes_split_and_path_and_digests_the_settings(tmp_path):
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    names = [f"d/f{i:02d}.txt" for i in range(12)] + ["lines.jsonl"]
+    for i, name in enumerate(names):
+        (tmp_path / "src" / name).write_bytes(random_letters(50 + i, i))
+    data = PrepareData(path=str(tmp_path / "src"), block_size=8, val_fraction=0.3, test_fraction=0.2)
+    plan = prepare_module.plan_run(data, "body")
+    splits = {**split_of_each(names[:-1], 0.3, 0.2), "lines.jsonl": "-"}
+    assert plan.sources == "".join(f"{50 + i}\t{splits[n]}\t{n}\n" for i, n in enumerate(names))
+    assert plan.sources_sha256 == hashlib.sha256(plan.sources.encode()).hexdigest()
+    settings = {"block_size": 8, "val_fraction": 0.3, "test_fraction": 0.2, "text_key": "body"}
+    assert (
+        plan.digest == hashlib.sha256((plan.sources_sha256 + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
+    )
+    assert plan.documents == {s: list(splits.values()).count(s) for s in prepared_folders.SPLITS}
+    jsonl = ("jsonl", str(tmp_path / "src" / "lines.jsonl"), 0, 62, "lines.jsonl")
+    for split in prepared_folders.SPLITS:  # the .jsonl read by every split, then the small files: one unit per split
+        files = [(str(tmp_path / "src" / n), 0, 50 + i) for i, n in enumerate(names) if splits[n] == split]
+        assert files and plan.units[split] == [jsonl, ("files", files)], split
+    assert list(plan.listing.files) == [str(tmp_path / "src" / n) for n in names]
+    # Another setting: another digest (a run of other settings is not resumed).
+    for change in (dict(block_size=9), dict(val_fraction=0.31), dict(test_fraction=0.21)):
+        other = prepare_module.plan_run(PrepareData(**{**data.__dict__, **change}), "body")
+        assert other.digest != plan.digest, change
+    assert prepare_module.plan_run(data, "text").digest != plan.digest
+
+
+def test_units_keep_each_split_to_itself_and_read_a_jsonl_in_every_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 1000)
+    data = b"0123\n" + b"5\xff\xfe\r9abcdefghij\n" + b"kl\n" + b"mnopqrstuv\n" + b"w\n"
+    (tmp_path / "a.jsonl").write_bytes(data)
+    names = [f"g{i}" for i in range(30)]
+    splits = split_of_each(names, 0.5, 0.0)
+    train = [n for n in names if splits[n] == "train"][:3]
+    val = [n for n in names if splits[n] == "validation"][:2]
+    order = [train[0], val[0], "a.jsonl", train[1], val[1], train[2]]
+    sizes = {train[0]: 600, val[0]: 700, "a.jsonl": 37, train[1]: 300, val[1]: 400, train[2]: 200}
+    files = [str(tmp_path / n) for n in order]
+    units, documents, source_splits = prepare_module.plan_units(
+        files, [sizes[n] for n in order], str(tmp_path), 0.5, 0.0
+    )
+    assert source_splits == [splits[n] if n != "a.jsonl" else "-" for n in order]
+    assert documents == {"train": 3, "validation": 2, "test": 0}
+    jsonl = ("jsonl", str(tmp_path / "a.jsonl"), 0, 37, "a.jsonl")
+    f = {n: str(tmp_path / n) for n in order}
+    assert units == {
+        "train": [jsonl, ("files", [(f[train[0]], 0, 600), (f[train[1]], 0, 300)]), ("files", [(f[train[2]], 0, 200)])],
+        "validation": [jsonl, ("files", [(f[val[0]], 0, 700)]), ("files", [(f[val[1]], 0, 400)])],
+        "test": [jsonl],
+    }
+
+
+@pytest.mark.parametrize("chunk_bytes, chunk_size", [(500, 29 * (T + 1)), (10, T + 1)])
+def test_pack_checks_room_for_what_it_reads_and_sizes_chunks_in_whole_windows(tmp_path, monkeypatch, chunk_bytes,
+                                                                              chunk_size):  # fmt: skip
+    """The free-space check asks for every byte the splits to write read (a .jsonl once per split); LitData's chunks
+    hold whole windows, at least one."""
+    docs = write_documents(tmp_path / "src", count=12)
+    lines = "".join(json.dumps({"text": random_letters(100, 50 + i).decode()}) + "\n" for i in range(6))
+    (tmp_path / "src" / "lines.jsonl").write_text(lines)
+    needed, calls, real_optimize = [], [], litdata.optimize
+    monkeypatch.setattr(prepare_module, "check_free_space", lambda output, n: needed.append((output, n)))
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(litdata, "optimize", lambda **kwargs: (calls.append(kwargs), real_optimize(**kwargs))[1])
+    assert prepare(tmp_path / "src", tmp_path / "out", val_fraction=0.3, test_fraction=0.2, num_workers=3) == 0
+    assert needed == [(str(tmp_path / "out"), sum(map(len, docs.values())) + 3 * len(lines))]
+    for split in prepared_folders.SPLITS:
+        index = json.loads((tmp_path / "out" / split / "index.json").read_text())
+        assert index["config"]["chunk_size"] == chunk_size, split
+    # What LitData is asked: each split's units in order (a files unit and the .jsonl's), by forked workers, at most
+    # one per unit, kept in order.
+    assert [(os.path.basename(c["output_dir"]), c["inputs"], c["num_workers"]) for c in calls] == [
+        (split, [0, 1], 2) for split in prepared_folders.SPLITS
+    ]
+    for c in calls:
+        assert (c["chunk_size"], c["start_method"], c["keep_data_ordered"], c["reorder_files"], c["verbose"]) == (
+            chunk_size, "fork", True, False, False)  # fmt: skip
+        assert isinstance(c["item_loader"], litdata.TokensLoader) and isinstance(c["fn"], prepare_module.Packer)
+        packer = c["fn"]
+        assert (packer.split, packer.val_fraction, packer.test_fraction, packer.text_key, packer.error_file) == (
+            os.path.basename(c["output_dir"]),
+            0.3,
+            0.2,
+            "text",
+            str(tmp_path / "out" / prepare_module.ERROR),
+        )
+        assert [u[0] for u in packer.units] == ["jsonl", "files"]  # fmt: skip
+
+
+def test_pack_writes_only_the_splits_left_and_refuses_a_split_without_a_window(tmp_path, monkeypatch):
+    """LitData stood in for (it writes nothing here): the bytes planned are those of the splits left to write (a
+    .jsonl range's length); where fork is missing the workers are spawned; a split with no window is one line."""
+    import multiprocessing
+
+    calls, needed = [], []
+    monkeypatch.setattr(litdata, "optimize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(prepare_module, "check_free_space", lambda output, n: needed.append(n))
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    jsonl = ("jsonl", "c.jsonl", 100, 250, "c.jsonl")
+    units = {"train": [("files", [("a", 0, 40), ("b", 10, 5)]), jsonl], "validation": [jsonl], "test": []}
+    plan = prepare_module.Plan(None, units, {"train": 2, "validation": 0, "test": 0}, "", "sha", "digest")
+    out = tmp_path / "out"
+    out.mkdir()
+    validation = {"bytes": 170, "windows": 10, "chunks": 1, "documents": 3}
+    with pytest.raises(DataError) as raised:
+        prepare_module.pack(plan, PrepareData("src", block_size=16), str(out), {"validation": validation}, "text", 4,
+                            False)  # fmt: skip
+    assert str(raised.value) == (
+        "the train split has 2 documents and no window of 17 bytes; raise data.val_fraction, lower data.block_size or "
+        "give more data"
+    )
+    assert needed == [45 + 150]  # train's files and its .jsonl range; validation was finished, test has nothing
+    assert [(os.path.basename(c["output_dir"]), c["num_workers"], c["start_method"]) for c in calls] == [
+        ("train", 2, "spawn")
+    ]
+    train = {"bytes": 0, "windows": 0, "chunks": 0, "documents": 2}
+    marker = json.loads((out / prepared_folders.INCOMPLETE).read_text())
+    assert marker == {"plan": "digest", "finished": {"validation": validation, "train": train}}
+
+    def writes_one_chunk(**kwargs):  # what LitData leaves: an index of one chunk of 40 bytes
+        os.makedirs(kwargs["output_dir"])
+        with open(os.path.join(kwargs["output_dir"], "index.json"), "w") as f:
+            json.dump({"chunks": [{"dim": 40}]}, f)
+
+    monkeypatch.setattr(litdata, "optimize", writes_one_chunk)
+    splits = prepare_module.pack(plan, PrepareData("src", block_size=16), str(out), {"validation": validation}, "text",
+                                 4, False)  # fmt: skip
+    assert splits == {"train": {"bytes": 40, "windows": 2, "chunks": 1, "documents": 2}, "validation": validation,
+                      "test": {"bytes": 0, "windows": 0, "chunks": 0, "documents": 0}}  # fmt: skip
+
+    def worker_fails(**kwargs):
+        raise RuntimeError("One of the workers failed.\nTraceback (most recent call last):\n  ValueError: bad\n")
+
+    monkeypatch.setattr(litdata, "optimize", worker_fails)
+    with pytest.raises(DataError) as raised:
+        prepare_module.pack(plan, PrepareData("src", block_size=16), str(out), {}, "text", 4, False)
+    assert str(raised.value) == "packing the train split failed (ValueError: bad); fix it and run prepare again"
