@@ -98,6 +98,23 @@ def test_ckpt_path_last_resolves_to_the_newest_run(run, tmp_path):
     assert torch.equal(logits(tmp_path / "last.safetensors"), logits(ckpt))
 
 
+def test_export_says_what_it_wrote_word_for_word(run, tmp_path, monkeypatch, capsys):
+    """Catches the closing line's files, format, count, dtype or step mangled, a step claimed for weights that have
+    none, and another default folder for `--ckpt_path last` than lightning_logs."""
+    folder, ckpt, _ = run
+    monkeypatch.chdir(folder)  # `last` with the default logs_dir: ./lightning_logs
+    count = f"{BDHConfig(**TINY_MODEL).num_parameters:,}"
+    export_command("last", "reference", str(tmp_path / "bdh.pt"))
+    assert capsys.readouterr().out == (
+        f"wrote {tmp_path / 'bdh.pt'} and {tmp_path / 'bdh.json'} (reference: {count} parameters, float32, step 3) "
+        f"from {Path('lightning_logs/version_0/checkpoints/last.ckpt')}\n"
+    )
+    export_command(str(tmp_path / "bdh.pt"), "safetensors", str(tmp_path / "m.safetensors"))  # a state_dict: no step
+    assert capsys.readouterr().out == (
+        f"wrote {tmp_path / 'm.safetensors'} (safetensors: {count} parameters, float32) from {tmp_path / 'bdh.pt'}\n"
+    )
+
+
 # ------------------------------------------------------------------------- the reference's own loading
 
 
