@@ -54,6 +54,13 @@ def prepare(source, output, **settings) -> int:
     return prepare_command(data, str(output), progress=False, **{"num_workers": 2, **options})
 
 
+@pytest.fixture(autouse=True)
+def in_a_folder_of_its_own(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty working directory: a mistake that writes beside the process (a relative path) shows,
+    and files left there by another run cannot stand in for the ones prepare should find."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """One prepared directory for the tests that only read it: 60 documents, 20% validation, 10% test."""
@@ -1229,3 +1236,70 @@ def test_pack_writes_only_the_splits_left_and_refuses_a_split_without_a_window(t
     with pytest.raises(DataError) as raised:
         prepare_module.pack(plan, PrepareData("src", block_size=16), str(out), {}, "text", 4, False)
     assert str(raised.value) == "packing the train split failed (ValueError: bad); fix it and run prepare again"
+
+
+def fake_optimize(monkeypatch, calls: list, stop_at: str | None = None):
+    """LitData's optimize stood in for: it records what it is asked and leaves an index of one 170-byte chunk (10
+    windows of T + 1); at `stop_at` it is interrupted as a killed run is."""
+
+    def optimize(**kwargs):
+        calls.append(kwargs)
+        if os.path.basename(kwargs["output_dir"]) == stop_at:
+            raise KeyboardInterrupt
+        os.makedirs(kwargs["output_dir"])
+        with open(os.path.join(kwargs["output_dir"], "index.json"), "w") as f:
+            json.dump({"chunks": [{"dim": 170}]}, f)
+
+    monkeypatch.setattr(litdata, "optimize", optimize)
+
+
+def test_the_text_key_is_part_of_the_plan_and_overwrite_starts_an_unfinished_run_again(tmp_path, monkeypatch):
+    write_documents(tmp_path / "src", count=20)
+    data = PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3)
+    calls = []
+    fake_optimize(monkeypatch, calls, stop_at="validation")
+    with pytest.raises(KeyboardInterrupt):
+        prepare_command(data, str(tmp_path / "out"), text_key="body", num_workers=1, progress=False)
+    marker = json.loads((tmp_path / "out" / prepared_folders.INCOMPLETE).read_text())
+    assert marker["plan"] == prepare_module.plan_run(data, "body").digest != prepare_module.plan_run(data, "x").digest
+    assert list(marker["finished"]) == ["train"]
+    calls.clear()
+    fake_optimize(monkeypatch, calls)
+    prepare_command(data, str(tmp_path / "out"), text_key="body", num_workers=1, overwrite=True, progress=False)
+    assert [os.path.basename(c["output_dir"]) for c in calls] == ["train", "validation"]  # not resumed: all again
+
+
+def test_num_workers_0_is_one_per_core_and_overwrite_builds_beside_the_old_folder(tmp_path, monkeypatch):
+    write_documents(tmp_path / "src", count=20)
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 500)  # each file cut into units: more units than cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    data = PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3)
+    calls = []
+    fake_optimize(monkeypatch, calls)
+    assert prepare_command(data, str(tmp_path / "out"), progress=False) == 0
+    assert [c["num_workers"] for c in calls] == [3, 3] and all(len(c["inputs"]) > 3 for c in calls)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # unknown: one
+    calls.clear()
+    assert prepare_command(data, str(tmp_path / "out"), overwrite=True, progress=False) == 0
+    assert [c["num_workers"] for c in calls] == [1, 1]
+    built = {os.path.dirname(c["output_dir"]) for c in calls}
+    assert len(built) == 1 and os.path.dirname(built.pop()) == str(tmp_path)  # a folder beside the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_sources_tsv_keeps_a_file_name_that_is_not_utf_8(tmp_path, monkeypatch):
+    write_documents(tmp_path / "src", count=20)
+    (tmp_path / "src" / os.fsdecode(b"caf\xe9.txt")).write_bytes(random_letters(300, 9))
+    fake_optimize(monkeypatch, [])
+    prepare_command(PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3), str(tmp_path / "out"),
+                    num_workers=1, progress=False)  # fmt: skip
+    assert b"\tcaf\xe9.txt\n" in (tmp_path / "out" / "sources.tsv").read_bytes()
+
+
+def test_without_litdata_prepare_says_so_naming_itself(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "litdata", None)
+    with pytest.raises(DataError) as raised:
+        prepare_command(PrepareData(path=str(tmp_path)), str(tmp_path / "out"))
+    assert str(raised.value) == (
+        "prepare needs LitData, which is not installed; install it with pip install 'bdh-lightning[stream]'"
+    )
