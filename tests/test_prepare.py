@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1303,3 +1304,43 @@ def test_without_litdata_prepare_says_so_naming_itself(tmp_path, monkeypatch):
     assert str(raised.value) == (
         "prepare needs LitData, which is not installed; install it with pip install 'bdh-lightning[stream]'"
     )
+
+
+def test_prepare_prints_one_line_of_what_it_wrote_in_what_time(tmp_path, monkeypatch, capsys):
+    import time
+
+    docs = write_documents(tmp_path / "src", count=20)
+    fake_optimize(monkeypatch, [])
+    ticks = iter([100.0])  # the start, then half a second later whenever asked
+    clock = SimpleNamespace(monotonic=lambda: next(ticks, 100.5), strftime=time.strftime, gmtime=time.gmtime)
+    monkeypatch.setattr(prepare_module, "time", clock)
+    out = tmp_path / "out"
+    prepare_command(PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3), str(out), progress=False)
+    counts = [sum(document_split(n, 0.3, 0.0) == split for n in docs) for split in ("train", "validation")]
+    rate = format_bytes(int(sum(map(len, docs.values())) / 0.5))
+    assert capsys.readouterr().err == (
+        f"prepared {out}: train 170 B ({counts[0]:,} documents), validation 170 B ({counts[1]:,} documents) in 0.5 s "
+        f"({rate}/s of source); train with --data.path {out} --data.block_size {T}\n"
+    )
+
+
+def test_a_failed_write_names_the_file_and_what_is_left(tmp_path, monkeypatch, prepared):
+    write_documents(tmp_path / "src", count=20)
+    fake_optimize(monkeypatch, [])
+    data = PrepareData(path=str(tmp_path / "src"), block_size=T, val_fraction=0.3)
+
+    def refused(path, data, what=None):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(prepare_module, "write_atomically", refused)
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.out, copy)
+    for out, overwrite, left in ((tmp_path / "new", False, f"nothing was left in {tmp_path / 'new'}"),
+                                 (copy, True, f"{copy} is as it was")):  # fmt: skip
+        with pytest.raises(ResourceError) as raised:
+            prepare_command(data, str(out), overwrite=overwrite, progress=False)
+        folder = re.escape(str(out)) if not overwrite else re.escape(str(tmp_path)) + r"/\.[^/]+"  # built beside
+        marker = re.escape(prepared_folders.INCOMPLETE)  # the first file written
+        assert re.fullmatch(
+            rf"cannot write {folder}/{marker} \(Permission denied\); {re.escape(left)}", str(raised.value)
+        )
