@@ -958,10 +958,13 @@ class Ticks:
 class FakeStderr(io.StringIO):
     def __init__(self, tty: bool):
         super().__init__()
-        self.tty = tty
+        self.tty, self.flushes = tty, 0
 
     def isatty(self):
         return self.tty
+
+    def flush(self):
+        self.flushes += 1
 
 
 def progress(monkeypatch, tty: bool, enabled: bool, done: int, total: int, ticks: int):
@@ -987,10 +990,11 @@ def test_a_log_file_gets_a_progress_line_every_log_every_seconds_and_one_at_the_
     bar, stderr = progress(monkeypatch, tty=False, enabled=True, done=1000, total=4000, ticks=2)
     lines = stderr.getvalue().splitlines()
     assert len(lines) == 2 and all(line.startswith("prepare:  25% 1.00k/4.00k [") for line in lines)
+    assert stderr.flushes == 2  # each line reaches a log file as it is written
     bar.counter.value = 4000
     bar.close()
     lines = stderr.getvalue().splitlines()
-    assert len(lines) == 3 and lines[-1].startswith("prepare: 100% 4.00k/4.00k [")
+    assert len(lines) == 3 and lines[-1].startswith("prepare: 100% 4.00k/4.00k [") and stderr.flushes == 3
     monkeypatch.setattr(prepare_module.Progress, "LOG_EVERY", 10.0)
     _, stderr = progress(monkeypatch, tty=False, enabled=True, done=1000, total=4000, ticks=2)
     assert stderr.getvalue() == ""  # within 10 s: no line yet
