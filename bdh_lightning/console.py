@@ -119,7 +119,7 @@ class RunSummary(Callback):
     def __init__(self, header_lines: list[str] | None = None):
         super().__init__()
         self.header_lines = header_lines or []  # lines the CLI knows before the trainer exists (kernel, memory)
-        self.start_time = 0.0
+        self.start_time: float | None = None  # None until training starts: a fit that trains nothing never starts
         self.start_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -172,8 +172,9 @@ class RunSummary(Callback):
                 say(line)
 
     def closing(self, trainer, log_dir: str | None) -> list[str]:
-        elapsed = time.perf_counter() - self.start_time
-        done = trainer.global_step - self.start_step
+        started = self.start_time is not None
+        elapsed = time.perf_counter() - self.start_time if started else 0.0
+        done = trainer.global_step - self.start_step if started else 0
         lines = [f"done       {done} steps (now at step {trainer.global_step}) in {duration(elapsed)}"]
         if done and elapsed > 0 and trainer.datamodule is not None:
             lines[-1] += f", {rate(done * bytes_per_step(trainer, trainer.datamodule) / elapsed)} on average"

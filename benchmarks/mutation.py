@@ -1013,6 +1013,26 @@ EQUIVALENT = [
         "whole[1]['random_cross_head_share']",
         "random_cross_head_share is (H - 1) / H for both whole graphs (the same heads)",
     ),
+    # console.py
+    *[
+        ("console", "quiet", text, "the module regex has no end anchor: torch(\\..*)? matches torchmetrics")
+        for text in ('"XXtorchmetricsXX"', '"TORCHMETRICS"')
+    ],
+    *[("console", "shown", text, "codec names ignore case") for text in ('encode("UTF-8"', 'decode("UTF-8")')],
+    *[
+        ("console", f, "trainer.max_steps >= 0", "a max_steps of 0 is falsy: `max_steps and` already leaves it out")
+        for f in ("header", "show")
+    ],
+    *[
+        ("console", "__init__", text, "on_train_start sets it before it is read (Lightning calls it before any batch)")
+        for text in ("self.last_time = None", "self.last_time = 1.0")
+    ],
+    *[
+        ("console", "__init__", text, "read only once training started: on_train_start sets it with start_time")
+        for text in ("self.start_step = None", "self.start_step = 1")
+    ],
+    ("console", "__init__", "self.redrawn = None", "None is falsy as False is: read only as a truth value"),
+    ("console", "closing", "    last = None", "None is falsy as '' is: read only as a truth value"),
 ]
 
 
