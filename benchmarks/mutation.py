@@ -942,6 +942,29 @@ EQUIVALENT = [
         )
         for text in ('context.Value("q", )', 'context.Value("Q", 0)')
     ],
+    *[
+        ("data/prepare", f, text, "codec names ignore case")
+        for f, text in (
+            ("plan_run", 'sources.encode("UTF-8", "surrogateescape")'),
+            ("prepare_command", 'plan.sources.encode("UTF-8", "surrogateescape")'),
+        )
+    ],
+    *[
+        (
+            "data/prepare",
+            "plan_run",
+            text,
+            "the corpus is built only to open each file now (it is not kept): its sizes are never read",
+        )
+        for text in ("ByteCorpus(listing.files, None)", "ByteCorpus(listing.files, )")
+    ],
+    ("data/prepare", "plan_run", '("train", 2.0)', "only whether a split's fraction is non-zero is read"),
+    (
+        "data/prepare",
+        "split_stats",
+        '(c["dim"] or 1) // window',
+        "a chunk without a size holds no window either way: 1 // window is 0 (a window is at least 2 bytes)",
+    ),
     # insight/report.py (the text matches both of plot_degrees' `continue`s; the other, after an empty side, is
     # killed by test_insight_report.py: no mutant of it is left to match)
     (

@@ -1073,7 +1073,7 @@ def test_document_ids_are_relative_to_the_folder_the_source_names(tmp_path, monk
     (tmp_path / "b.txt").write_text("x")
     assert root("b.txt") == "."
     assert root("data/sub/*.txt") == "data/sub" and root("data/su?/x.txt") == "data" and root("data/[ab].txt") == "data"
-    assert root("*.txt") == "." and root("data/**/x*.txt") == "data"
+    assert root("*.txt") == "." and root("data/**/x*.txt") == "data" and root("data/s[ub]/x.txt") == "data"
 
 
 def split_of_each(names, val_fraction, test_fraction):
@@ -1348,3 +1348,34 @@ def test_a_failed_write_names_the_file_and_what_is_left(tmp_path, monkeypatch, p
         assert re.fullmatch(
             rf"cannot write {folder}/{marker} \(Permission denied\); {re.escape(left)}", str(raised.value)
         )
+
+
+def test_a_unit_is_filled_up_to_exactly_unit_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 1000)
+    files = [str(tmp_path / f"f{i}") for i in range(4)]
+    units, _, _ = prepare_module.plan_units(files, [400, 600, 1000, 1], str(tmp_path), 0.0, 0.0)
+    assert [[length for _, _, length in unit[1]] for unit in units["train"]] == [[400, 600], [1000], [1]]
+
+
+def test_the_plan_leaves_out_excluded_and_hidden_files_unless_asked(tmp_path):
+    (tmp_path / "src").mkdir()
+    for name in ("a.txt", "b.txt", "notes.md", ".hidden.txt"):
+        (tmp_path / "src" / name).write_bytes(random_letters(100, len(name)))
+    listed = {}
+    for exclude, hidden in ((None, False), (["*.md"], False), (["*.md"], True)):
+        data = PrepareData(path=str(tmp_path / "src"), val_fraction=0.7, exclude=exclude, include_hidden=hidden)
+        plan = prepare_module.plan_run(data, "text")  # a.txt goes to train, b.txt to validation
+        listed[(bool(exclude), hidden)] = [os.path.basename(f) for f in plan.listing.files]
+    assert listed == {(False, False): ["a.txt", "b.txt", "notes.md"], (True, False): ["a.txt", "b.txt"],
+                      (True, True): [".hidden.txt", "a.txt", "b.txt"]}  # fmt: skip
+
+
+def test_a_disk_with_exactly_the_room_needed_is_enough(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    prepare_module.check_free_space(str(tmp_path), 1000)
+    with pytest.raises(ResourceError) as raised:
+        prepare_module.check_free_space(str(tmp_path), 1001)
+    assert str(raised.value) == (
+        f"prepare needs about 1001 B in {tmp_path} but its disk has 1000 B free; free some space or choose another "
+        "--output"
+    )
