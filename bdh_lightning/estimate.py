@@ -174,14 +174,17 @@ def estimate_memory(
     static = report.weight_bytes + report.optimizer_bytes + report.bucket_bytes  # gradients: in the transient
     if model_kwargs.get("carry_state"):
         # During a step two states live per layer: the incoming one (saved for backward: the read uses it) and
-        # the one the window writes (kept for the next step), and while a layer writes its state, that window's
-        # qᵀ x (one layer's worth); between steps only the written states.
+        # the one the window writes (kept for the next step); between steps only the written states. (A layer's
+        # qᵀ x, made while it writes, is gone before the backward's peak: measured.)
         report.state_bytes = carried_state_bytes(cfg, batch_size, precision)
-        static += 2 * report.state_bytes + report.state_bytes // cfg.n_layer
+        static += 2 * report.state_bytes
     for kernel in MODELLED_KERNELS:
         saved = saved_bytes(kernel, cfg, batch_size, block_size, precision, device_type)
-        if report.state_bytes and kernel == "reference" and byte_sizes(precision)[2]:
-            saved += report.state_bytes // 4 * byte_sizes(precision)[1]  # the read's low-precision copy of it
+        if report.state_bytes:
+            # Each row continues its stream at its own position: cos/sin per row (B x T x N, float32), not shared.
+            saved += 2 * (batch_size - 1) * block_size * cfg.neurons_per_head * 4
+            if kernel == "reference" and precision.startswith("bf16-"):
+                saved += report.state_bytes // 2  # the read's bfloat16 copy of it (float16 reads in float32)
         transient = transient_bytes(kernel, cfg, batch_size, block_size, precision, cfg.chunk_size)
         peak = static + saved + transient
         report.kernels[kernel] = KernelMemory(saved, transient, peak, device_bytes(peak, device_type, world_size))

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
-def count_saved_bytes(step) -> int:
+def count_saved_bytes(step, leave_out=()) -> int:
     """Bytes autograd keeps for backward while `step()` runs its forward (distinct storages, parameters
-    excluded). `step` returns the loss; nothing else is done with it."""
+    and the tensors in `leave_out` excluded). `step` returns the loss; nothing else is done with it."""
     storages: dict[int, int] = {}
-    parameters: set[int] = set()
+    parameters: set[int] = {t.untyped_storage().data_ptr() for t in leave_out}
 
     def pack(tensor):
         storage = tensor.untyped_storage()

@@ -5,15 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from measure import measure_step
+from measure import count_saved_bytes, measure_step
 
 from bdh_lightning import estimate
 from bdh_lightning.commands import parse_bytes
 from bdh_lightning.console import format_bytes
 from bdh_lightning.errors import ConfigError
 from bdh_lightning.estimate import EstimateError, estimate_memory, largest_batch
+from bdh_lightning.kernels.chunked import chunk_width
 from bdh_lightning.main import main
 from bdh_lightning.model import BDH, BDHConfig
+from bdh_lightning.precision import precision as lightning_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,3 +350,162 @@ def test_largest_batch_doubles_then_halves_to_an_exact_integer():
     exactly = report.kernels["chunked"].device_bytes
     row = estimate.render(report, kwargs, exactly).splitlines()[-4]
     assert row.startswith("chunked ") and "   yes (largest batch that fits" in row  # fitting exactly is fitting
+
+
+# The inventory pinned exactly: the prediction against the bytes autograd actually keeps for a tiny CPU forward,
+# for every precision, both kernels, dropout on and off, several shapes, and a carried state.
+PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
+WEIGHTS_DTYPE = {"64-true": torch.float64, "bf16-true": torch.bfloat16, "16-true": torch.float16}  # else float32
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def tiny_model(kwargs: dict, precision: str) -> BDH:
+    torch.manual_seed(0)
+    return BDH(BDHConfig.from_dict(kwargs)).to(WEIGHTS_DTYPE.get(precision, torch.float32))
+
+
+def saved_by_autograd(kwargs: dict, B: int, T: int, precision: str, carried: bool = False) -> int:
+    """Bytes autograd keeps for one training forward of a BDH on the CPU at `precision` (autocast as Lightning
+    runs it: no cast cache), counted with saved-tensor hooks; inputs and targets are two int64 B x T tensors.
+    `carried`: the window continues streams, each row at its own position (model.carry_state); the incoming
+    states are left out, as estimate_memory counts them with the kept state."""
+    model = tiny_model(kwargs, precision)
+    c = model.config
+    x, y = torch.randint(0, 256, (B, T)), torch.randint(0, 256, (B, T))
+    wide = torch.float64 if precision == "64-true" else torch.float32
+    shape = (B, c.n_head, c.neurons_per_head, c.n_embd)
+    states = [torch.randn(shape, dtype=wide) for _ in range(c.n_layer)] if carried else []
+    autocast = AUTOCAST.get(precision)
+
+    def forward():
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None, cache_enabled=False):
+            logits = model.forward_stream(x, torch.arange(1, B + 1) * T, states)[0] if carried else model(x)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    assert model.training  # dropout applies
+    return count_saved_bytes(forward, leave_out=states)
+
+
+def unmodelled_scalars(kernel: str, n_layer: int) -> int:
+    """What autograd keeps that the estimate leaves out: the loss's float32 scalar (cross-entropy's total weight)
+    and, in chunked, each layer's int64 dropout seed."""
+    return 4 + (8 * n_layer if kernel == "chunked" else 0)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("B,T,D,H,mult,L", [(2, 12, 16, 2, 4, 2), (3, 8, 24, 4, 8, 1)])
+def test_saved_bytes_are_the_bytes_autograd_keeps_on_the_cpu(kernel, precision, dropout, B, T, D, H, mult, L):
+    """Every term of saved_bytes: a wrong factor, dtype or condition changes the total in some case."""
+    kwargs = dict(n_layer=L, n_embd=D, n_head=H, mlp_internal_dim_multiplier=mult, dropout=dropout, kernel=kernel)
+    predicted = estimate.saved_bytes(kernel, BDHConfig(**kwargs), B, T, precision, "cpu")
+    assert predicted + unmodelled_scalars(kernel, L) == saved_by_autograd(kwargs, B, T, precision)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_carried_window_keeps_what_the_estimate_adds(kernel, precision):
+    """model.carry_state: per-row cos/sin (each row continues its stream at its own position) and, in the reference
+    under bfloat16, the read's bfloat16 copy of the incoming state (float16 reads in float32: no copy)."""
+    kwargs = dict(n_layer=2, n_embd=24, n_head=4, mlp_internal_dim_multiplier=8, kernel=kernel, carry_state=True)
+    report = estimate_memory(kwargs, 3, 8, precision, "cpu")
+    predicted = report.kernels[kernel].saved_bytes + unmodelled_scalars(kernel, 2)
+    assert predicted == saved_by_autograd(kwargs, 3, 8, precision, carried=True)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "chunked"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cuda_keeps_float32_layer_norm_inputs_and_a_bool_dropout_mask(kernel, precision, dropout):
+    """What a CUDA step keeps beyond the CPU's inventory (pinned above): under autocast layer norm saves its
+    16-bit input and mean/rstd as float32 (the tail's two per layer; in the reference also the read's under
+    bfloat16, as float16's read is float32 already); the reference's dropout mask is bool, not float noise."""
+    cfg = BDHConfig(n_layer=3, n_embd=24, n_head=4, mlp_internal_dim_multiplier=8, dropout=dropout)
+    B, T, D, H, N, L = 2, 10, 24, 4, cfg.neurons_per_head, 3
+    e = {"64-true": 8, "32-true": 4}.get(precision, 2)
+    extra = L * (B * T * D + 2 * B * T) * (4 - e) if precision in AUTOCAST else 0
+    if kernel == "reference" and precision == "bf16-mixed":
+        extra += L * (B * H * T * D + 2 * B * H * T) * (4 - e)
+    if kernel == "reference" and dropout:
+        extra += L * B * H * T * N * (1 - e)
+    cuda = estimate.saved_bytes(kernel, cfg, B, T, precision, "cuda")
+    assert cuda - estimate.saved_bytes(kernel, cfg, B, T, precision, "cpu") == extra
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+# Larger than the loss: both kernels' gradients (2, 16); the reference's loss, chunked's working set (4, 24);
+# both kernels' loss (32, 8); chunk sizes automatic, odd (rounded down to even) and 2.
+@pytest.mark.parametrize("B,T,chunk", [(2, 16, 0), (4, 24, 0), (32, 8, 2), (4, 24, 7)])
+def test_transient_bytes_term_by_term(precision, B, T, chunk):
+    """The largest working set: the loss's float32 gradients (log_softmax's and the logits', and the logits'
+    16-bit gradient under autocast), or the gradients (in the weights' dtype) plus the working set of one
+    layer's backward. The reference frees its saved N-wide tensors as it makes their gradients; chunked holds
+    11 B x T x chunk tensors of the activations' dtype and one float32 per chunk, 3 T x T score gradients (in
+    the read's dtype), the N-wide weights' low-precision copies under autocast, and their float32 gradient
+    accumulators under 16-true and bf16-true."""
+    model = tiny_model(dict(n_layer=2, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8), precision)
+    cfg, grads = model.config, sum(t.nbytes for t in model.parameters())
+    D, H, N, V = 32, 2, cfg.neurons_per_head, 256
+    e = {"64-true": 8, "32-true": 4}.get(precision, 2)
+    loss = B * T * V * (8 + (e if precision in AUTOCAST else 0))
+    assert estimate.transient_bytes("reference", cfg, B, T, precision, chunk) == max(loss, grads)
+    width = chunk_width(chunk, B * T, N)
+    read = 4 if precision in ("16-mixed", "16-true") else e
+    n_wide_weights = 3 * H * D * N
+    working = B * T * width * (11 * e + 8) + 3 * B * T * T * read
+    working += n_wide_weights * e if precision in AUTOCAST else 0
+    working += n_wide_weights * 4 if precision in ("bf16-true", "16-true") else 0
+    assert estimate.transient_bytes("chunked", cfg, B, T, precision, chunk) == max(loss, grads + working)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("carry", [False, True])
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_estimate_memory_adds_up_the_real_tensors(precision, carry, world, device_type):
+    """Weights and gradients as the model's parameters at `precision`, AdamW's two moments as a real step makes
+    them, DDP's buckets a copy of the gradients on several ranks, the carried state as the window writes it (two
+    states per layer during a step: the incoming and the written), saved and transient bytes with the
+    model's chunk size; the peak is their sum, and the device needs device_bytes of it."""
+    kwargs = dict(n_layer=2, n_embd=24, n_head=4, mlp_internal_dim_multiplier=8, chunk_size=6, carry_state=carry)
+    B, T = 3, 8
+    model = tiny_model(kwargs, precision)
+    cfg, x = model.config, torch.randint(0, 256, (B, T))
+    adamw = torch.optim.AdamW(model.parameters())
+    model(x).float().sum().backward()
+    adamw.step()
+    weights = sum(t.nbytes for t in model.parameters())
+    moments = sum(s[k].nbytes for s in adamw.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    state = sum(t.nbytes for t in model.forward_stream(x, torch.zeros(B, dtype=torch.long))[1]) if carry else 0
+    report = estimate_memory(kwargs, B, T, precision, device_type, world)
+    assert report.parameters == sum(t.numel() for t in model.parameters())
+    assert (report.weight_bytes, report.grad_bytes, report.optimizer_bytes) == (weights, weights, moments)
+    assert (report.bucket_bytes, report.state_bytes) == ((weights if world > 1 else 0), state)
+    assert (report.batch_size, report.block_size, report.precision) == (B, T, precision)
+    assert (report.device_type, report.world_size) == (device_type, world)
+    static = weights + moments + report.bucket_bytes + 2 * state
+    for kernel in ("reference", "chunked"):
+        saved = estimate.saved_bytes(kernel, cfg, B, T, precision, device_type)
+        if carry:  # per-row cos/sin; the reference's bfloat16 copy of the incoming state (test above)
+            saved += 2 * (B - 1) * T * cfg.neurons_per_head * 4
+            saved += state // 2 if kernel == "reference" and precision.startswith("bf16") else 0
+        m = report.kernels[kernel]
+        assert m.saved_bytes == saved
+        assert m.transient_bytes == estimate.transient_bytes(kernel, cfg, B, T, precision, 6)
+        assert m.peak_bytes == static + saved + m.transient_bytes and type(m.peak_bytes) is int
+        assert m.device_bytes == estimate.device_bytes(m.peak_bytes, device_type, world)
+    assert list(report.kernels) == ["reference", "chunked"]
+
+
+def test_estimate_memory_defaults_to_32_true_on_one_cuda_device():
+    kwargs = dict(n_layer=2, n_embd=24, n_head=4, mlp_internal_dim_multiplier=8)
+    assert estimate_memory(kwargs, 3, 8) == estimate_memory(kwargs, 3, 8, "32-true", "cuda", 1)
+
+
+def test_an_unknown_precision_is_refused_in_the_precision_modules_words():
+    with pytest.raises(ConfigError) as expected:
+        lightning_precision("8-true")
+    with pytest.raises(EstimateError) as error:
+        estimate_memory({}, 1, 8, "8-true")
+    assert str(error.value) == str(expected.value) and error.value.__cause__ is None
