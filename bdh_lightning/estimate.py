@@ -114,7 +114,10 @@ def saved_bytes(kernel: str, cfg: BDHConfig, batch: int, length: int, precision:
         # a, rope(a), b, z moved heads-major (and the dropout mask), q in the read's dtype for q qT; x broadcast
         # over heads for x @ encoder and for S @ x, y cast for y @ encoder_v, ln's input; the scores; ln's stats.
         n_wide = BHTN * (3 * e + att + (dropout_mask if cfg.dropout > 0 else 0))
-        layer = n_wide + BHTD * (2 * e + att + ln_att) + B * H * T * T * att + 2 * BHT * ln_att
+        layer = n_wide + BHTD * (att + ln_att) + B * H * T * T * att + 2 * BHT * ln_att
+        # x broadcast over heads: a copy each when B > 1; at B = 1 views, B x T x D numbers (measured): x's, or
+        # under bf16-mixed those of its two bfloat16 casts (16-mixed reads S @ x in float32: one cast)
+        layer += 2 * BHTD * e if B > 1 else (2 if autocast and att == e else 1) * BTD * e
         # The encoders as the matmuls keep them: broadcast over the batch (a copy each) when B > 1, else their
         # low-precision casts; and the decoder's cast. Per layer: Lightning's autocast keeps no cast cache
         # (cache_enabled=False), so every layer casts the shared weights again and keeps its own copies.

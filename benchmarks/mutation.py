@@ -249,12 +249,18 @@ EQUIVALENT = [
     ("generate", "sample_bytes", "Generator(model, ).generate", "zero states of one row broadcast over the rows"),
     ("generate", "__init__", "states = None", "forward_stream reads no state as zero states"),
     ("estimate", "choose_kernel", "B, T, precision, ).kernels", "estimate_memory's device_type defaults to cuda"),
-    (
-        "estimate",
-        "largest_batch",
-        "low, high = high, high * 3",
-        "a wider bracket above a batch that does not fit: the search ends at the same batch",
-    ),
+    *[
+        ("estimate", "largest_batch", text, why)
+        for text, why in (
+            ("range(low, 3 * low)", "a wider range above a batch that does not fit: bisect ends at the same batch"),
+            ("low = 2", "batch 1 fits; doubling from 2 brackets the same batch (2 not fitting: 2 - 1 + 0 = 1)"),
+        )
+    ],
+    # the embedding's layer-norm stats: float32 under autocast on CUDA, and every autocast precision's p is 4 anyway
+    *[
+        ("estimate", "saved_bytes", f"{text} else p)", "under autocast p is 4 bytes: the stats are p bytes anyway")
+        for text in ('device_type == "cuda") and False', 'device_type != "cuda"', '"XXcudaXX"', '"CUDA"')
+    ],
     ("precision", "compute_dtype", 'name or "XX32XX"', "an unknown name computes in float32 too, as 32 does"),
     # kernels/masks.py: the index vectors' dtype and device.
     (

@@ -80,7 +80,7 @@ def measure_step(
             written.clear()
 
     optimizer.zero_grad(set_to_none=True)
-    saved = count_saved_bytes(forward)
+    saved = count_saved_bytes(forward, leave_out=list(model.parameters()))  # views of them too (B = 1)
     written.clear()
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     live_before = tensor_bytes(model.parameters()) + tensor_bytes(state) + tensor_bytes([idx, *(states or [])])

@@ -383,7 +383,7 @@ def saved_by_autograd(kwargs: dict, B: int, T: int, precision: str, carried: boo
         return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
     assert model.training  # dropout applies
-    return count_saved_bytes(forward, leave_out=states)
+    return count_saved_bytes(forward, leave_out=[*states, *model.parameters()])  # weights' views too (B = 1)
 
 
 def unmodelled_scalars(kernel: str, n_layer: int) -> int:
@@ -395,7 +395,7 @@ def unmodelled_scalars(kernel: str, n_layer: int) -> int:
 @pytest.mark.parametrize("kernel", ["reference", "chunked"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("B,T,D,H,mult,L", [(2, 12, 16, 2, 4, 2), (3, 8, 24, 4, 8, 1)])
+@pytest.mark.parametrize("B,T,D,H,mult,L", [(2, 12, 16, 2, 4, 2), (3, 8, 24, 4, 8, 1), (1, 12, 16, 2, 4, 2)])
 def test_saved_bytes_are_the_bytes_autograd_keeps_on_the_cpu(kernel, precision, dropout, B, T, D, H, mult, L):
     """Every term of saved_bytes: a wrong factor, dtype or condition changes the total in some case."""
     kwargs = dict(n_layer=L, n_embd=D, n_head=H, mlp_internal_dim_multiplier=mult, dropout=dropout, kernel=kernel)
@@ -435,8 +435,9 @@ def test_cuda_keeps_float32_layer_norm_inputs_and_a_bool_dropout_mask(kernel, pr
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 # Larger than the loss: both kernels' gradients (2, 16); the reference's loss, chunked's working set (4, 24);
-# both kernels' loss (32, 8); chunk sizes automatic, odd (rounded down to even) and 2.
-@pytest.mark.parametrize("B,T,chunk", [(2, 16, 0), (4, 24, 0), (32, 8, 2), (4, 24, 7)])
+# both kernels' loss (32, 8); chunk sizes automatic (a whole head, and half of one past 2**26 elements), odd
+# (rounded down to even) and 2.
+@pytest.mark.parametrize("B,T,chunk", [(2, 16, 0), (4, 24, 0), (32, 8, 2), (4, 24, 7), (2048, 512, 0)])
 def test_transient_bytes_term_by_term(precision, B, T, chunk):
     """The largest working set: the loss's float32 gradients (log_softmax's and the logits', and the logits'
     16-bit gradient under autocast), or the gradients (in the weights' dtype) plus the working set of one
