@@ -187,6 +187,21 @@ def test_short_streams_read_k_windows_from_random_places_out_of_step():
     assert torch.equal(y[:, :-1], x[:, 1:])
 
 
+def test_short_streams_start_anywhere_their_windows_fit_and_nowhere_else():
+    """Catches the range of stream starts off by one either way (a stream running past the split's last window,
+    or a start never drawn), and the row's or stream's part of the seed dropped."""
+    batches, _ = short_streams([6 * T + 1], windows=4, batch_size=40)  # 6 windows: a stream of 4 starts at 0, 1 or 2
+    begins = {}
+    for row in range(40):
+        for k in range(12):
+            offset, position = batches.place(row, k)
+            first = 4 - row % 4
+            i = k if k < first else (k - first) % 4
+            assert position == i * T and offset == offset // T * T and offset // T - i in (0, 1, 2), (row, k, offset)
+            begins.setdefault(offset // T - i, set()).add(row)
+    assert sorted(begins) == [0, 1, 2] and all(len(rows) > 3 for rows in begins.values())
+
+
 def test_short_streams_restart_at_file_boundaries_and_never_span_two_files():
     batches, starts = short_streams([50, 37, 200, 13, 90], windows=6, batch_size=4)
     restarts_inside = 0
