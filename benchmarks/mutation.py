@@ -60,6 +60,7 @@ TESTS = {
                 "loader_workers_take_turns_so_the_stream_is_the_same_for_any_number",
                 "short_streams_read_k_windows_from_random_places_out_of_step",
                 "short_streams_start_anywhere_their_windows_fit_and_nowhere_else",
+                "the_jth_stream_of_row_r_starts_where_seed_r_j_says",
                 "short_streams_restart_at_file_boundaries_and_never_span_two_files",
                 "short_streams_are_a_pure_function_of_the_batch_number_and_the_seed",
             )

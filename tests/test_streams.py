@@ -202,6 +202,20 @@ def test_short_streams_start_anywhere_their_windows_fit_and_nowhere_else():
     assert sorted(begins) == [0, 1, 2] and all(len(rows) > 3 for rows in begins.values())
 
 
+def test_the_jth_stream_of_row_r_starts_where_seed_r_j_says():
+    """Catches the streams of a row numbered from 1 or 2 (the docstring's contract: row r's j-th stream is drawn
+    from (seed, r, j)), and a split shorter than one stream drawing a start other than its first window."""
+    batches, _ = short_streams([4000], windows=4, seed=3)
+    begins = batches.begins
+    for row in (0, 1, 6):
+        first = 4 - row % 4
+        starts = [batches.place(row, 0)[0]] + [batches.place(row, first + 4 * j)[0] for j in range(3)]
+        drawn = [int(np.random.default_rng([3, row, j]).integers(begins)) * T for j in range(4)]
+        assert starts == drawn, row
+    short, _ = short_streams([3 * T + 1], windows=4)  # 3 windows, streams of 4: every stream starts at the first
+    assert {short.place(row, k)[0] for row in range(8) for k in (0, *range(4 - row % 4, 20, 4))} == {0}
+
+
 def test_short_streams_restart_at_file_boundaries_and_never_span_two_files():
     batches, starts = short_streams([50, 37, 200, 13, 90], windows=6, batch_size=4)
     restarts_inside = 0
