@@ -48,7 +48,8 @@ def test_prediction_matches_a_real_cpu_step(kernel, precision, B, T, D, H, mult,
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_carried_state_is_counted_as_a_real_cpu_step_holds_it(kernel, precision):
     """model.carry_state: a window continuing its streams (the module's step) against the same window alone. The
-    prediction's extra bytes (two states per layer during a step, and the reference's low-precision copy) must
+    prediction's extra bytes (two states per layer during a step, the rows' own cos/sin, the reference's bfloat16
+    copy) must
     match what the real step adds, and its peak the measured peak."""
     B, T, L = 4, 32, 2
     kwargs = dict(n_layer=L, n_embd=32, n_head=2, mlp_internal_dim_multiplier=32, dropout=0.1, kernel=kernel)
