@@ -49,8 +49,7 @@ def test_prediction_matches_a_real_cpu_step(kernel, precision, B, T, D, H, mult,
 def test_carried_state_is_counted_as_a_real_cpu_step_holds_it(kernel, precision):
     """model.carry_state: a window continuing its streams (the module's step) against the same window alone. The
     prediction's extra bytes (two states per layer during a step, the rows' own cos/sin, the reference's bfloat16
-    copy) must
-    match what the real step adds, and its peak the measured peak."""
+    copy) must match what the real step adds, and its peak the measured peak."""
     B, T, L = 4, 32, 2
     kwargs = dict(n_layer=L, n_embd=32, n_head=2, mlp_internal_dim_multiplier=32, dropout=0.1, kernel=kernel)
     autocast = {"bf16-mixed": torch.bfloat16}.get(precision)
