@@ -972,13 +972,17 @@ def progress(monkeypatch, tty: bool, enabled: bool, done: int, total: int, ticks
     import multiprocessing
     import threading
 
-    stderr = FakeStderr(tty)
+    stderr, threads = FakeStderr(tty), []
+
+    def thread(target, daemon):
+        threads.append((target, daemon))
+        return SimpleNamespace(start=lambda: threads.append("started"), join=lambda: None)
+
     monkeypatch.setattr(sys, "stderr", stderr)
     with monkeypatch.context() as patch:
-        patch.setattr(
-            threading, "Thread", lambda target, daemon: SimpleNamespace(start=lambda: None, join=lambda: None)
-        )
+        patch.setattr(threading, "Thread", thread)
         bar = prepare_module.Progress(total, multiprocessing.Value("q", done), enabled)
+    assert threads == [(bar.run, True), "started"]  # a daemon: it never keeps the process alive
     bar.done = Ticks(ticks)
     bar.run()
     assert bar.done.waits == [0.5] * (ticks + 1)  # it looks twice a second
@@ -986,6 +990,10 @@ def progress(monkeypatch, tty: bool, enabled: bool, done: int, total: int, ticks
 
 
 def test_a_log_file_gets_a_progress_line_every_log_every_seconds_and_one_at_the_end(monkeypatch):
+    import time
+
+    # A clock that stands still: a line is due once LOG_EVERY seconds (here 0) have passed, not only after more.
+    monkeypatch.setattr(prepare_module, "time", SimpleNamespace(monotonic=lambda: 5.0, strftime=time.strftime))
     monkeypatch.setattr(prepare_module.Progress, "LOG_EVERY", 0.0)
     bar, stderr = progress(monkeypatch, tty=False, enabled=True, done=1000, total=4000, ticks=2)
     lines = stderr.getvalue().splitlines()
@@ -1010,6 +1018,7 @@ def test_a_terminal_gets_a_bar_redrawn_in_place(monkeypatch):
     bar.counter.value = 4000
     bar.close()
     assert "\rprepare: 100%|" in stderr.getvalue() and "| 4.00k/4.00k [" in stderr.getvalue()
+    assert re.search(r"\| 4\.00k/4\.00k \[[^]]*\d[kMG]?B/s\]", stderr.getvalue())  # bytes: kB/s, MB/s
     assert "% 4.00k" not in stderr.getvalue()  # no log line (a bar has | after the percentage)
     bar, stderr = progress(monkeypatch, tty=True, enabled=False, done=3000, total=4000, ticks=1)
     bar.close()
@@ -1355,6 +1364,8 @@ def test_a_unit_is_filled_up_to_exactly_unit_bytes(tmp_path, monkeypatch):
     files = [str(tmp_path / f"f{i}") for i in range(4)]
     units, _, _ = prepare_module.plan_units(files, [400, 600, 1000, 1], str(tmp_path), 0.0, 0.0)
     assert [[length for _, _, length in unit[1]] for unit in units["train"]] == [[400, 600], [1000], [1]]
+    units, _, _ = prepare_module.plan_units(files[:3], [600, 500, 500], str(tmp_path), 0.0, 0.0)
+    assert [[length for _, _, length in unit[1]] for unit in units["train"]] == [[600], [500, 500]]  # after a cut too
 
 
 def test_the_plan_leaves_out_excluded_and_hidden_files_unless_asked(tmp_path):
