@@ -474,7 +474,7 @@ class Collected:
         self.values, self.calls, self.fail_on, self.autocast = [], [], fail_on, []
 
     def add(self, values):
-        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        self.autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
         self.values.append(values)
         if self.fail_on == "add":
             raise KeyboardInterrupt
@@ -496,7 +496,7 @@ def small_model():
 
 def test_stream_samples_feeds_the_sink_then_closes_it(small_model, monkeypatch):
     """Catches: bytes other than sample_bytes' (seed, settings, samples, length not passed), the sink not closed
-    (or aborted) after, autocast on in float32 or off in bfloat16, or the time taken not end minus start."""
+    (or aborted) after, autocast on in float32 or off (or in another dtype) in float16, or the time taken not end minus start."""
     settings = dict(temperature=0.5, top_k=5, top_p=0.9, chunk_size=2)
     expected = [b.tolist() for b in generate.sample_bytes(small_model, b"abc", 4, 2, 7, **settings)]
     clock = iter([10.0, 12.5])
@@ -506,8 +506,8 @@ def test_stream_samples_feeds_the_sink_then_closes_it(small_model, monkeypatch):
     assert sink.values == expected and sink.calls == ["close"] and sink.autocast == [False] * 4
     sink = Collected()
     monkeypatch.setattr(commands, "time", time)
-    commands.stream_samples(small_model, sink, b"abc", 1, 2, 7, torch.bfloat16, settings)
-    assert sink.autocast == [True, True] and sink.calls == ["close"]
+    commands.stream_samples(small_model, sink, b"abc", 1, 2, 7, torch.float16, settings)  # not CPU's default bf16
+    assert sink.autocast == [torch.float16, torch.float16] and sink.calls == ["close"]
 
 
 @pytest.mark.parametrize("fail_on, error", [("add", KeyboardInterrupt), ("close", ResourceError)])
@@ -518,3 +518,70 @@ def test_stream_samples_aborts_the_sink_on_any_failure(small_model, fail_on, err
     with pytest.raises(error):
         commands.stream_samples(small_model, sink, b"a", 1, 3, 0, torch.float32, settings)
     assert sink.calls == (["abort"] if fail_on == "add" else ["close", "abort"])
+
+
+def test_a_failure_closing_the_second_file_keeps_the_first_complete_one(tmp_path):
+    """Catches: the abort after a first file was already renamed into place failing on its missing temporary file
+    (a FileNotFoundError in place of the one-line error), or the second file's temporary file left behind."""
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    sink = commands.FileSink(paths, b"p")
+    sink.files[1] = FailingFile(sink.files[1], {"flush"})
+    with pytest.raises(ResourceError) as failed:
+        sink.close()
+    assert str(failed.value) == FULL.format(paths[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and paths[0].read_bytes() == b"p"
+
+
+def test_a_file_sink_refuses_a_sample_count_other_than_its_files(tmp_path):
+    """Catches: bytes of more samples than files silently dropped (zip without strict)."""
+    sink = commands.FileSink([tmp_path / "a.txt"], b"p")
+    with pytest.raises(ValueError):
+        sink.add([0x41, 0x42])
+    sink.abort()
+
+
+def test_resolve_device(monkeypatch):
+    """Catches: auto not cuda where CUDA is, cpu or cuda:N refused (or another device type accepted), cuda taken
+    where there is none, or the refusals' wording."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert commands.resolve_device("auto") == torch.device("cpu") == commands.resolve_device("cpu")
+    for name, message in (
+        ("gpu", "--device 'gpu' is not a device; use cpu, cuda, cuda:N or auto"),
+        ("cuda", "--device cuda: CUDA is not available here; use --device cpu"),
+        ("meta", "--device meta: only cpu and cuda are supported"),
+    ):
+        with pytest.raises(UsageError) as refused:
+            commands.resolve_device(name)
+        assert str(refused.value) == message
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert commands.resolve_device("auto") == torch.device("cuda") == commands.resolve_device("cuda")
+    assert commands.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert commands.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_sample_paths(tmp_path, monkeypatch):
+    """Catches: several samples not written to FILE-1.ext, FILE-2.ext, --overwrite not passed on, or the refusals
+    of --raw with --output or several samples, and of a closed standard output, worded otherwise."""
+    path = tmp_path / "out.txt"
+    assert commands.sample_paths(None, 1, False, False) == [] and commands.sample_paths(str(path), 1, False, False) == [
+        path
+    ]
+    several = [tmp_path / "out-1.txt", tmp_path / "out-2.txt"]
+    several[1].write_bytes(b"old")
+    assert commands.sample_paths(str(path), 2, True, False) == several
+    with pytest.raises(UsageError, match="out-2.txt exists"):
+        commands.sample_paths(str(path), 2, False, False)
+    for args, message in (
+        ((str(path), 1, False, True), "give --raw (exact bytes to standard output) or --output FILE, not both"),
+        (
+            (None, 2, False, True),
+            "--raw writes one sample's exact bytes; for several use --output FILE (FILE-1, FILE-2, ...)",
+        ),
+    ):
+        with pytest.raises(UsageError) as refused:
+            commands.sample_paths(*args)
+        assert str(refused.value) == message
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(UsageError) as refused:
+        commands.sample_paths(None, 1, False, False)
+    assert str(refused.value) == "standard output is closed; give --output FILE to write the text to a file"
