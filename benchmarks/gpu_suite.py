@@ -57,8 +57,19 @@ class BudgetReached(KeyboardInterrupt):
     """Raised by the alarm at --budget seconds (a KeyboardInterrupt, so that pytest stops too)."""
 
 
+BUDGET = {"reached": False}
+
+
 def on_alarm(signum, frame):
+    BUDGET["reached"] = True
     raise BudgetReached()
+
+
+def reraise_budget(error: Exception | None = None) -> None:
+    """The alarm can land where its exception is lost: in a finalizer (gc.collect in free_memory; Python prints
+    and ignores it) or turned into another error by a library. The flag still says the budget is spent."""
+    if BUDGET["reached"]:
+        raise BudgetReached() from error
 
 
 class Suite:
@@ -132,6 +143,7 @@ class Suite:
     def train(self, precision: str, mode: str) -> None:
         for name, label, model_kwargs, batch, block in self.configs():
             for kernel in self.kernels():
+                reraise_budget()
                 row = self.train_row(name, label, model_kwargs, batch, block, precision, kernel, mode)
                 self.results["train"].append(row)
                 self.save()
@@ -182,6 +194,7 @@ class Suite:
         except BudgetReached:
             raise
         except Exception as error:  # one broken path is a row, not the end of the suite
+            reraise_budget(error)
             traceback.print_exc()
             row["error"] = f"{type(error).__name__}: {one_line(str(error))}"
         finally:
@@ -200,6 +213,7 @@ class Suite:
             torch.manual_seed(0)
             model = BDH(BDHConfig.from_dict({**model_kwargs, "dropout": 0.0})).to(self.device).eval()
             for context in contexts:
+                reraise_budget()
                 row = dict(config=name, context=context, steps=steps)
                 try:
                     with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16):
@@ -213,6 +227,7 @@ class Suite:
                 except BudgetReached:
                     raise
                 except Exception as error:
+                    reraise_budget(error)
                     traceback.print_exc()
                     row["error"] = f"{type(error).__name__}: {one_line(str(error))}"
                 self.results["generation"].append(row)
@@ -343,11 +358,13 @@ def main(argv=None) -> int:
         ("16-mixed eager", lambda: suite.train("16-mixed", "eager")),
         ("16-mixed compiled", lambda: suite.train("16-mixed", "compiled")),
     ]
+    BUDGET["reached"] = False
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, args.budget)
     stage = None
     try:
         for stage, run in stages:
+            reraise_budget()
             print(f"== {stage} ({suite.elapsed():.0f} s into the {args.budget:.0f} s budget)", flush=True)
             run()
     except BudgetReached:

@@ -46,3 +46,39 @@ def test_budget_stops_cleanly_with_what_it_has(tmp_path, monkeypatch):
     assert results["stopped"].startswith("budget of 2 s reached during ")
     assert len(results["train"]) < 8  # not everything: it stopped
     assert "Stopped early" in (out / "results.md").read_text()
+
+
+def test_an_alarm_whose_exception_was_lost_still_stops_the_suite(tmp_path, monkeypatch):
+    """The alarm landing in a finalizer (Python prints and drops its exception) or turned into a RuntimeError by a
+    library: the suite stops at the next row or stage anyway, instead of running on past its budget."""
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+
+    def alarm_lost(self, precision, mode):
+        try:
+            suite.on_alarm(None, None)
+        except BaseException:
+            pass
+
+    def ran_past_the_budget(self):
+        raise AssertionError("a stage started after the budget was spent")
+
+    monkeypatch.setattr(suite.Suite, "train", alarm_lost)
+    monkeypatch.setattr(suite.Suite, "generation", ran_past_the_budget)
+    out = tmp_path / "out"
+    assert suite.main(["--smoke", "--skip_tests", "--budget", "600", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["stopped"] == "budget of 600 s reached during generation"
+    try:
+        suite.on_alarm(None, None)
+    except BaseException:
+        pass
+    try:
+        raise RuntimeError("a hook's error")
+    except RuntimeError as error:
+        try:
+            suite.reraise_budget(error)
+        except suite.BudgetReached as budget:
+            assert budget.__cause__ is error
+        else:
+            raise AssertionError("the budget was not raised again")
