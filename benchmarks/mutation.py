@@ -563,6 +563,21 @@ EQUIVALENT = [
         "the first word of SeedSequence's state does not depend on how many are drawn",
     ),
     ("module", "test_step", "self.validation_step(batch, None)", "validation_step does not read batch_idx"),
+    ("module", "carried_loss", "to(device=None, dtype", CPU_ONLY),
+    ("module", "carried_loss", "(start != 0).to(dtype=states[0].dtype)", CPU_ONLY),
+    (
+        "module",
+        "carried_loss",
+        "dtype=None).view(-1, 1, 1, 1)",
+        "a bool mask multiplies a float state in place exactly as 0.0/1.0 does",
+    ),
+    (
+        "module",
+        "carried_loss",
+        "(start != 0).to(device=states[0].device, )",
+        "a bool mask multiplies a float state in place exactly as 0.0/1.0 does",
+    ),
+    ("module", "on_load_checkpoint", "saved[self.global_rank].to(None)", CPU_ONLY),
     ("module", "configure_model", 'getattr(self, "_compiled", None)', "None and False are both false"),
     ("module", "learning_rate_at", 'hp.get("decay", None)', "hparams always hold decay (the constructor's default)"),
     ("module", "learning_rate_at", 'hp.get("decay", )', "hparams always hold decay (the constructor's default)"),
@@ -1077,6 +1092,18 @@ EQUIVALENT = [
     ],
     ("console", "__init__", "self.redrawn = None", "None is falsy as False is: read only as a truth value"),
     ("console", "closing", "    last = None", "None is falsy as '' is: read only as a truth value"),
+    # commands.py
+    *[
+        ("commands", "TextSinkǁclose", text, "texts and tails are made one per decoder: always as many")
+        for text in ("tails, strict=None)", "tails, )", "tails, strict=False)")
+    ],
+    *[
+        ("commands", f"FileSinkǁ{f}", text, "__init__ makes one part (and file) per path or raises: always as many")
+        for f in ("close", "abort")
+        for text in ("self.paths, strict=None)", "self.paths, )", "self.paths, strict=False)")
+    ],
+    ("commands", "TextSinkǁ__init__", 'getincrementaldecoder("UTF-8")', "codec names ignore case"),
+    ("commands", "sampling_dtype", '"XX32XX"', "compute_dtype computes an unknown precision name in float32, as 32"),
 ]
 
 

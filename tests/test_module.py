@@ -374,6 +374,44 @@ def test_losses_are_logged_under_their_names_on_the_progress_bar_and_synced(monk
     assert log.calls["test/loss"][0] == pytest.approx(want)
 
 
+def test_a_one_layer_model_carries_its_state():
+    """Catches the batch size or dtype of the carried state read off a second layer's state (a one-layer model
+    has only the first)."""
+    torch.manual_seed(0)
+    module = tiny_module(dropout=0.0, carry_state=True, n_layer=1)
+    data = torch.randint(0, 256, (2, 17))
+    first = (data[:, :8], data[:, 1:9], torch.tensor([0, 0]))
+    second = (data[:, 8:16], data[:, 9:17], torch.tensor([8, 0]))  # row 1 starts a fresh stream
+    module.carried_loss(first)
+    carried = module.carried_loss(second)
+    with torch.no_grad():
+        _, states = module.model.forward_stream(first[0], first[2])
+        kept = [state * torch.tensor([1.0, 0.0]).view(-1, 1, 1, 1) for state in states]
+        logits, _ = module.model.forward_stream(second[0], second[2], kept)
+    assert carried.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), second[1].flatten()).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sanity", [False, True])
+def test_carried_validation_logs_bits_per_byte_synced_and_not_in_the_sanity_check(monkeypatch, sanity):
+    """Catches the carried and windowed losses (and each position's) logged in nats or another base, not synced
+    across ranks, or logged during Lightning's sanity check."""
+    module = tiny_module(dropout=0.0, carry_state=True)
+    log = LogRecorder()
+    monkeypatch.setattr(module, "log", log)
+    monkeypatch.setattr(module, "_log_eval_loss", lambda split: None)
+    monkeypatch.setattr(module, "stream_validation", lambda: (1.5, 2.5, {"carried/pos_4-15": 3.5}))
+    module._trainer = SimpleNamespace(sanity_checking=sanity)
+    module.on_validation_epoch_end()
+    if sanity:
+        assert log.calls == {}
+        return
+    assert log.calls == {
+        "val/bpb_carried": (pytest.approx(1.5 / math.log(2)), {"sync_dist": True}),
+        "val/bpb_windowed": (pytest.approx(2.5 / math.log(2)), {"sync_dist": True}),
+        "val/bpb_carried/pos_4-15": (pytest.approx(3.5 / math.log(2)), {"sync_dist": True}),
+    }
+
+
 def test_a_batch_with_stream_starts_trains_and_validates_on_its_windows(monkeypatch):
     """data.sampling streams yields (x, y, start); without model.carry_state the loss is the windows' own."""
     module = tiny_module(dropout=0.0)
