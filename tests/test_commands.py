@@ -3,6 +3,7 @@
 import errno
 import io
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import REPO
 
 from bdh_lightning import commands, estimate, files, generate
 from bdh_lightning.cli import COMMANDS, parse_settings
+from bdh_lightning.console import shown
 from bdh_lightning.errors import BDHError, ResourceError, UsageError
 from bdh_lightning.main import command_function, main
 from bdh_lightning.model import BDH, BDHConfig
@@ -585,3 +587,73 @@ def test_sample_paths(tmp_path, monkeypatch):
     with pytest.raises(UsageError) as refused:
         commands.sample_paths(None, 1, False, False)
     assert str(refused.value) == "standard output is closed; give --output FILE to write the text to a file"
+
+
+def test_generate_command_in_process(small_model, tmp_path, capsys):
+    """Catches: a setting (top_k, top_p, temperature, seed, n_layer, the device or dtype) not passed on to the
+    sampler or the loader, the text not what sample_bytes gives, or the closing line's count or rate wrong."""
+    weights = tmp_path / "weights.pt"
+    torch.save(small_model.state_dict(), weights)
+    settings = dict(temperature=0.7, top_k=5, top_p=0.9, chunk_size=1)
+    args = dict(prompt="ab", max_new_tokens=6, seed=3, n_layer=2)
+    assert commands.generate_command(str(weights), **args, **settings) == 0
+    sampled = [b.tolist() for b in generate.sample_bytes(small_model, b"ab", 6, 1, 3, **settings)]
+    out, err = capsys.readouterr()
+    text = b"ab" + bytes(v for values in sampled for v in values)
+    assert out == shown(text.decode("utf-8", "backslashreplace")) + "\n"
+    line = re.fullmatch(r"\[6 bytes in (\d+\.\d\d) s, (\d+\.\d) bytes/s, cpu, torch.float32\]\n", err)
+    seconds, rate = float(line[1]), float(line[2])  # seconds shown rounded to 0.01
+    assert 6 / (seconds + 0.005) - 0.05 <= rate <= 6 / max(seconds - 0.005, 1e-9) + 0.05
+    output = tmp_path / "out.bin"
+    assert commands.generate_command(str(weights), **args, **settings, output=str(output)) == 0
+    assert output.read_bytes() == text
+    assert capsys.readouterr().err.endswith(f", cpu, torch.float32, written to {output}]\n")
+    outputs = [tmp_path / "many-1.bin", tmp_path / "many-2.bin"]
+    many = str(tmp_path / "many.bin")
+    assert commands.generate_command(str(weights), **args, **settings, output=many, num_samples=2) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("[12 bytes in ") and err.endswith(f", written to {outputs[0]}, {outputs[1]}]\n")
+    assert [p.stat().st_size for p in outputs] == [8, 8]
+    with pytest.raises(UsageError, match="exists; give --overwrite true"):
+        commands.generate_command(str(weights), n_layer=2, output=str(output))
+
+
+def test_generate_command_defaults(small_model, tmp_path, capsys):
+    """Catches: another default length, sample count, temperature, top_p, device or output mode."""
+    weights = tmp_path / "weights.pt"
+    torch.save(small_model.state_dict(), weights)
+    output = tmp_path / "out.bin"
+    assert commands.generate_command(str(weights), n_layer=2, seed=4, output=str(output)) == 0
+    expected = [b.tolist() for b in generate.sample_bytes(small_model, b"\n", 500, 1, 4)]
+    assert output.read_bytes() == b"\n" + bytes(v for values in expected for v in values)
+    assert capsys.readouterr().err.startswith("[500 bytes in ")
+
+
+@pytest.mark.parametrize(
+    "position, value, message",
+    [
+        (0, 0, "--max_new_tokens must be a positive integer, got 0"),
+        (3, -1.0, "--temperature must be"),
+        (6, -1, "--seed must be"),
+        (7, 0, "--n_layer must be a positive integer, got 0"),
+    ],
+)
+def test_generate_settings_are_usage_errors(position, value, message):
+    """Catches: a bad setting refused as another error class (another exit code) or named otherwise."""
+    settings = [5, 1, 4, 1.0, None, 1.0, None, None]
+    settings[position] = value
+    with pytest.raises(BDHError) as refused:
+        commands.check_generate_settings(*settings)
+    assert type(refused.value) is UsageError and str(refused.value).startswith(message)
+
+
+def test_prompt_bytes(tmp_path):
+    """Catches: a prompt that is not UTF-8 text refused as another error class or named otherwise, or an
+    unreadable --prompt_file's reason lost."""
+    assert commands.prompt_bytes("h\udcffi", None) == b"h\xffi" and commands.prompt_bytes(None, None) == b"\n"
+    with pytest.raises(BDHError) as refused:
+        commands.prompt_bytes("\ud800", None)
+    assert type(refused.value) is UsageError and str(refused.value).startswith("--prompt must be UTF-8 text")
+    with pytest.raises(UsageError) as refused:
+        commands.prompt_bytes(None, str(tmp_path))
+    assert str(refused.value) == f"--prompt_file {tmp_path}: cannot read it (Is a directory)"
