@@ -46,22 +46,21 @@ def run_command(name: str, argv: list[str]) -> int:
     return function(**{k: v for k, v in vars(init).items() if not k.startswith("__")})
 
 
-# What gloo and NCCL say when the process at the other end of a collective has gone (killed, crashed).
+# What gloo and NCCL say when the process at the other end of a collective has gone (killed, crashed), as our
+# line words it (matched ignoring case).
 PEER_LOST_MARKERS = (
-    "Connection closed by peer",
-    "Connection reset by peer",
+    "connection closed by peer",
+    "connection reset by peer",
     "remote worker crashing",
-    "Broken pipe",
+    "broken pipe",
     "NCCL communicator was aborted",
 )
 
 
 def peer_lost(error: BaseException) -> str | None:
     """What gloo or NCCL said, if `error` says the process at the other end of a collective has gone."""
-    for marker in PEER_LOST_MARKERS:
-        if marker in str(error):
-            return marker[0].lower() + marker[1:]
-    return None
+    said = str(error).lower()
+    return next((marker for marker in PEER_LOST_MARKERS if marker.lower() in said), None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -563,6 +563,8 @@ EQUIVALENT = [
         "the first word of SeedSequence's state does not depend on how many are drawn",
     ),
     ("module", "test_step", "self.validation_step(batch, None)", "validation_step does not read batch_idx"),
+    ("main", "bare_flags", 'given.append("TRUE")', "jsonargparse reads a bool's value ignoring case"),
+    ("main", "run_command", "exit_on_error=None", "None is false as False is: errors are raised, not exits"),
     ("module", "carried_loss", "to(device=None, dtype", CPU_ONLY),
     ("module", "carried_loss", "(start != 0).to(dtype=states[0].dtype)", CPU_ONLY),
     (

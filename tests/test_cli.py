@@ -124,3 +124,36 @@ def test_version_and_the_subcommand_listing(capsys):
     assert main(["nonsense"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and all(name in err for name in ("fit", "generate", "estimate"))
+
+
+def test_a_commands_help_is_its_docstrings_first_paragraph_then_its_options_ungrouped(capsys):
+    """Catches another paragraph (or none) as a command's description, and its options put in a group of their own."""
+    from bdh_lightning.export import export_command
+
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    first = " ".join(export_command.__doc__.split("\n\n")[0].split())
+    assert out.startswith("usage: python -m bdh_lightning export --ckpt_path CKPT_PATH ")
+    assert f"[--logs_dir LOGS_DIR] {first} options: -h, --help Show this help message and exit. --ckpt_path" in out
+
+
+@pytest.mark.parametrize(
+    "said, line",
+    [
+        ("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1", "connection closed by peer"),
+        ("Connection reset by peer", "connection reset by peer"),
+        ("NCCL error: remote worker crashing", "remote worker crashing"),
+        ("write: Broken pipe", "broken pipe"),
+        ("NCCL communicator was aborted on rank 0", "NCCL communicator was aborted"),
+        ("Connection Reset By Peer", "connection reset by peer"),
+        ("CUDA error: an illegal memory access", None),
+    ],
+)
+def test_a_lost_peer_is_named_in_what_gloo_or_nccl_said(said, line):
+    """Catches the markers looked for in the wrong place, or their wording changed on the way to the line (NCCL once
+    came out as "nCCL")."""
+    from bdh_lightning.main import peer_lost
+
+    assert peer_lost(RuntimeError(said)) == line
