@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -504,7 +505,9 @@ def test_stream_samples_feeds_the_sink_then_closes_it(small_model, monkeypatch):
     clock = iter([10.0, 12.5])
     monkeypatch.setattr(commands, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     sink = Collected()
-    assert commands.stream_samples(small_model, sink, b"abc", 2, 4, 7, torch.float32, settings) == 2.5
+    with warnings.catch_warnings():  # autocast asked for float32 would warn "disabling" (on CPU and CUDA alike)
+        warnings.simplefilter("error")
+        assert commands.stream_samples(small_model, sink, b"abc", 2, 4, 7, torch.float32, settings) == 2.5
     assert sink.values == expected and sink.calls == ["close"] and sink.autocast == [False] * 4
     sink = Collected()
     monkeypatch.setattr(commands, "time", time)
@@ -618,12 +621,15 @@ def test_generate_command_in_process(small_model, tmp_path, capsys):
         commands.generate_command(str(weights), n_layer=2, output=str(output))
 
 
-def test_generate_command_defaults(small_model, tmp_path, capsys):
-    """Catches: another default length, sample count, temperature, top_p, device or output mode."""
+def test_generate_command_defaults(small_model, tmp_path, capsys, monkeypatch):
+    """Catches: another default length, sample count, temperature, top_p, device, precision or output mode."""
     weights = tmp_path / "weights.pt"
     torch.save(small_model.state_dict(), weights)
     output = tmp_path / "out.bin"
+    asked, sampling_dtype = [], commands.sampling_dtype
+    monkeypatch.setattr(commands, "sampling_dtype", lambda *args: asked.append(args) or sampling_dtype(*args))
     assert commands.generate_command(str(weights), n_layer=2, seed=4, output=str(output)) == 0
+    assert asked == [(torch.device("cpu"), "auto", weights)]
     expected = [b.tolist() for b in generate.sample_bytes(small_model, b"\n", 500, 1, 4)]
     assert output.read_bytes() == b"\n" + bytes(v for values in expected for v in values)
     assert capsys.readouterr().err.startswith("[500 bytes in ")
