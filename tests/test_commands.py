@@ -592,14 +592,17 @@ def test_sample_paths(tmp_path, monkeypatch):
     assert str(refused.value) == "standard output is closed; give --output FILE to write the text to a file"
 
 
-def test_generate_command_in_process(small_model, tmp_path, capsys):
+def test_generate_command_in_process(small_model, tmp_path, capsys, monkeypatch):
     """Catches: a setting (top_k, top_p, temperature, seed, n_layer, the device or dtype) not passed on to the
     sampler or the loader, the text not what sample_bytes gives, or the closing line's count or rate wrong."""
     weights = tmp_path / "weights.pt"
     torch.save(small_model.state_dict(), weights)
     settings = dict(temperature=0.7, top_k=5, top_p=0.9, chunk_size=1)
     args = dict(prompt="ab", max_new_tokens=6, seed=3, n_layer=2)
+    streamed, stream_samples = [], commands.stream_samples
+    monkeypatch.setattr(commands, "stream_samples", lambda *a: streamed.append(a[6]) or stream_samples(*a))
     assert commands.generate_command(str(weights), **args, **settings) == 0
+    assert streamed == [torch.float32]
     sampled = [b.tolist() for b in generate.sample_bytes(small_model, b"ab", 6, 1, 3, **settings)]
     out, err = capsys.readouterr()
     text = b"ab" + bytes(v for values in sampled for v in values)
@@ -630,6 +633,8 @@ def test_generate_command_defaults(small_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(commands, "sampling_dtype", lambda *args: asked.append(args) or sampling_dtype(*args))
     assert commands.generate_command(str(weights), n_layer=2, seed=4, output=str(output)) == 0
     assert asked == [(torch.device("cpu"), "auto", weights)]
+    with pytest.raises(UsageError, match=r"^--n_layer must be a positive integer, got 0$"):
+        commands.generate_command(str(weights), n_layer=0, output=str(tmp_path / "never.bin"))
     expected = [b.tolist() for b in generate.sample_bytes(small_model, b"\n", 500, 1, 4)]
     assert output.read_bytes() == b"\n" + bytes(v for values in expected for v in values)
     assert capsys.readouterr().err.startswith("[500 bytes in ")
@@ -663,3 +668,10 @@ def test_prompt_bytes(tmp_path):
     with pytest.raises(UsageError) as refused:
         commands.prompt_bytes(None, str(tmp_path))
     assert str(refused.value) == f"--prompt_file {tmp_path}: cannot read it (Is a directory)"
+    for args, message in (
+        (("", None), "the prompt is empty; give at least one byte with --prompt or --prompt_file"),
+        (("a", "b"), "give --prompt or --prompt_file, not both"),
+    ):
+        with pytest.raises(UsageError) as refused:
+            commands.prompt_bytes(*args)
+        assert str(refused.value) == message
