@@ -1106,6 +1106,11 @@ EQUIVALENT = [
     ],
     ("commands", "TextSinkǁ__init__", 'getincrementaldecoder("UTF-8")', "codec names ignore case"),
     ("commands", "sampling_dtype", '"XX32XX"', "compute_dtype computes an unknown precision name in float32, as 32"),
+    *[
+        ("commands", "generate_command", text, CPU_ONLY)
+        for text in ("load_model_from_checkpoint(source, None,", "load_model_from_checkpoint(source, settings=")
+    ],
+    ("commands", "generate_command", "top_p=top_p, )", "any prompt chunk size gives the same logits (tested)"),
 ]
 
 
