@@ -123,21 +123,21 @@ def test_a_terminal_gets_one_redrawn_progress_line(tmp_path):
     assert "\r\x1b[K" in shown and "step 4/4" in shown and "done " in shown
 
 
-def test_a_resume_with_nothing_to_do_says_so_and_writes_nothing(finished):
+def test_a_resume_with_nothing_to_do_says_so_and_writes_nothing(finished, monkeypatch, capsys):
     folder, _ = finished
-    done = run_cli(folder, "fit", "--data.path", "corpus.txt", *RUN, "--trainer.max_steps", "10", "--ckpt_path", "last")
-    assert done.returncode == 0
-    named, said = done.stderr.splitlines()  # the checkpoint `last` chose, then why there is nothing to do
+    monkeypatch.chdir(folder)
+    assert main(["fit", "--data.path", "corpus.txt", *RUN, "--trainer.max_steps", "10", "--ckpt_path", "last"]) == 0
+    named, said = capsys.readouterr().err.splitlines()  # the checkpoint `last` chose, then why there is nothing to do
     assert named.startswith("--ckpt_path last: ") and "nothing to train" in said and "--trainer.max_steps" in said
     assert sorted(p.name for p in (folder / "lightning_logs").iterdir()) == ["version_0"]
 
 
-def test_validate_and_test_write_no_run_folder(finished):
+def test_validate_and_test_write_no_run_folder(finished, monkeypatch, capsys):
     folder, _ = finished
+    monkeypatch.chdir(folder)
     ckpt = "lightning_logs/version_0/checkpoints/last.ckpt"
-    done = run_cli(folder, "validate", "--data.path", "corpus.txt", *RUN, "--ckpt_path", ckpt)
-    assert done.returncode == 0, done.stderr
-    assert "val/loss" in done.stdout
+    assert main(["validate", "--data.path", "corpus.txt", *RUN, "--ckpt_path", ckpt]) == 0
+    assert "val/loss" in capsys.readouterr().out
     assert sorted(p.name for p in (folder / "lightning_logs").iterdir()) == ["version_0"]
     assert not (folder / "config.yaml").exists()
 

@@ -670,11 +670,22 @@ def test_every_input_safe_file_names_in_error_lines_are_escaped(trained, generat
     ],
     ids=["block-size-0", "batch-size-negative", "heads-0"],
 )
-def test_estimate_checks_the_settings_it_computes_with(tmp_path, yaml, expected):
+def test_estimate_checks_the_settings_it_computes_with(tmp_path, monkeypatch, capsys, yaml, expected):
     (tmp_path / "bad.yaml").write_text(yaml)
-    done = run_cli(tmp_path, "estimate", "--config", "bad.yaml", timeout=120)  # looped forever on block_size 0
-    err = error_lines(done.stderr)
-    assert done.returncode == 2 and err == [expected], done.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+
+    def looped(signum, frame):
+        raise AssertionError("estimate still running after 60 s")  # it looped forever on block_size 0
+
+    previous = signal.signal(signal.SIGALRM, looped)
+    signal.alarm(60)
+    try:
+        code = main(["estimate", "--config", "bad.yaml"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = error_lines(capsys.readouterr().err)
+    assert code == 2 and err == [expected], err
 
 
 # ---------------------------------------------------------------- the last good checkpoint, signals, a lost rank
