@@ -278,6 +278,13 @@ class StopEveryRank(Callback):
         self.done.set()
 
 
+def peer_stopped(what: str) -> str:
+    """The line for a run whose other process has gone, `what` saying how we know (main and RankWatch)."""
+    return (
+        f"another process of this run stopped ({what}); see its own output for why, then resume with --ckpt_path last"
+    )
+
+
 def watch_started_ranks() -> None:
     """Replace Lightning's watch over the ranks its DDP launcher starts as child processes of rank 0.
 
@@ -310,10 +317,7 @@ class RankWatch(threading.Thread):
         time.sleep(self.GRACE_SECONDS)  # still here: rank 0 is stuck, most likely inside a collective
         rank, code = ended[0]
         how = f"exit code {code}" if code > 0 else f"killed by {signal_name(-code)}"
-        say(
-            f"error: another process of this run stopped (rank {rank}, {how}); see its own output for why, "
-            "then resume with --ckpt_path last"
-        )
+        say(f"error: {peer_stopped(f'rank {rank}, {how}')}")
         for child in self.children:
             with contextlib.suppress(OSError):
                 child.kill()

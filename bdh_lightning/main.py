@@ -16,7 +16,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from .cli import BDHCLI, COMMANDS
 from .console import abandon_stdout, quiet, say
 from .errors import BDHError, one_line
-from .faults import OUT_OF_MEMORY, is_out_of_memory, watch_started_ranks
+from .faults import OUT_OF_MEMORY, is_out_of_memory, peer_stopped, watch_started_ranks
 
 
 def command_function(name: str):
@@ -86,11 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {one_line(error)}")
         return 2
     except RuntimeError as error:  # torch's allocator, or cuBLAS/cuDNN/NCCL failing to get memory: one line
-        if peer_lost(error):
-            say(
-                f"error: another process of this run stopped ({peer_lost(error)}); see its own output for why, "
-                "then resume with --ckpt_path last"
-            )
+        lost = peer_lost(error)
+        if lost:
+            say(f"error: {peer_stopped(lost)}")
             return 1
         if not is_out_of_memory(error):
             raise

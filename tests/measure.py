@@ -14,19 +14,19 @@ def count_saved_bytes(step, leave_out=()) -> int:
     """Bytes autograd keeps for backward while `step()` runs its forward (distinct storages, parameters
     and the tensors in `leave_out` excluded). `step` returns the loss; nothing else is done with it."""
     storages: dict[int, int] = {}
-    parameters: set[int] = {t.untyped_storage().data_ptr() for t in leave_out}
+    left_out: set[int] = {t.untyped_storage().data_ptr() for t in leave_out}  # and every parameter met
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         if not isinstance(tensor, torch.nn.Parameter):
             storages[storage.data_ptr()] = storage.nbytes()
         else:
-            parameters.add(storage.data_ptr())
+            left_out.add(storage.data_ptr())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         step()
-    return sum(n for ptr, n in storages.items() if ptr not in parameters)
+    return sum(n for ptr, n in storages.items() if ptr not in left_out)
 
 
 def measure_peak_bytes(step, device: torch.device, live_before: int) -> int:
