@@ -31,9 +31,9 @@ from .checkpoints import (
     find_last,
     read_checkpoint,
 )
-from .console import RunReport, RunSummary, device_memory, format_bytes, memory_line, say
+from .console import RunReport, RunSummary, format_bytes, memory_line, say
 from .data import ByteDataModule
-from .devices import cuda_present
+from .devices import cuda_present, device_memory
 from .errors import (
     BDHError,
     CheckpointError,

@@ -17,7 +17,8 @@ import torch
 
 from .checkpoints import find_last, run_precision
 from .cli import parse_settings
-from .console import abandon_stdout, device_memory, format_bytes, say, shown
+from .console import abandon_stdout, format_bytes, say, shown
+from .devices import device_memory
 from .errors import ResourceError, UsageError, positive_int, sampling_settings, seed_setting, text_bytes
 from .estimate import estimate_memory, normalize_precision, render
 from .files import output_paths, replace_atomically, temporary_beside, write_failure

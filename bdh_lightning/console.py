@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 
-from .devices import cuda_total_memory
+from .devices import device_memory
 
 # Lightning's notices that say nothing about this run (each checked against Lightning 2.6's wording).
 QUIET_MESSAGES = (
@@ -91,21 +91,6 @@ def rate(bytes_per_second: float) -> str:
         if bytes_per_second >= size:
             return f"{bytes_per_second / size:.1f} {unit}"
     return f"{bytes_per_second:.0f} B/s"
-
-
-def device_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes this device can give a run, what it is called): the GPU's total memory, or the CPU's available RAM."""
-    if device.type == "cuda":  # read through NVML: a CUDA context here would break ddp_fork's ranks
-        total = cuda_total_memory(device.index or 0)
-        return (total, "the GPU has") if total else (None, "")
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "available RAM is"
-    except OSError:
-        pass
-    return None, ""
 
 
 def bytes_per_step(trainer, datamodule) -> int:

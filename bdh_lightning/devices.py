@@ -113,12 +113,17 @@ def child_process_capabilities() -> list[tuple[int, int]]:
         return []
 
 
-def device_memory_bytes(device: torch.device) -> int:
-    """Total memory of a CUDA device (what `auto` compares the predicted peak with), read through NVML where
-    CUDA is not initialised yet: the launching process must not create a CUDA context (ddp_fork)."""
-    total = cuda_total_memory(device.index or 0)
-    if total is not None:
-        return total
-    if torch.cuda.device_count() == 0:
-        return 0  # no GPU visible: Lightning refuses the run in its own words when it builds the trainer
-    return torch.cuda.get_device_properties(device).total_memory  # NVML unreadable: this creates a CUDA context
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """(bytes this device can give a run, what they are: "the GPU has" or "available RAM is"), or (None, "") when
+    unknown: a GPU's total memory (cuda_total_memory: no CUDA context), the CPU's available RAM."""
+    if device.type == "cuda":
+        total = cuda_total_memory(device.index or 0)
+        return (total, "the GPU has") if total else (None, "")
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM is"
+    except OSError:
+        pass
+    return None, ""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .console import format_bytes
-from .devices import device_memory_bytes
+from .devices import device_memory
 from .errors import ConfigError
 from .errors import UsageError as EstimateError
 from .kernels import CPU_CHUNKED_FROM, resolve_kernel
@@ -287,7 +287,9 @@ def choose_kernel(
         side = "below" if kernel == "reference" else "from"
         return kernel, (f"kernel {kernel}: on the {device.type.upper()}, {side} 2**{CPU_CHUNKED_FROM.bit_length() - 1} "
                         f"elements per B x H x T x N tensor (this run: {B * H * T * N:,}), measured faster")  # fmt: skip
-    total = device_bytes if device_bytes is not None else device_memory_bytes(device)
+    total = device_bytes if device_bytes is not None else device_memory(device)[0]
+    if total is None:  # NVML unreadable: ask torch, which creates a CUDA context; no GPU visible: Lightning refuses
+        total = torch.cuda.get_device_properties(device).total_memory if torch.cuda.device_count() else 0
     settings = {**dataclasses.asdict(config), "carry_state": carry_state}  # the carried state's bytes count too
     peaks = {k: m.peak_bytes for k, m in estimate_memory(settings, B, T, precision, "cuda").kernels.items()}
     if fits_device(peaks["reference"], total):

@@ -38,6 +38,13 @@ TESTS = {
     "checkpoints": ["tests/test_checkpoints.py"],  # load_plain's weights wording too
     "kernels": ["tests/test_kernels.py", "tests/test_layer.py"],  # kernels/__init__.py: the dispatch
     "kernels/chunked": ["tests/test_kernels.py", "tests/test_layer.py", "tests/test_streams.py"],
+    # fused: its checks in process under Triton's interpreter (ENVIRONMENT); the sm_90 build is a child process.
+    # mutmut leaves decorated functions alone: the Triton kernels (@triton.jit) and fused_layer
+    # (@torch.compiler.disable) are not mutated, the autograd Function, _meta and Tiles are.
+    "kernels/fused": [
+        "tests/test_fused.py",
+        *("--deselect", "tests/test_fused.py::test_the_compiled_kernels_build_for_an_h100_without_one"),
+    ],
     "kernels/masks": ["tests/test_masks.py", "tests/test_kernels.py", "tests/test_layer.py"],
     "data/corpus": [
         "tests/test_data.py",
@@ -177,6 +184,10 @@ TESTS = {
         ),
     ],
 }
+# Environment a module's runs need beyond the single-thread settings: fused.py's kernels run on CPU tensors only
+# under Triton's interpreter, which is chosen when triton is imported.
+ENVIRONMENT = {"kernels/fused": {"TRITON_INTERPRET": "1"}}
+
 # pytest -k expressions leaving tests out of a module's selection.
 # torch.compile cannot trace through mutmut's trampolines (a graph break): these fail on the unmutated copy.
 # Ctrl-C sent to a child `generate` and test_fuzz_settings' real process: each child inherits mutmut's environment
@@ -1251,7 +1262,7 @@ def score(work: Path, module: str, env: dict) -> dict:
 
 def run_module(module: str, max_children: int) -> dict:
     work = prepare(module)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **ENVIRONMENT.get(module, {})}
     env.pop("PYTHONPATH", None)
     mutmut = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())"]
     start = time.monotonic()

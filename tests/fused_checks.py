@@ -1,9 +1,10 @@
-"""The fused kernel's checks, run by tests/test_fused.py in a child process under Triton's interpreter.
+"""The fused kernel's checks, run by tests/test_fused.py under Triton's interpreter.
 
 TRITON_INTERPRET=1 must be set before triton is imported, and it would change every later import of
-triton in the process, so these never run inside the pytest process. Usage:
+triton in the process, so the suite runs these in a child process:
     TRITON_INTERPRET=1 python tests/fused_checks.py CHECK [CHECK ...]
-prints one JSON object {check: {measure: value}}; test_fused.py asserts on the values.
+prints one JSON object {check: {measure: value}}; test_fused.py asserts on the values. A pytest process
+started with TRITON_INTERPRET=1 (fused.py's mutation runs) runs them in process instead, through `Measured`.
 """
 
 from __future__ import annotations
@@ -174,6 +175,14 @@ CHECKS = {
     "model": check_model,
     "float64_refused": check_float64_refused,
 }
+
+
+class Measured(dict):
+    """The checks' results, each check run when a test first asks for it (in a process under the interpreter)."""
+
+    def __missing__(self, name):
+        self[name] = CHECKS[name]()
+        return self[name]
 
 
 if __name__ == "__main__":

@@ -374,44 +374,6 @@ def test_rates_at_each_unit_edge(speed, text):
     assert console.rate(speed) == text
 
 
-def test_device_memory_of_a_gpu_is_its_nvml_total(monkeypatch):
-    """Catches the GPU's index lost (device cuda means index 0, cuda:1 index 1), its total not read, and a GPU NVML
-    cannot read (no total) shown as a size."""
-    asked = []
-    totals = {0: 80 * 2**30, 1: 40 * 2**30}
-    monkeypatch.setattr(console, "cuda_total_memory", lambda index: asked.append(index) or totals.get(index))
-    assert console.device_memory(torch.device("cuda")) == (80 * 2**30, "the GPU has")
-    assert console.device_memory(torch.device("cuda", 1)) == (40 * 2**30, "the GPU has")
-    assert console.device_memory(torch.device("cuda", 2)) == (None, "")
-    totals[0] = 0
-    assert console.device_memory(torch.device("cuda", 0)) == (None, "")
-    assert asked == [0, 1, 2, 0]
-
-
-MEMINFO = "MemTotal:       16318412 kB\nMemFree:         1000000 kB\nMemAvailable:   12345678 kB\nBuffers: 1 kB\n"
-
-
-def fake_open(files: dict[str, str]):
-    def opened(path, *args, **kwargs):
-        if path not in files:
-            raise FileNotFoundError(path)
-        return io.StringIO(files[path])
-
-    return opened
-
-
-def test_device_memory_of_the_cpu_is_memavailable_from_proc_meminfo(monkeypatch):
-    """Catches /proc/meminfo misnamed, the wrong line read (MemTotal, MemFree), kB not taken as 1024 bytes, and an
-    unreadable file or one without MemAvailable (old kernels) not read as "not known"."""
-    monkeypatch.setattr(console, "cuda_total_memory", lambda index: 2**40)  # a CPU never asks NVML
-    monkeypatch.setattr(console, "open", fake_open({"/proc/meminfo": MEMINFO}), raising=False)
-    assert console.device_memory(torch.device("cpu")) == (12345678 * 1024, "available RAM is")
-    monkeypatch.setattr(console, "open", fake_open({"/proc/meminfo": "MemTotal: 16318412 kB\n"}), raising=False)
-    assert console.device_memory(torch.device("cpu")) == (None, "")
-    monkeypatch.setattr(console, "open", fake_open({}), raising=False)
-    assert console.device_memory(torch.device("cpu")) == (None, "")
-
-
 def test_memory_line_with_and_without_a_known_size(monkeypatch):
     """Catches the size shown when the device's memory is not known, or left out when it is."""
     monkeypatch.setattr(console, "device_memory", lambda device: (3 * 2**30, "available RAM is"))

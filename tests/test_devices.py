@@ -4,6 +4,7 @@ process fallback, and what each reader returns when nothing can answer. The real
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import subprocess
 import sys
@@ -76,8 +77,8 @@ def test_nvml_reads_each_gpus_capability_and_memory_and_shuts_down(nvml):
     assert devices.gpu_capabilities() == [(8, 0), (9, 0), (7, 5)]
     assert [devices.cuda_total_memory(i) for i in range(4)] == [80 * GiB, 40 * GiB, 16 * GiB, None]
     assert devices.cuda_total_memory() == 80 * GiB  # the first GPU by default
-    assert devices.device_memory_bytes(torch.device("cuda", 2)) == 16 * GiB
-    assert devices.device_memory_bytes(torch.device("cuda")) == 80 * GiB  # no index: the first GPU
+    assert devices.device_memory(torch.device("cuda", 2)) == (16 * GiB, "the GPU has")
+    assert devices.device_memory(torch.device("cuda")) == (80 * GiB, "the GPU has")  # no index: the first GPU
 
 
 def test_nvml_follows_cuda_visible_devices_order(nvml, monkeypatch):
@@ -135,16 +136,14 @@ def test_with_cuda_initialised_torch_answers(monkeypatch):
     assert devices.cuda_total_memory(1) == 2 * GiB
 
 
-def test_unreadable_nvml_with_a_gpu_asks_torch(monkeypatch):
-    """The last resort: NVML unreadable but a GPU visible, so torch is asked (this creates a CUDA context)."""
+def test_unreadable_nvml_with_a_gpu_is_unknown_memory_not_a_cuda_context(monkeypatch):
+    """NVML unreadable but a GPU visible: device_memory says it does not know and never asks torch (a CUDA context
+    in the launcher breaks ddp_fork). estimate.choose_kernel asks torch itself, in test_estimate.py."""
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(devices, "nvml_total_memory", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    sizes = {0: 24 * GiB, 1: 48 * GiB}
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=sizes[device.index])
-    )
-    assert devices.device_memory_bytes(torch.device("cuda", 1)) == 48 * GiB
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: pytest.fail("asked torch"))
+    assert devices.device_memory(torch.device("cuda", 1)) == (None, "")
 
 
 @pytest.mark.parametrize("count, present", [(0, False), (1, True), (2, True)])
@@ -189,3 +188,41 @@ def test_the_probe_prints_each_gpus_capability_as_json(monkeypatch):
     monkeypatch.setattr("builtins.print", lambda text: printed.append(text))
     exec(devices.CAPABILITY_PROBE, {})
     assert json.loads(printed[0]) == [[7, 5], [8, 5]]
+
+
+def test_device_memory_of_a_gpu_is_its_nvml_total(monkeypatch):
+    """Catches the GPU's index lost (device cuda means index 0, cuda:1 index 1), its total not read, and a GPU NVML
+    cannot read (no total) shown as a size."""
+    asked = []
+    totals = {0: 80 * 2**30, 1: 40 * 2**30}
+    monkeypatch.setattr(devices, "cuda_total_memory", lambda index: asked.append(index) or totals.get(index))
+    assert devices.device_memory(torch.device("cuda")) == (80 * 2**30, "the GPU has")
+    assert devices.device_memory(torch.device("cuda", 1)) == (40 * 2**30, "the GPU has")
+    assert devices.device_memory(torch.device("cuda", 2)) == (None, "")
+    totals[0] = 0
+    assert devices.device_memory(torch.device("cuda", 0)) == (None, "")
+    assert asked == [0, 1, 2, 0]
+
+
+MEMINFO = "MemTotal:       16318412 kB\nMemFree:         1000000 kB\nMemAvailable:   12345678 kB\nBuffers: 1 kB\n"
+
+
+def fake_open(files: dict[str, str]):
+    def opened(path, *args, **kwargs):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    return opened
+
+
+def test_device_memory_of_the_cpu_is_memavailable_from_proc_meminfo(monkeypatch):
+    """Catches /proc/meminfo misnamed, the wrong line read (MemTotal, MemFree), kB not taken as 1024 bytes, and an
+    unreadable file or one without MemAvailable (old kernels) not read as "not known"."""
+    monkeypatch.setattr(devices, "cuda_total_memory", lambda index: 2**40)  # a CPU never asks NVML
+    monkeypatch.setattr(devices, "open", fake_open({"/proc/meminfo": MEMINFO}), raising=False)
+    assert devices.device_memory(torch.device("cpu")) == (12345678 * 1024, "available RAM is")
+    monkeypatch.setattr(devices, "open", fake_open({"/proc/meminfo": "MemTotal: 16318412 kB\n"}), raising=False)
+    assert devices.device_memory(torch.device("cpu")) == (None, "")
+    monkeypatch.setattr(devices, "open", fake_open({}), raising=False)
+    assert devices.device_memory(torch.device("cpu")) == (None, "")

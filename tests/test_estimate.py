@@ -315,7 +315,7 @@ def test_choose_kernel_word_for_word(monkeypatch):
     need = {k: int(peak * 1.15) + 2**30 for k, peak in peaks.items()}  # the margins: 15% and 1 GiB
     b = format_bytes
     asked = []
-    monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: asked.append(device) or need["reference"] + 1)
+    monkeypatch.setattr(estimate, "device_memory", lambda device: (asked.append(device) or need["reference"] + 1, "-"))
     assert choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1") == (
         "reference", f"kernel reference: it needs {b(peaks['reference'])} (predicted), the GPU has {b(need['reference'] + 1)}")  # fmt: skip
     assert asked == [torch.device("cuda", 1)]
@@ -325,6 +325,29 @@ def test_choose_kernel_word_for_word(monkeypatch):
     assert choose_kernel(auto, 4, 64, "bf16-mixed", "cuda", too_small) == (
         "chunked", f"kernel chunked: reference needs {b(peaks['reference'])}, the GPU has {b(too_small)}; chunked needs "
         f"{b(peaks['chunked'])} and may not fit either: lower data.batch_size")  # fmt: skip
+
+
+def test_choose_kernel_asks_torch_only_when_nvml_cannot_say(monkeypatch):
+    """Catches torch's CUDA context made where NVML answered, NVML's silence not answered by torch, the device
+    lost on the way, and a machine without a GPU not taken as no memory (Lightning then refuses the run itself)."""
+    from types import SimpleNamespace
+
+    from bdh_lightning import estimate
+
+    choose_kernel = estimate.choose_kernel
+    auto = BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, kernel="auto")
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: asked.append(device) or SimpleNamespace(total_memory=64 * 2**30))  # fmt: skip
+    monkeypatch.setattr(estimate, "device_memory", lambda device: (2**30, "the GPU has"))
+    assert "the GPU has 1.00 GiB" in choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1] and asked == []
+    monkeypatch.setattr(estimate, "device_memory", lambda device: (None, ""))
+    assert "the GPU has 64.00 GiB" in choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1]
+    assert asked == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "the GPU has 0 B" in choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1]
+    assert len(asked) == 1
 
 
 def test_layer_norms_of_16_bit_inputs_keep_float32_on_cuda():

@@ -4,10 +4,12 @@ and heads, and a whole model on weights from another kernel's checkpoint.
 
 The kernels run through Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 must be set before
 triton is imported and would stick for the rest of the process, so every check runs in one child
-process (tests/fused_checks.py) that reports its measurements as JSON; the tests here judge them.
+process (tests/fused_checks.py) that reports its measurements as JSON; the tests here judge them. A
+pytest started under the interpreter (fused.py's mutation runs) runs each check in process instead.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +27,10 @@ GRADIENTS = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
 
 @pytest.fixture(scope="module")
 def measured():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # this process is under the interpreter already
+        import fused_checks
+
+        return fused_checks.Measured()
     env = {**SUBPROCESS_ENV, "TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "fused_checks.py"), *CHECKS], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900, check=False)  # fmt: skip

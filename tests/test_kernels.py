@@ -446,7 +446,7 @@ def fake_run(module, monkeypatch, gpu_bytes, batch_size=8, block_size=256, preci
 
     from bdh_lightning import estimate
 
-    monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: gpu_bytes)
+    monkeypatch.setattr(estimate, "device_memory", lambda device: (gpu_bytes, "the GPU has"))
     data = SimpleNamespace(batch_size=batch_size, block_size=block_size)
     trainer = SimpleNamespace(
         datamodule=data, precision=precision, strategy=SimpleNamespace(root_device=torch.device("cuda", 0))

@@ -580,7 +580,7 @@ def test_choose_kernel_on_a_gpu_counts_the_carried_state(monkeypatch):
     faked GPU of 3 GiB), chunked when the carried state no longer leaves room for it; on the CPU `auto` stays."""
     from bdh_lightning import estimate
 
-    monkeypatch.setattr(estimate, "device_memory_bytes", lambda device: 3 * 2**30)
+    monkeypatch.setattr(estimate, "device_memory", lambda device: (3 * 2**30, "the GPU has"))
     windows = tiny_module()
     reason = windows.choose_kernel(64, 256, "bf16-mixed", torch.device("cuda"))
     assert windows.config.kernel == "reference" and reason.startswith("kernel reference: it needs ")

@@ -99,17 +99,15 @@ def test_tf32_is_set_in_the_rank_on_cuda_only(allow):
 
 def test_gpu_memory_is_read_without_a_cuda_context(no_cuda_context, monkeypatch):
     """What the launcher asks (the header's "the GPU has", auto's kernel choice) comes from NVML."""
-    from bdh_lightning import console
-
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(devices, "nvml_total_memory", lambda: [80 * 2**30, 40 * 2**30])
     assert devices.cuda_present() and devices.cuda_total_memory(1) == 40 * 2**30
-    assert console.device_memory(torch.device("cuda", 0)) == (80 * 2**30, "the GPU has")
-    assert devices.device_memory_bytes(torch.device("cuda", 1)) == 40 * 2**30
+    assert devices.device_memory(torch.device("cuda", 0)) == (80 * 2**30, "the GPU has")
+    assert devices.device_memory(torch.device("cuda", 1)) == (40 * 2**30, "the GPU has")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(devices, "nvml_total_memory", lambda: None)
     assert not devices.cuda_present() and devices.cuda_total_memory() is None
-    assert devices.device_memory_bytes(torch.device("cuda")) == 0  # Lightning then refuses the run itself
+    assert devices.device_memory(torch.device("cuda")) == (None, "")
 
 
 @pytest.mark.parametrize("short", ["16", 16, "bf16", "32", 32, "64", 64])
