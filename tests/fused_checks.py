@@ -153,6 +153,44 @@ def check_float64_refused():
     return {"refused": 0.0, "one_line": 0.0}
 
 
+KERNEL_NAMES = ("_scores_kernel", "_decode_kernel", "_rows_z_kernel", "_rows_q_kernel", "_cols_kernel")
+
+
+class LaunchSpy:
+    """Stands for one kernel: `spy[grid](*args, **kwargs)` records what the launch passed, then launches it."""
+
+    def __init__(self, kernel, seen: dict):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.seen[self.kernel.fn.__name__] = {
+                "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+                "contiguous": all(t.is_contiguous() for t in tensors),
+                # compiled Triton refuses a keyword that is not a parameter; the interpreter drops it silently
+                "unknown": sorted(k for k in kwargs if k not in self.kernel.arg_names),
+            }
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def check_launches():
+    """What each kernel is handed in a bf16-mixed step (float32 weights under bf16 autocast), forward and
+    backward: its tensors' dtypes in order, whether all are contiguous, keywords that are no parameter of it."""
+    seen = {}
+    kernels = {name: getattr(fused, name) for name in KERNEL_NAMES}
+    for name, kernel in kernels.items():
+        setattr(fused, name, LaunchSpy(kernel, seen))
+    try:
+        compare_layer(B=1, T=5, D=16, H=1, N=32, p=0.2, autocast=torch.bfloat16)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(fused, name, kernel)
+    return seen
+
+
 CHECKS = {
     # float32, no dropout: 3 row tiles (T = 35 over 16; 2 of 32 for decode and rows_z), 2 neuron tiles
     # (18 pairs over 16), 3 heads
@@ -174,6 +212,7 @@ CHECKS = {
     "hash": check_hash,
     "model": check_model,
     "float64_refused": check_float64_refused,
+    "launches": check_launches,
 }
 
 

@@ -21,7 +21,7 @@ from bdh_lightning.errors import ConfigError
 from bdh_lightning.kernels import KERNELS, resolve_kernel
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU on this machine")
-CHECKS = ("fp32", "fp32_dropout", "bf16", "autocast_bf16", "autocast_fp16", "hash", "model", "float64_refused")
+CHECKS = "fp32 fp32_dropout bf16 autocast_bf16 autocast_fp16 hash model float64_refused launches".split()
 GRADIENTS = ("out", "d_x", "d_encoder", "d_encoder_v", "d_decoder")
 
 
@@ -69,6 +69,35 @@ def test_a_model_on_fused_equals_the_other_kernels_on_the_same_weights(measured)
 
 def test_float64_is_refused_in_one_line(measured):
     assert measured["float64_refused"] == {"refused": 1.0, "one_line": 1.0}
+
+
+def test_every_launch_gets_its_dtypes_contiguous_and_only_its_own_parameters(measured):
+    """bf16-mixed: each kernel gets x, the weights, dL/du, the scores and their gradient in bfloat16; the layer
+    norm's output, cos/sin and every accumulator in float32; all contiguous (the kernels index raw pointers); and
+    no keyword that is not one of its parameters (the interpreter drops one silently, compiled Triton refuses it)."""
+    b, f = "bfloat16", "float32"
+    expected = {
+        "_scores_kernel": [b, b, f, f, b],  # x, E, cos, sin -> scores
+        "_decode_kernel": [b, f, b, b, b, f],  # x, y, E, Ev, Dec -> u
+        "_rows_z_kernel": [b, f, b, b, b, b, f, f],  # x, y, du, E, Ev, Dec -> dy, dx per head
+        "_rows_q_kernel": [b, b, f, f, b, f],  # x, E, cos, sin, dS -> dx per head
+        "_cols_kernel": [b, f, b, b, b, b, f, f, b, f, f, f],  # x, y, du, E, Ev, Dec, cos, sin, dS -> dE, dEv, dDec
+    }
+    launches = measured["launches"]
+    assert {name: launch["dtypes"] for name, launch in launches.items()} == expected
+    assert all(launch["contiguous"] and launch["unknown"] == [] for launch in launches.values())
+
+
+@pytest.mark.parametrize("name", ["rows", "pairs", "depth", "wide_rows"])
+def test_tiles_are_powers_of_two_of_at_least_16(name):
+    from bdh_lightning.kernels.fused import Tiles
+
+    for size in (16, 32, 128):
+        assert getattr(Tiles(**{name: size}), name) == size
+    for size in (8, 1, 0, 48, 17):
+        with pytest.raises(ValueError) as error:
+            Tiles(**{name: size})
+        assert str(error.value) == f"Tiles.{name} must be a power of two of at least 16, got {size}"
 
 
 def test_the_compiled_kernels_build_for_an_h100_without_one(tmp_path):
