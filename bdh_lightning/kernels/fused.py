@@ -1,27 +1,9 @@
-"""The fused BDH layer (`model.kernel: fused`): Triton kernels that keep every N-wide tensor on chip.
+"""The fused BDH layer (`model.kernel: fused`, experimental): Triton kernels that keep every N-wide tensor on chip.
 
-Same function, call signature and masks as `kernels.chunked_layer`: u = (a * b * mask) @ Dec with
-a = relu(x E), b = relu(ln(tril(q q^T) x) Ev), q = rope(a), and out = ln(x + ln(u)). The D-wide and
-T x T parts stay in PyTorch (y = ln(S x) and its backward, the layer norms); the N-wide ones are tiles
-in registers, made from x, y, the weights and the seed, and never written out:
-
-forward   _scores_kernel  S = tril(q q^T), one (BT x BT) tile of S per program, summed over neuron tiles
-          _decode_kernel  u = (a * b * mask) @ Dec, one BT-row tile of u per program, over heads and neurons
-backward  _rows_z_kernel  per (row tile, head): dy = db Ev^T and dx's share through z (da_z E^T)
-          (PyTorch)       y's layer norm backward, dx's share through S x, G = dS + dS^T
-          _rows_q_kernel  per (row tile, head): dx's share through the scores, da_q E^T, dq = G q
-          _cols_kernel    per (neuron tile, head): the weight gradients, summed over rows and positions
-
-docs/fused-kernel.md has the tiling, what each program holds, the FLOPs and bytes at the configs.
-
-Dropout masks are `masks.py`'s counter-based hash, computed in the kernels (bit-identical, tested).
-Channel pairs (2i, 2i+1) are the rotary pairs, so a neuron tile is BP pairs held as an even and an odd
-half: the rotation is then elementwise.
-
-Triton's interpreter (TRITON_INTERPRET=1, how the tests run these on CPU tensors) computes tl.dot on
-bf16 tiles wrongly and truncates fp32 -> bf16 casts, so products are made as fp32 dots of values
-rounded (to nearest even, by `_round`) to the compute precision: the same numbers a bf16 tensor-core dot
-with fp32 accumulation multiplies. On a GPU the dots take bf16 / fp16 operands directly.
+The same function, signature and dropout masks as `kernels.chunked_layer`. The D-wide and T x T parts (y = ln(S x)
+and its backward, the layer norms) stay in PyTorch; a, b, q, z and their gradients are tiles made in registers from
+x, y, the weights and the seed, never written out. docs/fused-kernel.md has each kernel's job, the tiling, why the
+interpreter's products are rounded to the compute precision (`_round`, `_mm`), and the cost at the configs.
 """
 
 from __future__ import annotations
