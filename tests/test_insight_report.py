@@ -4,6 +4,7 @@ hand-made report, and what each plot draws (data, labels, scales), read back fro
 from __future__ import annotations
 
 import json
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -399,6 +400,14 @@ def test_the_trajectory_row_is_each_headline_beside_its_control(tmp_path):
     assert lines[("Louvain modularity", "trained")].get_linestyle() == "-"
     legend = axes[1].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["trained", "random graph", "initialisation"]
+    # A panel with nothing to plot says so, with no legend (matplotlib warns of an empty one).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        empty = r.plot_trajectory([r.trajectory_row(bare)] * 2).axes
+    assert [[t.get_text() for t in a.texts] for a in empty] == [[], [], *[["not measured"]] * 2, [], ["not measured"]]
+    assert [a.get_legend() is None for a in empty] == [False, False, True, True, False, True]
+    assert empty[2].texts[0].get_position() == (0.5, 0.5) and empty[2].texts[0].get_transform() == empty[2].transAxes
+    assert (empty[2].texts[0].get_ha(), empty[2].texts[0].get_va()) == ("center", "center")
     assert legend.get_texts()[0].get_fontsize() == 7
     # Every series of a full report, each under its panel's title.
     full = r.plot_trajectory([r.trajectory_row(make_report())] * 2)

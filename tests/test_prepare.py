@@ -561,8 +561,11 @@ def test_units_group_small_files_and_cut_large_ones(tmp_path, monkeypatch):
                       [("f2", 2000, 500), ("f3", 0, 100)]]  # fmt: skip
 
 
-def test_prepare_and_fit_through_the_real_command_line(tmp_path):
+def test_prepare_and_fit_through_the_real_command_line(tmp_path, monkeypatch, capsys):
+    """prepare from a shell (its workers, its progress in a log file); the refusal and the fit through `main`."""
     from conftest import TINY_ARGS, run_cli
+
+    from bdh_lightning.main import main
 
     write_documents(tmp_path / "src", count=40)
     done = run_cli(tmp_path, "prepare", "--data.path", "src", "--output", "out", "--data.block_size", "32",
@@ -571,13 +574,14 @@ def test_prepare_and_fit_through_the_real_command_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert lines[-2].startswith("prepare: 100%") and "B/s" in lines[-2]  # a log file gets lines, not redraws
     assert lines[-1].startswith(f"prepared {tmp_path / 'out'}: train ") and "--data.block_size 32" in lines[-1]
-    again = run_cli(tmp_path, "prepare", "--data.path", "src", "--output", "out", "--data.block_size", "32")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    again = main(["prepare", "--data.path", "src", "--output", "out", "--data.block_size", "32"])
     refused = f"error: --output {tmp_path / 'out'} is already a prepared directory"
-    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+    assert again == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"{refused}; give another --output, or --overwrite to replace it"
     ]
-    fit = run_cli(tmp_path, "fit", "--data.path", "out", *TINY_ARGS, "--trainer.max_steps", "6")
-    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert main(["fit", "--data.path", "out", *TINY_ARGS, "--trainer.max_steps", "6"]) == 0
     assert list((tmp_path / "lightning_logs").glob("version_*/checkpoints/last.ckpt"))
 
 

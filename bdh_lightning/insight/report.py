@@ -422,7 +422,10 @@ def plot_trajectory(rows: list[dict]):
             if any(v is not None for v in values):
                 axis.plot(steps, [np.nan if v is None else v for v in values], "-o", label=label)
         axis.set(title=title, xlabel="step")
-        axis.legend(fontsize=7)
+        if axis.get_lines():
+            axis.legend(fontsize=7)
+        else:  # not measured (no probe, no fitted tail): say so, where matplotlib would warn of an empty legend
+            axis.text(0.5, 0.5, "not measured", ha="center", va="center", transform=axis.transAxes)
     return figure
 
 
