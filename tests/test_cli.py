@@ -157,3 +157,102 @@ def test_a_lost_peer_is_named_in_what_gloo_or_nccl_said(said, line):
     from bdh_lightning.main import peer_lost
 
     assert peer_lost(RuntimeError(said)) == line
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cli.py's helpers in process: what `--ckpt_path last` resolves to, which paths are exports, config shapes
+
+
+def test_ckpt_path_last_is_resolved_once_and_the_ranks_it_starts_take_that_choice(tmp_path, monkeypatch):
+    """Catches either environment variable misnamed, the parent's pid not compared (a rank would pick a last.ckpt
+    saved since), an empty choice taken, and checkpoint.dirpath's last.ckpt not preferred or not checked."""
+    import os
+
+    from jsonargparse import Namespace
+
+    from bdh_lightning import cli
+    from bdh_lightning.errors import CheckpointError
+
+    for name in ("BDH_CKPT_PATH_LAST", "BDH_CKPT_PATH_LAST_PARENT"):
+        monkeypatch.delenv(name, raising=False)
+
+    def save(version: int) -> Path:
+        path = tmp_path / f"lightning_logs/version_{version}/checkpoints/last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, ns=(version * 10**9, version * 10**9))  # newer with each version
+        return path
+
+    config = Namespace(
+        trainer=Namespace(default_root_dir=str(tmp_path), logger=None), checkpoint=Namespace(dirpath=None)
+    )
+    first = save(1)
+    assert cli.resolve_last(config) == first
+    assert os.environ["BDH_CKPT_PATH_LAST"] == str(first)
+    assert os.environ["BDH_CKPT_PATH_LAST_PARENT"] == str(os.getpid())
+    newer = save(2)
+    monkeypatch.setattr(os, "getppid", lambda: int(os.environ["BDH_CKPT_PATH_LAST_PARENT"]))  # a rank it started
+    assert cli.resolve_last(config) == first
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # another command: resolves for itself
+    assert cli.resolve_last(config) == newer
+    monkeypatch.setattr(os, "getppid", lambda: int(os.environ["BDH_CKPT_PATH_LAST_PARENT"]))
+    monkeypatch.setenv("BDH_CKPT_PATH_LAST", "")  # no choice recorded: resolved here
+    assert cli.resolve_last(config) == newer
+    monkeypatch.setattr(os, "getppid", lambda: 1)
+    folder = tmp_path / "kept"
+    config.checkpoint.dirpath = str(folder)
+    with pytest.raises(CheckpointError) as error:
+        cli.resolve_last(config)
+    assert str(error.value) == (
+        f"--ckpt_path last: no last.ckpt in checkpoint.dirpath {folder}; train first or give a checkpoint path"
+    )
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"x")
+    assert cli.resolve_last(config) == folder / "last.ckpt"
+
+
+def test_exports_are_told_from_checkpoints_by_suffix_or_folder_then_by_what_they_hold(tmp_path, monkeypatch):
+    """Catches a suffix of the four miswritten or matched the wrong way, a folder not read, the kind compared the
+    wrong way, and an unreadable file taken for an export (the checkpoint reader names what is wrong with it)."""
+    from types import SimpleNamespace
+
+    from bdh_lightning import cli
+    from bdh_lightning.errors import CheckpointError
+
+    kinds = {"hf": "hf", "w.pt": "reference", "w.pth": "reference", "w.bin": "reference", "w.safetensors": "safetensors",
+             "fit.pt": "lightning", "bad.pt": CheckpointError("damaged")}  # fmt: skip
+    read = []
+
+    def read_weights(where):
+        read.append(where.name)
+        if isinstance(kinds[where.name], Exception):
+            raise kinds[where.name]
+        return SimpleNamespace(kind=kinds[where.name])
+
+    monkeypatch.setattr(cli, "read_weights", read_weights)
+    (tmp_path / "hf").mkdir()
+    for name in ("hf", "w.pt", "w.pth", "w.bin", "w.safetensors"):
+        assert cli.exported_weights(str(tmp_path / name)), name
+    assert not cli.exported_weights(str(tmp_path / "fit.pt"))  # a fit checkpoint under an export's suffix
+    assert not cli.exported_weights(str(tmp_path / "bad.pt"))
+    for name in ("last.ckpt", "w.PT", "w.txt", "w"):  # never read: no suffix of an export, not a folder
+        assert not cli.exported_weights(str(tmp_path / name)), name
+    assert read == ["hf", "w.pt", "w.pth", "w.bin", "w.safetensors", "fit.pt", "bad.pt"]
+
+
+def test_a_config_must_be_a_mapping_of_sections_none_of_them_empty():
+    """Catches a list or a number taken for settings, an empty file refused, the type misnamed, and an empty section."""
+    from bdh_lightning.cli import check_sections
+    from bdh_lightning.errors import UsageError
+
+    check_sections("c.yaml", "")  # nothing: the defaults
+    check_sections("c.yaml", "model:\n  n_layer: 2\ntrainer: {}\n")
+    check_sections("c.yaml", "model: [\n")  # not YAML: jsonargparse names the line
+    for text, kind in (("- 1\n- 2\n", "list"), ("3\n", "int"), ("just words\n", "str")):
+        with pytest.raises(UsageError) as error:
+            check_sections("c.yaml", text)
+        assert str(error.value) == f"--config c.yaml holds a {kind}, not settings (model:, data:, trainer:)"
+    with pytest.raises(UsageError) as error:
+        check_sections("c.yaml", "model:\n  n_layer: 2\ndata:\ntrainer:\n")
+    assert str(error.value) == "--config c.yaml: section data: is empty; give its settings under it or remove it"
+    check_sections("c.yaml", "notes:\nmodel: {}\n")  # not a section of ours: jsonargparse says what it thinks of it
