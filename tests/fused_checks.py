@@ -149,8 +149,8 @@ def check_float64_refused():
     try:
         fused.fused_layer(x, *weights, cos, sin)
     except ConfigError as error:
-        return {"refused": 1.0, "one_line": float("\n" not in str(error))}
-    return {"refused": 0.0, "one_line": 0.0}
+        return {"refused": 1.0, "message": str(error)}
+    return {"refused": 0.0, "message": ""}
 
 
 KERNEL_NAMES = ("_scores_kernel", "_decode_kernel", "_rows_z_kernel", "_rows_q_kernel", "_cols_kernel")
