@@ -606,6 +606,62 @@ EQUIVALENT = [
         'hp.get("decay", "COSINE")',
         "hparams always hold decay (the constructor's default)",
     ),
+    # fused.py: its buffers' device (CPU_ONLY); their dtype left to torch.empty's default, float32; the float32
+    # accumulators' no-op casts (acc is float32: float64 is refused); the gradients' casts (autograd makes them).
+    *[
+        ("kernels/fused", f, text, CPU_ONLY)
+        for f in ("forward", "backward")
+        for text in ("device=None)", "dtype=torch.float32, )")
+    ],
+    *[
+        ("kernels/fused", f, text, "torch.empty's default dtype is float32 (the package never changes it)")
+        for f in ("forward", "backward")
+        for text in (
+            "T, D, dtype=None, device",
+            "D, N, dtype=None, device",
+            "N, D, dtype=None, device",
+            "T, D, device=x.device)",
+            "D, N, device=x.device)",
+            "N, D, device=x.device)",
+        )  # fmt: skip
+    ],
+    *[
+        (
+            "kernels/fused",
+            "backward",
+            text,
+            "acc is float32 (fused refuses float64): a float32 tensor's .to(acc) is a no-op",
+        )
+        for text in ("read_backward(dy.to(None)", "dx_heads.sum(1).to(None)")
+    ],
+    *[
+        ("kernels/fused", "backward", text, "autograd casts a returned gradient to its input's dtype")
+        for text in ("dx.unsqueeze(1).to(None)", "d_enc.to(None)", "d_enc_v.to(None)", "d_dec.view(H * N, D).to(None)")
+    ],
+    (
+        "kernels/fused",
+        "backward",
+        "dx_s.to(None).sum(1)",
+        "not equivalent, indistinguishable: the heads' shares of dx summed in bf16, not float32 (one more rounding, "
+        "2**-9 relative, as the reference's own autocast backward sums them), under every tolerance a bf16 check can hold",
+    ),
+    ("kernels/fused", "backward", "*[None] * 6", "autograd takes trailing None gradients beyond the inputs"),
+    *[
+        ("kernels/fused", f, "dropout >= 0", "the kernels' mask with p = 0 keeps every entry (threshold 0)")
+        for f in ("forward", "backward")
+    ],
+    (
+        "kernels/fused",
+        "backward",
+        "grad_u.squeeze(2)",
+        "the kernels read dL/du through its pointer: (B, 1, T, D) and (B, T, D) contiguous are the same memory",
+    ),
+    (
+        "kernels/fused",
+        "__post_init__",
+        "size & (size - 2)",
+        "from 16 up, n & (n - 2) is 0 exactly when n is a power of two, as n & (n - 1)",
+    ),
     # kernels.py: the device of the chunked kernel's buffers, seed and masks (torch.zeros, seed.to, block_keep).
     *[("kernels/chunked", f, text, CPU_ONLY) for f in ("forward", "backward") for text in KERNEL_DEVICE_MUTANTS],
     (
