@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1255,10 +1256,15 @@ def results(work: Path, module: str) -> dict[str, str]:
     from mutmut.stats import status_by_exit_code
 
     meta = json.loads((work / "mutants" / f"{source_of(module)}.meta").read_text())
-    return {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
+    # SIGABRT, which mutmut calls suspicious, is glibc stopping a process whose heap a mutant overwrote (a buffer made
+    # too small for what a Triton kernel writes through its pointer): a crash, as a segfault is.
+    return {
+        name: "aborted" if code == -signal.SIGABRT else status_by_exit_code[code]
+        for name, code in meta["exit_code_by_key"].items()
+    }
 
 
-KILLED = ("killed", "timeout", "segfault")  # a timeout or crash is a test noticing the mutant too
+KILLED = ("killed", "timeout", "segfault", "aborted")  # a timeout or crash is a test noticing the mutant too
 
 DIFFS = """
 import json, sys
