@@ -612,7 +612,20 @@ EQUIVALENT = [
     *[
         ("kernels/fused", f, text, CPU_ONLY)
         for f in ("forward", "backward")
-        for text in ("device=None)", "dtype=torch.float32, )")
+        for text in ("device=None)", "dtype=torch.float32, )", "dtype=att, )")
+    ],
+    *[
+        ("kernels/fused", "forward", text, "rope_cos_sin's cos and sin are float32 always: the cast is a no-op")
+        for text in ("cos.to(None)", "sin.to(None)")
+    ],
+    *[
+        (
+            "kernels/fused",
+            "_meta",
+            text,
+            "runs only with compiled Triton (a GPU): never under this machine's interpreter",
+        )
+        for text in ('meta["num_warps"] = None', 'meta["XXnum_warpsXX"]', 'meta["NUM_WARPS"]')
     ],
     *[
         ("kernels/fused", f, text, "torch.empty's default dtype is float32 (the package never changes it)")
