@@ -659,6 +659,12 @@ EQUIVALENT = [
         "not equivalent, indistinguishable: the heads' shares of dx summed in bf16, not float32: one more rounding "
         "(2**-9 relative) of a gradient the bf16 checks compare at 2e-2",
     ),
+    (
+        "kernels/fused",
+        "backward",
+        "(1.0 - dropout)).to(None)",
+        "dL/du comes in the dtype forward gave u, `dtype`: the cast is a no-op",
+    ),
     ("kernels/fused", "backward", "*[None] * 6", "autograd takes trailing None gradients beyond the inputs"),
     *[
         ("kernels/fused", f, "dropout >= 0", "the kernels' mask with p = 0 keeps every entry (threshold 0)")

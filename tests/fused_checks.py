@@ -65,6 +65,7 @@ def compare_layer(B, T, D, H, N, p=0.0, dtype=torch.float32, autocast=None, tile
     # a kernel that dropped nothing (or everything) would still be close when p is small: say how many dropped
     errors["dropped"] = 0.0 if mask is None else 1.0 - mask.mean().item()
     errors["seconds"] = seconds  # the fused forward and backward, interpreted
+    errors["dtypes"] = [str(results[n][0].dtype).removeprefix("torch.") for n in ("fused", "reference")]  # outputs
     return errors
 
 

@@ -42,6 +42,7 @@ def measured():
 def test_float32_forward_and_every_gradient_equal_the_reference(measured, check, dropped):
     errors = measured[check]
     assert errors["dropped"] == pytest.approx(dropped, abs=0.03)  # the mask did drop what p says
+    assert errors["dtypes"] == ["float32", "float32"]
     for name in GRADIENTS:
         assert errors[name] <= 1e-4, (name, errors[name])
 
@@ -50,6 +51,8 @@ def test_float32_forward_and_every_gradient_equal_the_reference(measured, check,
 def test_low_precision_forward_and_every_gradient_equal_the_reference(measured, check):
     errors = measured[check]
     assert errors["dropped"] == pytest.approx(0.2, abs=0.03)
+    fused_dtype, reference_dtype = errors["dtypes"]  # bf16-true's layer gives bfloat16, autocast's float32
+    assert fused_dtype == reference_dtype == ("bfloat16" if check == "bf16" else "float32")
     for name in GRADIENTS:
         assert errors[name] <= 2e-2, (name, errors[name])
 
