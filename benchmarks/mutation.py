@@ -607,6 +607,8 @@ EQUIVALENT = [
         'hp.get("decay", "COSINE")',
         "hparams always hold decay (the constructor's default)",
     ),
+    ("cli", "parse_settings", "run=None", "LightningCLI reads `run` only for its truth: None is false, as False is"),
+    ("cli", "parse_settings", '"--seed_everything", "FALSE"', "jsonargparse reads a bool ignoring case"),
     # fused.py: its buffers' device (CPU_ONLY); their dtype left to torch.empty's default, float32; the float32
     # accumulators' no-op casts (acc is float32: float64 is refused); the gradients' casts (autograd makes them).
     *[
