@@ -334,19 +334,18 @@ def test_choose_kernel_asks_torch_only_when_nvml_cannot_say(monkeypatch):
 
     from bdh_lightning import estimate
 
-    choose_kernel = estimate.choose_kernel
     auto = BDHConfig(n_layer=1, n_embd=32, n_head=2, mlp_internal_dim_multiplier=4, kernel="auto")
     asked = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: asked.append(device) or SimpleNamespace(total_memory=64 * 2**30))  # fmt: skip
     monkeypatch.setattr(estimate, "device_memory", lambda device: (2**30, "the GPU has"))
-    assert "the GPU has 1.00 GiB" in choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1] and asked == []
+    assert "the GPU has 1.00 GiB" in estimate.choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1] and asked == []
     monkeypatch.setattr(estimate, "device_memory", lambda device: (None, ""))
-    assert "the GPU has 64.00 GiB" in choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1]
+    assert "the GPU has 64.00 GiB" in estimate.choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1]
     assert asked == [torch.device("cuda", 1)]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert "the GPU has 0 B" in choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1]
+    assert "the GPU has 0 B" in estimate.choose_kernel(auto, 4, 64, "bf16-mixed", "cuda:1")[1]
     assert len(asked) == 1
 
 

@@ -272,12 +272,9 @@ def trained(tmp_path_factory):
     checkpoint at all, and without its model settings (so the model shape must come from the command line)."""
     folder = tmp_path_factory.mktemp("trained")
     corpus = write_letters(folder / "corpus.txt")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture: no function-scoped monkeypatch
+        patch.chdir(folder)
         BDHCLI(args=["fit", "--data.path", str(corpus), *TINY, "--trainer.max_steps", "3"])
-    finally:
-        os.chdir(cwd)
     last = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     torch.save({**checkpoint, "note": Payload(folder / "payload_ran")}, folder / "payload.ckpt")

@@ -4,7 +4,6 @@ power-law exponent, the monitor's sparsity counts; and the command on a tiny tra
 from __future__ import annotations
 
 import json
-import os
 
 import lightning as L
 import numpy as np
@@ -249,13 +248,10 @@ def test_tensorboard_callback_logs_graph_and_firing_rates(tmp_path):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspect")
     corpus = write_phrases(root / "corpus.txt", size=20000)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture: no function-scoped monkeypatch
+        patch.chdir(root)
         fit = ["fit", "--data.path", str(corpus), *TINY_ARGS, "--trainer.max_steps", "10", "--sample.length", "0"]
         assert main(fit) == 0
-    finally:
-        os.chdir(cwd)
     return root
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import time
 from types import SimpleNamespace
 
@@ -210,14 +209,11 @@ def trained(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("inspect_command")
     corpus = write_phrases(folder / "corpus.txt", size=20000)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture: no function-scoped monkeypatch
+        patch.chdir(folder)
         BDHCLI(args=["fit", "--data.path", str(corpus), *TINY_ARGS, "--trainer.max_steps", "6", "--seed_everything",
                      "3", "--sample.length", "0", "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1",
                      "--trainer.val_check_interval", "2"])  # fmt: skip
-    finally:
-        os.chdir(cwd)
     (folder / "concept.txt").write_text("the cat sat\nthe cat ran\n\n")
     (folder / "control.txt").write_text("a dog sat\na dog ran\n")
     return folder

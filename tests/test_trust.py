@@ -58,12 +58,9 @@ def trained(tmp_path_factory):
     would stop on with a traceback."""
     folder = tmp_path_factory.mktemp("trust")
     write_letters(folder / "corpus.txt")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture: no function-scoped monkeypatch
+        patch.chdir(folder)
         assert main(["fit", "--data.path", "corpus.txt", *QUICK, "--trainer.max_steps", "3"]) == 0
-    finally:
-        os.chdir(cwd)
     last = folder / "lightning_logs/version_0/checkpoints/last.ckpt"
     checkpoint = torch.load(last, weights_only=True)
     weights = dict(checkpoint["state_dict"])

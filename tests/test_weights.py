@@ -36,12 +36,9 @@ def run(tmp_path_factory):
     """A real tiny `fit` of 3 steps: its folder (cwd for the CLI), last.ckpt and corpus."""
     folder = tmp_path_factory.mktemp("run")
     corpus = write_letters(folder / "corpus.txt")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # a module fixture: no function-scoped monkeypatch
+        patch.chdir(folder)
         BDHCLI(args=["fit", "--data.path", str(corpus), *TINY_ARGS, "--trainer.max_steps", "3"])
-    finally:
-        os.chdir(cwd)
     return folder, folder / "lightning_logs/version_0/checkpoints/last.ckpt", corpus
 
 
